@@ -1,0 +1,566 @@
+//! `corralctl`, the operator CLI: a mutual-TLS client of the operator API,
+//! plus the offline PKI commands that need the CA key on disk.
+//!
+//! Where to connect comes from `--config FILE` (or `CORRAL_CONFIG`, or
+//! `~/.config/corral/corralctl.toml`), each field overridable by
+//! `CORRAL_COORDINATOR`, `CORRAL_CA`, `CORRAL_CERT` and `CORRAL_KEY`.
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
+use corral_proto::identity::{Identity, Role};
+use corral_proto::pb::{self, operator_client::OperatorClient};
+use corral_proto::pki::{self, CertAuthority, CertKey, COORDINATOR_DNS};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tonic::transport::Channel;
+
+#[derive(Parser, Debug)]
+#[command(name = "corralctl", version, about = "Operate Corral database clusters")]
+pub struct Cli {
+    /// Connection settings file (coordinator address and certificate paths).
+    #[arg(long, global = true, env = "CORRAL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Certificate authority and operator certificates (offline: needs the CA key).
+    #[command(subcommand)]
+    Pki(PkiCmd),
+    /// Join tokens for enrolling new agents.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Database clusters.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Enrolled nodes (VMs running corral-agent).
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Durable operations and their step logs.
+    #[command(subcommand, alias = "op")]
+    Operation(OperationCmd),
+    /// The audit trail (admin only).
+    #[command(subcommand)]
+    Audit(AuditCmd),
+    /// Events observed on nodes (engine restarts, nodes down/up).
+    #[command(subcommand)]
+    Event(EventCmd),
+    /// Show who the configured certificate says you are.
+    Whoami,
+}
+
+#[derive(Subcommand, Debug)]
+enum PkiCmd {
+    /// Create the CA, the coordinator's certificate and a first admin operator.
+    Init {
+        /// Directory to write; must not already hold a CA.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Name of the first admin operator.
+        #[arg(long, default_value = "admin")]
+        admin: String,
+        /// Coordinator address written into the generated corralctl.toml.
+        #[arg(long, default_value = "127.0.0.1:7400")]
+        coordinator: String,
+        /// Extra DNS names for the coordinator's certificate.
+        #[arg(long)]
+        san: Vec<String>,
+    },
+    /// Issue a certificate for another operator.
+    IssueOperator {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        role: Role,
+        /// Writes PREFIX.crt and PREFIX.key.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCmd {
+    /// Print a single-use join token (it also pins this coordinator's CA).
+    Create {
+        /// Lifetime, e.g. 30m, 1h, 2d (at most 7d).
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        ttl: Duration,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCmd {
+    /// Create a cluster and wait until it runs.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        engine: String,
+        /// Node to run on (repeat or comma-separate for several).
+        #[arg(long = "node", value_delimiter = ',', required = true)]
+        nodes: Vec<String>,
+        #[arg(long, default_value = "single")]
+        mode: String,
+        /// Return once the operation is accepted instead of waiting for it.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    List,
+    Show {
+        name: String,
+    },
+    /// Print the admin connection string (audited).
+    Credentials {
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeCmd {
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+enum OperationCmd {
+    List {
+        #[arg(long)]
+        cluster: Option<String>,
+    },
+    Show {
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCmd {
+    List {
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum EventCmd {
+    List {
+        #[arg(long)]
+        node: Option<String>,
+        #[arg(long)]
+        cluster: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("invalid duration {s:?}: use a number with s, m, h or d, e.g. 30m or 1h");
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?);
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => return Err(bad()),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+/// The connection settings file written by `pki init`.
+#[derive(serde::Deserialize, serde::Serialize, Default, Debug)]
+struct ConnConfig {
+    coordinator: Option<String>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+}
+
+impl ConnConfig {
+    fn load(path: Option<&Path>) -> Result<ConnConfig> {
+        let default = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config/corral/corralctl.toml"));
+        let mut cfg = match (path, default) {
+            (Some(p), _) => toml::from_str(&pki::read(p)?).with_context(|| format!("parsing {}", p.display()))?,
+            (None, Some(p)) if p.exists() => {
+                toml::from_str(&pki::read(&p)?).with_context(|| format!("parsing {}", p.display()))?
+            }
+            _ => ConnConfig::default(),
+        };
+        if let Ok(v) = std::env::var("CORRAL_COORDINATOR") {
+            cfg.coordinator = Some(v);
+        }
+        for (var, field) in [("CORRAL_CA", &mut cfg.ca), ("CORRAL_CERT", &mut cfg.cert), ("CORRAL_KEY", &mut cfg.key)] {
+            if let Some(v) = std::env::var_os(var) {
+                *field = Some(v.into());
+            }
+        }
+        Ok(cfg)
+    }
+
+    fn connect(&self) -> Result<(OperatorClient<Channel>, String)> {
+        let missing = |what: &str, var: &str| {
+            anyhow!(
+                "no {what} configured: pass --config FILE (written by `corralctl pki init`), \
+                 or set {var}"
+            )
+        };
+        let addr = self.coordinator.clone().ok_or_else(|| missing("coordinator address", "CORRAL_COORDINATOR"))?;
+        let ca = pki::read(self.ca.as_deref().ok_or_else(|| missing("CA certificate", "CORRAL_CA"))?)?;
+        let me = CertKey {
+            cert_pem: pki::read(self.cert.as_deref().ok_or_else(|| missing("client certificate", "CORRAL_CERT"))?)?,
+            key_pem: pki::read(self.key.as_deref().ok_or_else(|| missing("client key", "CORRAL_KEY"))?)?,
+        };
+        let tls = corral_proto::tls::client_config(&ca, Some(&me), COORDINATOR_DNS);
+        let ch = corral_proto::tls::channel(&addr, tls, Duration::from_secs(30))?;
+        Ok((OperatorClient::new(ch), addr))
+    }
+}
+
+/// Turns a gRPC error into the one line the operator needs.
+fn rpc_error(addr: &str, s: tonic::Status) -> anyhow::Error {
+    match s.code() {
+        tonic::Code::Unavailable | tonic::Code::Unknown if s.message().contains("transport") || s.message().contains("connect") => {
+            anyhow!("cannot reach the coordinator at {addr}: {}", s.message())
+        }
+        _ => anyhow!("{}", s.message()),
+    }
+}
+
+pub async fn main_with(cli: Cli) -> Result<()> {
+    let json = cli.output == Output::Json;
+    match cli.command {
+        Command::Pki(cmd) => return pki_cmd(cmd, json),
+        command => {
+            let (mut api, addr) = ConnConfig::load(cli.config.as_deref())?.connect()?;
+            run(&mut api, command, json).await.map_err(|e| match e.downcast::<tonic::Status>() {
+                Ok(s) => rpc_error(&addr, s),
+                Err(e) => e,
+            })
+        }
+    }
+}
+
+fn pki_cmd(cmd: PkiCmd, json: bool) -> Result<()> {
+    match cmd {
+        PkiCmd::Init { dir, admin, coordinator, san } => {
+            if admin.is_empty() || admin.contains('/') {
+                bail!("invalid admin name {admin:?}: use letters, digits and '-'");
+            }
+            let ca = CertAuthority::init_dir(&dir, &admin, &san)?;
+            let abs = std::fs::canonicalize(&dir)?;
+            let cfg = ConnConfig {
+                coordinator: Some(coordinator),
+                ca: Some(abs.join("ca.crt")),
+                cert: Some(abs.join("admin.crt")),
+                key: Some(abs.join("admin.key")),
+            };
+            pki::write_private(&abs.join("corralctl.toml"), &toml::to_string(&cfg)?)?;
+            if json {
+                println!("{}", serde_json::json!({ "dir": abs, "ca_fingerprint": ca.fingerprint()? }));
+            } else {
+                println!("CA created in {} (fingerprint {})", abs.display(), ca.fingerprint()?);
+                println!("corralctl settings: {}", abs.join("corralctl.toml").display());
+                println!("next: corral-coordinator --pki-dir {} --state-dir DIR --listen ADDR", abs.display());
+            }
+            Ok(())
+        }
+        PkiCmd::IssueOperator { dir, name, role, out } => {
+            if name.is_empty() || name.contains('/') {
+                bail!("invalid operator name {name:?}: use letters, digits and '-'");
+            }
+            let ca = CertAuthority::load(&dir)?;
+            let ck = ca.issue(&Identity::Operator { role, name: name.clone() }, &[])?;
+            let crt = out.with_extension("crt");
+            let key = out.with_extension("key");
+            pki::write_public(&crt, &ck.cert_pem)?;
+            pki::write_private(&key, &ck.key_pem)?;
+            println!("operator {name} ({role}): {} {}", crt.display(), key.display());
+            Ok(())
+        }
+    }
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED).set_header(header.to_vec());
+    t
+}
+
+fn ago(ms: i64) -> String {
+    if ms == 0 {
+        return "never".into();
+    }
+    let s = (corral_proto::now_ms() - ms).max(0) / 1000;
+    match s {
+        0..=59 => format!("{s}s ago"),
+        60..=3599 => format!("{}m ago", s / 60),
+        _ => format!("{}h ago", s / 3600),
+    }
+}
+
+fn gib(b: u64) -> String {
+    format!("{:.1}G", b as f64 / (1u64 << 30) as f64)
+}
+
+fn engine_label(e: &Option<pb::EngineStatus>) -> String {
+    match e {
+        Some(e) if !e.engine.is_empty() => {
+            let state = pb::EngineState::try_from(e.state).unwrap_or_default().label();
+            let mut s = format!("{} {state}", e.engine);
+            if e.restarts > 0 {
+                s.push_str(&format!(" ({} restarts)", e.restarts));
+            }
+            s
+        }
+        _ => "-".into(),
+    }
+}
+
+fn print_nodes(nodes: &[pb::Node]) {
+    let mut t = table(&["NODE", "ADDRESS", "STATE", "CLUSTER", "ROLE", "ENGINE", "CPU", "MEM", "DISK", "LAST HEARTBEAT"]);
+    for n in nodes {
+        let m = n.metrics.unwrap_or_default();
+        t.add_row(vec![
+            n.id.clone(),
+            n.address.clone(),
+            n.state.clone(),
+            if n.cluster.is_empty() { "-".into() } else { n.cluster.clone() },
+            if n.role.is_empty() { "-".into() } else { n.role.clone() },
+            engine_label(&n.engine),
+            format!("{:.0}%", m.cpu_percent),
+            format!("{}/{}", gib(m.memory_used_bytes), gib(m.memory_total_bytes)),
+            format!("{}/{}", gib(m.disk_used_bytes), gib(m.disk_total_bytes)),
+            ago(n.last_heartbeat_ms),
+        ]);
+    }
+    println!("{t}");
+}
+
+fn print_operation(op: &pb::Operation) {
+    println!("operation {} ({}) on cluster {}: {}", op.id, op.kind, op.cluster, op.state);
+    for l in &op.log {
+        println!("  {}  {}", fmt_time(l.at_ms), l.message);
+    }
+    if !op.error.is_empty() {
+        println!("error: {}", op.error);
+    }
+}
+
+fn fmt_time(ms: i64) -> String {
+    // Seconds resolution in UTC is enough to read a log; JSON has the raw value.
+    let secs = ms / 1000;
+    let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+    format!("{h:02}:{m:02}:{s:02}Z")
+}
+
+/// Follows an operation until it ends, echoing new log lines to stderr.
+async fn wait_operation(api: &mut OperatorClient<Channel>, id: &str) -> Result<pb::Operation> {
+    let mut shown = 0;
+    loop {
+        let op = api.get_operation(pb::GetOperationRequest { id: id.into() }).await?.into_inner();
+        for l in op.log.iter().skip(shown) {
+            eprintln!("  {}", l.message);
+        }
+        shown = op.log.len();
+        if op.state == "succeeded" || op.state == "failed" {
+            return Ok(op);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn run(api: &mut OperatorClient<Channel>, command: Command, json: bool) -> Result<()> {
+    match command {
+        Command::Pki(_) => unreachable!("handled offline"),
+        Command::Whoami => {
+            let me = api.who_am_i(pb::WhoAmIRequest {}).await?.into_inner();
+            if json {
+                print_json(&me)?;
+            } else {
+                println!("{} ({})", me.name, me.role);
+            }
+        }
+        Command::Token(TokenCmd::Create { ttl }) => {
+            let secs = u32::try_from(ttl.as_secs()).map_err(|_| anyhow!("--ttl is too long"))?;
+            if secs == 0 {
+                bail!("--ttl must be at least 1s");
+            }
+            let t = api.create_join_token(pb::CreateJoinTokenRequest { ttl_seconds: secs }).await?.into_inner();
+            if json {
+                print_json(&t)?;
+            } else {
+                println!("{}", t.token);
+            }
+        }
+        Command::Cluster(ClusterCmd::Create { name, engine, nodes, mode, no_wait }) => {
+            corral_proto::names::validate("cluster", &name).map_err(|e| anyhow!(e))?;
+            let op = api
+                .create_cluster(pb::CreateClusterRequest { name: name.clone(), engine, mode, nodes })
+                .await?
+                .into_inner();
+            if no_wait {
+                if json {
+                    print_json(&op)?;
+                } else {
+                    println!("operation {} accepted; follow it with `corralctl operation show {}`", op.id, op.id);
+                }
+                return Ok(());
+            }
+            eprintln!("creating cluster {name} (operation {})", op.id);
+            let op = wait_operation(api, &op.id).await?;
+            if op.state != "succeeded" {
+                bail!("creating cluster {name} failed: {} (see `corralctl operation show {}`)", op.error, op.id);
+            }
+            let cluster = api.get_cluster(pb::GetClusterRequest { name: name.clone() }).await?.into_inner();
+            if json {
+                print_json(&cluster)?;
+            } else {
+                println!("cluster {name} is {}", cluster.state);
+                println!("connection string: corralctl cluster credentials {name}");
+            }
+        }
+        Command::Cluster(ClusterCmd::List) => {
+            let r = api.list_clusters(pb::ListClustersRequest {}).await?.into_inner();
+            if json {
+                return print_json(&r);
+            }
+            let mut t = table(&["CLUSTER", "ENGINE", "MODE", "STATE", "NODES", "CREATED"]);
+            for c in &r.clusters {
+                let nodes: Vec<String> = c.nodes.iter().map(|n| format!("{} ({}, {})", n.id, n.role, n.state)).collect();
+                t.add_row(vec![
+                    c.name.clone(),
+                    c.engine.clone(),
+                    c.mode.clone(),
+                    c.state.clone(),
+                    nodes.join(", "),
+                    ago(c.created_at_ms),
+                ]);
+            }
+            println!("{t}");
+        }
+        Command::Cluster(ClusterCmd::Show { name }) => {
+            let c = api.get_cluster(pb::GetClusterRequest { name }).await?.into_inner();
+            if json {
+                return print_json(&c);
+            }
+            println!("cluster {}: {} {} ({}), port {}, database {}", c.name, c.engine, c.mode, c.state, c.port, c.database);
+            print_nodes(&c.nodes);
+        }
+        Command::Cluster(ClusterCmd::Credentials { name }) => {
+            let c = api.get_credentials(pb::GetCredentialsRequest { name }).await?.into_inner();
+            if json {
+                print_json(&c)?;
+            } else {
+                println!("{}", c.uri);
+            }
+        }
+        Command::Node(NodeCmd::List) => {
+            let r = api.list_nodes(pb::ListNodesRequest {}).await?.into_inner();
+            if json {
+                print_json(&r)?;
+            } else {
+                print_nodes(&r.nodes);
+            }
+        }
+        Command::Operation(OperationCmd::List { cluster }) => {
+            let r = api
+                .list_operations(pb::ListOperationsRequest { cluster: cluster.unwrap_or_default() })
+                .await?
+                .into_inner();
+            if json {
+                return print_json(&r);
+            }
+            let mut t = table(&["OPERATION", "CLUSTER", "KIND", "STATE", "BY", "UPDATED", "ERROR"]);
+            for o in &r.operations {
+                t.add_row(vec![
+                    o.id.clone(),
+                    o.cluster.clone(),
+                    o.kind.clone(),
+                    o.state.clone(),
+                    o.requested_by.clone(),
+                    ago(o.updated_at_ms),
+                    o.error.clone(),
+                ]);
+            }
+            println!("{t}");
+        }
+        Command::Operation(OperationCmd::Show { id }) => {
+            let o = api.get_operation(pb::GetOperationRequest { id }).await?.into_inner();
+            if json {
+                print_json(&o)?;
+            } else {
+                print_operation(&o);
+            }
+        }
+        Command::Audit(AuditCmd::List { limit }) => {
+            let r = api.list_audit(pb::ListAuditRequest { limit }).await?.into_inner();
+            if json {
+                return print_json(&r);
+            }
+            let mut t = table(&["ID", "WHEN", "WHO", "ACTION", "TARGET", "RESULT"]);
+            for a in &r.entries {
+                t.add_row(vec![
+                    a.id.to_string(),
+                    ago(a.at_ms),
+                    a.who.clone(),
+                    a.action.clone(),
+                    a.target.clone(),
+                    a.result.clone(),
+                ]);
+            }
+            println!("{t}");
+        }
+        Command::Event(EventCmd::List { node, cluster, limit }) => {
+            let r = api
+                .list_events(pb::ListEventsRequest {
+                    node: node.unwrap_or_default(),
+                    cluster: cluster.unwrap_or_default(),
+                    limit,
+                })
+                .await?
+                .into_inner();
+            if json {
+                return print_json(&r);
+            }
+            let mut t = table(&["WHEN", "NODE", "CLUSTER", "KIND", "MESSAGE"]);
+            for e in &r.events {
+                t.add_row(vec![ago(e.at_ms), e.node.clone(), e.cluster.clone(), e.kind.clone(), e.message.clone()]);
+            }
+            println!("{t}");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(parse_duration("2d").unwrap(), Duration::from_secs(172800));
+        for bad in ["", "h", "10", "5w", "-1h"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! The live view of the fleet, rebuilt from heartbeats.
+//!
+//! Nothing here is persisted: after a restart every node is `unknown` until
+//! its agent's next heartbeat, and the coordinator gives every node a grace
+//! period of three heartbeat intervals before it may call any node `down`
+//! (DESIGN.md: no failover storm after a restart).
+
+use corral_proto::pb;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// How many missed heartbeat intervals make a node down.
+pub const MISSED_HEARTBEATS: u32 = 3;
+
+/// The interval assumed for a node that has not yet reported its own.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone)]
+pub struct Live {
+    /// When the last heartbeat arrived, by this process's monotonic clock.
+    pub last_seen: Instant,
+    /// The same moment in wall-clock time, for display.
+    pub last_seen_ms: i64,
+    /// The agent's own heartbeat period.
+    pub interval: Duration,
+    pub address: String,
+    pub metrics: pb::Metrics,
+    pub engine: pb::EngineStatus,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    Up,
+    Down,
+    /// No heartbeat since this coordinator started, still within grace.
+    Unknown,
+}
+
+impl Liveness {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Liveness::Up => "up",
+            Liveness::Down => "down",
+            Liveness::Unknown => "unknown",
+        }
+    }
+}
+
+/// Pure liveness rule, kept apart from the clock so it can be table-tested.
+pub fn liveness(started: Instant, live: Option<(Instant, Duration)>, now: Instant) -> Liveness {
+    match live {
+        Some((seen, interval)) => {
+            if now.saturating_duration_since(seen) > interval * MISSED_HEARTBEATS {
+                Liveness::Down
+            } else {
+                Liveness::Up
+            }
+        }
+        None if now.saturating_duration_since(started) > DEFAULT_INTERVAL * MISSED_HEARTBEATS => {
+            Liveness::Down
+        }
+        None => Liveness::Unknown,
+    }
+}
+
+pub struct Fleet {
+    started: Instant,
+    nodes: Mutex<HashMap<String, Live>>,
+}
+
+impl Default for Fleet {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Fleet {
+    pub fn new() -> Fleet {
+        Fleet { started: Instant::now(), nodes: Mutex::new(HashMap::new()) }
+    }
+
+    /// Records a heartbeat; returns the previous entry, if any.
+    pub fn record(&self, node: &str, live: Live) -> Option<Live> {
+        self.lock().insert(node.to_string(), live)
+    }
+
+    pub fn get(&self, node: &str) -> Option<Live> {
+        self.lock().get(node).cloned()
+    }
+
+    pub fn liveness_of(&self, node: &str, now: Instant) -> Liveness {
+        let live = self.lock().get(node).map(|l| (l.last_seen, l.interval));
+        liveness(self.started, live, now)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Live>> {
+        self.nodes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn liveness_table() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let ms = Duration::from_millis;
+        // (heartbeat seen at, interval, now, expected)
+        let cases = [
+            (None, s, t0 + ms(100), Liveness::Unknown),
+            (None, s, t0 + ms(2900), Liveness::Unknown),
+            (None, s, t0 + ms(3100), Liveness::Down),
+            (Some(t0), s, t0 + ms(2999), Liveness::Up),
+            (Some(t0), s, t0 + ms(3000), Liveness::Up),
+            (Some(t0), s, t0 + ms(3001), Liveness::Down),
+            (Some(t0), ms(200), t0 + ms(601), Liveness::Down),
+            (Some(t0 + ms(5000)), s, t0 + ms(5500), Liveness::Up),
+        ];
+        for (seen, interval, now, want) in cases {
+            assert_eq!(liveness(t0, seen.map(|s| (s, interval)), now), want, "{seen:?} {now:?}");
+        }
+    }
+}

@@ -1,0 +1,547 @@
+//! The coordinator's durable state, in one SQLite file.
+//!
+//! What is stored, because it must survive a restart:
+//! - `clusters`: name, engine, mode, lifecycle state and the admin
+//!   credentials (password encrypted, see [`crate::secrets`]).
+//! - `nodes`: every enrolled node, its last known agent address, and the
+//!   cluster and role the coordinator *assigned* it.
+//! - `join_tokens`: SHA-256 of each token's secret, expiry, and who used it.
+//! - `operations` + `operation_log`: every mutating action, its steps and
+//!   outcome, so a restarted coordinator resumes or fails it, never doubles it.
+//! - `audit`: who asked for what, when, and the result, refusals included.
+//! - `events`: what agents and the liveness monitor observed (engine
+//!   restarts, nodes going down/up).
+//!
+//! What is NOT stored, because heartbeats rebuild it within a second: whether
+//! a node is up, its metrics and its engine's current status (see
+//! [`crate::fleet`]). Heartbeats therefore write nothing on the hot path.
+
+use anyhow::{Context, Result};
+use corral_proto::now_ms;
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use std::path::Path;
+use std::sync::Mutex;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS clusters (
+    name TEXT PRIMARY KEY,
+    engine TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    state TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    database TEXT NOT NULL,
+    admin_user TEXT NOT NULL,
+    admin_password_enc BLOB NOT NULL,
+    created_at_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS nodes (
+    id TEXT PRIMARY KEY,
+    address TEXT NOT NULL DEFAULT '',
+    cluster TEXT REFERENCES clusters(name),
+    role TEXT NOT NULL DEFAULT '',
+    enrolled_at_ms INTEGER NOT NULL,
+    cert_fingerprint TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS join_tokens (
+    secret_hash TEXT PRIMARY KEY,
+    created_by TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    expires_at_ms INTEGER NOT NULL,
+    used_at_ms INTEGER,
+    used_by_node TEXT
+);
+CREATE TABLE IF NOT EXISTS operations (
+    id TEXT PRIMARY KEY,
+    cluster TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    params TEXT NOT NULL,
+    requested_by TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    updated_at_ms INTEGER NOT NULL,
+    error TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS operations_by_cluster ON operations(cluster, created_at_ms);
+CREATE TABLE IF NOT EXISTS operation_log (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    op_id TEXT NOT NULL REFERENCES operations(id),
+    at_ms INTEGER NOT NULL,
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS operation_log_by_op ON operation_log(op_id, id);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms INTEGER NOT NULL,
+    who TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    result TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms INTEGER NOT NULL,
+    node TEXT NOT NULL,
+    cluster TEXT NOT NULL DEFAULT '',
+    kind TEXT NOT NULL,
+    message TEXT NOT NULL,
+    agent_seq INTEGER,
+    UNIQUE (node, agent_seq)
+);
+"#;
+
+/// Operation states. `pending` and `running` are resumed after a restart.
+pub mod op_state {
+    pub const PENDING: &str = "pending";
+    pub const RUNNING: &str = "running";
+    pub const SUCCEEDED: &str = "succeeded";
+    pub const FAILED: &str = "failed";
+}
+
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClusterRow {
+    pub name: String,
+    pub engine: String,
+    pub mode: String,
+    pub state: String,
+    pub port: u32,
+    pub database: String,
+    pub admin_user: String,
+    pub admin_password_enc: Vec<u8>,
+    pub created_at_ms: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeRow {
+    pub id: String,
+    pub address: String,
+    pub cluster: Option<String>,
+    pub role: String,
+    pub enrolled_at_ms: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct OperationRow {
+    pub id: String,
+    pub cluster: String,
+    pub kind: String,
+    pub state: String,
+    pub params: String,
+    pub requested_by: String,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    pub error: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct TokenRow {
+    pub expires_at_ms: i64,
+    pub used_at_ms: Option<i64>,
+    pub used_by_node: Option<String>,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store> {
+        let conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
+        // WAL: readers never wait for the writer; synchronous=FULL: a committed
+        // operation or audit row survives a power cut.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA).context("creating the schema")?;
+        Ok(Store { conn: Mutex::new(conn) })
+    }
+
+    /// Runs `f` in one transaction: everything it writes lands, or nothing.
+    pub fn tx<T>(&self, f: impl FnOnce(&Transaction) -> Result<T>) -> Result<T> {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = conn.transaction()?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    pub fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&conn)
+    }
+
+    pub fn audit(&self, who: &str, action: &str, target: &str, result: &str) {
+        let r = self.read(|c| {
+            insert_audit(c, who, action, target, result)?;
+            Ok(())
+        });
+        if let Err(e) = r {
+            // The audit trail is important but not worth failing the caller for
+            // a row that could not be written: log loudly instead.
+            tracing::error!(error = %e, who, action, target, result, "could not write audit row");
+        }
+    }
+}
+
+pub fn insert_audit(c: &Connection, who: &str, action: &str, target: &str, result: &str) -> Result<()> {
+    c.execute(
+        "INSERT INTO audit (at_ms, who, action, target, result) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![now_ms(), who, action, target, result],
+    )?;
+    Ok(())
+}
+
+// ------------------------------------------------------------------ clusters
+
+fn cluster_from_row(r: &rusqlite::Row) -> rusqlite::Result<ClusterRow> {
+    Ok(ClusterRow {
+        name: r.get(0)?,
+        engine: r.get(1)?,
+        mode: r.get(2)?,
+        state: r.get(3)?,
+        port: r.get(4)?,
+        database: r.get(5)?,
+        admin_user: r.get(6)?,
+        admin_password_enc: r.get(7)?,
+        created_at_ms: r.get(8)?,
+    })
+}
+
+const CLUSTER_COLS: &str =
+    "name, engine, mode, state, port, database, admin_user, admin_password_enc, created_at_ms";
+
+pub fn get_cluster(c: &Connection, name: &str) -> Result<Option<ClusterRow>> {
+    Ok(c.query_row(
+        &format!("SELECT {CLUSTER_COLS} FROM clusters WHERE name = ?1"),
+        [name],
+        cluster_from_row,
+    )
+    .optional()?)
+}
+
+pub fn list_clusters(c: &Connection) -> Result<Vec<ClusterRow>> {
+    let mut st = c.prepare(&format!("SELECT {CLUSTER_COLS} FROM clusters ORDER BY name"))?;
+    let rows = st.query_map([], cluster_from_row)?.collect::<rusqlite::Result<_>>()?;
+    Ok(rows)
+}
+
+pub fn insert_cluster(c: &Connection, row: &ClusterRow) -> Result<()> {
+    c.execute(
+        &format!("INSERT INTO clusters ({CLUSTER_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
+        params![
+            row.name,
+            row.engine,
+            row.mode,
+            row.state,
+            row.port,
+            row.database,
+            row.admin_user,
+            row.admin_password_enc,
+            row.created_at_ms
+        ],
+    )?;
+    Ok(())
+}
+
+pub fn set_cluster_state(c: &Connection, name: &str, state: &str) -> Result<()> {
+    c.execute("UPDATE clusters SET state = ?2 WHERE name = ?1", params![name, state])?;
+    Ok(())
+}
+
+// --------------------------------------------------------------------- nodes
+
+fn node_from_row(r: &rusqlite::Row) -> rusqlite::Result<NodeRow> {
+    Ok(NodeRow {
+        id: r.get(0)?,
+        address: r.get(1)?,
+        cluster: r.get(2)?,
+        role: r.get(3)?,
+        enrolled_at_ms: r.get(4)?,
+    })
+}
+
+const NODE_COLS: &str = "id, address, cluster, role, enrolled_at_ms";
+
+pub fn get_node(c: &Connection, id: &str) -> Result<Option<NodeRow>> {
+    Ok(c.query_row(&format!("SELECT {NODE_COLS} FROM nodes WHERE id = ?1"), [id], node_from_row)
+        .optional()?)
+}
+
+pub fn list_nodes(c: &Connection) -> Result<Vec<NodeRow>> {
+    let mut st = c.prepare(&format!("SELECT {NODE_COLS} FROM nodes ORDER BY id"))?;
+    let rows = st.query_map([], node_from_row)?.collect::<rusqlite::Result<_>>()?;
+    Ok(rows)
+}
+
+pub fn nodes_of_cluster(c: &Connection, cluster: &str) -> Result<Vec<NodeRow>> {
+    let mut st = c.prepare(&format!("SELECT {NODE_COLS} FROM nodes WHERE cluster = ?1 ORDER BY id"))?;
+    let rows = st.query_map([cluster], node_from_row)?.collect::<rusqlite::Result<_>>()?;
+    Ok(rows)
+}
+
+pub fn insert_node(c: &Connection, id: &str, fingerprint: &str) -> Result<()> {
+    c.execute(
+        "INSERT INTO nodes (id, enrolled_at_ms, cert_fingerprint) VALUES (?1, ?2, ?3)",
+        params![id, now_ms(), fingerprint],
+    )?;
+    Ok(())
+}
+
+pub fn set_node_address(c: &Connection, id: &str, address: &str) -> Result<()> {
+    c.execute("UPDATE nodes SET address = ?2 WHERE id = ?1", params![id, address])?;
+    Ok(())
+}
+
+pub fn assign_node(c: &Connection, id: &str, cluster: &str, role: &str) -> Result<()> {
+    c.execute(
+        "UPDATE nodes SET cluster = ?2, role = ?3 WHERE id = ?1",
+        params![id, cluster, role],
+    )?;
+    Ok(())
+}
+
+// -------------------------------------------------------------- join tokens
+
+pub fn insert_token(c: &Connection, hash: &str, by: &str, expires_at_ms: i64) -> Result<()> {
+    c.execute(
+        "INSERT INTO join_tokens (secret_hash, created_by, created_at_ms, expires_at_ms) \
+         VALUES (?1, ?2, ?3, ?4)",
+        params![hash, by, now_ms(), expires_at_ms],
+    )?;
+    Ok(())
+}
+
+pub fn get_token(c: &Connection, hash: &str) -> Result<Option<TokenRow>> {
+    Ok(c.query_row(
+        "SELECT expires_at_ms, used_at_ms, used_by_node FROM join_tokens WHERE secret_hash = ?1",
+        [hash],
+        |r| Ok(TokenRow { expires_at_ms: r.get(0)?, used_at_ms: r.get(1)?, used_by_node: r.get(2)? }),
+    )
+    .optional()?)
+}
+
+pub fn use_token(c: &Connection, hash: &str, node: &str) -> Result<()> {
+    c.execute(
+        "UPDATE join_tokens SET used_at_ms = ?2, used_by_node = ?3 WHERE secret_hash = ?1",
+        params![hash, now_ms(), node],
+    )?;
+    Ok(())
+}
+
+// --------------------------------------------------------------- operations
+
+fn op_from_row(r: &rusqlite::Row) -> rusqlite::Result<OperationRow> {
+    Ok(OperationRow {
+        id: r.get(0)?,
+        cluster: r.get(1)?,
+        kind: r.get(2)?,
+        state: r.get(3)?,
+        params: r.get(4)?,
+        requested_by: r.get(5)?,
+        created_at_ms: r.get(6)?,
+        updated_at_ms: r.get(7)?,
+        error: r.get(8)?,
+    })
+}
+
+const OP_COLS: &str =
+    "id, cluster, kind, state, params, requested_by, created_at_ms, updated_at_ms, error";
+
+pub fn insert_operation(c: &Connection, op: &OperationRow) -> Result<()> {
+    c.execute(
+        &format!("INSERT INTO operations ({OP_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
+        params![
+            op.id,
+            op.cluster,
+            op.kind,
+            op.state,
+            op.params,
+            op.requested_by,
+            op.created_at_ms,
+            op.updated_at_ms,
+            op.error
+        ],
+    )?;
+    Ok(())
+}
+
+pub fn get_operation(c: &Connection, id: &str) -> Result<Option<OperationRow>> {
+    Ok(c.query_row(&format!("SELECT {OP_COLS} FROM operations WHERE id = ?1"), [id], op_from_row)
+        .optional()?)
+}
+
+pub fn list_operations(c: &Connection, cluster: Option<&str>) -> Result<Vec<OperationRow>> {
+    let mut st = c.prepare(&format!(
+        "SELECT {OP_COLS} FROM operations WHERE ?1 IS NULL OR cluster = ?1 ORDER BY created_at_ms, id"
+    ))?;
+    let rows = st.query_map([cluster], op_from_row)?.collect::<rusqlite::Result<_>>()?;
+    Ok(rows)
+}
+
+pub fn unfinished_operations(c: &Connection) -> Result<Vec<OperationRow>> {
+    let mut st = c.prepare(&format!(
+        "SELECT {OP_COLS} FROM operations WHERE state IN ('pending', 'running') ORDER BY created_at_ms, id"
+    ))?;
+    let rows = st.query_map([], op_from_row)?.collect::<rusqlite::Result<_>>()?;
+    Ok(rows)
+}
+
+pub fn set_operation_state(c: &Connection, id: &str, state: &str, error: &str) -> Result<()> {
+    c.execute(
+        "UPDATE operations SET state = ?2, error = ?3, updated_at_ms = ?4 WHERE id = ?1",
+        params![id, state, error, now_ms()],
+    )?;
+    Ok(())
+}
+
+pub fn log_operation(c: &Connection, id: &str, message: &str) -> Result<()> {
+    c.execute(
+        "INSERT INTO operation_log (op_id, at_ms, message) VALUES (?1, ?2, ?3)",
+        params![id, now_ms(), message],
+    )?;
+    c.execute("UPDATE operations SET updated_at_ms = ?2 WHERE id = ?1", params![id, now_ms()])?;
+    Ok(())
+}
+
+pub fn operation_log(c: &Connection, id: &str) -> Result<Vec<(i64, String)>> {
+    let mut st = c.prepare("SELECT at_ms, message FROM operation_log WHERE op_id = ?1 ORDER BY id")?;
+    let rows = st.query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?;
+    Ok(rows)
+}
+
+// -------------------------------------------------------------- audit, events
+
+pub struct AuditRow {
+    pub id: i64,
+    pub at_ms: i64,
+    pub who: String,
+    pub action: String,
+    pub target: String,
+    pub result: String,
+}
+
+pub fn list_audit(c: &Connection, limit: u32) -> Result<Vec<AuditRow>> {
+    let mut st = c.prepare(
+        "SELECT id, at_ms, who, action, target, result FROM \
+         (SELECT * FROM audit ORDER BY id DESC LIMIT ?1) ORDER BY id",
+    )?;
+    let rows = st
+        .query_map([limit], |r| {
+            Ok(AuditRow {
+                id: r.get(0)?,
+                at_ms: r.get(1)?,
+                who: r.get(2)?,
+                action: r.get(3)?,
+                target: r.get(4)?,
+                result: r.get(5)?,
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(rows)
+}
+
+pub struct EventRow {
+    pub id: i64,
+    pub at_ms: i64,
+    pub node: String,
+    pub cluster: String,
+    pub kind: String,
+    pub message: String,
+}
+
+/// Stores an event; an agent event already stored (same node and sequence
+/// number, e.g. re-sent after a lost acknowledgement) is ignored.
+pub fn insert_event(
+    c: &Connection,
+    at_ms: i64,
+    node: &str,
+    cluster: &str,
+    kind: &str,
+    message: &str,
+    agent_seq: Option<u64>,
+) -> Result<()> {
+    c.execute(
+        "INSERT OR IGNORE INTO events (at_ms, node, cluster, kind, message, agent_seq) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![at_ms, node, cluster, kind, message, agent_seq.map(|s| s as i64)],
+    )?;
+    Ok(())
+}
+
+pub fn list_events(
+    c: &Connection,
+    node: Option<&str>,
+    cluster: Option<&str>,
+    limit: u32,
+) -> Result<Vec<EventRow>> {
+    let mut st = c.prepare(
+        "SELECT id, at_ms, node, cluster, kind, message FROM \
+         (SELECT * FROM events WHERE (?1 IS NULL OR node = ?1) AND (?2 IS NULL OR cluster = ?2) \
+          ORDER BY id DESC LIMIT ?3) ORDER BY id",
+    )?;
+    let rows = st
+        .query_map(params![node, cluster, limit], |r| {
+            Ok(EventRow {
+                id: r.get(0)?,
+                at_ms: r.get(1)?,
+                node: r.get(2)?,
+                cluster: r.get(3)?,
+                kind: r.get(4)?,
+                message: r.get(5)?,
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (Store, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("corral-store-{}-{}", std::process::id(), now_ms()));
+        std::fs::create_dir_all(&dir).unwrap();
+        (Store::open(&dir.join("corral.db")).unwrap(), dir)
+    }
+
+    #[test]
+    fn a_failed_transaction_leaves_nothing() {
+        let (s, dir) = store();
+        let r: Result<()> = s.tx(|tx| {
+            insert_node(tx, "vm1", "fp")?;
+            anyhow::bail!("refused halfway")
+        });
+        assert!(r.is_err());
+        assert!(s.read(|c| get_node(c, "vm1")).unwrap().is_none());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn duplicate_agent_events_are_stored_once() {
+        let (s, dir) = store();
+        s.read(|c| {
+            insert_event(c, 1, "vm1", "", "engine_exited", "x", Some(7))?;
+            insert_event(c, 1, "vm1", "", "engine_exited", "x", Some(7))?;
+            insert_event(c, 1, "vm2", "", "engine_exited", "x", Some(7))?;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(s.read(|c| list_events(c, None, None, 10)).unwrap().len(), 2);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn reopening_keeps_everything() {
+        let (s, dir) = store();
+        s.tx(|tx| {
+            insert_node(tx, "vm1", "fp")?;
+            insert_audit(tx, "alice", "node.enroll", "vm1", "ok")
+        })
+        .unwrap();
+        drop(s);
+        let s = Store::open(&dir.join("corral.db")).unwrap();
+        assert!(s.read(|c| get_node(c, "vm1")).unwrap().is_some());
+        assert_eq!(s.read(|c| list_audit(c, 10)).unwrap().len(), 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

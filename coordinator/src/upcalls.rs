@@ -1,0 +1,181 @@
+//! The API agents call: enrollment and heartbeats.
+
+use crate::fleet::Live;
+use crate::store;
+use crate::Coordinator;
+use anyhow::anyhow;
+use corral_proto::identity::{peer_identity, Identity};
+use corral_proto::pb;
+use corral_proto::token::JoinToken;
+use corral_proto::{names, now_ms};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tonic::{Request, Response, Status};
+
+pub struct Upcalls(pub Arc<Coordinator>);
+
+/// Why an enrollment was refused; each maps to a gRPC code and a message
+/// that tells the operator what to do.
+#[derive(Debug, thiserror::Error)]
+enum EnrollRefusal {
+    #[error("{0}")]
+    Malformed(String),
+    #[error(
+        "this join token pins CA {token_ca}, but this coordinator's CA is {ours}: the token was \
+         made by another coordinator; create one here with `corralctl token create`"
+    )]
+    OtherCa { token_ca: String, ours: String },
+    #[error("unknown join token: create one with `corralctl token create`")]
+    UnknownToken,
+    #[error("join token already used by node {node}: tokens are single-use; create a new one with `corralctl token create`")]
+    TokenUsed { node: String },
+    #[error("join token expired {ago}s ago: create a new one with `corralctl token create`")]
+    TokenExpired { ago: i64 },
+    #[error(
+        "node id {0:?} is already enrolled: choose another --node-id (a node's identity is \
+         its certificate; a second agent cannot take it over)"
+    )]
+    NodeExists(String),
+}
+
+impl From<EnrollRefusal> for Status {
+    fn from(r: EnrollRefusal) -> Status {
+        let msg = r.to_string();
+        match r {
+            EnrollRefusal::Malformed(_) => Status::invalid_argument(msg),
+            EnrollRefusal::NodeExists(_) => Status::already_exists(msg),
+            _ => Status::permission_denied(msg),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::agent_upcalls_server::AgentUpcalls for Upcalls {
+    async fn enroll(&self, req: Request<pb::EnrollRequest>) -> Result<Response<pb::EnrollResponse>, Status> {
+        let coord = &self.0;
+        let who = peer_identity(&req).map(|i| i.who()).unwrap_or_else(|_| "anonymous".into());
+        let req = req.into_inner();
+        let result = enroll(coord, &req);
+        let target = format!("node {}", req.node_id);
+        match &result {
+            Ok(_) => {
+                tracing::info!(node = %req.node_id, "node enrolled");
+                coord.store.audit(&who, "node.enroll", &target, "ok");
+            }
+            Err(e) => {
+                tracing::warn!(node = %req.node_id, "enrollment refused: {e}");
+                coord.store.audit(&who, "node.enroll", &target, &format!("refused: {e}"));
+            }
+        }
+        let cert = result.map_err(|e| match e.downcast::<EnrollRefusal>() {
+            Ok(r) => Status::from(r),
+            Err(e) => Status::internal(format!("enrolling: {e:#}")),
+        })?;
+        Ok(Response::new(pb::EnrollResponse {
+            certificate_pem: cert,
+            ca_pem: coord.ca.cert_pem().to_string(),
+            node_id: req.node_id,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let coord = &self.0;
+        let node = match peer_identity(&req)? {
+            Identity::Node(id) => id,
+            other => {
+                return Err(Status::permission_denied(format!(
+                    "heartbeats come from node agents; certificate {other} is not a node certificate"
+                )))
+            }
+        };
+        let hb = req.into_inner();
+        let previous = coord.fleet.get(&node);
+        // The store is consulted only when something durable changes: the
+        // first heartbeat after a start (is this node still enrolled?), a new
+        // address, or events to record. A steady heartbeat writes nothing.
+        let known_address = previous.as_ref().map(|p| p.address.as_str());
+        if known_address != Some(hb.agent_address.as_str()) {
+            let row = coord
+                .store
+                .read(|c| store::get_node(c, &node))
+                .map_err(|e| Status::internal(format!("{e:#}")))?
+                .ok_or_else(|| Status::permission_denied(format!("node {node} is not enrolled here")))?;
+            if row.address != hb.agent_address {
+                coord
+                    .store
+                    .read(|c| store::set_node_address(c, &node, &hb.agent_address))
+                    .map_err(|e| Status::internal(format!("{e:#}")))?;
+            }
+        }
+        let mut acked = 0;
+        if !hb.events.is_empty() {
+            acked = coord
+                .store
+                .tx(|tx| {
+                    let cluster = store::get_node(tx, &node)?.and_then(|n| n.cluster).unwrap_or_default();
+                    let mut max = 0;
+                    for ev in &hb.events {
+                        store::insert_event(tx, ev.at_ms, &node, &cluster, &ev.kind, &ev.message, Some(ev.seq))?;
+                        max = max.max(ev.seq);
+                    }
+                    Ok(max)
+                })
+                .map_err(|e| Status::internal(format!("recording events: {e:#}")))?;
+            for ev in &hb.events {
+                tracing::info!(node = %node, kind = %ev.kind, "agent event: {}", ev.message);
+            }
+        }
+        let interval = Duration::from_millis(u64::from(hb.interval_ms.clamp(50, 60_000)));
+        coord.fleet.record(
+            &node,
+            Live {
+                last_seen: Instant::now(),
+                last_seen_ms: now_ms(),
+                interval,
+                address: hb.agent_address,
+                metrics: hb.metrics.unwrap_or_default(),
+                engine: hb.engine.unwrap_or_default(),
+            },
+        );
+        Ok(Response::new(pb::HeartbeatResponse { acked_event_seq: acked }))
+    }
+}
+
+/// Checks the token and the requested id, signs the CSR, and records the node
+/// and the token's use in one transaction: a refusal changes nothing.
+fn enroll(coord: &Coordinator, req: &pb::EnrollRequest) -> anyhow::Result<String> {
+    let token = JoinToken::parse(&req.token).map_err(EnrollRefusal::Malformed)?;
+    if token.ca_fingerprint != coord.ca_fingerprint {
+        return Err(EnrollRefusal::OtherCa {
+            token_ca: token.ca_fingerprint,
+            ours: coord.ca_fingerprint.clone(),
+        }
+        .into());
+    }
+    names::validate("node", &req.node_id).map_err(EnrollRefusal::Malformed)?;
+    let hash = token.secret_hash();
+    coord.store.tx(|tx| {
+        let row = store::get_token(tx, &hash)?.ok_or(EnrollRefusal::UnknownToken)?;
+        if let Some(node) = row.used_by_node.filter(|_| row.used_at_ms.is_some()) {
+            return Err(EnrollRefusal::TokenUsed { node }.into());
+        }
+        let now = now_ms();
+        if row.expires_at_ms <= now {
+            return Err(EnrollRefusal::TokenExpired { ago: (now - row.expires_at_ms) / 1000 }.into());
+        }
+        if store::get_node(tx, &req.node_id)?.is_some() {
+            return Err(EnrollRefusal::NodeExists(req.node_id.clone()).into());
+        }
+        let cert = coord
+            .ca
+            .sign_node_csr(&req.csr_pem, &req.node_id)
+            .map_err(|e| EnrollRefusal::Malformed(format!("{e:#}")))?;
+        let fp = corral_proto::pki::fingerprint_pem(&cert).map_err(|e| anyhow!("{e:#}"))?;
+        store::insert_node(tx, &req.node_id, &fp)?;
+        store::use_token(tx, &hash, &req.node_id)?;
+        Ok(cert)
+    })
+}
