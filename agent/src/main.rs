@@ -1,1 +1,147 @@
-fn main() {}
+use anyhow::{Context, Result};
+use clap::Parser;
+use corral_agent::{engine, enroll, events, heartbeat, metrics, server, Config};
+use corral_proto::pb;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Corral node agent: supervises the database engine on this VM, reports to
+/// the coordinator and executes its steps.
+#[derive(Parser, Debug)]
+#[command(name = "corral-agent", version)]
+struct Args {
+    /// Holds the node's key, certificate and the engine's data.
+    #[arg(long, env = "CORRAL_STATE_DIR", default_value = "/var/lib/corral-agent")]
+    state_dir: PathBuf,
+    /// The coordinator's host:port.
+    #[arg(long, env = "CORRAL_COORDINATOR")]
+    coordinator: String,
+    /// Where the agent's API listens; also the address it advertises, so use
+    /// this VM's own IP, not 0.0.0.0.
+    #[arg(long, env = "CORRAL_LISTEN")]
+    listen: SocketAddr,
+    /// Join token from `corralctl token create`; needed on the first start only.
+    #[arg(long, env = "CORRAL_JOIN_TOKEN")]
+    join: Option<String>,
+    /// This node's id (default: the hostname).
+    #[arg(long, env = "CORRAL_NODE_ID")]
+    node_id: Option<String>,
+    #[arg(long, env = "CORRAL_HEARTBEAT_INTERVAL_MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    heartbeat_interval_ms: u64,
+    /// Directory with PostgreSQL's initdb and postgres.
+    #[arg(long, env = "CORRAL_PG_BIN_DIR", default_value = "/usr/lib/postgresql/15/bin")]
+    pg_bin_dir: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    corral_proto::tls::install_crypto_provider();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CORRAL_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<enroll::Refused>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+async fn run(args: Args) -> Result<()> {
+    if args.listen.ip().is_unspecified() {
+        anyhow::bail!(
+            "--listen {} is advertised to the coordinator, so it must be this VM's own address, not {}",
+            args.listen,
+            args.listen.ip()
+        );
+    }
+    let config = Config {
+        state_dir: args.state_dir,
+        coordinator: args.coordinator,
+        listen: args.listen,
+        heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms),
+        pg_bin_dir: args.pg_bin_dir,
+    };
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("creating the state directory {}", config.state_dir.display()))?;
+    // Secrets inside are 0600; the directory itself must stay traversable for
+    // the postgres user, whose data lives below it.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o711))
+            .with_context(|| format!("chmod {}", config.state_dir.display()))?;
+    }
+    let stored = enroll::load(&config.state_dir)?;
+    let node_id = args
+        .node_id
+        .or_else(|| stored.as_ref().map(|s| s.info.node_id.clone()))
+        .unwrap_or_else(hostname);
+    let identity = enroll::ensure(&config.state_dir, &config.coordinator, args.join.as_deref(), &node_id).await?;
+    tracing::info!(node = %identity.info.node_id, coordinator = %config.coordinator, "agent starting");
+
+    let events = Arc::new(events::Events::new());
+    let driver = Arc::new(engine::postgres::Postgres::new(config.pg_bin_dir.clone(), &config.state_dir));
+    let engine = engine::Engine::new(config.state_dir.clone(), driver, events.clone());
+    if let Err(e) = engine.resume().await {
+        // Reported through the engine status; the agent keeps running so the
+        // coordinator can see it.
+        tracing::error!("resuming the engine: {e:#}");
+    }
+
+    let tls = corral_proto::tls::client_config(&identity.ca_pem, Some(&identity.cert), corral_proto::pki::COORDINATOR_DNS);
+    let channel = corral_proto::tls::channel(&config.coordinator, tls, Duration::from_secs(5))?;
+    let heartbeat = heartbeat::Heartbeat {
+        client: pb::agent_upcalls_client::AgentUpcallsClient::new(channel),
+        interval: config.heartbeat_interval,
+        address: config.listen.to_string(),
+        sampler: metrics::Sampler::new(config.state_dir.clone())?,
+        engine: engine.clone(),
+        events,
+    };
+    let heartbeats = tokio::spawn(heartbeat.run());
+
+    let server_tls = corral_proto::tls::server_config(&identity.cert, &identity.ca_pem, false);
+    let result = tonic::transport::Server::builder()
+        .tls_config(server_tls)
+        .context("TLS configuration")?
+        .add_service(pb::agent_server::AgentServer::new(server::AgentApi { engine }))
+        .serve_with_shutdown(config.listen, shutdown_signal())
+        .await
+        .with_context(|| format!("serving the agent API on {}", config.listen));
+    heartbeats.abort();
+    result
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = tokio::signal::ctrl_c() => {},
+            }
+        }
+        Err(e) => {
+            tracing::warn!("no SIGTERM handler ({e}); stopping on Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("agent shutting down; the engine keeps running");
+}

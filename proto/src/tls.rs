@@ -1,6 +1,6 @@
 //! TLS for every gRPC link, and the one connection made before trust exists.
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use std::sync::Arc;
 use std::time::Duration;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
@@ -80,13 +80,27 @@ pub async fn fetch_pinned_ca(addr: &str, pinned: &str) -> Result<String> {
         }
         seen.push(fp);
     }
-    bail!(
+    Err(PinMismatch(format!(
         "the coordinator at {addr} does not present the CA pinned by the join token \
          (token pins {pinned}, server presents {}): the token was made by another \
          coordinator, or something is intercepting the connection",
         if seen.is_empty() { "no certificates".to_string() } else { seen.join(", ") }
-    )
+    ))
+    .into())
 }
+
+/// The server answered, but not with the CA the join token pins: a refusal,
+/// not a fault worth retrying.
+#[derive(Debug)]
+pub struct PinMismatch(pub String);
+
+impl std::fmt::Display for PinMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for PinMismatch {}
 
 fn der_to_pem(der: &[u8]) -> String {
     use base64::Engine as _;

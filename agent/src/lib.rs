@@ -1,0 +1,36 @@
+//! corral-agent: runs on every VM, supervises the database engine, reports
+//! health to the coordinator and executes the coordinator's engine steps.
+//!
+//! # Layout
+//!
+//! - [`enroll`]: the node's identity: first enrollment with a join token, and
+//!   the key, certificate and CA it keeps in its state directory.
+//! - [`metrics`]: CPU, memory, disk, network and load samples (sysinfo).
+//! - [`events`]: events waiting to be acknowledged by the coordinator.
+//! - [`heartbeat`]: the periodic report to the coordinator.
+//! - [`engine`]: the engine spec, the supervisor and the engine drivers
+//!   (PostgreSQL today).
+//! - [`server`]: the agent's gRPC API; only the coordinator may call it.
+
+pub mod engine;
+pub mod enroll;
+pub mod events;
+pub mod heartbeat;
+pub mod metrics;
+pub mod server;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Everything the agent needs to run, from its command line.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    /// The coordinator's host:port.
+    pub coordinator: String,
+    /// Where the agent's gRPC server binds; also the address it advertises.
+    pub listen: std::net::SocketAddr,
+    pub heartbeat_interval: Duration,
+    /// Directory with PostgreSQL's server binaries (initdb, postgres).
+    pub pg_bin_dir: PathBuf,
+}
