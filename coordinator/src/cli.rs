@@ -325,7 +325,7 @@ fn engine_label(e: &Option<pb::EngineStatus>) -> String {
             let state = pb::EngineState::try_from(e.state).unwrap_or_default().label();
             let mut s = format!("{} {state}", e.engine);
             if e.restarts > 0 {
-                s.push_str(&format!(" ({} restarts)", e.restarts));
+                s.push_str(&format!(" ({} restart{})", e.restarts, if e.restarts == 1 { "" } else { "s" }));
             }
             s
         }

@@ -89,6 +89,14 @@ impl Fleet {
         self.lock().get(node).cloned()
     }
 
+    /// Replaces a node's engine status with a fresher one (an agent's answer
+    /// to a command), so views do not lag until the next heartbeat.
+    pub fn set_engine(&self, node: &str, engine: pb::EngineStatus) {
+        if let Some(live) = self.lock().get_mut(node) {
+            live.engine = engine;
+        }
+    }
+
     pub fn liveness_of(&self, node: &str, now: Instant) -> Liveness {
         let live = self.lock().get(node).map(|l| (l.last_seen, l.interval));
         liveness(self.started, live, now)

@@ -127,6 +127,7 @@ async fn create_cluster(coord: &Arc<Coordinator>, op: &OperationRow) -> Result<(
     };
     log(coord, op, &format!("initialising {} on node {node} and starting it as primary", cluster.engine));
     let status = configure_engine(coord, op, node, request).await?;
+    coord.fleet.set_engine(node, status.clone());
     log(
         coord,
         op,

@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# `make demo`: a coordinator and three agent "VMs" (network namespaces on a
+# bridge), a single-node PostgreSQL cluster on vm1, and what to try next.
+#
+#   scripts/demo.sh         (re)start the demo; replaces a previous demo
+#   scripts/demo.sh stop    stop it and remove its namespaces and state
+#
+# Addresses: 10.231.251.0/24 and fd31::fb:0/112 (the test labs use
+# 10.231.1-250.0/24, so a running demo never collides with `make test`).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BIN=${CORRAL_BIN_DIR:-$ROOT/target/debug}
+DIR=/tmp/corral-demo
+NET=10.231.251
+BR=cdemo-br
+NSES=(cdemo-ctl cdemo-vm1 cdemo-vm2 cdemo-vm3 cdemo-cli)
+HOSTS=(1 11 12 13 100)
+
+stop() {
+    for ns in "${NSES[@]}"; do
+        if ip netns list | grep -qw "$ns"; then
+            for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
+            ip netns del "$ns" 2>/dev/null || true
+        fi
+    done
+    for i in "${!NSES[@]}"; do ip link del "cdemo-h$i" 2>/dev/null || true; done
+    ip link del "$BR" 2>/dev/null || true
+    rm -rf "$DIR"
+}
+
+if [[ ${1:-} == stop ]]; then
+    stop
+    echo "demo stopped and removed"
+    exit 0
+fi
+
+[[ $(id -u) == 0 ]] || { echo "error: the demo creates network namespaces: run it as root" >&2; exit 1; }
+for b in corral-coordinator corral-agent corralctl; do
+    [[ -x $BIN/$b ]] || { echo "error: $BIN/$b missing: run 'cargo build --workspace' (or 'make demo')" >&2; exit 1; }
+done
+
+if [[ -d $DIR ]] || ip link show "$BR" >/dev/null 2>&1; then
+    echo "replacing the previous demo"
+fi
+stop
+mkdir -p "$DIR"
+chmod 755 "$DIR"
+
+echo "==> network: bridge $BR ($NET.254), namespaces ${NSES[*]}"
+ip link add "$BR" type bridge
+ip addr add "$NET.254/24" dev "$BR"
+ip addr add "fd31::fb:254/112" dev "$BR" nodad
+ip link set "$BR" up
+for i in "${!NSES[@]}"; do
+    ns=${NSES[$i]}; host=${HOSTS[$i]}
+    ip netns add "$ns"
+    ip link add "cdemo-h$i" type veth peer name eth0 netns "$ns"
+    ip link set "cdemo-h$i" master "$BR" up
+    ip -n "$ns" link set lo up
+    ip -n "$ns" addr add "$NET.$host/24" dev eth0
+    ip -n "$ns" addr add "fd31::fb:$host/112" dev eth0 nodad
+    ip -n "$ns" link set eth0 up
+done
+
+echo "==> PKI: CA, coordinator certificate and an admin certificate in $DIR/pki"
+"$BIN/corralctl" pki init --dir "$DIR/pki" --coordinator "$NET.1:7400" >/dev/null
+export CORRAL_CONFIG=$DIR/pki/corralctl.toml
+ctl() { "$BIN/corralctl" "$@"; }
+
+echo "==> coordinator in cdemo-ctl on $NET.1:7400 (log: $DIR/coordinator.log)"
+ip netns exec cdemo-ctl setsid "$BIN/corral-coordinator" --state-dir "$DIR/coordinator" \
+    --pki-dir "$DIR/pki" --listen "$NET.1:7400" >"$DIR/coordinator.log" 2>&1 < /dev/null &
+for _ in $(seq 100); do ctl whoami >/dev/null 2>&1 && break; sleep 0.2; done
+ctl whoami >/dev/null
+
+for i in 1 2 3; do
+    echo "==> agent vm$i in cdemo-vm$i on $NET.1$i:7401, enrolled with a single-use join token"
+    token=$(ctl token create --ttl 5m)
+    ip netns exec "cdemo-vm$i" setsid "$BIN/corral-agent" --state-dir "$DIR/vm$i" \
+        --coordinator "$NET.1:7400" --listen "$NET.1$i:7401" --join "$token" --node-id "vm$i" \
+        >"$DIR/vm$i-agent.log" 2>&1 < /dev/null &
+done
+for _ in $(seq 150); do
+    [[ $(ctl node list --output json 2>/dev/null | grep -Eo '"state": ?"up"' | wc -l) -ge 3 ]] && break
+    sleep 0.2
+done
+ctl node list
+
+echo "==> single-node PostgreSQL cluster 'demo' on vm1"
+ctl cluster create --name demo --engine postgres --node vm1
+uri=$(ctl cluster credentials demo)
+psql -X -q "$uri" -c "CREATE TABLE IF NOT EXISTS hello (id serial PRIMARY KEY, said text);
+                     INSERT INTO hello (said) VALUES ('hello from make demo');" >/dev/null
+ctl cluster show demo
+
+cat <<MSG
+
+The demo is running. Try:
+
+  export CORRAL_CONFIG=$DIR/pki/corralctl.toml
+  corralctl() { $BIN/corralctl "\$@"; }
+
+  corralctl node list                 # three VMs with live metrics
+  corralctl cluster show demo
+  psql "\$(corralctl cluster credentials demo)" -c 'SELECT * FROM hello'
+
+  # the agent restarts a crashed PostgreSQL and the coordinator records it:
+  ip netns exec cdemo-vm1 pkill -9 -o -x postgres; sleep 3; corralctl event list
+
+  # a VM that vanishes is reported down within three heartbeats:
+  kill -9 \$(ip netns pids cdemo-vm3); sleep 4; corralctl node list
+
+  corralctl operation list; corralctl audit list
+
+Logs: $DIR/*.log.  Stop and remove everything: make demo-stop
+MSG
