@@ -1,0 +1,529 @@
+//! The namespace "lab": VMs as Linux network namespaces on a bridge, a real
+//! coordinator, real agents and real engines, torn down even when a test
+//! fails.
+//!
+//! Lab `K` (1..=250) is claimed by creating the bridge `crlbK`: the kernel
+//! refuses a second bridge of that name, so parallel tests (and parallel test
+//! processes) never share a lab. Then:
+//!
+//! | namespace   | address                      | runs                     |
+//! |-------------|------------------------------|--------------------------|
+//! | `crlK-ctl`  | 10.231.K.1, fd31::K:1        | the coordinator (:7400)  |
+//! | `crlK-vmI`  | 10.231.K.(10+I), fd31::K:1I  | an agent (:7401), engine |
+//! | `crlK-cli`  | 10.231.K.100, fd31::K:100    | clients (corralctl, psql)|
+//!
+//! The host end of the bridge is 10.231.K.254. Logs and state live in
+//! `/tmp/corral-tests/lab-K`; a failing test keeps that directory and prints
+//! the tail of every log. `/tmp/corral-tests/labs/K.pid` names the owning
+//! process; a lab whose owner is gone is swept by the next [`Lab::start`]
+//! (or `scripts/sweep-labs.sh`).
+
+use anyhow::{anyhow, bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const ROOT: &str = "/tmp/corral-tests";
+pub const COORDINATOR_PORT: u16 = 7400;
+pub const AGENT_PORT: u16 = 7401;
+
+/// Where the binaries under test are: `CORRAL_BIN_DIR`, else target/debug.
+pub fn bin(name: &str) -> PathBuf {
+    let dir = std::env::var_os("CORRAL_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug"));
+    dir.join(name)
+}
+
+/// Runs a command, failing with its output if it does not succeed.
+pub fn sh(cmd: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(cmd).args(args).output().with_context(|| format!("running {cmd}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {} failed ({}): {}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Polls `check` every 100 ms until it returns true, or fails after
+/// `timeout` naming `what` and the last error.
+pub fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
+    let started = Instant::now();
+    let mut last;
+    loop {
+        match check() {
+            Ok(true) => return Ok(()),
+            Ok(false) => last = "condition false".into(),
+            Err(e) => last = format!("{e:#}"),
+        }
+        if started.elapsed() > timeout {
+            bail!("timed out after {:?} waiting for {what} (last: {last})", timeout);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LabOptions {
+    pub vms: usize,
+    /// Start and enroll one agent per VM (otherwise only the coordinator runs).
+    pub enroll: bool,
+    pub heartbeat_interval_ms: u64,
+}
+
+impl Default for LabOptions {
+    fn default() -> Self {
+        LabOptions { vms: 3, enroll: true, heartbeat_interval_ms: 1000 }
+    }
+}
+
+pub struct Lab {
+    pub k: u32,
+    pub opts: LabOptions,
+    dir: PathBuf,
+    coordinator: Option<Child>,
+    agents: Vec<Option<Child>>,
+}
+
+fn pid_file(k: u32) -> PathBuf {
+    Path::new(ROOT).join("labs").join(format!("{k}.pid"))
+}
+
+fn ns_names(k: u32) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(list) = sh("ip", &["netns", "list"]) {
+        let prefix = format!("crl{k}-");
+        for line in list.lines() {
+            if let Some(name) = line.split_whitespace().next() {
+                if name.starts_with(&prefix) {
+                    out.push(name.to_string());
+                }
+            }
+        }
+    }
+    out
+}
+
+fn kill_ns_processes(ns: &str) {
+    for _ in 0..20 {
+        let pids = sh("ip", &["netns", "pids", ns]).unwrap_or_default();
+        let pids: Vec<i32> = pids.split_whitespace().filter_map(|p| p.parse().ok()).collect();
+        if pids.is_empty() {
+            return;
+        }
+        for pid in pids {
+            unsafe_kill(pid, 9);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn unsafe_kill(pid: i32, sig: i32) {
+    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).stderr(Stdio::null()).status();
+}
+
+/// Removes every trace of lab `k`: processes in its namespaces, the
+/// namespaces, veths, the bridge and the pid file.
+pub fn teardown(k: u32) {
+    for ns in ns_names(k) {
+        kill_ns_processes(&ns);
+        let _ = sh("ip", &["netns", "del", &ns]);
+    }
+    if let Ok(links) = sh("ip", &["-o", "link", "show"]) {
+        let prefix = format!("crl{k}h");
+        for line in links.lines() {
+            if let Some(name) = line.split(':').nth(1).map(|s| s.trim().split('@').next().unwrap_or("")) {
+                if name.starts_with(&prefix) {
+                    let _ = sh("ip", &["link", "del", name]);
+                }
+            }
+        }
+    }
+    let _ = sh("ip", &["link", "del", &format!("crlb{k}")]);
+    let _ = std::fs::remove_file(pid_file(k));
+}
+
+fn pid_alive(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Tears down every lab whose owning process is gone.
+pub fn sweep_stale() {
+    let Ok(links) = sh("ip", &["-o", "link", "show", "type", "bridge"]) else { return };
+    for line in links.lines() {
+        let Some(name) = line.split(':').nth(1).map(str::trim) else { continue };
+        let Some(k) = name.strip_prefix("crlb").and_then(|k| k.parse::<u32>().ok()) else { continue };
+        let owner = std::fs::read_to_string(pid_file(k)).ok().and_then(|s| s.trim().parse::<i32>().ok());
+        let stale = match owner {
+            Some(pid) => !pid_alive(pid),
+            // A lab being created has its bridge a moment before its pid
+            // file; only a bridge without one for a while is stale.
+            None => {
+                std::thread::sleep(Duration::from_millis(500));
+                !pid_file(k).exists()
+            }
+        };
+        if stale {
+            eprintln!("sweeping stale lab {k}");
+            teardown(k);
+        }
+    }
+}
+
+impl Lab {
+    pub fn start(vms: usize) -> Result<Lab> {
+        Lab::start_with(LabOptions { vms, ..Default::default() })
+    }
+
+    pub fn start_with(opts: LabOptions) -> Result<Lab> {
+        for b in ["corral-coordinator", "corral-agent", "corralctl"] {
+            if !bin(b).exists() {
+                bail!("{} is missing: run `cargo build --workspace` first (or set CORRAL_BIN_DIR)", bin(b).display());
+            }
+        }
+        std::fs::create_dir_all(Path::new(ROOT).join("labs"))?;
+        sweep_stale();
+        let k = (1..=250u32)
+            .find(|k| {
+                Command::new("ip")
+                    .args(["link", "add", &format!("crlb{k}"), "type", "bridge"])
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            })
+            .ok_or_else(|| anyhow!("no free lab number (bridges crlb1..crlb250 all exist): run scripts/sweep-labs.sh"))?;
+        std::fs::write(pid_file(k), std::process::id().to_string())?;
+        let dir = Path::new(ROOT).join(format!("lab-{k}"));
+        let mut lab = Lab { k, agents: (0..opts.vms).map(|_| None).collect(), opts, dir, coordinator: None };
+        lab.setup().with_context(|| format!("setting up lab {k}"))?;
+        Ok(lab)
+    }
+
+    fn setup(&mut self) -> Result<()> {
+        let k = self.k;
+        let _ = std::fs::remove_dir_all(&self.dir);
+        std::fs::create_dir_all(&self.dir)?;
+        sh("chmod", &["755", ROOT, &self.dir.to_string_lossy()])?;
+        let br = format!("crlb{k}");
+        sh("ip", &["addr", "add", &format!("10.231.{k}.254/24"), "dev", &br])?;
+        sh("ip", &["addr", "add", &format!("fd31::{k:x}:254/112"), "dev", &br, "nodad"])?;
+        sh("ip", &["link", "set", &br, "up"])?;
+        let mut hosts = vec![("ctl".to_string(), 1u32), ("cli".to_string(), 100)];
+        for i in 1..=self.opts.vms {
+            hosts.push((format!("vm{i}"), 10 + i as u32));
+        }
+        for (idx, (name, host)) in hosts.iter().enumerate() {
+            let ns = self.ns(name);
+            let veth = format!("crl{k}h{idx}");
+            sh("ip", &["netns", "add", &ns])?;
+            sh("ip", &["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+            sh("ip", &["link", "set", &veth, "master", &br, "up"])?;
+            sh("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
+            sh("ip", &["-n", &ns, "addr", "add", &format!("10.231.{k}.{host}/24"), "dev", "eth0"])?;
+            sh("ip", &["-n", &ns, "addr", "add", &format!("fd31::{k:x}:{host}/112"), "dev", "eth0", "nodad"])?;
+            sh("ip", &["-n", &ns, "link", "set", "eth0", "up"])?;
+        }
+        let pki = self.pki_dir();
+        sh(&bin("corralctl").to_string_lossy(), &[
+            "pki",
+            "init",
+            "--dir",
+            &pki.to_string_lossy(),
+            "--coordinator",
+            &self.ctl_addr(),
+        ])?;
+        self.start_coordinator()?;
+        if self.opts.enroll {
+            for i in 1..=self.opts.vms {
+                let token = self.token()?;
+                self.start_agent(i, Some(&token))?;
+            }
+            for i in 1..=self.opts.vms {
+                self.wait_node_state(&format!("vm{i}"), "up", Duration::from_secs(30))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn ns(&self, name: &str) -> String {
+        format!("crl{}-{name}", self.k)
+    }
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    pub fn pki_dir(&self) -> PathBuf {
+        self.dir.join("pki")
+    }
+    pub fn state_dir(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("vm{i}"))
+    }
+    pub fn ctl_addr(&self) -> String {
+        format!("10.231.{}.1:{COORDINATOR_PORT}", self.k)
+    }
+    pub fn vm_ip(&self, i: usize) -> String {
+        format!("10.231.{}.{}", self.k, 10 + i)
+    }
+    pub fn vm_addr(&self, i: usize) -> String {
+        format!("{}:{AGENT_PORT}", self.vm_ip(i))
+    }
+
+    fn log(&self, name: &str) -> Result<std::fs::File> {
+        Ok(std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join(name))?)
+    }
+
+    fn spawn_in(&self, ns: &str, program: &Path, args: &[String], log: &str) -> Result<Child> {
+        let log = self.log(log)?;
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns(ns)])
+            .arg(program)
+            .args(args)
+            .env("CORRAL_LOG", "info,corral_coordinator=debug,corral_agent=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {} in {ns}", program.display()))
+    }
+
+    pub fn start_coordinator(&mut self) -> Result<()> {
+        let args = [
+            "--state-dir".to_string(),
+            self.dir.join("coordinator").to_string_lossy().into_owned(),
+            "--pki-dir".into(),
+            self.pki_dir().to_string_lossy().into_owned(),
+            "--listen".into(),
+            self.ctl_addr(),
+        ];
+        self.coordinator = Some(self.spawn_in("ctl", &bin("corral-coordinator"), &args, "coordinator.log")?);
+        wait_until(Duration::from_secs(20), "the coordinator to answer `corralctl whoami`", || {
+            if let Some(c) = self.coordinator.as_mut() {
+                if let Some(status) = c.try_wait()? {
+                    bail!("the coordinator exited: {status}");
+                }
+            }
+            Ok(self.ctl(&["whoami"])?.status.success())
+        })
+    }
+
+    /// Stops the coordinator with SIGTERM and waits for it.
+    pub fn stop_coordinator(&mut self) -> Result<()> {
+        if let Some(mut c) = self.coordinator.take() {
+            stop_child(&mut c)?;
+        }
+        Ok(())
+    }
+
+    /// Starts agent `i` (node id `vmI`), enrolling with `token` if given.
+    pub fn start_agent(&mut self, i: usize, token: Option<&str>) -> Result<()> {
+        let mut extra = Vec::new();
+        if let Some(t) = token {
+            extra.push("--join".to_string());
+            extra.push(t.to_string());
+        }
+        extra.push("--node-id".into());
+        extra.push(format!("vm{i}"));
+        let child = self.spawn_agent(i, &extra)?;
+        self.agents[i - 1] = Some(child);
+        Ok(())
+    }
+
+    /// Spawns an agent in VM `i` with `extra` arguments, not tracked as the
+    /// VM's agent: for tests that expect it to exit.
+    pub fn spawn_agent(&self, i: usize, extra: &[String]) -> Result<Child> {
+        let mut args = vec![
+            "--state-dir".to_string(),
+            self.state_dir(i).to_string_lossy().into_owned(),
+            "--coordinator".into(),
+            self.ctl_addr(),
+            "--listen".into(),
+            self.vm_addr(i),
+            "--heartbeat-interval-ms".into(),
+            self.opts.heartbeat_interval_ms.to_string(),
+        ];
+        args.extend(extra.iter().cloned());
+        self.spawn_in(&format!("vm{i}"), &bin("corral-agent"), &args, &format!("vm{i}-agent.log"))
+    }
+
+    /// Runs an agent in VM `i` that is expected to exit (a refused
+    /// enrollment); returns its exit status and stderr.
+    pub fn run_agent_to_exit(&self, i: usize, extra: &[&str], state_dir: &Path) -> Result<(Option<i32>, String)> {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns(&format!("vm{i}"))]).arg(bin("corral-agent")).args([
+            "--state-dir",
+            &state_dir.to_string_lossy(),
+            "--coordinator",
+            &self.ctl_addr(),
+            "--listen",
+            &self.vm_addr(i),
+        ]);
+        cmd.args(extra);
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null()).spawn()?;
+        let started = Instant::now();
+        loop {
+            if child.try_wait()?.is_some() {
+                let out = child.wait_with_output()?;
+                return Ok((out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned()));
+            }
+            if started.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                let out = child.wait_with_output()?;
+                bail!("the agent kept running; stderr:\n{}", String::from_utf8_lossy(&out.stderr));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn stop_agent(&mut self, i: usize) -> Result<()> {
+        if let Some(mut c) = self.agents[i - 1].take() {
+            stop_child(&mut c)?;
+        }
+        Ok(())
+    }
+
+    /// Kills every process in VM `i` (agent and engine) with SIGKILL, like a
+    /// VM losing power.
+    pub fn kill_vm(&mut self, i: usize) {
+        kill_ns_processes(&self.ns(&format!("vm{i}")));
+        if let Some(mut c) = self.agents[i - 1].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Pids of processes named `comm` running in VM `i`.
+    pub fn pids_in_vm(&self, i: usize, comm: &str) -> Vec<i32> {
+        let pids = sh("ip", &["netns", "pids", &self.ns(&format!("vm{i}"))]).unwrap_or_default();
+        pids.split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+            .filter(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == comm))
+            .collect()
+    }
+
+    /// Runs a command in namespace `crlK-<ns>`.
+    pub fn in_ns(&self, ns: &str, program: &str, args: &[&str]) -> Result<Output> {
+        Ok(Command::new("ip").args(["netns", "exec", &self.ns(ns), program]).args(args).output()?)
+    }
+
+    /// `corralctl` run in the client namespace with the lab's admin config.
+    pub fn ctl(&self, args: &[&str]) -> Result<Output> {
+        self.ctl_env(args, &[])
+    }
+
+    /// `corralctl` with extra environment (CORRAL_CERT, ...).
+    pub fn ctl_env(&self, args: &[&str], env: &[(&str, &str)]) -> Result<Output> {
+        let config = self.pki_dir().join("corralctl.toml");
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns("cli")])
+            .arg(bin("corralctl"))
+            .arg("--config")
+            .arg(&config)
+            .args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Ok(cmd.output()?)
+    }
+
+    /// `corralctl ARGS`, which must succeed; returns stdout.
+    pub fn ctl_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.ctl(args)?;
+        if !out.status.success() {
+            bail!(
+                "corralctl {} failed ({}):\n{}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `corralctl --output json ARGS`, parsed.
+    pub fn ctl_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let mut full = vec!["--output", "json"];
+        full.extend_from_slice(args);
+        let text = self.ctl_ok(&full)?;
+        serde_json::from_str(&text).with_context(|| format!("corralctl {} printed invalid JSON: {text}", args.join(" ")))
+    }
+
+    /// A fresh join token.
+    pub fn token(&self) -> Result<String> {
+        Ok(self.ctl_ok(&["token", "create", "--ttl", "10m"])?.trim().to_string())
+    }
+
+    /// Node `id` as `node list --output json` shows it.
+    pub fn node(&self, id: &str) -> Result<Option<serde_json::Value>> {
+        let v = self.ctl_json(&["node", "list"])?;
+        Ok(v["nodes"].as_array().and_then(|ns| ns.iter().find(|n| n["id"] == id)).cloned())
+    }
+
+    pub fn wait_node_state(&self, id: &str, state: &str, timeout: Duration) -> Result<()> {
+        wait_until(timeout, &format!("node {id} to be {state}"), || {
+            Ok(self.node(id)?.is_some_and(|n| n["state"] == state))
+        })
+    }
+
+    /// `psql` from the client namespace; returns unaligned, tuples-only output.
+    pub fn psql(&self, uri: &str, sql: &str) -> Result<String> {
+        let out = self.in_ns("cli", "psql", &["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", uri, "-c", sql])?;
+        if !out.status.success() {
+            bail!("psql failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    fn report_failure(&self) {
+        eprintln!("\n=== lab {} failed; kept {} ===", self.k, self.dir.display());
+        let mut logs: Vec<PathBuf> = std::fs::read_dir(&self.dir)
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        for vm in 1..=self.opts.vms {
+            logs.push(self.state_dir(vm).join("postgres/server.log"));
+        }
+        logs.sort();
+        for path in logs.into_iter().filter(|p| p.extension().is_some_and(|e| e == "log")) {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("--- {} (last 30 lines) ---", path.display());
+            for l in &lines[lines.len().saturating_sub(30)..] {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+fn stop_child(c: &mut Child) -> Result<()> {
+    unsafe_kill(c.id() as i32, 15);
+    let started = Instant::now();
+    while c.try_wait()?.is_none() {
+        if started.elapsed() > Duration::from_secs(10) {
+            c.kill()?;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.wait()?;
+    Ok(())
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let failed = std::thread::panicking();
+        if failed {
+            self.report_failure();
+        }
+        for c in self.agents.iter_mut().flatten().chain(self.coordinator.as_mut()) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        teardown(self.k);
+        if !failed {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
