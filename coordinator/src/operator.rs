@@ -25,16 +25,35 @@ pub const MODES: &[&str] = &["single"];
 const DEFAULT_TOKEN_TTL_S: u32 = 3600;
 const MAX_TOKEN_TTL_S: u32 = 7 * 24 * 3600;
 
-/// Checks that the caller is an operator with at least role `min`.
+/// Checks that the caller is an operator with at least role `min`; a
+/// refusal is logged.
 fn authorize<T>(req: &Request<T>, min: Role) -> Result<(String, Role), Status> {
-    match peer_identity(req)? {
-        Identity::Operator { role, name } if role >= min => Ok((name, role)),
-        Identity::Operator { role, name } => Err(Status::permission_denied(format!(
-            "operator {name} has role {role}; this needs role {min} or higher"
-        ))),
-        other => Err(Status::permission_denied(format!(
-            "the operator API needs an operator certificate; certificate {other} is not one"
-        ))),
+    let refused = |who: String, status: Status| {
+        tracing::warn!(peer = %who, "operator API refused: {}", status.message());
+        Err(status)
+    };
+    match peer_identity(req) {
+        Ok(Identity::Operator { role, name }) if role >= min => Ok((name, role)),
+        Ok(Identity::Operator { role, name }) => refused(
+            name.clone(),
+            Status::permission_denied(format!("operator {name} has role {role}; this needs role {min} or higher")),
+        ),
+        Ok(other) => refused(
+            other.who(),
+            Status::permission_denied(format!(
+                "the operator API needs an operator certificate; certificate {other} is not one"
+            )),
+        ),
+        Err(status) => refused("anonymous".into(), status),
+    }
+}
+
+/// Who the caller claims to be, for the audit trail of a refused request.
+fn caller<T>(req: &Request<T>) -> String {
+    match peer_identity(req) {
+        Ok(Identity::Operator { name, .. }) => name,
+        Ok(other) => other.who(),
+        Err(_) => "anonymous".into(),
     }
 }
 
@@ -44,6 +63,15 @@ fn internal(e: anyhow::Error) -> Status {
 }
 
 impl OperatorApi {
+    /// [`authorize`], with a refusal also written to the audit trail: for
+    /// mutating requests and reads of secrets.
+    fn authorize_audited<T>(&self, req: &Request<T>, min: Role, action: &str, target: &str) -> Result<String, Status> {
+        authorize(req, min).map(|(who, _)| who).map_err(|status| {
+            self.0.store.audit(&caller(req), action, target, &format!("refused: {}", status.message()));
+            status
+        })
+    }
+
     /// Runs `f` and writes its outcome to the audit trail.
     fn audited<T>(
         &self,
@@ -241,9 +269,10 @@ impl pb::operator_server::Operator for OperatorApi {
         &self,
         req: Request<pb::CreateJoinTokenRequest>,
     ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
-        let (who, _) = authorize(&req, Role::Admin)?;
         let ttl = req.get_ref().ttl_seconds;
-        self.audited(&who, "token.create", &format!("ttl {ttl}s"), || {
+        let (action, target) = ("token.create", format!("ttl {ttl}s"));
+        let who = self.authorize_audited(&req, Role::Admin, action, &target)?;
+        self.audited(&who, action, &target, || {
             let ttl = if ttl == 0 { DEFAULT_TOKEN_TTL_S } else { ttl };
             if ttl > MAX_TOKEN_TTL_S {
                 return Err(Status::invalid_argument(format!(
@@ -264,9 +293,10 @@ impl pb::operator_server::Operator for OperatorApi {
         &self,
         req: Request<pb::CreateClusterRequest>,
     ) -> Result<Response<pb::Operation>, Status> {
-        let (who, _) = authorize(&req, Role::Operator)?;
+        let target = format!("cluster {}", req.get_ref().name);
+        let who = self.authorize_audited(&req, Role::Operator, "cluster.create", &target)?;
         let req = req.into_inner();
-        let op = self.audited(&who, "cluster.create", &format!("cluster {}", req.name), || {
+        let op = self.audited(&who, "cluster.create", &target, || {
             self.create_cluster_tx(&who, &req)
         })?;
         tracing::info!(cluster = %req.name, op = %op.id, "cluster create accepted");
@@ -294,9 +324,10 @@ impl pb::operator_server::Operator for OperatorApi {
         &self,
         req: Request<pb::GetCredentialsRequest>,
     ) -> Result<Response<pb::Credentials>, Status> {
-        let (who, _) = authorize(&req, Role::Operator)?;
+        let target = format!("cluster {}", req.get_ref().name);
+        let who = self.authorize_audited(&req, Role::Operator, "cluster.credentials", &target)?;
         let name = req.into_inner().name;
-        self.audited(&who, "cluster.credentials", &format!("cluster {name}"), || {
+        self.audited(&who, "cluster.credentials", &target, || {
             let row = self.get_cluster_row(&name)?;
             let nodes = self.0.store.read(|c| store::nodes_of_cluster(c, &name)).map_err(internal)?;
             let primary = nodes

@@ -83,12 +83,18 @@ impl pb::agent_upcalls_server::AgentUpcalls for Upcalls {
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let coord = &self.0;
-        let node = match peer_identity(&req)? {
-            Identity::Node(id) => id,
-            other => {
-                return Err(Status::permission_denied(format!(
+        let node = match peer_identity(&req) {
+            Ok(Identity::Node(id)) => id,
+            Ok(other) => {
+                let status = Status::permission_denied(format!(
                     "heartbeats come from node agents; certificate {other} is not a node certificate"
-                )))
+                ));
+                tracing::warn!(peer = %other, "heartbeat refused: {}", status.message());
+                return Err(status);
+            }
+            Err(status) => {
+                tracing::warn!("heartbeat refused: {}", status.message());
+                return Err(status);
             }
         };
         let hb = req.into_inner();
