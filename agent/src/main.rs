@@ -117,12 +117,10 @@ async fn run(args: Args) -> Result<()> {
     };
     let heartbeats = tokio::spawn(heartbeat.run());
 
-    let server_tls = corral_proto::tls::server_config(&identity.cert, &identity.ca_pem, false);
+    let incoming = corral_proto::tls::serve_tls(config.listen, &identity.cert, &identity.ca_pem, false).await?;
     let result = tonic::transport::Server::builder()
-        .tls_config(server_tls)
-        .context("TLS configuration")?
         .add_service(pb::agent_server::AgentServer::new(server::AgentApi { engine }))
-        .serve_with_shutdown(config.listen, shutdown_signal())
+        .serve_with_incoming_shutdown(incoming, shutdown_signal())
         .await
         .with_context(|| format!("serving the agent API on {}", config.listen));
     heartbeats.abort();

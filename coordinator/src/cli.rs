@@ -230,9 +230,29 @@ impl ConnConfig {
 
 /// Turns a gRPC error into the one line the operator needs.
 fn rpc_error(addr: &str, s: tonic::Status) -> anyhow::Error {
+    // Transport failures keep their cause in the source chain.
+    let mut causes = Vec::new();
+    let mut source = std::error::Error::source(&s);
+    while let Some(e) = source {
+        causes.push(e.to_string());
+        source = e.source();
+    }
+    causes.dedup();
+    let cause = causes.join(": ");
+    let transport = s.code() == tonic::Code::Cancelled
+        || s.message().contains("transport")
+        || s.message().contains("connect")
+        || !causes.is_empty();
     match s.code() {
-        tonic::Code::Unavailable | tonic::Code::Unknown if s.message().contains("transport") || s.message().contains("connect") => {
-            anyhow!("cannot reach the coordinator at {addr}: {}", s.message())
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled if transport => {
+            let detail = if cause.is_empty() { s.message().to_string() } else { cause };
+            let hint = if detail.contains("alert") || detail.contains("certificate") || detail.contains("canceled") {
+                ": the coordinator may have refused this client's certificate (issued by another CA?), or this CA does not match the \
+                 coordinator's; check --config, CORRAL_CA, CORRAL_CERT and CORRAL_KEY"
+            } else {
+                ""
+            };
+            anyhow!("cannot reach the coordinator at {addr}: {detail}{hint}")
         }
         _ => anyhow!("{}", s.message()),
     }

@@ -90,18 +90,16 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     };
     // Optional client auth: a new agent enrolls before it has a certificate.
     // Every other RPC checks the peer's certificate itself.
-    let tls = corral_proto::tls::server_config(&me, coord.ca.cert_pem(), true);
+    let incoming = corral_proto::tls::serve_tls(config.listen, &me, coord.ca.cert_pem(), true).await?;
 
     ops::resume_unfinished(&coord);
     let monitor = tokio::spawn(monitor::run(coord.clone()));
 
     tracing::info!(listen = %config.listen, state_dir = %config.state_dir.display(), "coordinator serving");
     let result = tonic::transport::Server::builder()
-        .tls_config(tls)
-        .context("TLS configuration")?
         .add_service(pb::agent_upcalls_server::AgentUpcallsServer::new(upcalls::Upcalls(coord.clone())))
         .add_service(pb::operator_server::OperatorServer::new(operator::OperatorApi(coord.clone())))
-        .serve_with_shutdown(config.listen, shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .with_context(|| format!("serving on {}", config.listen));
     monitor.abort();

@@ -3,21 +3,86 @@
 use anyhow::{anyhow, Context, Result};
 use std::sync::Arc;
 use std::time::Duration;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+use tokio::net::TcpStream;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::pki::CertKey;
 
-/// Server side: present `me`, trust client certificates from `ca_pem`.
+/// Server side: accepts TCP connections on `addr`, runs the TLS handshake
+/// (present `me`, verify client certificates against `ca_pem`), and yields
+/// established streams for `tonic::transport::Server::serve_with_incoming*`.
+///
+/// Doing the handshake here rather than in tonic lets every refused
+/// handshake (a certificate from another CA, no certificate where one is
+/// required, plain-text clients) be logged with the peer's address instead
+/// of vanishing. Handshakes run concurrently, each bounded by 10 s.
 ///
 /// With `client_auth_optional` a client may connect without a certificate;
 /// only the coordinator does that, so a new agent can call `Enroll`. Every
 /// other RPC then refuses a peer without a certificate (see
 /// [`crate::identity::peer_identity`]).
-pub fn server_config(me: &CertKey, ca_pem: &str, client_auth_optional: bool) -> ServerTlsConfig {
-    ServerTlsConfig::new()
-        .identity(Identity::from_pem(&me.cert_pem, &me.key_pem))
-        .client_ca_root(Certificate::from_pem(ca_pem))
-        .client_auth_optional(client_auth_optional)
+pub async fn serve_tls(
+    addr: std::net::SocketAddr,
+    me: &CertKey,
+    ca_pem: &str,
+    client_auth_optional: bool,
+) -> Result<tokio_stream::wrappers::ReceiverStream<std::io::Result<tokio_rustls::server::TlsStream<TcpStream>>>> {
+    let config = Arc::new(server_config(me, ca_pem, client_auth_optional)?);
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("accepting a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            if tx.is_closed() {
+                return;
+            }
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    Ok(Err(e)) => tracing::warn!(%peer, "TLS handshake refused: {e}"),
+                    Err(_) => tracing::warn!(%peer, "TLS handshake timed out after 10s"),
+                }
+            });
+        }
+    });
+    Ok(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+fn server_config(me: &CertKey, ca_pem: &str, client_auth_optional: bool) -> Result<rustls::ServerConfig> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.context("reading the CA certificate")?).context("trusting the CA certificate")?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    let verifier = if client_auth_optional { verifier.allow_unauthenticated() } else { verifier }
+        .build()
+        .context("building the client certificate verifier")?;
+    let chain = CertificateDer::pem_slice_iter(me.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .context("reading our certificate")?;
+    let key = PrivateKeyDer::from_pem_slice(me.key_pem.as_bytes()).context("reading our private key")?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .context("our certificate and key do not match")?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
 }
 
 /// Client side: trust `ca_pem`, expect the server to be `domain`, and

@@ -203,7 +203,8 @@ fn every_api_checks_whose_certificate_it_is() {
         )
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: "), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("refused this client's certificate"), "{stderr}");
     let e = rt.block_on(upcalls(&lab, Some(&foreign)).heartbeat(heartbeat())).unwrap_err();
     assert_ne!(e.code(), tonic::Code::Ok);
 
@@ -242,11 +243,17 @@ fn every_api_checks_whose_certificate_it_is() {
     assert_eq!(nodes(&lab), before_nodes);
     assert_eq!(lab.node("vm1").unwrap().unwrap()["state"], "up");
     let log = coordinator_log(&lab);
-    for needle in ["no client certificate", "is not a node certificate", "certificate node/vm1 is not one"] {
+    for needle in [
+        "no client certificate",
+        "is not a node certificate",
+        "certificate node/vm1 is not one",
+        "TLS handshake refused: invalid peer certificate",
+    ] {
         assert!(log.contains(needle), "coordinator log lacks {needle:?}");
     }
     let agent_log = std::fs::read_to_string(lab.dir().join("vm1-agent.log")).unwrap();
     assert!(agent_log.contains("not the coordinator"), "agent log lacks the refusal");
+    assert!(agent_log.contains("TLS handshake refused"), "agent log lacks the certificate-less client");
 }
 
 #[test]
