@@ -63,11 +63,18 @@ pub fn load(state_dir: &Path) -> Result<Option<NodeIdentity>> {
     if !p.info.exists() {
         return Ok(None);
     }
-    let info: NodeInfo = serde_json::from_str(&pki::read(&p.info)?)
-        .with_context(|| format!("{} is not valid: remove the state directory to enroll again", p.info.display()))?;
+    let info: NodeInfo = serde_json::from_str(&pki::read(&p.info)?).with_context(|| {
+        format!(
+            "{} is not valid: remove the state directory to enroll again",
+            p.info.display()
+        )
+    })?;
     Ok(Some(NodeIdentity {
         info,
-        cert: CertKey { cert_pem: pki::read(&p.cert)?, key_pem: pki::read(&p.key)? },
+        cert: CertKey {
+            cert_pem: pki::read(&p.cert)?,
+            key_pem: pki::read(&p.key)?,
+        },
         ca_pem: pki::read(&p.ca)?,
     }))
 }
@@ -109,16 +116,25 @@ pub async fn ensure(
     enroll(state_dir, coordinator, token, node_id).await
 }
 
-async fn enroll(state_dir: &Path, coordinator: &str, token: &str, node_id: &str) -> Result<NodeIdentity> {
+async fn enroll(
+    state_dir: &Path,
+    coordinator: &str,
+    token: &str,
+    node_id: &str,
+) -> Result<NodeIdentity> {
     corral_proto::names::validate("node", node_id).map_err(|e| anyhow!("--node-id: {e}"))?;
     let parsed = JoinToken::parse(token).map_err(|e| anyhow!("--join: {e}"))?;
-    std::fs::create_dir_all(state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("creating {}", state_dir.display()))?;
     // A refused pin is a refusal too: the token belongs to another coordinator.
     let ca_pem = corral_proto::tls::fetch_pinned_ca(coordinator, &parsed.ca_fingerprint)
         .await
         .map_err(|e| {
             if let Some(pin) = e.downcast_ref::<corral_proto::tls::PinMismatch>() {
-                anyhow::Error::new(Refused { coordinator: coordinator.into(), reason: pin.0.clone() })
+                anyhow::Error::new(Refused {
+                    coordinator: coordinator.into(),
+                    reason: pin.0.clone(),
+                })
             } else {
                 e
             }
@@ -128,13 +144,23 @@ async fn enroll(state_dir: &Path, coordinator: &str, token: &str, node_id: &str)
     let channel = corral_proto::tls::channel(coordinator, tls, Duration::from_secs(15))?;
     let mut client = pb::agent_upcalls_client::AgentUpcallsClient::new(channel);
     let response = client
-        .enroll(pb::EnrollRequest { token: token.to_string(), node_id: node_id.to_string(), csr_pem })
+        .enroll(pb::EnrollRequest {
+            token: token.to_string(),
+            node_id: node_id.to_string(),
+            csr_pem,
+        })
         .await
         .map_err(|s| match s.code() {
-            tonic::Code::PermissionDenied | tonic::Code::AlreadyExists | tonic::Code::InvalidArgument => {
-                anyhow::Error::new(Refused { coordinator: coordinator.into(), reason: s.message().to_string() })
-            }
-            _ => anyhow!("enrolling with the coordinator at {coordinator}: {}", s.message()),
+            tonic::Code::PermissionDenied
+            | tonic::Code::AlreadyExists
+            | tonic::Code::InvalidArgument => anyhow::Error::new(Refused {
+                coordinator: coordinator.into(),
+                reason: s.message().to_string(),
+            }),
+            _ => anyhow!(
+                "enrolling with the coordinator at {coordinator}: {}",
+                s.message()
+            ),
         })?
         .into_inner();
     let p = paths(state_dir);
@@ -148,5 +174,12 @@ async fn enroll(state_dir: &Path, coordinator: &str, token: &str, node_id: &str)
     };
     pki::write_private(&p.info, &serde_json::to_string_pretty(&info)?)?;
     tracing::info!(node = %info.node_id, coordinator, "enrolled");
-    Ok(NodeIdentity { info, cert: CertKey { cert_pem: response.certificate_pem, key_pem }, ca_pem })
+    Ok(NodeIdentity {
+        info,
+        cert: CertKey {
+            cert_pem: response.certificate_pem,
+            key_pem,
+        },
+        ca_pem,
+    })
 }

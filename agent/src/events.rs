@@ -56,7 +56,12 @@ impl Events {
         }
         let seq = inner.next_seq;
         inner.next_seq += 1;
-        inner.queue.push_back(AgentEvent { seq, at_ms: corral_proto::now_ms(), kind: kind.into(), message });
+        inner.queue.push_back(AgentEvent {
+            seq,
+            at_ms: corral_proto::now_ms(),
+            kind: kind.into(),
+            message,
+        });
     }
 
     /// Every unacknowledged event, oldest first (a note about dropped events
@@ -69,7 +74,9 @@ impl Events {
                 seq: inner.next_seq,
                 at_ms: corral_proto::now_ms(),
                 kind: "events_dropped".into(),
-                message: format!("{dropped} older events were dropped while the coordinator was unreachable"),
+                message: format!(
+                    "{dropped} older events were dropped while the coordinator was unreachable"
+                ),
             };
             inner.next_seq += 1;
             inner.queue.push_back(note);
@@ -113,7 +120,11 @@ mod tests {
         assert_eq!(pending.first().unwrap().message, "5");
         let last = pending.last().unwrap();
         assert_eq!(last.kind, "events_dropped");
-        assert!(last.message.starts_with("5 older events"), "{}", last.message);
+        assert!(
+            last.message.starts_with("5 older events"),
+            "{}",
+            last.message
+        );
     }
 
     #[test]

@@ -43,7 +43,10 @@ impl Heartbeat {
                 Ok(resp) => {
                     self.events.ack(resp.into_inner().acked_event_seq);
                     if let Some(since) = failing_since.take() {
-                        tracing::info!("coordinator reachable again after {:.1}s", since.elapsed().as_secs_f64());
+                        tracing::info!(
+                            "coordinator reachable again after {:.1}s",
+                            since.elapsed().as_secs_f64()
+                        );
                     }
                 }
                 Err(status) => {

@@ -14,7 +14,11 @@ use std::time::Duration;
 #[command(name = "corral-agent", version)]
 struct Args {
     /// Holds the node's key, certificate and the engine's data.
-    #[arg(long, env = "CORRAL_STATE_DIR", default_value = "/var/lib/corral-agent")]
+    #[arg(
+        long,
+        env = "CORRAL_STATE_DIR",
+        default_value = "/var/lib/corral-agent"
+    )]
     state_dir: PathBuf,
     /// The coordinator's host:port.
     #[arg(long, env = "CORRAL_COORDINATOR")]
@@ -33,7 +37,11 @@ struct Args {
           value_parser = clap::value_parser!(u64).range(100..=60_000))]
     heartbeat_interval_ms: u64,
     /// Directory with PostgreSQL's initdb and postgres.
-    #[arg(long, env = "CORRAL_PG_BIN_DIR", default_value = "/usr/lib/postgresql/15/bin")]
+    #[arg(
+        long,
+        env = "CORRAL_PG_BIN_DIR",
+        default_value = "/usr/lib/postgresql/15/bin"
+    )]
     pg_bin_dir: PathBuf,
 }
 
@@ -42,7 +50,8 @@ async fn main() -> ExitCode {
     corral_proto::tls::install_crypto_provider();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CORRAL_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("CORRAL_LOG")
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -61,7 +70,9 @@ async fn main() -> ExitCode {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 async fn run(args: Args) -> Result<()> {
@@ -79,8 +90,12 @@ async fn run(args: Args) -> Result<()> {
         heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms),
         pg_bin_dir: args.pg_bin_dir,
     };
-    std::fs::create_dir_all(&config.state_dir)
-        .with_context(|| format!("creating the state directory {}", config.state_dir.display()))?;
+    std::fs::create_dir_all(&config.state_dir).with_context(|| {
+        format!(
+            "creating the state directory {}",
+            config.state_dir.display()
+        )
+    })?;
     // Secrets inside are 0600; the directory itself must stay traversable for
     // the postgres user, whose data lives below it.
     {
@@ -93,11 +108,20 @@ async fn run(args: Args) -> Result<()> {
         .node_id
         .or_else(|| stored.as_ref().map(|s| s.info.node_id.clone()))
         .unwrap_or_else(hostname);
-    let identity = enroll::ensure(&config.state_dir, &config.coordinator, args.join.as_deref(), &node_id).await?;
+    let identity = enroll::ensure(
+        &config.state_dir,
+        &config.coordinator,
+        args.join.as_deref(),
+        &node_id,
+    )
+    .await?;
     tracing::info!(node = %identity.info.node_id, coordinator = %config.coordinator, "agent starting");
 
     let events = Arc::new(events::Events::new());
-    let driver = Arc::new(engine::postgres::Postgres::new(config.pg_bin_dir.clone(), &config.state_dir));
+    let driver = Arc::new(engine::postgres::Postgres::new(
+        config.pg_bin_dir.clone(),
+        &config.state_dir,
+    ));
     let engine = engine::Engine::new(config.state_dir.clone(), driver, events.clone());
     if let Err(e) = engine.resume().await {
         // Reported through the engine status; the agent keeps running so the
@@ -105,7 +129,11 @@ async fn run(args: Args) -> Result<()> {
         tracing::error!("resuming the engine: {e:#}");
     }
 
-    let tls = corral_proto::tls::client_config(&identity.ca_pem, Some(&identity.cert), corral_proto::pki::COORDINATOR_DNS);
+    let tls = corral_proto::tls::client_config(
+        &identity.ca_pem,
+        Some(&identity.cert),
+        corral_proto::pki::COORDINATOR_DNS,
+    );
     let channel = corral_proto::tls::channel(&config.coordinator, tls, Duration::from_secs(5))?;
     let heartbeat = heartbeat::Heartbeat {
         client: pb::agent_upcalls_client::AgentUpcallsClient::new(channel),
@@ -117,9 +145,13 @@ async fn run(args: Args) -> Result<()> {
     };
     let heartbeats = tokio::spawn(heartbeat.run());
 
-    let incoming = corral_proto::tls::serve_tls(config.listen, &identity.cert, &identity.ca_pem, false).await?;
+    let incoming =
+        corral_proto::tls::serve_tls(config.listen, &identity.cert, &identity.ca_pem, false)
+            .await?;
     let result = tonic::transport::Server::builder()
-        .add_service(pb::agent_server::AgentServer::new(server::AgentApi { engine }))
+        .add_service(pb::agent_server::AgentServer::new(server::AgentApi {
+            engine,
+        }))
         .serve_with_incoming_shutdown(incoming, shutdown_signal())
         .await
         .with_context(|| format!("serving the agent API on {}", config.listen));

@@ -16,7 +16,8 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(data_dir: PathBuf) -> anyhow::Result<Self> {
-        let mut system = System::new().map_err(|e| anyhow::anyhow!("reading system information: {e}"))?;
+        let mut system =
+            System::new().map_err(|e| anyhow::anyhow!("reading system information: {e}"))?;
         system.refresh_cpu_usage();
         system.refresh_memory();
         let networks = match Networks::new_with_refreshed_list() {
@@ -26,7 +27,12 @@ impl Sampler {
                 None
             }
         };
-        Ok(Sampler { system, networks, last: Instant::now(), data_dir })
+        Ok(Sampler {
+            system,
+            networks,
+            last: Instant::now(),
+            data_dir,
+        })
     }
 
     /// A sample; rates and CPU % cover the time since the previous one.
@@ -68,9 +74,15 @@ pub fn disk_usage(dir: &std::path::Path) -> (u64, u64) {
     let mut probe = Some(dir);
     while let Some(p) = probe {
         if let Ok(st) = nix::sys::statvfs::statvfs(p) {
-            let frsize = st.fragment_size() as u64;
-            let total = st.blocks() as u64 * frsize;
-            let free = st.blocks_free() as u64 * frsize;
+            // The field types differ between libc targets; u64 holds them all.
+            #[allow(clippy::unnecessary_cast)]
+            let (frsize, blocks, bfree) = (
+                st.fragment_size() as u64,
+                st.blocks() as u64,
+                st.blocks_free() as u64,
+            );
+            let total = blocks * frsize;
+            let free = bfree * frsize;
             return (total.saturating_sub(free), total);
         }
         probe = p.parent();
@@ -88,7 +100,10 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(50));
         let m = s.sample();
         assert!(m.memory_total_bytes > 0 && m.memory_used_bytes <= m.memory_total_bytes);
-        assert!(m.disk_total_bytes > 0 && m.disk_used_bytes <= m.disk_total_bytes, "{m:?}");
+        assert!(
+            m.disk_total_bytes > 0 && m.disk_used_bytes <= m.disk_total_bytes,
+            "{m:?}"
+        );
         assert!((0.0..=100.0).contains(&m.cpu_percent), "{m:?}");
         assert!(m.load1 >= 0.0);
     }

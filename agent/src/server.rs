@@ -36,7 +36,9 @@ impl pb::agent_server::Agent for AgentApi {
         let spec = EngineSpec::from_request(&req).map_err(Status::invalid_argument)?;
         tracing::info!(cluster = %spec.cluster, engine = %spec.engine, role = %spec.role, "configure engine");
         match self.engine.configure(spec, &req.admin_password).await {
-            Ok(status) => Ok(Response::new(pb::ConfigureEngineResponse { status: Some(status) })),
+            Ok(status) => Ok(Response::new(pb::ConfigureEngineResponse {
+                status: Some(status),
+            })),
             Err(e) => {
                 let msg = format!("{e:#}");
                 tracing::warn!("configure engine failed: {msg}");
@@ -48,7 +50,10 @@ impl pb::agent_server::Agent for AgentApi {
         }
     }
 
-    async fn get_status(&self, req: Request<pb::GetStatusRequest>) -> Result<Response<pb::EngineStatus>, Status> {
+    async fn get_status(
+        &self,
+        req: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::EngineStatus>, Status> {
         require_coordinator(&req)?;
         Ok(Response::new(self.engine.status()))
     }

@@ -23,7 +23,11 @@ pub struct AgentClients {
 
 impl AgentClients {
     pub fn new(ca_pem: String, me: CertKey) -> Self {
-        AgentClients { ca_pem, me, channels: Mutex::new(HashMap::new()) }
+        AgentClients {
+            ca_pem,
+            me,
+            channels: Mutex::new(HashMap::new()),
+        }
     }
 
     pub fn client(&self, node: &str, address: &str) -> Result<AgentClient<Channel>> {

@@ -16,7 +16,11 @@ use std::time::Duration;
 use tonic::transport::Channel;
 
 #[derive(Parser, Debug)]
-#[command(name = "corralctl", version, about = "Operate Corral database clusters")]
+#[command(
+    name = "corralctl",
+    version,
+    about = "Operate Corral database clusters"
+)]
 pub struct Cli {
     /// Connection settings file (coordinator address and certificate paths).
     #[arg(long, global = true, env = "CORRAL_CONFIG")]
@@ -190,18 +194,23 @@ struct ConnConfig {
 
 impl ConnConfig {
     fn load(path: Option<&Path>) -> Result<ConnConfig> {
-        let default = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config/corral/corralctl.toml"));
+        let default = std::env::var_os("HOME")
+            .map(|h| PathBuf::from(h).join(".config/corral/corralctl.toml"));
         let mut cfg = match (path, default) {
-            (Some(p), _) => toml::from_str(&pki::read(p)?).with_context(|| format!("parsing {}", p.display()))?,
-            (None, Some(p)) if p.exists() => {
-                toml::from_str(&pki::read(&p)?).with_context(|| format!("parsing {}", p.display()))?
-            }
+            (Some(p), _) => toml::from_str(&pki::read(p)?)
+                .with_context(|| format!("parsing {}", p.display()))?,
+            (None, Some(p)) if p.exists() => toml::from_str(&pki::read(&p)?)
+                .with_context(|| format!("parsing {}", p.display()))?,
             _ => ConnConfig::default(),
         };
         if let Ok(v) = std::env::var("CORRAL_COORDINATOR") {
             cfg.coordinator = Some(v);
         }
-        for (var, field) in [("CORRAL_CA", &mut cfg.ca), ("CORRAL_CERT", &mut cfg.cert), ("CORRAL_KEY", &mut cfg.key)] {
+        for (var, field) in [
+            ("CORRAL_CA", &mut cfg.ca),
+            ("CORRAL_CERT", &mut cfg.cert),
+            ("CORRAL_KEY", &mut cfg.key),
+        ] {
             if let Some(v) = std::env::var_os(var) {
                 *field = Some(v.into());
             }
@@ -216,11 +225,26 @@ impl ConnConfig {
                  or set {var}"
             )
         };
-        let addr = self.coordinator.clone().ok_or_else(|| missing("coordinator address", "CORRAL_COORDINATOR"))?;
-        let ca = pki::read(self.ca.as_deref().ok_or_else(|| missing("CA certificate", "CORRAL_CA"))?)?;
+        let addr = self
+            .coordinator
+            .clone()
+            .ok_or_else(|| missing("coordinator address", "CORRAL_COORDINATOR"))?;
+        let ca = pki::read(
+            self.ca
+                .as_deref()
+                .ok_or_else(|| missing("CA certificate", "CORRAL_CA"))?,
+        )?;
         let me = CertKey {
-            cert_pem: pki::read(self.cert.as_deref().ok_or_else(|| missing("client certificate", "CORRAL_CERT"))?)?,
-            key_pem: pki::read(self.key.as_deref().ok_or_else(|| missing("client key", "CORRAL_KEY"))?)?,
+            cert_pem: pki::read(
+                self.cert
+                    .as_deref()
+                    .ok_or_else(|| missing("client certificate", "CORRAL_CERT"))?,
+            )?,
+            key_pem: pki::read(
+                self.key
+                    .as_deref()
+                    .ok_or_else(|| missing("client key", "CORRAL_KEY"))?,
+            )?,
         };
         let tls = corral_proto::tls::client_config(&ca, Some(&me), COORDINATOR_DNS);
         let ch = corral_proto::tls::channel(&addr, tls, Duration::from_secs(30))?;
@@ -245,8 +269,15 @@ fn rpc_error(addr: &str, s: tonic::Status) -> anyhow::Error {
         || !causes.is_empty();
     match s.code() {
         tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled if transport => {
-            let detail = if cause.is_empty() { s.message().to_string() } else { cause };
-            let hint = if detail.contains("alert") || detail.contains("certificate") || detail.contains("canceled") {
+            let detail = if cause.is_empty() {
+                s.message().to_string()
+            } else {
+                cause
+            };
+            let hint = if detail.contains("alert")
+                || detail.contains("certificate")
+                || detail.contains("canceled")
+            {
                 ": the coordinator may have refused this client's certificate (issued by another CA?), or this CA does not match the \
                  coordinator's; check --config, CORRAL_CA, CORRAL_CERT and CORRAL_KEY"
             } else {
@@ -261,20 +292,27 @@ fn rpc_error(addr: &str, s: tonic::Status) -> anyhow::Error {
 pub async fn main_with(cli: Cli) -> Result<()> {
     let json = cli.output == Output::Json;
     match cli.command {
-        Command::Pki(cmd) => return pki_cmd(cmd, json),
+        Command::Pki(cmd) => pki_cmd(cmd, json),
         command => {
             let (mut api, addr) = ConnConfig::load(cli.config.as_deref())?.connect()?;
-            run(&mut api, command, json).await.map_err(|e| match e.downcast::<tonic::Status>() {
-                Ok(s) => rpc_error(&addr, s),
-                Err(e) => e,
-            })
+            run(&mut api, command, json)
+                .await
+                .map_err(|e| match e.downcast::<tonic::Status>() {
+                    Ok(s) => rpc_error(&addr, s),
+                    Err(e) => e,
+                })
         }
     }
 }
 
 fn pki_cmd(cmd: PkiCmd, json: bool) -> Result<()> {
     match cmd {
-        PkiCmd::Init { dir, admin, coordinator, san } => {
+        PkiCmd::Init {
+            dir,
+            admin,
+            coordinator,
+            san,
+        } => {
             if admin.is_empty() || admin.contains('/') {
                 bail!("invalid admin name {admin:?}: use letters, digits and '-'");
             }
@@ -288,25 +326,53 @@ fn pki_cmd(cmd: PkiCmd, json: bool) -> Result<()> {
             };
             pki::write_private(&abs.join("corralctl.toml"), &toml::to_string(&cfg)?)?;
             if json {
-                println!("{}", serde_json::json!({ "dir": abs, "ca_fingerprint": ca.fingerprint()? }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "dir": abs, "ca_fingerprint": ca.fingerprint()? })
+                );
             } else {
-                println!("CA created in {} (fingerprint {})", abs.display(), ca.fingerprint()?);
-                println!("corralctl settings: {}", abs.join("corralctl.toml").display());
-                println!("next: corral-coordinator --pki-dir {} --state-dir DIR --listen ADDR", abs.display());
+                println!(
+                    "CA created in {} (fingerprint {})",
+                    abs.display(),
+                    ca.fingerprint()?
+                );
+                println!(
+                    "corralctl settings: {}",
+                    abs.join("corralctl.toml").display()
+                );
+                println!(
+                    "next: corral-coordinator --pki-dir {} --state-dir DIR --listen ADDR",
+                    abs.display()
+                );
             }
             Ok(())
         }
-        PkiCmd::IssueOperator { dir, name, role, out } => {
+        PkiCmd::IssueOperator {
+            dir,
+            name,
+            role,
+            out,
+        } => {
             if name.is_empty() || name.contains('/') {
                 bail!("invalid operator name {name:?}: use letters, digits and '-'");
             }
             let ca = CertAuthority::load(&dir)?;
-            let ck = ca.issue(&Identity::Operator { role, name: name.clone() }, &[])?;
+            let ck = ca.issue(
+                &Identity::Operator {
+                    role,
+                    name: name.clone(),
+                },
+                &[],
+            )?;
             let crt = out.with_extension("crt");
             let key = out.with_extension("key");
             pki::write_public(&crt, &ck.cert_pem)?;
             pki::write_private(&key, &ck.key_pem)?;
-            println!("operator {name} ({role}): {} {}", crt.display(), key.display());
+            println!(
+                "operator {name} ({role}): {} {}",
+                crt.display(),
+                key.display()
+            );
             Ok(())
         }
     }
@@ -319,7 +385,8 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
 
 fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
-    t.load_preset(UTF8_FULL_CONDENSED).set_header(header.to_vec());
+    t.load_preset(UTF8_FULL_CONDENSED)
+        .set_header(header.to_vec());
     t
 }
 
@@ -342,10 +409,16 @@ fn gib(b: u64) -> String {
 fn engine_label(e: &Option<pb::EngineStatus>) -> String {
     match e {
         Some(e) if !e.engine.is_empty() => {
-            let state = pb::EngineState::try_from(e.state).unwrap_or_default().label();
+            let state = pb::EngineState::try_from(e.state)
+                .unwrap_or_default()
+                .label();
             let mut s = format!("{} {state}", e.engine);
             if e.restarts > 0 {
-                s.push_str(&format!(" ({} restart{})", e.restarts, if e.restarts == 1 { "" } else { "s" }));
+                s.push_str(&format!(
+                    " ({} restart{})",
+                    e.restarts,
+                    if e.restarts == 1 { "" } else { "s" }
+                ));
             }
             s
         }
@@ -354,15 +427,34 @@ fn engine_label(e: &Option<pb::EngineStatus>) -> String {
 }
 
 fn print_nodes(nodes: &[pb::Node]) {
-    let mut t = table(&["NODE", "ADDRESS", "STATE", "CLUSTER", "ROLE", "ENGINE", "CPU", "MEM", "DISK", "LAST HEARTBEAT"]);
+    let mut t = table(&[
+        "NODE",
+        "ADDRESS",
+        "STATE",
+        "CLUSTER",
+        "ROLE",
+        "ENGINE",
+        "CPU",
+        "MEM",
+        "DISK",
+        "LAST HEARTBEAT",
+    ]);
     for n in nodes {
         let m = n.metrics.unwrap_or_default();
         t.add_row(vec![
             n.id.clone(),
             n.address.clone(),
             n.state.clone(),
-            if n.cluster.is_empty() { "-".into() } else { n.cluster.clone() },
-            if n.role.is_empty() { "-".into() } else { n.role.clone() },
+            if n.cluster.is_empty() {
+                "-".into()
+            } else {
+                n.cluster.clone()
+            },
+            if n.role.is_empty() {
+                "-".into()
+            } else {
+                n.role.clone()
+            },
             engine_label(&n.engine),
             format!("{:.0}%", m.cpu_percent),
             format!("{}/{}", gib(m.memory_used_bytes), gib(m.memory_total_bytes)),
@@ -374,7 +466,10 @@ fn print_nodes(nodes: &[pb::Node]) {
 }
 
 fn print_operation(op: &pb::Operation) {
-    println!("operation {} ({}) on cluster {}: {}", op.id, op.kind, op.cluster, op.state);
+    println!(
+        "operation {} ({}) on cluster {}: {}",
+        op.id, op.kind, op.cluster, op.state
+    );
     for l in &op.log {
         println!("  {}  {}", fmt_time(l.at_ms), l.message);
     }
@@ -394,7 +489,10 @@ fn fmt_time(ms: i64) -> String {
 async fn wait_operation(api: &mut OperatorClient<Channel>, id: &str) -> Result<pb::Operation> {
     let mut shown = 0;
     loop {
-        let op = api.get_operation(pb::GetOperationRequest { id: id.into() }).await?.into_inner();
+        let op = api
+            .get_operation(pb::GetOperationRequest { id: id.into() })
+            .await?
+            .into_inner();
         for l in op.log.iter().skip(shown) {
             eprintln!("  {}", l.message);
         }
@@ -422,33 +520,57 @@ async fn run(api: &mut OperatorClient<Channel>, command: Command, json: bool) ->
             if secs == 0 {
                 bail!("--ttl must be at least 1s");
             }
-            let t = api.create_join_token(pb::CreateJoinTokenRequest { ttl_seconds: secs }).await?.into_inner();
+            let t = api
+                .create_join_token(pb::CreateJoinTokenRequest { ttl_seconds: secs })
+                .await?
+                .into_inner();
             if json {
                 print_json(&t)?;
             } else {
                 println!("{}", t.token);
             }
         }
-        Command::Cluster(ClusterCmd::Create { name, engine, nodes, mode, no_wait }) => {
+        Command::Cluster(ClusterCmd::Create {
+            name,
+            engine,
+            nodes,
+            mode,
+            no_wait,
+        }) => {
             corral_proto::names::validate("cluster", &name).map_err(|e| anyhow!(e))?;
             let op = api
-                .create_cluster(pb::CreateClusterRequest { name: name.clone(), engine, mode, nodes })
+                .create_cluster(pb::CreateClusterRequest {
+                    name: name.clone(),
+                    engine,
+                    mode,
+                    nodes,
+                })
                 .await?
                 .into_inner();
             if no_wait {
                 if json {
                     print_json(&op)?;
                 } else {
-                    println!("operation {} accepted; follow it with `corralctl operation show {}`", op.id, op.id);
+                    println!(
+                        "operation {} accepted; follow it with `corralctl operation show {}`",
+                        op.id, op.id
+                    );
                 }
                 return Ok(());
             }
             eprintln!("creating cluster {name} (operation {})", op.id);
             let op = wait_operation(api, &op.id).await?;
             if op.state != "succeeded" {
-                bail!("creating cluster {name} failed: {} (see `corralctl operation show {}`)", op.error, op.id);
+                bail!(
+                    "creating cluster {name} failed: {} (see `corralctl operation show {}`)",
+                    op.error,
+                    op.id
+                );
             }
-            let cluster = api.get_cluster(pb::GetClusterRequest { name: name.clone() }).await?.into_inner();
+            let cluster = api
+                .get_cluster(pb::GetClusterRequest { name: name.clone() })
+                .await?
+                .into_inner();
             if json {
                 print_json(&cluster)?;
             } else {
@@ -457,13 +579,20 @@ async fn run(api: &mut OperatorClient<Channel>, command: Command, json: bool) ->
             }
         }
         Command::Cluster(ClusterCmd::List) => {
-            let r = api.list_clusters(pb::ListClustersRequest {}).await?.into_inner();
+            let r = api
+                .list_clusters(pb::ListClustersRequest {})
+                .await?
+                .into_inner();
             if json {
                 return print_json(&r);
             }
             let mut t = table(&["CLUSTER", "ENGINE", "MODE", "STATE", "NODES", "CREATED"]);
             for c in &r.clusters {
-                let nodes: Vec<String> = c.nodes.iter().map(|n| format!("{} ({}, {})", n.id, n.role, n.state)).collect();
+                let nodes: Vec<String> = c
+                    .nodes
+                    .iter()
+                    .map(|n| format!("{} ({}, {})", n.id, n.role, n.state))
+                    .collect();
                 t.add_row(vec![
                     c.name.clone(),
                     c.engine.clone(),
@@ -476,15 +605,24 @@ async fn run(api: &mut OperatorClient<Channel>, command: Command, json: bool) ->
             println!("{t}");
         }
         Command::Cluster(ClusterCmd::Show { name }) => {
-            let c = api.get_cluster(pb::GetClusterRequest { name }).await?.into_inner();
+            let c = api
+                .get_cluster(pb::GetClusterRequest { name })
+                .await?
+                .into_inner();
             if json {
                 return print_json(&c);
             }
-            println!("cluster {}: {} {} ({}), port {}, database {}", c.name, c.engine, c.mode, c.state, c.port, c.database);
+            println!(
+                "cluster {}: {} {} ({}), port {}, database {}",
+                c.name, c.engine, c.mode, c.state, c.port, c.database
+            );
             print_nodes(&c.nodes);
         }
         Command::Cluster(ClusterCmd::Credentials { name }) => {
-            let c = api.get_credentials(pb::GetCredentialsRequest { name }).await?.into_inner();
+            let c = api
+                .get_credentials(pb::GetCredentialsRequest { name })
+                .await?
+                .into_inner();
             if json {
                 print_json(&c)?;
             } else {
@@ -501,13 +639,23 @@ async fn run(api: &mut OperatorClient<Channel>, command: Command, json: bool) ->
         }
         Command::Operation(OperationCmd::List { cluster }) => {
             let r = api
-                .list_operations(pb::ListOperationsRequest { cluster: cluster.unwrap_or_default() })
+                .list_operations(pb::ListOperationsRequest {
+                    cluster: cluster.unwrap_or_default(),
+                })
                 .await?
                 .into_inner();
             if json {
                 return print_json(&r);
             }
-            let mut t = table(&["OPERATION", "CLUSTER", "KIND", "STATE", "BY", "UPDATED", "ERROR"]);
+            let mut t = table(&[
+                "OPERATION",
+                "CLUSTER",
+                "KIND",
+                "STATE",
+                "BY",
+                "UPDATED",
+                "ERROR",
+            ]);
             for o in &r.operations {
                 t.add_row(vec![
                     o.id.clone(),
@@ -522,7 +670,10 @@ async fn run(api: &mut OperatorClient<Channel>, command: Command, json: bool) ->
             println!("{t}");
         }
         Command::Operation(OperationCmd::Show { id }) => {
-            let o = api.get_operation(pb::GetOperationRequest { id }).await?.into_inner();
+            let o = api
+                .get_operation(pb::GetOperationRequest { id })
+                .await?
+                .into_inner();
             if json {
                 print_json(&o)?;
             } else {
@@ -530,7 +681,10 @@ async fn run(api: &mut OperatorClient<Channel>, command: Command, json: bool) ->
             }
         }
         Command::Audit(AuditCmd::List { limit }) => {
-            let r = api.list_audit(pb::ListAuditRequest { limit }).await?.into_inner();
+            let r = api
+                .list_audit(pb::ListAuditRequest { limit })
+                .await?
+                .into_inner();
             if json {
                 return print_json(&r);
             }
@@ -547,7 +701,11 @@ async fn run(api: &mut OperatorClient<Channel>, command: Command, json: bool) ->
             }
             println!("{t}");
         }
-        Command::Event(EventCmd::List { node, cluster, limit }) => {
+        Command::Event(EventCmd::List {
+            node,
+            cluster,
+            limit,
+        }) => {
             let r = api
                 .list_events(pb::ListEventsRequest {
                     node: node.unwrap_or_default(),
@@ -561,7 +719,13 @@ async fn run(api: &mut OperatorClient<Channel>, command: Command, json: bool) ->
             }
             let mut t = table(&["WHEN", "NODE", "CLUSTER", "KIND", "MESSAGE"]);
             for e in &r.events {
-                t.add_row(vec![ago(e.at_ms), e.node.clone(), e.cluster.clone(), e.kind.clone(), e.message.clone()]);
+                t.add_row(vec![
+                    ago(e.at_ms),
+                    e.node.clone(),
+                    e.cluster.clone(),
+                    e.kind.clone(),
+                    e.message.clone(),
+                ]);
             }
             println!("{t}");
         }

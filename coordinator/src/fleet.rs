@@ -77,7 +77,10 @@ impl Default for Fleet {
 
 impl Fleet {
     pub fn new() -> Fleet {
-        Fleet { started: Instant::now(), nodes: Mutex::new(HashMap::new()) }
+        Fleet {
+            started: Instant::now(),
+            nodes: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Records a heartbeat; returns the previous entry, if any.
@@ -128,7 +131,11 @@ mod tests {
             (Some(t0 + ms(5000)), s, t0 + ms(5500), Liveness::Up),
         ];
         for (seen, interval, now, want) in cases {
-            assert_eq!(liveness(t0, seen.map(|s| (s, interval)), now), want, "{seen:?} {now:?}");
+            assert_eq!(
+                liveness(t0, seen.map(|s| (s, interval)), now),
+                want,
+                "{seen:?} {now:?}"
+            );
         }
     }
 }

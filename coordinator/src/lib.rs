@@ -90,15 +90,20 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     };
     // Optional client auth: a new agent enrolls before it has a certificate.
     // Every other RPC checks the peer's certificate itself.
-    let incoming = corral_proto::tls::serve_tls(config.listen, &me, coord.ca.cert_pem(), true).await?;
+    let incoming =
+        corral_proto::tls::serve_tls(config.listen, &me, coord.ca.cert_pem(), true).await?;
 
     ops::resume_unfinished(&coord);
     let monitor = tokio::spawn(monitor::run(coord.clone()));
 
     tracing::info!(listen = %config.listen, state_dir = %config.state_dir.display(), "coordinator serving");
     let result = tonic::transport::Server::builder()
-        .add_service(pb::agent_upcalls_server::AgentUpcallsServer::new(upcalls::Upcalls(coord.clone())))
-        .add_service(pb::operator_server::OperatorServer::new(operator::OperatorApi(coord.clone())))
+        .add_service(pb::agent_upcalls_server::AgentUpcallsServer::new(
+            upcalls::Upcalls(coord.clone()),
+        ))
+        .add_service(pb::operator_server::OperatorServer::new(
+            operator::OperatorApi(coord.clone()),
+        ))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .with_context(|| format!("serving on {}", config.listen));

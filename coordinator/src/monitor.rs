@@ -29,21 +29,37 @@ pub async fn run(coord: Arc<Coordinator>) {
             let state = coord.fleet.liveness_of(&node.id, now);
             let before = last.insert(node.id.clone(), state);
             let (kind, message) = match (before, state) {
-                (Some(Liveness::Up), Liveness::Down) | (Some(Liveness::Unknown), Liveness::Down) => {
+                (Some(Liveness::Up), Liveness::Down)
+                | (Some(Liveness::Unknown), Liveness::Down) => {
                     let silent = coord
                         .fleet
                         .get(&node.id)
-                        .map(|l| format!("no heartbeat for {:.1}s", now.duration_since(l.last_seen).as_secs_f64()))
+                        .map(|l| {
+                            format!(
+                                "no heartbeat for {:.1}s",
+                                now.duration_since(l.last_seen).as_secs_f64()
+                            )
+                        })
                         .unwrap_or_else(|| "no heartbeat since the coordinator started".into());
                     ("node_down", format!("node {} is down: {silent}", node.id))
                 }
-                (Some(Liveness::Down), Liveness::Up) => ("node_up", format!("node {} is up again", node.id)),
+                (Some(Liveness::Down), Liveness::Up) => {
+                    ("node_up", format!("node {} is up again", node.id))
+                }
                 _ => continue,
             };
             tracing::warn!(node = %node.id, "{message}");
             let cluster = node.cluster.clone().unwrap_or_default();
             if let Err(e) = coord.store.read(|c| {
-                store::insert_event(c, corral_proto::now_ms(), &node.id, &cluster, kind, &message, None)
+                store::insert_event(
+                    c,
+                    corral_proto::now_ms(),
+                    &node.id,
+                    &cluster,
+                    kind,
+                    &message,
+                    None,
+                )
             }) {
                 tracing::error!(error = %e, "monitor: recording {kind}");
             }

@@ -36,7 +36,9 @@ fn authorize<T>(req: &Request<T>, min: Role) -> Result<(String, Role), Status> {
         Ok(Identity::Operator { role, name }) if role >= min => Ok((name, role)),
         Ok(Identity::Operator { role, name }) => refused(
             name.clone(),
-            Status::permission_denied(format!("operator {name} has role {role}; this needs role {min} or higher")),
+            Status::permission_denied(format!(
+                "operator {name} has role {role}; this needs role {min} or higher"
+            )),
         ),
         Ok(other) => refused(
             other.who(),
@@ -65,11 +67,19 @@ fn internal(e: anyhow::Error) -> Status {
 impl OperatorApi {
     /// [`authorize`], with a refusal also written to the audit trail: for
     /// mutating requests and reads of secrets.
-    fn authorize_audited<T>(&self, req: &Request<T>, min: Role, action: &str, target: &str) -> Result<String, Status> {
-        authorize(req, min).map(|(who, _)| who).map_err(|status| {
-            self.0.store.audit(&caller(req), action, target, &format!("refused: {}", status.message()));
-            status
-        })
+    fn authorize_audited<T>(
+        &self,
+        req: &Request<T>,
+        min: Role,
+        action: &str,
+        target: &str,
+    ) -> Result<String, Status> {
+        authorize(req, min)
+            .map(|(who, _)| who)
+            .inspect_err(|status| {
+                let result = format!("refused: {}", status.message());
+                self.0.store.audit(&caller(req), action, target, &result);
+            })
     }
 
     /// Runs `f` and writes its outcome to the audit trail.
@@ -92,7 +102,10 @@ impl OperatorApi {
 
     fn node_pb(&self, row: &NodeRow, now: Instant) -> pb::Node {
         let live = self.0.fleet.get(&row.id);
-        let address = live.as_ref().map(|l| l.address.clone()).unwrap_or_else(|| row.address.clone());
+        let address = live
+            .as_ref()
+            .map(|l| l.address.clone())
+            .unwrap_or_else(|| row.address.clone());
         pb::Node {
             id: row.id.clone(),
             address: host_of(&address).to_string(),
@@ -107,7 +120,11 @@ impl OperatorApi {
     }
 
     fn cluster_pb(&self, row: &ClusterRow) -> Result<pb::Cluster, Status> {
-        let nodes = self.0.store.read(|c| store::nodes_of_cluster(c, &row.name)).map_err(internal)?;
+        let nodes = self
+            .0
+            .store
+            .read(|c| store::nodes_of_cluster(c, &row.name))
+            .map_err(internal)?;
         let now = Instant::now();
         Ok(pb::Cluster {
             name: row.name.clone(),
@@ -122,7 +139,11 @@ impl OperatorApi {
     }
 
     fn operation_pb(&self, row: OperationRow) -> Result<pb::Operation, Status> {
-        let log = self.0.store.read(|c| store::operation_log(c, &row.id)).map_err(internal)?;
+        let log = self
+            .0
+            .store
+            .read(|c| store::operation_log(c, &row.id))
+            .map_err(internal)?;
         Ok(pb::Operation {
             id: row.id,
             cluster: row.cluster,
@@ -132,7 +153,10 @@ impl OperatorApi {
             updated_at_ms: row.updated_at_ms,
             requested_by: row.requested_by,
             error: row.error,
-            log: log.into_iter().map(|(at_ms, message)| pb::OperationLogEntry { at_ms, message }).collect(),
+            log: log
+                .into_iter()
+                .map(|(at_ms, message)| pb::OperationLogEntry { at_ms, message })
+                .collect(),
         })
     }
 
@@ -142,13 +166,21 @@ impl OperatorApi {
             .store
             .read(|c| store::get_cluster(c, name))
             .map_err(internal)?
-            .ok_or_else(|| Status::not_found(format!("no cluster named {name:?}: see `corralctl cluster list`")))
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "no cluster named {name:?}: see `corralctl cluster list`"
+                ))
+            })
     }
 
     /// Validates a create request against the current state and records the
     /// cluster, the node assignment, the operation and nothing else, in one
     /// transaction. Any refusal leaves the store untouched.
-    fn create_cluster_tx(&self, who: &str, req: &pb::CreateClusterRequest) -> Result<OperationRow, Status> {
+    fn create_cluster_tx(
+        &self,
+        who: &str,
+        req: &pb::CreateClusterRequest,
+    ) -> Result<OperationRow, Status> {
         names::validate("cluster", &req.name).map_err(Status::invalid_argument)?;
         if !ENGINES.contains(&req.engine.as_str()) {
             return Err(Status::invalid_argument(format!(
@@ -157,7 +189,11 @@ impl OperatorApi {
                 ENGINES.join(", ")
             )));
         }
-        let mode = if req.mode.is_empty() { "single" } else { req.mode.as_str() };
+        let mode = if req.mode.is_empty() {
+            "single"
+        } else {
+            req.mode.as_str()
+        };
         if !MODES.contains(&mode) {
             return Err(Status::invalid_argument(format!(
                 "unsupported mode {mode:?}: this version supports {}",
@@ -174,7 +210,13 @@ impl OperatorApi {
         if self.0.fleet.liveness_of(node, Instant::now()) != Liveness::Up {
             // Checked before the transaction too, for a clear message; an
             // unknown node falls through to the not-found error below.
-            if self.0.store.read(|c| store::get_node(c, node)).map_err(internal)?.is_some() {
+            if self
+                .0
+                .store
+                .read(|c| store::get_node(c, node))
+                .map_err(internal)?
+                .is_some()
+            {
                 return Err(Status::failed_precondition(format!(
                     "node {node} is not up (no recent heartbeat): check its agent, then retry"
                 )));
@@ -231,7 +273,11 @@ impl OperatorApi {
                     )?;
                     store::assign_node(tx, node, &req.name, "primary")?;
                     store::insert_operation(tx, &op)?;
-                    store::log_operation(tx, &op.id, &format!("requested by {who}: {} on node {node}", req.engine))?;
+                    store::log_operation(
+                        tx,
+                        &op.id,
+                        &format!("requested by {who}: {} on node {node}", req.engine),
+                    )?;
                     Ok(Ok(()))
                 })();
                 match r {
@@ -260,9 +306,15 @@ pub fn host_of(address: &str) -> &str {
 
 #[tonic::async_trait]
 impl pb::operator_server::Operator for OperatorApi {
-    async fn who_am_i(&self, req: Request<pb::WhoAmIRequest>) -> Result<Response<pb::WhoAmIResponse>, Status> {
+    async fn who_am_i(
+        &self,
+        req: Request<pb::WhoAmIRequest>,
+    ) -> Result<Response<pb::WhoAmIResponse>, Status> {
         let (name, role) = authorize(&req, Role::Viewer)?;
-        Ok(Response::new(pb::WhoAmIResponse { name, role: role.to_string() }))
+        Ok(Response::new(pb::WhoAmIResponse {
+            name,
+            role: role.to_string(),
+        }))
     }
 
     async fn create_join_token(
@@ -279,13 +331,17 @@ impl pb::operator_server::Operator for OperatorApi {
                     "token lifetime {ttl}s is too long: at most {MAX_TOKEN_TTL_S}s (7 days)"
                 )));
             }
-            let token = corral_proto::token::JoinToken::generate(&self.0.ca_fingerprint).map_err(internal)?;
+            let token = corral_proto::token::JoinToken::generate(&self.0.ca_fingerprint)
+                .map_err(internal)?;
             let expires = now_ms() + i64::from(ttl) * 1000;
             self.0
                 .store
                 .read(|c| store::insert_token(c, &token.secret_hash(), &who, expires))
                 .map_err(internal)?;
-            Ok(Response::new(pb::CreateJoinTokenResponse { token: token.to_string(), expires_at_ms: expires }))
+            Ok(Response::new(pb::CreateJoinTokenResponse {
+                token: token.to_string(),
+                expires_at_ms: expires,
+            }))
         })
     }
 
@@ -310,11 +366,17 @@ impl pb::operator_server::Operator for OperatorApi {
     ) -> Result<Response<pb::ListClustersResponse>, Status> {
         authorize(&req, Role::Viewer)?;
         let rows = self.0.store.read(store::list_clusters).map_err(internal)?;
-        let clusters = rows.iter().map(|r| self.cluster_pb(r)).collect::<Result<_, _>>()?;
+        let clusters = rows
+            .iter()
+            .map(|r| self.cluster_pb(r))
+            .collect::<Result<_, _>>()?;
         Ok(Response::new(pb::ListClustersResponse { clusters }))
     }
 
-    async fn get_cluster(&self, req: Request<pb::GetClusterRequest>) -> Result<Response<pb::Cluster>, Status> {
+    async fn get_cluster(
+        &self,
+        req: Request<pb::GetClusterRequest>,
+    ) -> Result<Response<pb::Cluster>, Status> {
         authorize(&req, Role::Viewer)?;
         let row = self.get_cluster_row(&req.get_ref().name)?;
         Ok(Response::new(self.cluster_pb(&row)?))
@@ -329,14 +391,25 @@ impl pb::operator_server::Operator for OperatorApi {
         let name = req.into_inner().name;
         self.audited(&who, "cluster.credentials", &target, || {
             let row = self.get_cluster_row(&name)?;
-            let nodes = self.0.store.read(|c| store::nodes_of_cluster(c, &name)).map_err(internal)?;
-            let primary = nodes
-                .iter()
-                .find(|n| n.role == "primary")
-                .ok_or_else(|| Status::failed_precondition(format!("cluster {name} has no primary")))?;
+            let nodes = self
+                .0
+                .store
+                .read(|c| store::nodes_of_cluster(c, &name))
+                .map_err(internal)?;
+            let primary = nodes.iter().find(|n| n.role == "primary").ok_or_else(|| {
+                Status::failed_precondition(format!("cluster {name} has no primary"))
+            })?;
             let host = host_of(&primary.address).to_string();
-            let password = self.0.secrets.open(&row.admin_password_enc).map_err(internal)?;
-            let host_in_uri = if host.contains(':') { format!("[{host}]") } else { host.clone() };
+            let password = self
+                .0
+                .secrets
+                .open(&row.admin_password_enc)
+                .map_err(internal)?;
+            let host_in_uri = if host.contains(':') {
+                format!("[{host}]")
+            } else {
+                host.clone()
+            };
             let uri = format!(
                 "postgresql://{}:{}@{}:{}/{}",
                 row.admin_user, password, host_in_uri, row.port, row.database
@@ -352,11 +425,16 @@ impl pb::operator_server::Operator for OperatorApi {
         })
     }
 
-    async fn list_nodes(&self, req: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
+    async fn list_nodes(
+        &self,
+        req: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
         authorize(&req, Role::Viewer)?;
         let rows = self.0.store.read(store::list_nodes).map_err(internal)?;
         let now = Instant::now();
-        Ok(Response::new(pb::ListNodesResponse { nodes: rows.iter().map(|r| self.node_pb(r, now)).collect() }))
+        Ok(Response::new(pb::ListNodesResponse {
+            nodes: rows.iter().map(|r| self.node_pb(r, now)).collect(),
+        }))
     }
 
     async fn get_operation(
@@ -370,7 +448,11 @@ impl pb::operator_server::Operator for OperatorApi {
             .store
             .read(|c| store::get_operation(c, id))
             .map_err(internal)?
-            .ok_or_else(|| Status::not_found(format!("no operation {id:?}: see `corralctl operation list`")))?;
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "no operation {id:?}: see `corralctl operation list`"
+                ))
+            })?;
         Ok(Response::new(self.operation_pb(row)?))
     }
 
@@ -380,18 +462,32 @@ impl pb::operator_server::Operator for OperatorApi {
     ) -> Result<Response<pb::ListOperationsResponse>, Status> {
         authorize(&req, Role::Viewer)?;
         let cluster = Some(req.get_ref().cluster.as_str()).filter(|c| !c.is_empty());
-        let rows = self.0.store.read(|c| store::list_operations(c, cluster)).map_err(internal)?;
-        let operations = rows.into_iter().map(|r| self.operation_pb(r)).collect::<Result<_, _>>()?;
+        let rows = self
+            .0
+            .store
+            .read(|c| store::list_operations(c, cluster))
+            .map_err(internal)?;
+        let operations = rows
+            .into_iter()
+            .map(|r| self.operation_pb(r))
+            .collect::<Result<_, _>>()?;
         Ok(Response::new(pb::ListOperationsResponse { operations }))
     }
 
-    async fn list_audit(&self, req: Request<pb::ListAuditRequest>) -> Result<Response<pb::ListAuditResponse>, Status> {
+    async fn list_audit(
+        &self,
+        req: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditResponse>, Status> {
         authorize(&req, Role::Admin)?;
         let limit = match req.get_ref().limit {
             0 => 1000,
             n => n,
         };
-        let rows = self.0.store.read(|c| store::list_audit(c, limit)).map_err(internal)?;
+        let rows = self
+            .0
+            .store
+            .read(|c| store::list_audit(c, limit))
+            .map_err(internal)?;
         Ok(Response::new(pb::ListAuditResponse {
             entries: rows
                 .into_iter()
@@ -416,7 +512,11 @@ impl pb::operator_server::Operator for OperatorApi {
         let node = Some(r.node.as_str()).filter(|s| !s.is_empty());
         let cluster = Some(r.cluster.as_str()).filter(|s| !s.is_empty());
         let limit = if r.limit == 0 { 200 } else { r.limit };
-        let rows = self.0.store.read(|c| store::list_events(c, node, cluster, limit)).map_err(internal)?;
+        let rows = self
+            .0
+            .store
+            .read(|c| store::list_events(c, node, cluster, limit))
+            .map_err(internal)?;
         Ok(Response::new(pb::ListEventsResponse {
             events: rows
                 .into_iter()

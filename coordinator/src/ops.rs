@@ -63,7 +63,11 @@ pub fn resume_unfinished(coord: &Arc<Coordinator>) {
     for op in ops {
         tracing::info!(op = %op.id, kind = %op.kind, cluster = %op.cluster, "resuming operation after restart");
         let _ = coord.store.read(|c| {
-            store::log_operation(c, &op.id, "coordinator restarted; resuming from the first unfinished step")
+            store::log_operation(
+                c,
+                &op.id,
+                "coordinator restarted; resuming from the first unfinished step",
+            )
         });
         spawn(coord.clone(), op.id);
     }
@@ -76,7 +80,9 @@ async fn run(coord: &Arc<Coordinator>, id: &str) -> Result<()> {
         .ok_or_else(|| anyhow!("operation {id} vanished"))?;
     let lock = coord.ops.lock_for(&op.cluster);
     let _guard = lock.lock().await;
-    coord.store.read(|c| store::set_operation_state(c, id, op_state::RUNNING, ""))?;
+    coord
+        .store
+        .read(|c| store::set_operation_state(c, id, op_state::RUNNING, ""))?;
     let outcome = match op.kind.as_str() {
         CREATE_CLUSTER => create_cluster(coord, &op).await,
         other => Err(anyhow!("unknown operation kind {other:?}")),
@@ -103,14 +109,20 @@ async fn run(coord: &Arc<Coordinator>, id: &str) -> Result<()> {
 
 fn log(coord: &Coordinator, op: &OperationRow, message: &str) {
     tracing::info!(op = %op.id, cluster = %op.cluster, "{message}");
-    if let Err(e) = coord.store.read(|c| store::log_operation(c, &op.id, message)) {
+    if let Err(e) = coord
+        .store
+        .read(|c| store::log_operation(c, &op.id, message))
+    {
         tracing::error!(op = %op.id, error = %e, "writing the operation log");
     }
 }
 
 async fn create_cluster(coord: &Arc<Coordinator>, op: &OperationRow) -> Result<()> {
-    let params: serde_json::Value = serde_json::from_str(&op.params).context("operation parameters")?;
-    let node = params["node"].as_str().ok_or_else(|| anyhow!("operation has no node"))?;
+    let params: serde_json::Value =
+        serde_json::from_str(&op.params).context("operation parameters")?;
+    let node = params["node"]
+        .as_str()
+        .ok_or_else(|| anyhow!("operation has no node"))?;
     let cluster = coord
         .store
         .read(|c| store::get_cluster(c, &op.cluster))?
@@ -125,7 +137,14 @@ async fn create_cluster(coord: &Arc<Coordinator>, op: &OperationRow) -> Result<(
         admin_password: password,
         database: cluster.database.clone(),
     };
-    log(coord, op, &format!("initialising {} on node {node} and starting it as primary", cluster.engine));
+    log(
+        coord,
+        op,
+        &format!(
+            "initialising {} on node {node} and starting it as primary",
+            cluster.engine
+        ),
+    );
     let status = configure_engine(coord, op, node, request).await?;
     coord.fleet.set_engine(node, status.clone());
     log(
@@ -136,7 +155,9 @@ async fn create_cluster(coord: &Arc<Coordinator>, op: &OperationRow) -> Result<(
             cluster.engine, status.version, status.pid, status.port, cluster.admin_user, cluster.database
         ),
     );
-    coord.store.read(|c| store::set_cluster_state(c, &cluster.name, "running"))?;
+    coord
+        .store
+        .read(|c| store::set_cluster_state(c, &cluster.name, "running"))?;
     Ok(())
 }
 
@@ -155,20 +176,43 @@ async fn configure_engine(
             .fleet
             .get(node)
             .map(|l| l.address)
-            .or_else(|| coord.store.read(|c| store::get_node(c, node)).ok().flatten().map(|n| n.address))
+            .or_else(|| {
+                coord
+                    .store
+                    .read(|c| store::get_node(c, node))
+                    .ok()
+                    .flatten()
+                    .map(|n| n.address)
+            })
             .filter(|a| !a.is_empty());
         let attempt = match address {
-            None => Err(tonic::Status::unavailable(format!("node {node} has not reported an address yet"))),
+            None => Err(tonic::Status::unavailable(format!(
+                "node {node} has not reported an address yet"
+            ))),
             Some(address) => {
                 let mut client = coord.agents.client(node, &address)?;
-                client.configure_engine(request.clone()).await.map(|r| r.into_inner())
+                client
+                    .configure_engine(request.clone())
+                    .await
+                    .map(|r| r.into_inner())
             }
         };
         match attempt {
-            Ok(resp) => return resp.status.ok_or_else(|| anyhow!("agent returned no status")),
-            Err(s) if s.code() == tonic::Code::Unavailable && started.elapsed() < AGENT_UNREACHABLE_GIVE_UP => {
+            Ok(resp) => {
+                return resp
+                    .status
+                    .ok_or_else(|| anyhow!("agent returned no status"))
+            }
+            Err(s)
+                if s.code() == tonic::Code::Unavailable
+                    && started.elapsed() < AGENT_UNREACHABLE_GIVE_UP =>
+            {
                 if !reported {
-                    log(coord, op, &format!("node {node} unreachable ({}); retrying", s.message()));
+                    log(
+                        coord,
+                        op,
+                        &format!("node {node} unreachable ({}); retrying", s.message()),
+                    );
                     reported = true;
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;

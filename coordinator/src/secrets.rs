@@ -18,7 +18,8 @@ impl SecretBox {
     /// Loads the key at `path`, creating it on first start.
     pub fn load_or_create(path: &Path) -> Result<SecretBox> {
         let key = if path.exists() {
-            let hexkey = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let hexkey = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
             let bytes = hex::decode(hexkey.trim())
                 .map_err(|_| anyhow!("{} is not a hex-encoded key", path.display()))?;
             if bytes.len() != 32 {
@@ -31,7 +32,9 @@ impl SecretBox {
             corral_proto::pki::write_private(path, &hex::encode(&b))?;
             b
         };
-        Ok(SecretBox { cipher: ChaCha20Poly1305::new(Key::from_slice(&key)) })
+        Ok(SecretBox {
+            cipher: ChaCha20Poly1305::new(Key::from_slice(&key)),
+        })
     }
 
     /// Returns nonce (12 bytes) followed by the ciphertext.
@@ -50,9 +53,12 @@ impl SecretBox {
             return Err(anyhow!("stored secret is truncated"));
         }
         let (nonce, ct) = sealed.split_at(12);
-        let plain = self.cipher.decrypt(Nonce::from_slice(nonce), ct).map_err(|_| {
-            anyhow!("stored secret does not decrypt: secret.key does not match this database")
-        })?;
+        let plain = self
+            .cipher
+            .decrypt(Nonce::from_slice(nonce), ct)
+            .map_err(|_| {
+                anyhow!("stored secret does not decrypt: secret.key does not match this database")
+            })?;
         String::from_utf8(plain).context("stored secret is not UTF-8")
     }
 }

@@ -153,7 +153,9 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA).context("creating the schema")?;
-        Ok(Store { conn: Mutex::new(conn) })
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
     }
 
     /// Runs `f` in one transaction: everything it writes lands, or nothing.
@@ -183,7 +185,13 @@ impl Store {
     }
 }
 
-pub fn insert_audit(c: &Connection, who: &str, action: &str, target: &str, result: &str) -> Result<()> {
+pub fn insert_audit(
+    c: &Connection,
+    who: &str,
+    action: &str,
+    target: &str,
+    result: &str,
+) -> Result<()> {
     c.execute(
         "INSERT INTO audit (at_ms, who, action, target, result) VALUES (?1, ?2, ?3, ?4, ?5)",
         params![now_ms(), who, action, target, result],
@@ -220,14 +228,20 @@ pub fn get_cluster(c: &Connection, name: &str) -> Result<Option<ClusterRow>> {
 }
 
 pub fn list_clusters(c: &Connection) -> Result<Vec<ClusterRow>> {
-    let mut st = c.prepare(&format!("SELECT {CLUSTER_COLS} FROM clusters ORDER BY name"))?;
-    let rows = st.query_map([], cluster_from_row)?.collect::<rusqlite::Result<_>>()?;
+    let mut st = c.prepare(&format!(
+        "SELECT {CLUSTER_COLS} FROM clusters ORDER BY name"
+    ))?;
+    let rows = st
+        .query_map([], cluster_from_row)?
+        .collect::<rusqlite::Result<_>>()?;
     Ok(rows)
 }
 
 pub fn insert_cluster(c: &Connection, row: &ClusterRow) -> Result<()> {
     c.execute(
-        &format!("INSERT INTO clusters ({CLUSTER_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
+        &format!(
+            "INSERT INTO clusters ({CLUSTER_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+        ),
         params![
             row.name,
             row.engine,
@@ -244,7 +258,10 @@ pub fn insert_cluster(c: &Connection, row: &ClusterRow) -> Result<()> {
 }
 
 pub fn set_cluster_state(c: &Connection, name: &str, state: &str) -> Result<()> {
-    c.execute("UPDATE clusters SET state = ?2 WHERE name = ?1", params![name, state])?;
+    c.execute(
+        "UPDATE clusters SET state = ?2 WHERE name = ?1",
+        params![name, state],
+    )?;
     Ok(())
 }
 
@@ -263,19 +280,29 @@ fn node_from_row(r: &rusqlite::Row) -> rusqlite::Result<NodeRow> {
 const NODE_COLS: &str = "id, address, cluster, role, enrolled_at_ms";
 
 pub fn get_node(c: &Connection, id: &str) -> Result<Option<NodeRow>> {
-    Ok(c.query_row(&format!("SELECT {NODE_COLS} FROM nodes WHERE id = ?1"), [id], node_from_row)
-        .optional()?)
+    Ok(c.query_row(
+        &format!("SELECT {NODE_COLS} FROM nodes WHERE id = ?1"),
+        [id],
+        node_from_row,
+    )
+    .optional()?)
 }
 
 pub fn list_nodes(c: &Connection) -> Result<Vec<NodeRow>> {
     let mut st = c.prepare(&format!("SELECT {NODE_COLS} FROM nodes ORDER BY id"))?;
-    let rows = st.query_map([], node_from_row)?.collect::<rusqlite::Result<_>>()?;
+    let rows = st
+        .query_map([], node_from_row)?
+        .collect::<rusqlite::Result<_>>()?;
     Ok(rows)
 }
 
 pub fn nodes_of_cluster(c: &Connection, cluster: &str) -> Result<Vec<NodeRow>> {
-    let mut st = c.prepare(&format!("SELECT {NODE_COLS} FROM nodes WHERE cluster = ?1 ORDER BY id"))?;
-    let rows = st.query_map([cluster], node_from_row)?.collect::<rusqlite::Result<_>>()?;
+    let mut st = c.prepare(&format!(
+        "SELECT {NODE_COLS} FROM nodes WHERE cluster = ?1 ORDER BY id"
+    ))?;
+    let rows = st
+        .query_map([cluster], node_from_row)?
+        .collect::<rusqlite::Result<_>>()?;
     Ok(rows)
 }
 
@@ -288,7 +315,10 @@ pub fn insert_node(c: &Connection, id: &str, fingerprint: &str) -> Result<()> {
 }
 
 pub fn set_node_address(c: &Connection, id: &str, address: &str) -> Result<()> {
-    c.execute("UPDATE nodes SET address = ?2 WHERE id = ?1", params![id, address])?;
+    c.execute(
+        "UPDATE nodes SET address = ?2 WHERE id = ?1",
+        params![id, address],
+    )?;
     Ok(())
 }
 
@@ -315,7 +345,13 @@ pub fn get_token(c: &Connection, hash: &str) -> Result<Option<TokenRow>> {
     Ok(c.query_row(
         "SELECT expires_at_ms, used_at_ms, used_by_node FROM join_tokens WHERE secret_hash = ?1",
         [hash],
-        |r| Ok(TokenRow { expires_at_ms: r.get(0)?, used_at_ms: r.get(1)?, used_by_node: r.get(2)? }),
+        |r| {
+            Ok(TokenRow {
+                expires_at_ms: r.get(0)?,
+                used_at_ms: r.get(1)?,
+                used_by_node: r.get(2)?,
+            })
+        },
     )
     .optional()?)
 }
@@ -366,15 +402,21 @@ pub fn insert_operation(c: &Connection, op: &OperationRow) -> Result<()> {
 }
 
 pub fn get_operation(c: &Connection, id: &str) -> Result<Option<OperationRow>> {
-    Ok(c.query_row(&format!("SELECT {OP_COLS} FROM operations WHERE id = ?1"), [id], op_from_row)
-        .optional()?)
+    Ok(c.query_row(
+        &format!("SELECT {OP_COLS} FROM operations WHERE id = ?1"),
+        [id],
+        op_from_row,
+    )
+    .optional()?)
 }
 
 pub fn list_operations(c: &Connection, cluster: Option<&str>) -> Result<Vec<OperationRow>> {
     let mut st = c.prepare(&format!(
         "SELECT {OP_COLS} FROM operations WHERE ?1 IS NULL OR cluster = ?1 ORDER BY created_at_ms, id"
     ))?;
-    let rows = st.query_map([cluster], op_from_row)?.collect::<rusqlite::Result<_>>()?;
+    let rows = st
+        .query_map([cluster], op_from_row)?
+        .collect::<rusqlite::Result<_>>()?;
     Ok(rows)
 }
 
@@ -382,7 +424,9 @@ pub fn unfinished_operations(c: &Connection) -> Result<Vec<OperationRow>> {
     let mut st = c.prepare(&format!(
         "SELECT {OP_COLS} FROM operations WHERE state IN ('pending', 'running') ORDER BY created_at_ms, id"
     ))?;
-    let rows = st.query_map([], op_from_row)?.collect::<rusqlite::Result<_>>()?;
+    let rows = st
+        .query_map([], op_from_row)?
+        .collect::<rusqlite::Result<_>>()?;
     Ok(rows)
 }
 
@@ -399,13 +443,19 @@ pub fn log_operation(c: &Connection, id: &str, message: &str) -> Result<()> {
         "INSERT INTO operation_log (op_id, at_ms, message) VALUES (?1, ?2, ?3)",
         params![id, now_ms(), message],
     )?;
-    c.execute("UPDATE operations SET updated_at_ms = ?2 WHERE id = ?1", params![id, now_ms()])?;
+    c.execute(
+        "UPDATE operations SET updated_at_ms = ?2 WHERE id = ?1",
+        params![id, now_ms()],
+    )?;
     Ok(())
 }
 
 pub fn operation_log(c: &Connection, id: &str) -> Result<Vec<(i64, String)>> {
-    let mut st = c.prepare("SELECT at_ms, message FROM operation_log WHERE op_id = ?1 ORDER BY id")?;
-    let rows = st.query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?;
+    let mut st =
+        c.prepare("SELECT at_ms, message FROM operation_log WHERE op_id = ?1 ORDER BY id")?;
+    let rows = st
+        .query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
     Ok(rows)
 }
 
@@ -463,7 +513,14 @@ pub fn insert_event(
     c.execute(
         "INSERT OR IGNORE INTO events (at_ms, node, cluster, kind, message, agent_seq) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![at_ms, node, cluster, kind, message, agent_seq.map(|s| s as i64)],
+        params![
+            at_ms,
+            node,
+            cluster,
+            kind,
+            message,
+            agent_seq.map(|s| s as i64)
+        ],
     )?;
     Ok(())
 }
@@ -499,7 +556,8 @@ mod tests {
     use super::*;
 
     fn store() -> (Store, std::path::PathBuf) {
-        let dir = std::env::temp_dir().join(format!("corral-store-{}-{}", std::process::id(), now_ms()));
+        let dir =
+            std::env::temp_dir().join(format!("corral-store-{}-{}", std::process::id(), now_ms()));
         std::fs::create_dir_all(&dir).unwrap();
         (Store::open(&dir.join("corral.db")).unwrap(), dir)
     }

@@ -51,9 +51,14 @@ impl From<EnrollRefusal> for Status {
 
 #[tonic::async_trait]
 impl pb::agent_upcalls_server::AgentUpcalls for Upcalls {
-    async fn enroll(&self, req: Request<pb::EnrollRequest>) -> Result<Response<pb::EnrollResponse>, Status> {
+    async fn enroll(
+        &self,
+        req: Request<pb::EnrollRequest>,
+    ) -> Result<Response<pb::EnrollResponse>, Status> {
         let coord = &self.0;
-        let who = peer_identity(&req).map(|i| i.who()).unwrap_or_else(|_| "anonymous".into());
+        let who = peer_identity(&req)
+            .map(|i| i.who())
+            .unwrap_or_else(|_| "anonymous".into());
         let req = req.into_inner();
         let result = enroll(coord, &req);
         let target = format!("node {}", req.node_id);
@@ -64,7 +69,9 @@ impl pb::agent_upcalls_server::AgentUpcalls for Upcalls {
             }
             Err(e) => {
                 tracing::warn!(node = %req.node_id, "enrollment refused: {e}");
-                coord.store.audit(&who, "node.enroll", &target, &format!("refused: {e}"));
+                coord
+                    .store
+                    .audit(&who, "node.enroll", &target, &format!("refused: {e}"));
             }
         }
         let cert = result.map_err(|e| match e.downcast::<EnrollRefusal>() {
@@ -108,7 +115,9 @@ impl pb::agent_upcalls_server::AgentUpcalls for Upcalls {
                 .store
                 .read(|c| store::get_node(c, &node))
                 .map_err(|e| Status::internal(format!("{e:#}")))?
-                .ok_or_else(|| Status::permission_denied(format!("node {node} is not enrolled here")))?;
+                .ok_or_else(|| {
+                    Status::permission_denied(format!("node {node} is not enrolled here"))
+                })?;
             if row.address != hb.agent_address {
                 coord
                     .store
@@ -121,10 +130,20 @@ impl pb::agent_upcalls_server::AgentUpcalls for Upcalls {
             acked = coord
                 .store
                 .tx(|tx| {
-                    let cluster = store::get_node(tx, &node)?.and_then(|n| n.cluster).unwrap_or_default();
+                    let cluster = store::get_node(tx, &node)?
+                        .and_then(|n| n.cluster)
+                        .unwrap_or_default();
                     let mut max = 0;
                     for ev in &hb.events {
-                        store::insert_event(tx, ev.at_ms, &node, &cluster, &ev.kind, &ev.message, Some(ev.seq))?;
+                        store::insert_event(
+                            tx,
+                            ev.at_ms,
+                            &node,
+                            &cluster,
+                            &ev.kind,
+                            &ev.message,
+                            Some(ev.seq),
+                        )?;
                         max = max.max(ev.seq);
                     }
                     Ok(max)
@@ -146,7 +165,9 @@ impl pb::agent_upcalls_server::AgentUpcalls for Upcalls {
                 engine: hb.engine.unwrap_or_default(),
             },
         );
-        Ok(Response::new(pb::HeartbeatResponse { acked_event_seq: acked }))
+        Ok(Response::new(pb::HeartbeatResponse {
+            acked_event_seq: acked,
+        }))
     }
 }
 
@@ -170,7 +191,10 @@ fn enroll(coord: &Coordinator, req: &pb::EnrollRequest) -> anyhow::Result<String
         }
         let now = now_ms();
         if row.expires_at_ms <= now {
-            return Err(EnrollRefusal::TokenExpired { ago: (now - row.expires_at_ms) / 1000 }.into());
+            return Err(EnrollRefusal::TokenExpired {
+                ago: (now - row.expires_at_ms) / 1000,
+            }
+            .into());
         }
         if store::get_node(tx, &req.node_id)?.is_some() {
             return Err(EnrollRefusal::NodeExists(req.node_id.clone()).into());

@@ -72,7 +72,9 @@ impl Identity {
                 role: role.parse()?,
                 name: name.to_string(),
             }),
-            _ => Err(format!("certificate common name {cn:?} is not a Corral identity")),
+            _ => Err(format!(
+                "certificate common name {cn:?} is not a Corral identity"
+            )),
         }
     }
 
@@ -127,7 +129,10 @@ mod tests {
         for id in [
             Identity::Coordinator,
             Identity::Node("vm1".into()),
-            Identity::Operator { role: Role::Admin, name: "alice".into() },
+            Identity::Operator {
+                role: Role::Admin,
+                name: "alice".into(),
+            },
         ] {
             assert_eq!(Identity::parse_common_name(&id.common_name()).unwrap(), id);
         }
@@ -135,7 +140,15 @@ mod tests {
 
     #[test]
     fn refuses_foreign_names() {
-        for cn in ["", "node", "node/", "node/UPPER", "operator/root/x", "operator/admin/", "x/y"] {
+        for cn in [
+            "",
+            "node",
+            "node/",
+            "node/UPPER",
+            "operator/root/x",
+            "operator/admin/",
+            "x/y",
+        ] {
             assert!(Identity::parse_common_name(cn).is_err(), "{cn}");
         }
     }

@@ -38,7 +38,18 @@ mod tests {
     #[test]
     fn refuses_everything_else() {
         let long = "a".repeat(64);
-        for n in ["", "1abc", "Orders", "a_b", "a-", "a b", "a/b", "../x", "é", long.as_str()] {
+        for n in [
+            "",
+            "1abc",
+            "Orders",
+            "a_b",
+            "a-",
+            "a b",
+            "a/b",
+            "../x",
+            "é",
+            long.as_str(),
+        ] {
             let err = validate("cluster", n).unwrap_err();
             assert!(err.contains("invalid cluster name"), "{err}");
         }

@@ -51,7 +51,9 @@ impl CertAuthority {
     pub fn generate(name: &str) -> Result<Self> {
         let key = KeyPair::generate().context("generating the CA key")?;
         let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, format!("Corral CA {name}"));
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("Corral CA {name}"));
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         params.serial_number = Some(random_serial()?);
@@ -65,8 +67,12 @@ impl CertAuthority {
 
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self> {
         let key = KeyPair::from_pem(key_pem).context("parsing the CA key")?;
-        let issuer = Issuer::from_ca_cert_pem(cert_pem, key).context("parsing the CA certificate")?;
-        Ok(CertAuthority { cert_pem: cert_pem.to_string(), issuer })
+        let issuer =
+            Issuer::from_ca_cert_pem(cert_pem, key).context("parsing the CA certificate")?;
+        Ok(CertAuthority {
+            cert_pem: cert_pem.to_string(),
+            issuer,
+        })
     }
 
     /// Loads `ca.crt` and `ca.key` from a PKI directory.
@@ -93,7 +99,10 @@ impl CertAuthority {
     pub fn issue(&self, identity: &Identity, extra_dns: &[String]) -> Result<CertKey> {
         let key = KeyPair::generate().context("generating a key")?;
         let cert_pem = self.sign(identity, &key, extra_dns)?;
-        Ok(CertKey { cert_pem, key_pem: key.serialize_pem() })
+        Ok(CertKey {
+            cert_pem,
+            key_pem: key.serialize_pem(),
+        })
     }
 
     /// Signs an agent's CSR as node `node_id`. Only the CSR's public key is
@@ -118,11 +127,19 @@ impl CertAuthority {
         };
         dns.extend(extra_dns.iter().cloned());
         let mut params = CertificateParams::new(dns).context("certificate names")?;
-        params.distinguished_name.push(DnType::CommonName, identity.common_name());
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params
+            .distinguished_name
+            .push(DnType::CommonName, identity.common_name());
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
         params.extended_key_usages = match identity {
             Identity::Operator { .. } => vec![ExtendedKeyUsagePurpose::ClientAuth],
-            _ => vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
+            _ => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
         };
         params.serial_number = Some(random_serial()?);
         params.use_authority_key_identifier_extension = true;
@@ -151,7 +168,10 @@ impl CertAuthority {
         let ca = CertAuthority::generate(admin_name)?;
         let coord = ca.issue(&Identity::Coordinator, extra_dns)?;
         let admin = ca.issue(
-            &Identity::Operator { role: crate::identity::Role::Admin, name: admin_name.into() },
+            &Identity::Operator {
+                role: crate::identity::Role::Admin,
+                name: admin_name.into(),
+            },
             &[],
         )?;
         write_private(&dir.join("coordinator.key"), &coord.key_pem)?;
@@ -195,7 +215,9 @@ fn first_cert_der(pem: &str) -> Result<Vec<u8>> {
 pub fn new_csr(node_id: &str) -> Result<(String, String)> {
     let key = KeyPair::generate().context("generating the node key")?;
     let mut params = CertificateParams::default();
-    params.distinguished_name.push(DnType::CommonName, format!("node/{node_id}"));
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("node/{node_id}"));
     let csr = params.serialize_request(&key).context("making the CSR")?;
     Ok((csr.pem().context("encoding the CSR")?, key.serialize_pem()))
 }
@@ -242,14 +264,21 @@ mod tests {
         let (csr, _key) = new_csr("evil").unwrap();
         let pem = ca.sign_node_csr(&csr, "vm1").unwrap();
         let der = first_cert_der(&pem).unwrap();
-        assert_eq!(Identity::from_cert_der(&der).unwrap(), Identity::Node("vm1".into()));
+        assert_eq!(
+            Identity::from_cert_der(&der).unwrap(),
+            Identity::Node("vm1".into())
+        );
     }
 
     #[test]
     fn garbage_csr_is_refused() {
         let ca = CertAuthority::generate("t").unwrap();
         let err = ca.sign_node_csr("not a csr", "vm1").unwrap_err();
-        assert!(err.to_string().contains("invalid certificate signing request"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("invalid certificate signing request"),
+            "{err}"
+        );
     }
 
     #[test]

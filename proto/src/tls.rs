@@ -26,9 +26,15 @@ pub async fn serve_tls(
     me: &CertKey,
     ca_pem: &str,
     client_auth_optional: bool,
-) -> Result<tokio_stream::wrappers::ReceiverStream<std::io::Result<tokio_rustls::server::TlsStream<TcpStream>>>> {
+) -> Result<
+    tokio_stream::wrappers::ReceiverStream<
+        std::io::Result<tokio_rustls::server::TlsStream<TcpStream>>,
+    >,
+> {
     let config = Arc::new(server_config(me, ca_pem, client_auth_optional)?);
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr}"))?;
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
@@ -61,21 +67,35 @@ pub async fn serve_tls(
     Ok(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
-fn server_config(me: &CertKey, ca_pem: &str, client_auth_optional: bool) -> Result<rustls::ServerConfig> {
+fn server_config(
+    me: &CertKey,
+    ca_pem: &str,
+    client_auth_optional: bool,
+) -> Result<rustls::ServerConfig> {
     use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(cert.context("reading the CA certificate")?).context("trusting the CA certificate")?;
+        roots
+            .add(cert.context("reading the CA certificate")?)
+            .context("trusting the CA certificate")?;
     }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
-    let verifier = if client_auth_optional { verifier.allow_unauthenticated() } else { verifier }
-        .build()
-        .context("building the client certificate verifier")?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    );
+    let verifier = if client_auth_optional {
+        verifier.allow_unauthenticated()
+    } else {
+        verifier
+    }
+    .build()
+    .context("building the client certificate verifier")?;
     let chain = CertificateDer::pem_slice_iter(me.cert_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .context("reading our certificate")?;
-    let key = PrivateKeyDer::from_pem_slice(me.key_pem.as_bytes()).context("reading our private key")?;
+    let key =
+        PrivateKeyDer::from_pem_slice(me.key_pem.as_bytes()).context("reading our private key")?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
@@ -149,7 +169,11 @@ pub async fn fetch_pinned_ca(addr: &str, pinned: &str) -> Result<String> {
         "the coordinator at {addr} does not present the CA pinned by the join token \
          (token pins {pinned}, server presents {}): the token was made by another \
          coordinator, or something is intercepting the connection",
-        if seen.is_empty() { "no certificates".to_string() } else { seen.join(", ") }
+        if seen.is_empty() {
+            "no certificates".to_string()
+        } else {
+            seen.join(", ")
+        }
     ))
     .into())
 }
@@ -203,7 +227,12 @@ impl rustls::client::danger::ServerCertVerifier for ReadOnly {
         cert: &rustls::pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -212,7 +241,12 @@ impl rustls::client::danger::ServerCertVerifier for ReadOnly {
         cert: &rustls::pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {

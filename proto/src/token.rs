@@ -42,7 +42,10 @@ impl JoinToken {
         if secret.len() != 43 || fp.len() != 64 || !fp.chars().all(|c| c.is_ascii_hexdigit()) {
             return Err(bad());
         }
-        Ok(JoinToken { secret: secret.into(), ca_fingerprint: fp.to_ascii_lowercase() })
+        Ok(JoinToken {
+            secret: secret.into(),
+            ca_fingerprint: fp.to_ascii_lowercase(),
+        })
     }
 
     /// What the coordinator stores: never the secret itself.
@@ -69,8 +72,16 @@ mod tests {
 
     #[test]
     fn malformed_tokens_are_refused() {
-        for s in ["", "corral1", "corral2.x.y", "corral1.short.abc", "corral1.a.b.c"] {
-            assert!(JoinToken::parse(s).unwrap_err().contains("malformed join token"));
+        for s in [
+            "",
+            "corral1",
+            "corral2.x.y",
+            "corral1.short.abc",
+            "corral1.a.b.c",
+        ] {
+            assert!(JoinToken::parse(s)
+                .unwrap_err()
+                .contains("malformed join token"));
         }
     }
 }

@@ -37,7 +37,10 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// Runs a command, failing with its output if it does not succeed.
 pub fn sh(cmd: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(cmd).args(args).output().with_context(|| format!("running {cmd}"))?;
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
     if !out.status.success() {
         bail!(
             "{cmd} {} failed ({}): {}{}",
@@ -52,7 +55,11 @@ pub fn sh(cmd: &str, args: &[&str]) -> Result<String> {
 
 /// Polls `check` every 100 ms until it returns true, or fails after
 /// `timeout` naming `what` and the last error.
-pub fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
+pub fn wait_until(
+    timeout: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Result<bool>,
+) -> Result<()> {
     let started = Instant::now();
     let mut last;
     loop {
@@ -62,7 +69,10 @@ pub fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> Resu
             Err(e) => last = format!("{e:#}"),
         }
         if started.elapsed() > timeout {
-            bail!("timed out after {:?} waiting for {what} (last: {last})", timeout);
+            bail!(
+                "timed out after {:?} waiting for {what} (last: {last})",
+                timeout
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -78,7 +88,11 @@ pub struct LabOptions {
 
 impl Default for LabOptions {
     fn default() -> Self {
-        LabOptions { vms: 3, enroll: true, heartbeat_interval_ms: 1000 }
+        LabOptions {
+            vms: 3,
+            enroll: true,
+            heartbeat_interval_ms: 1000,
+        }
     }
 }
 
@@ -112,7 +126,10 @@ fn ns_names(k: u32) -> Vec<String> {
 fn kill_ns_processes(ns: &str) {
     for _ in 0..20 {
         let pids = sh("ip", &["netns", "pids", ns]).unwrap_or_default();
-        let pids: Vec<i32> = pids.split_whitespace().filter_map(|p| p.parse().ok()).collect();
+        let pids: Vec<i32> = pids
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect();
         if pids.is_empty() {
             return;
         }
@@ -124,11 +141,16 @@ fn kill_ns_processes(ns: &str) {
 }
 
 fn unsafe_kill(pid: i32, sig: i32) {
-    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).stderr(Stdio::null()).status();
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .stderr(Stdio::null())
+        .status();
 }
 
 /// Removes every trace of lab `k`: processes in its namespaces, the
-/// namespaces, veths, the bridge and the pid file.
+/// namespaces, veths, the pid file and, last, the bridge: the bridge is the
+/// lab's lock, so nothing of the next owner of `k` is touched.
 pub fn teardown(k: u32) {
     for ns in ns_names(k) {
         kill_ns_processes(&ns);
@@ -137,35 +159,55 @@ pub fn teardown(k: u32) {
     if let Ok(links) = sh("ip", &["-o", "link", "show"]) {
         let prefix = format!("crl{k}h");
         for line in links.lines() {
-            if let Some(name) = line.split(':').nth(1).map(|s| s.trim().split('@').next().unwrap_or("")) {
+            if let Some(name) = line
+                .split(':')
+                .nth(1)
+                .map(|s| s.trim().split('@').next().unwrap_or(""))
+            {
                 if name.starts_with(&prefix) {
                     let _ = sh("ip", &["link", "del", name]);
                 }
             }
         }
     }
-    let _ = sh("ip", &["link", "del", &format!("crlb{k}")]);
     let _ = std::fs::remove_file(pid_file(k));
+    let _ = sh("ip", &["link", "del", &format!("crlb{k}")]);
 }
 
 fn pid_alive(pid: i32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// Lab bridges and their interface indexes.
+fn lab_bridges() -> Vec<(u32, String)> {
+    let Ok(links) = sh("ip", &["-o", "link", "show", "type", "bridge"]) else {
+        return Vec::new();
+    };
+    links
+        .lines()
+        .filter_map(|line| {
+            let mut parts = line.split(':');
+            let index = parts.next()?.trim().to_string();
+            let k = parts.next()?.trim().strip_prefix("crlb")?.parse().ok()?;
+            Some((k, index))
+        })
+        .collect()
+}
+
 /// Tears down every lab whose owning process is gone.
 pub fn sweep_stale() {
-    let Ok(links) = sh("ip", &["-o", "link", "show", "type", "bridge"]) else { return };
-    for line in links.lines() {
-        let Some(name) = line.split(':').nth(1).map(str::trim) else { continue };
-        let Some(k) = name.strip_prefix("crlb").and_then(|k| k.parse::<u32>().ok()) else { continue };
-        let owner = std::fs::read_to_string(pid_file(k)).ok().and_then(|s| s.trim().parse::<i32>().ok());
+    for (k, index) in lab_bridges() {
+        let owner = std::fs::read_to_string(pid_file(k))
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok());
         let stale = match owner {
             Some(pid) => !pid_alive(pid),
-            // A lab being created has its bridge a moment before its pid
-            // file; only a bridge without one for a while is stale.
+            // A lab being created (or torn down) has its bridge without a
+            // pid file for a moment: stale only if the very same bridge
+            // still has none a while later.
             None => {
                 std::thread::sleep(Duration::from_millis(500));
-                !pid_file(k).exists()
+                !pid_file(k).exists() && lab_bridges().contains(&(k, index))
             }
         };
         if stale {
@@ -177,13 +219,19 @@ pub fn sweep_stale() {
 
 impl Lab {
     pub fn start(vms: usize) -> Result<Lab> {
-        Lab::start_with(LabOptions { vms, ..Default::default() })
+        Lab::start_with(LabOptions {
+            vms,
+            ..Default::default()
+        })
     }
 
     pub fn start_with(opts: LabOptions) -> Result<Lab> {
         for b in ["corral-coordinator", "corral-agent", "corralctl"] {
             if !bin(b).exists() {
-                bail!("{} is missing: run `cargo build --workspace` first (or set CORRAL_BIN_DIR)", bin(b).display());
+                bail!(
+                    "{} is missing: run `cargo build --workspace` first (or set CORRAL_BIN_DIR)",
+                    bin(b).display()
+                );
             }
         }
         std::fs::create_dir_all(Path::new(ROOT).join("labs"))?;
@@ -199,7 +247,13 @@ impl Lab {
             .ok_or_else(|| anyhow!("no free lab number (bridges crlb1..crlb250 all exist): run scripts/sweep-labs.sh"))?;
         std::fs::write(pid_file(k), std::process::id().to_string())?;
         let dir = Path::new(ROOT).join(format!("lab-{k}"));
-        let mut lab = Lab { k, agents: (0..opts.vms).map(|_| None).collect(), opts, dir, coordinator: None };
+        let mut lab = Lab {
+            k,
+            agents: (0..opts.vms).map(|_| None).collect(),
+            opts,
+            dir,
+            coordinator: None,
+        };
         lab.setup().with_context(|| format!("setting up lab {k}"))?;
         Ok(lab)
     }
@@ -210,8 +264,21 @@ impl Lab {
         std::fs::create_dir_all(&self.dir)?;
         sh("chmod", &["755", ROOT, &self.dir.to_string_lossy()])?;
         let br = format!("crlb{k}");
-        sh("ip", &["addr", "add", &format!("10.231.{k}.254/24"), "dev", &br])?;
-        sh("ip", &["addr", "add", &format!("fd31::{k:x}:254/112"), "dev", &br, "nodad"])?;
+        sh(
+            "ip",
+            &["addr", "add", &format!("10.231.{k}.254/24"), "dev", &br],
+        )?;
+        sh(
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("fd31::{k:x}:254/112"),
+                "dev",
+                &br,
+                "nodad",
+            ],
+        )?;
         sh("ip", &["link", "set", &br, "up"])?;
         let mut hosts = vec![("ctl".to_string(), 1u32), ("cli".to_string(), 100)];
         for i in 1..=self.opts.vms {
@@ -221,22 +288,53 @@ impl Lab {
             let ns = self.ns(name);
             let veth = format!("crl{k}h{idx}");
             sh("ip", &["netns", "add", &ns])?;
-            sh("ip", &["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+            sh(
+                "ip",
+                &[
+                    "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+                ],
+            )?;
             sh("ip", &["link", "set", &veth, "master", &br, "up"])?;
             sh("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
-            sh("ip", &["-n", &ns, "addr", "add", &format!("10.231.{k}.{host}/24"), "dev", "eth0"])?;
-            sh("ip", &["-n", &ns, "addr", "add", &format!("fd31::{k:x}:{host}/112"), "dev", "eth0", "nodad"])?;
+            sh(
+                "ip",
+                &[
+                    "-n",
+                    &ns,
+                    "addr",
+                    "add",
+                    &format!("10.231.{k}.{host}/24"),
+                    "dev",
+                    "eth0",
+                ],
+            )?;
+            sh(
+                "ip",
+                &[
+                    "-n",
+                    &ns,
+                    "addr",
+                    "add",
+                    &format!("fd31::{k:x}:{host}/112"),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ],
+            )?;
             sh("ip", &["-n", &ns, "link", "set", "eth0", "up"])?;
         }
         let pki = self.pki_dir();
-        sh(&bin("corralctl").to_string_lossy(), &[
-            "pki",
-            "init",
-            "--dir",
-            &pki.to_string_lossy(),
-            "--coordinator",
-            &self.ctl_addr(),
-        ])?;
+        sh(
+            &bin("corralctl").to_string_lossy(),
+            &[
+                "pki",
+                "init",
+                "--dir",
+                &pki.to_string_lossy(),
+                "--coordinator",
+                &self.ctl_addr(),
+            ],
+        )?;
         self.start_coordinator()?;
         if self.opts.enroll {
             for i in 1..=self.opts.vms {
@@ -273,7 +371,10 @@ impl Lab {
     }
 
     fn log(&self, name: &str) -> Result<std::fs::File> {
-        Ok(std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join(name))?)
+        Ok(std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(name))?)
     }
 
     fn spawn_in(&self, ns: &str, program: &Path, args: &[String], log: &str) -> Result<Child> {
@@ -282,7 +383,10 @@ impl Lab {
             .args(["netns", "exec", &self.ns(ns)])
             .arg(program)
             .args(args)
-            .env("CORRAL_LOG", "info,corral_coordinator=debug,corral_agent=debug")
+            .env(
+                "CORRAL_LOG",
+                "info,corral_coordinator=debug,corral_agent=debug",
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -299,15 +403,20 @@ impl Lab {
             "--listen".into(),
             self.ctl_addr(),
         ];
-        self.coordinator = Some(self.spawn_in("ctl", &bin("corral-coordinator"), &args, "coordinator.log")?);
-        wait_until(Duration::from_secs(20), "the coordinator to answer `corralctl whoami`", || {
-            if let Some(c) = self.coordinator.as_mut() {
-                if let Some(status) = c.try_wait()? {
-                    bail!("the coordinator exited: {status}");
+        self.coordinator =
+            Some(self.spawn_in("ctl", &bin("corral-coordinator"), &args, "coordinator.log")?);
+        wait_until(
+            Duration::from_secs(20),
+            "the coordinator to answer `corralctl whoami`",
+            || {
+                if let Some(c) = self.coordinator.as_mut() {
+                    if let Some(status) = c.try_wait()? {
+                        bail!("the coordinator exited: {status}");
+                    }
                 }
-            }
-            Ok(self.ctl(&["whoami"])?.status.success())
-        })
+                Ok(self.ctl(&["whoami"])?.status.success())
+            },
+        )
     }
 
     /// Stops the coordinator with SIGTERM and waits for it.
@@ -346,33 +455,55 @@ impl Lab {
             self.opts.heartbeat_interval_ms.to_string(),
         ];
         args.extend(extra.iter().cloned());
-        self.spawn_in(&format!("vm{i}"), &bin("corral-agent"), &args, &format!("vm{i}-agent.log"))
+        self.spawn_in(
+            &format!("vm{i}"),
+            &bin("corral-agent"),
+            &args,
+            &format!("vm{i}-agent.log"),
+        )
     }
 
     /// Runs an agent in VM `i` that is expected to exit (a refused
     /// enrollment); returns its exit status and stderr.
-    pub fn run_agent_to_exit(&self, i: usize, extra: &[&str], state_dir: &Path) -> Result<(Option<i32>, String)> {
+    pub fn run_agent_to_exit(
+        &self,
+        i: usize,
+        extra: &[&str],
+        state_dir: &Path,
+    ) -> Result<(Option<i32>, String)> {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.ns(&format!("vm{i}"))]).arg(bin("corral-agent")).args([
-            "--state-dir",
-            &state_dir.to_string_lossy(),
-            "--coordinator",
-            &self.ctl_addr(),
-            "--listen",
-            &self.vm_addr(i),
-        ]);
+        cmd.args(["netns", "exec", &self.ns(&format!("vm{i}"))])
+            .arg(bin("corral-agent"))
+            .args([
+                "--state-dir",
+                &state_dir.to_string_lossy(),
+                "--coordinator",
+                &self.ctl_addr(),
+                "--listen",
+                &self.vm_addr(i),
+            ]);
         cmd.args(extra);
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null()).spawn()?;
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(Stdio::null())
+            .spawn()?;
         let started = Instant::now();
         loop {
             if child.try_wait()?.is_some() {
                 let out = child.wait_with_output()?;
-                return Ok((out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned()));
+                return Ok((
+                    out.status.code(),
+                    String::from_utf8_lossy(&out.stderr).into_owned(),
+                ));
             }
             if started.elapsed() > Duration::from_secs(20) {
                 let _ = child.kill();
                 let out = child.wait_with_output()?;
-                bail!("the agent kept running; stderr:\n{}", String::from_utf8_lossy(&out.stderr));
+                bail!(
+                    "the agent kept running; stderr:\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -400,13 +531,18 @@ impl Lab {
         let pids = sh("ip", &["netns", "pids", &self.ns(&format!("vm{i}"))]).unwrap_or_default();
         pids.split_whitespace()
             .filter_map(|p| p.parse::<i32>().ok())
-            .filter(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == comm))
+            .filter(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == comm)
+            })
             .collect()
     }
 
     /// Runs a command in namespace `crlK-<ns>`.
     pub fn in_ns(&self, ns: &str, program: &str, args: &[&str]) -> Result<Output> {
-        Ok(Command::new("ip").args(["netns", "exec", &self.ns(ns), program]).args(args).output()?)
+        Ok(Command::new("ip")
+            .args(["netns", "exec", &self.ns(ns), program])
+            .args(args)
+            .output()?)
     }
 
     /// `corralctl` run in the client namespace with the lab's admin config.
@@ -448,18 +584,25 @@ impl Lab {
         let mut full = vec!["--output", "json"];
         full.extend_from_slice(args);
         let text = self.ctl_ok(&full)?;
-        serde_json::from_str(&text).with_context(|| format!("corralctl {} printed invalid JSON: {text}", args.join(" ")))
+        serde_json::from_str(&text)
+            .with_context(|| format!("corralctl {} printed invalid JSON: {text}", args.join(" ")))
     }
 
     /// A fresh join token.
     pub fn token(&self) -> Result<String> {
-        Ok(self.ctl_ok(&["token", "create", "--ttl", "10m"])?.trim().to_string())
+        Ok(self
+            .ctl_ok(&["token", "create", "--ttl", "10m"])?
+            .trim()
+            .to_string())
     }
 
     /// Node `id` as `node list --output json` shows it.
     pub fn node(&self, id: &str) -> Result<Option<serde_json::Value>> {
         let v = self.ctl_json(&["node", "list"])?;
-        Ok(v["nodes"].as_array().and_then(|ns| ns.iter().find(|n| n["id"] == id)).cloned())
+        Ok(v["nodes"]
+            .as_array()
+            .and_then(|ns| ns.iter().find(|n| n["id"] == id))
+            .cloned())
     }
 
     pub fn wait_node_state(&self, id: &str, state: &str, timeout: Duration) -> Result<()> {
@@ -470,7 +613,11 @@ impl Lab {
 
     /// `psql` from the client namespace; returns unaligned, tuples-only output.
     pub fn psql(&self, uri: &str, sql: &str) -> Result<String> {
-        let out = self.in_ns("cli", "psql", &["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", uri, "-c", sql])?;
+        let out = self.in_ns(
+            "cli",
+            "psql",
+            &["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", uri, "-c", sql],
+        )?;
         if !out.status.success() {
             bail!("psql failed: {}", String::from_utf8_lossy(&out.stderr));
         }
@@ -478,7 +625,11 @@ impl Lab {
     }
 
     fn report_failure(&self) {
-        eprintln!("\n=== lab {} failed; kept {} ===", self.k, self.dir.display());
+        eprintln!(
+            "\n=== lab {} failed; kept {} ===",
+            self.k,
+            self.dir.display()
+        );
         let mut logs: Vec<PathBuf> = std::fs::read_dir(&self.dir)
             .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
             .unwrap_or_default();
@@ -486,7 +637,10 @@ impl Lab {
             logs.push(self.state_dir(vm).join("postgres/server.log"));
         }
         logs.sort();
-        for path in logs.into_iter().filter(|p| p.extension().is_some_and(|e| e == "log")) {
+        for path in logs
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        {
             let text = std::fs::read_to_string(&path).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
             eprintln!("--- {} (last 30 lines) ---", path.display());
@@ -517,7 +671,12 @@ impl Drop for Lab {
         if failed {
             self.report_failure();
         }
-        for c in self.agents.iter_mut().flatten().chain(self.coordinator.as_mut()) {
+        for c in self
+            .agents
+            .iter_mut()
+            .flatten()
+            .chain(self.coordinator.as_mut())
+        {
             let _ = c.kill();
             let _ = c.wait();
         }

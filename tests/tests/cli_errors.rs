@@ -13,7 +13,14 @@ fn state(lab: &Lab) -> (Value, Value, Vec<(Value, Value, Value)>) {
         .as_array()
         .unwrap()
         .iter()
-        .map(|c| serde_json::json!([c["name"], c["engine"], c["state"], c["nodes"].as_array().unwrap().len()]))
+        .map(|c| {
+            serde_json::json!([
+                c["name"],
+                c["engine"],
+                c["state"],
+                c["nodes"].as_array().unwrap().len()
+            ])
+        })
         .collect();
     let ops = lab.ctl_json(&["operation", "list"]).unwrap()["operations"].clone();
     let nodes = lab.ctl_json(&["node", "list"]).unwrap()["nodes"]
@@ -28,14 +35,28 @@ fn state(lab: &Lab) -> (Value, Value, Vec<(Value, Value, Value)>) {
 fn refused(lab: &Lab, args: &[&str], expected: &str) {
     let out = lab.ctl(args).unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "corralctl {} succeeded", args.join(" "));
-    assert!(stderr.contains(expected), "corralctl {}: stderr {stderr:?} lacks {expected:?}", args.join(" "));
+    assert!(
+        !out.status.success(),
+        "corralctl {} succeeded",
+        args.join(" ")
+    );
+    assert!(
+        stderr.contains(expected),
+        "corralctl {}: stderr {stderr:?} lacks {expected:?}",
+        args.join(" ")
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
-    assert!(out.stdout.is_empty(), "a refused command printed {:?}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.stdout.is_empty(),
+        "a refused command printed {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 fn create<'a>(name: &'a str, engine: &'a str, node: &'a str) -> Vec<&'a str> {
-    vec!["cluster", "create", "--name", name, "--engine", engine, "--node", node]
+    vec![
+        "cluster", "create", "--name", name, "--engine", engine, "--node", node,
+    ]
 }
 
 #[test]
@@ -44,23 +65,77 @@ fn bad_cli_input_is_refused_and_creates_nothing() {
     lab.ctl_ok(&create("taken", "postgres", "vm1")).unwrap();
     let before = state(&lab);
 
-    refused(&lab, &create("fresh", "oracle", "vm2"), "unknown engine \"oracle\": supported engines are postgres");
-    refused(&lab, &create("taken", "postgres", "vm2"), "a cluster named \"taken\" already exists");
-    refused(&lab, &create("fresh", "postgres", "vm9"), "unknown node \"vm9\"");
-    refused(&lab, &create("fresh", "postgres", "vm1"), "node vm1 already belongs to cluster taken");
-    refused(&lab, &create("Bad_Name", "postgres", "vm2"), "invalid cluster name \"Bad_Name\"");
-    refused(&lab, &create("1abc", "postgres", "vm2"), "invalid cluster name \"1abc\"");
-    refused(&lab, &create("fresh", "postgres", "VM2"), "invalid node name \"VM2\"");
-    refused(&lab, &create("fresh", "postgres", "vm2,vm1"), "exactly one --node");
+    refused(
+        &lab,
+        &create("fresh", "oracle", "vm2"),
+        "unknown engine \"oracle\": supported engines are postgres",
+    );
+    refused(
+        &lab,
+        &create("taken", "postgres", "vm2"),
+        "a cluster named \"taken\" already exists",
+    );
+    refused(
+        &lab,
+        &create("fresh", "postgres", "vm9"),
+        "unknown node \"vm9\"",
+    );
+    refused(
+        &lab,
+        &create("fresh", "postgres", "vm1"),
+        "node vm1 already belongs to cluster taken",
+    );
+    refused(
+        &lab,
+        &create("Bad_Name", "postgres", "vm2"),
+        "invalid cluster name \"Bad_Name\"",
+    );
+    refused(
+        &lab,
+        &create("1abc", "postgres", "vm2"),
+        "invalid cluster name \"1abc\"",
+    );
+    refused(
+        &lab,
+        &create("fresh", "postgres", "VM2"),
+        "invalid node name \"VM2\"",
+    );
+    refused(
+        &lab,
+        &create("fresh", "postgres", "vm2,vm1"),
+        "exactly one --node",
+    );
     let mut multi = create("fresh", "postgres", "vm2");
     multi.extend(["--mode", "multi-master"]);
     refused(&lab, &multi, "unsupported mode \"multi-master\"");
-    refused(&lab, &["cluster", "create", "--name", "fresh", "--engine", "postgres"], "--node");
-    refused(&lab, &["cluster", "show", "nope"], "no cluster named \"nope\"");
-    refused(&lab, &["cluster", "credentials", "nope"], "no cluster named \"nope\"");
+    refused(
+        &lab,
+        &[
+            "cluster", "create", "--name", "fresh", "--engine", "postgres",
+        ],
+        "--node",
+    );
+    refused(
+        &lab,
+        &["cluster", "show", "nope"],
+        "no cluster named \"nope\"",
+    );
+    refused(
+        &lab,
+        &["cluster", "credentials", "nope"],
+        "no cluster named \"nope\"",
+    );
     refused(&lab, &["cluster", "show", "../etc"], "invalid cluster name");
-    refused(&lab, &["operation", "show", "op-nope"], "no operation \"op-nope\"");
-    refused(&lab, &["token", "create", "--ttl", "5x"], "invalid duration \"5x\"");
+    refused(
+        &lab,
+        &["operation", "show", "op-nope"],
+        "no operation \"op-nope\"",
+    );
+    refused(
+        &lab,
+        &["token", "create", "--ttl", "5x"],
+        "invalid duration \"5x\"",
+    );
     refused(&lab, &["token", "create", "--ttl", "30d"], "too long");
     refused(&lab, &["frobnicate"], "unrecognized subcommand");
 
@@ -71,7 +146,9 @@ fn bad_cli_input_is_refused_and_creates_nothing() {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|e| e["action"] == "cluster.create" && e["result"].as_str().unwrap().starts_with("refused"))
+        .filter(|e| {
+            e["action"] == "cluster.create" && e["result"].as_str().unwrap().starts_with("refused")
+        })
         .count();
     assert!(refusals >= 5, "{audit}");
 }
@@ -80,7 +157,10 @@ fn bad_cli_input_is_refused_and_creates_nothing() {
 fn bad_api_input_is_refused_and_creates_nothing() {
     let lab = Lab::start(1).unwrap();
     let before = state(&lab);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let _in_runtime = rt.enter();
     let ca = pki::read(&lab.pki_dir().join("ca.crt")).unwrap();
     let admin = CertKey {
@@ -88,7 +168,8 @@ fn bad_api_input_is_refused_and_creates_nothing() {
         key_pem: pki::read(&lab.pki_dir().join("admin.key")).unwrap(),
     };
     let tls = corral_proto::tls::client_config(&ca, Some(&admin), COORDINATOR_DNS);
-    let channel = corral_proto::tls::channel(&lab.ctl_addr(), tls, Duration::from_secs(10)).unwrap();
+    let channel =
+        corral_proto::tls::channel(&lab.ctl_addr(), tls, Duration::from_secs(10)).unwrap();
     let mut api = pb::operator_client::OperatorClient::new(channel);
     let req = |name: &str, engine: &str, nodes: &[&str]| pb::CreateClusterRequest {
         name: name.into(),
@@ -98,19 +179,53 @@ fn bad_api_input_is_refused_and_creates_nothing() {
     };
     // The CLI checks names too; the API must not rely on it.
     let cases = [
-        (req("", "postgres", &["vm1"]), tonic::Code::InvalidArgument, "invalid cluster name"),
-        (req("a/b", "postgres", &["vm1"]), tonic::Code::InvalidArgument, "invalid cluster name"),
-        (req("ok", "", &["vm1"]), tonic::Code::InvalidArgument, "unknown engine"),
-        (req("ok", "postgres", &[]), tonic::Code::InvalidArgument, "exactly one --node"),
-        (req("ok", "postgres", &["../vm1"]), tonic::Code::InvalidArgument, "invalid node name"),
-        (req("ok", "postgres", &["ghost"]), tonic::Code::NotFound, "unknown node \"ghost\""),
+        (
+            req("", "postgres", &["vm1"]),
+            tonic::Code::InvalidArgument,
+            "invalid cluster name",
+        ),
+        (
+            req("a/b", "postgres", &["vm1"]),
+            tonic::Code::InvalidArgument,
+            "invalid cluster name",
+        ),
+        (
+            req("ok", "", &["vm1"]),
+            tonic::Code::InvalidArgument,
+            "unknown engine",
+        ),
+        (
+            req("ok", "postgres", &[]),
+            tonic::Code::InvalidArgument,
+            "exactly one --node",
+        ),
+        (
+            req("ok", "postgres", &["../vm1"]),
+            tonic::Code::InvalidArgument,
+            "invalid node name",
+        ),
+        (
+            req("ok", "postgres", &["ghost"]),
+            tonic::Code::NotFound,
+            "unknown node \"ghost\"",
+        ),
     ];
     for (request, code, expected) in cases {
-        let e = rt.block_on(api.create_cluster(request.clone())).unwrap_err();
+        let e = rt
+            .block_on(api.create_cluster(request.clone()))
+            .unwrap_err();
         assert_eq!(e.code(), code, "{request:?}: {e}");
-        assert!(e.message().contains(expected), "{request:?}: {} lacks {expected:?}", e.message());
+        assert!(
+            e.message().contains(expected),
+            "{request:?}: {} lacks {expected:?}",
+            e.message()
+        );
     }
-    let e = rt.block_on(api.create_join_token(pb::CreateJoinTokenRequest { ttl_seconds: u32::MAX })).unwrap_err();
+    let e = rt
+        .block_on(api.create_join_token(pb::CreateJoinTokenRequest {
+            ttl_seconds: u32::MAX,
+        }))
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
     assert_eq!(state(&lab), before);
 }

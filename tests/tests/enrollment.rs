@@ -9,7 +9,10 @@ use std::path::Path;
 use std::time::Duration;
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 fn cert(dir: &Path, name: &str) -> CertKey {
@@ -25,16 +28,31 @@ fn channel(lab: &Lab, addr: &str, domain: &str, me: Option<&CertKey>) -> tonic::
     corral_proto::tls::channel(addr, tls, Duration::from_secs(10)).unwrap()
 }
 
-fn upcalls(lab: &Lab, me: Option<&CertKey>) -> pb::agent_upcalls_client::AgentUpcallsClient<tonic::transport::Channel> {
-    pb::agent_upcalls_client::AgentUpcallsClient::new(channel(lab, &lab.ctl_addr(), COORDINATOR_DNS, me))
+fn upcalls(
+    lab: &Lab,
+    me: Option<&CertKey>,
+) -> pb::agent_upcalls_client::AgentUpcallsClient<tonic::transport::Channel> {
+    pb::agent_upcalls_client::AgentUpcallsClient::new(channel(
+        lab,
+        &lab.ctl_addr(),
+        COORDINATOR_DNS,
+        me,
+    ))
 }
 
-fn operator(lab: &Lab, me: Option<&CertKey>) -> pb::operator_client::OperatorClient<tonic::transport::Channel> {
+fn operator(
+    lab: &Lab,
+    me: Option<&CertKey>,
+) -> pb::operator_client::OperatorClient<tonic::transport::Channel> {
     pb::operator_client::OperatorClient::new(channel(lab, &lab.ctl_addr(), COORDINATOR_DNS, me))
 }
 
 fn heartbeat() -> pb::HeartbeatRequest {
-    pb::HeartbeatRequest { agent_address: "10.231.0.99:7401".into(), interval_ms: 1000, ..Default::default() }
+    pb::HeartbeatRequest {
+        agent_address: "10.231.0.99:7401".into(),
+        interval_ms: 1000,
+        ..Default::default()
+    }
 }
 
 /// Enrolled node ids, sorted, with their addresses.
@@ -44,14 +62,22 @@ fn nodes(lab: &Lab) -> Vec<(String, String)> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|n| (n["id"].as_str().unwrap().to_string(), n["address"].as_str().unwrap().to_string()))
+        .map(|n| {
+            (
+                n["id"].as_str().unwrap().to_string(),
+                n["address"].as_str().unwrap().to_string(),
+            )
+        })
         .collect();
     out.sort();
     out
 }
 
 fn audit(lab: &Lab) -> Vec<Value> {
-    lab.ctl_json(&["audit", "list"]).unwrap()["entries"].as_array().unwrap().clone()
+    lab.ctl_json(&["audit", "list"]).unwrap()["entries"]
+        .as_array()
+        .unwrap()
+        .clone()
 }
 
 fn assert_refused_enrollment_audited(lab: &Lab, node: &str, reason: &str) {
@@ -68,7 +94,11 @@ fn assert_refused_enrollment_audited(lab: &Lab, node: &str, reason: &str) {
 /// The agent left no credentials behind.
 fn assert_no_credentials(dir: &Path) {
     for f in ["node.json", "node.key", "node.crt", "ca.crt"] {
-        assert!(!dir.join(f).exists(), "{} was written by a refused enrollment", dir.join(f).display());
+        assert!(
+            !dir.join(f).exists(),
+            "{} was written by a refused enrollment",
+            dir.join(f).display()
+        );
     }
 }
 
@@ -78,26 +108,43 @@ fn coordinator_log(lab: &Lab) -> String {
 
 #[test]
 fn reused_and_expired_tokens_are_refused() {
-    let mut lab = Lab::start_with(LabOptions { vms: 2, enroll: false, ..Default::default() }).unwrap();
+    let mut lab = Lab::start_with(LabOptions {
+        vms: 2,
+        enroll: false,
+        ..Default::default()
+    })
+    .unwrap();
     let token = lab.token().unwrap();
     lab.start_agent(1, Some(&token)).unwrap();
-    lab.wait_node_state("vm1", "up", Duration::from_secs(30)).unwrap();
+    lab.wait_node_state("vm1", "up", Duration::from_secs(30))
+        .unwrap();
     let before = nodes(&lab);
 
     // The same token again, for another node.
     let dir = lab.state_dir(2);
-    let (code, stderr) = lab.run_agent_to_exit(2, &["--join", &token, "--node-id", "vm2"], &dir).unwrap();
+    let (code, stderr) = lab
+        .run_agent_to_exit(2, &["--join", &token, "--node-id", "vm2"], &dir)
+        .unwrap();
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("already used by node vm1"), "{stderr}");
-    assert!(stderr.contains("corralctl token create"), "says what to do: {stderr}");
+    assert!(
+        stderr.contains("corralctl token create"),
+        "says what to do: {stderr}"
+    );
     assert_no_credentials(&dir);
     assert_eq!(nodes(&lab), before);
     assert_refused_enrollment_audited(&lab, "vm2", "already used");
 
     // A token past its lifetime.
-    let short = lab.ctl_ok(&["token", "create", "--ttl", "1s"]).unwrap().trim().to_string();
+    let short = lab
+        .ctl_ok(&["token", "create", "--ttl", "1s"])
+        .unwrap()
+        .trim()
+        .to_string();
     std::thread::sleep(Duration::from_millis(1500));
-    let (code, stderr) = lab.run_agent_to_exit(2, &["--join", &short, "--node-id", "vm2"], &dir).unwrap();
+    let (code, stderr) = lab
+        .run_agent_to_exit(2, &["--join", &short, "--node-id", "vm2"], &dir)
+        .unwrap();
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("expired"), "{stderr}");
     assert_no_credentials(&dir);
@@ -108,19 +155,40 @@ fn reused_and_expired_tokens_are_refused() {
 
 #[test]
 fn a_token_for_another_ca_is_refused_and_not_consumed() {
-    let mut lab = Lab::start_with(LabOptions { vms: 1, enroll: false, ..Default::default() }).unwrap();
+    let mut lab = Lab::start_with(LabOptions {
+        vms: 1,
+        enroll: false,
+        ..Default::default()
+    })
+    .unwrap();
     let other = lab.dir().join("other-pki");
-    let out = sh(&bin("corralctl").to_string_lossy(), &["pki", "init", "--dir", &other.to_string_lossy()]).unwrap();
-    let other_fp = out.split("fingerprint ").nth(1).unwrap().split(')').next().unwrap().to_string();
+    let out = sh(
+        &bin("corralctl").to_string_lossy(),
+        &["pki", "init", "--dir", &other.to_string_lossy()],
+    )
+    .unwrap();
+    let other_fp = out
+        .split("fingerprint ")
+        .nth(1)
+        .unwrap()
+        .split(')')
+        .next()
+        .unwrap()
+        .to_string();
     let token = lab.token().unwrap();
     let (secret, _our_fp) = token.rsplit_once('.').unwrap();
     let forged = format!("{secret}.{other_fp}");
 
     // The agent checks the pin itself before it sends anything.
     let dir = lab.state_dir(1);
-    let (code, stderr) = lab.run_agent_to_exit(1, &["--join", &forged, "--node-id", "vm1"], &dir).unwrap();
+    let (code, stderr) = lab
+        .run_agent_to_exit(1, &["--join", &forged, "--node-id", "vm1"], &dir)
+        .unwrap();
     assert_eq!(code, Some(2), "{stderr}");
-    assert!(stderr.contains("does not present the CA pinned by the join token"), "{stderr}");
+    assert!(
+        stderr.contains("does not present the CA pinned by the join token"),
+        "{stderr}"
+    );
     assert_no_credentials(&dir);
 
     // And the coordinator refuses such a token outright.
@@ -135,13 +203,18 @@ fn a_token_for_another_ca_is_refused_and_not_consumed() {
         }))
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::PermissionDenied);
-    assert!(refused.message().contains("made by another coordinator"), "{}", refused.message());
+    assert!(
+        refused.message().contains("made by another coordinator"),
+        "{}",
+        refused.message()
+    );
     assert!(nodes(&lab).is_empty());
     assert_refused_enrollment_audited(&lab, "vm1", "another coordinator");
 
     // Nothing was consumed: the genuine token still enrolls the node.
     lab.start_agent(1, Some(&token)).unwrap();
-    lab.wait_node_state("vm1", "up", Duration::from_secs(30)).unwrap();
+    lab.wait_node_state("vm1", "up", Duration::from_secs(30))
+        .unwrap();
 }
 
 #[test]
@@ -150,7 +223,9 @@ fn a_node_cannot_claim_another_nodes_id() {
     let before = nodes(&lab);
     let token = lab.token().unwrap();
     let impostor = lab.dir().join("impostor");
-    let (code, stderr) = lab.run_agent_to_exit(2, &["--join", &token, "--node-id", "vm1"], &impostor).unwrap();
+    let (code, stderr) = lab
+        .run_agent_to_exit(2, &["--join", &token, "--node-id", "vm1"], &impostor)
+        .unwrap();
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("\"vm1\" is already enrolled"), "{stderr}");
     assert_no_credentials(&impostor);
@@ -163,7 +238,11 @@ fn a_node_cannot_claim_another_nodes_id() {
     let rt = rt();
     let _in_runtime = rt.enter();
     let ok = rt
-        .block_on(upcalls(&lab, None).enroll(pb::EnrollRequest { token, node_id: "spare".into(), csr_pem }))
+        .block_on(upcalls(&lab, None).enroll(pb::EnrollRequest {
+            token,
+            node_id: "spare".into(),
+            csr_pem,
+        }))
         .unwrap()
         .into_inner();
     assert!(ok.certificate_pem.contains("BEGIN CERTIFICATE"));
@@ -173,7 +252,11 @@ fn a_node_cannot_claim_another_nodes_id() {
 fn every_api_checks_whose_certificate_it_is() {
     let lab = Lab::start(1).unwrap();
     let other = lab.dir().join("other-pki");
-    sh(&bin("corralctl").to_string_lossy(), &["pki", "init", "--dir", &other.to_string_lossy()]).unwrap();
+    sh(
+        &bin("corralctl").to_string_lossy(),
+        &["pki", "init", "--dir", &other.to_string_lossy()],
+    )
+    .unwrap();
     let admin = cert(&lab.pki_dir(), "admin");
     let node = cert(&lab.state_dir(1), "node");
     let foreign = cert(&other, "admin");
@@ -182,20 +265,30 @@ fn every_api_checks_whose_certificate_it_is() {
     let _in_runtime = rt.enter();
 
     // No client certificate: the operator API and heartbeats refuse.
-    let e = rt.block_on(operator(&lab, None).list_clusters(pb::ListClustersRequest {})).unwrap_err();
+    let e = rt
+        .block_on(operator(&lab, None).list_clusters(pb::ListClustersRequest {}))
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
     assert!(e.message().contains("no client certificate"), "{e}");
-    let e = rt.block_on(operator(&lab, None).create_join_token(pb::CreateJoinTokenRequest::default())).unwrap_err();
+    let e = rt
+        .block_on(operator(&lab, None).create_join_token(pb::CreateJoinTokenRequest::default()))
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
-    let e = rt.block_on(upcalls(&lab, None).heartbeat(heartbeat())).unwrap_err();
+    let e = rt
+        .block_on(upcalls(&lab, None).heartbeat(heartbeat()))
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
 
     // A certificate from another CA fails the handshake, through the CLI too.
-    let e = rt.block_on(operator(&lab, Some(&foreign)).list_clusters(pb::ListClustersRequest {})).unwrap_err();
+    let e = rt
+        .block_on(operator(&lab, Some(&foreign)).list_clusters(pb::ListClustersRequest {}))
+        .unwrap_err();
     assert_ne!(e.code(), tonic::Code::Ok);
     let out = lab
         .ctl_env(
-            &["cluster", "create", "--name", "sneaky", "--engine", "postgres", "--node", "vm1"],
+            &[
+                "cluster", "create", "--name", "sneaky", "--engine", "postgres", "--node", "vm1",
+            ],
             &[
                 ("CORRAL_CERT", &other.join("admin.crt").to_string_lossy()),
                 ("CORRAL_KEY", &other.join("admin.key").to_string_lossy()),
@@ -204,42 +297,74 @@ fn every_api_checks_whose_certificate_it_is() {
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("refused this client's certificate"), "{stderr}");
-    let e = rt.block_on(upcalls(&lab, Some(&foreign)).heartbeat(heartbeat())).unwrap_err();
+    assert!(
+        stderr.contains("refused this client's certificate"),
+        "{stderr}"
+    );
+    let e = rt
+        .block_on(upcalls(&lab, Some(&foreign)).heartbeat(heartbeat()))
+        .unwrap_err();
     assert_ne!(e.code(), tonic::Code::Ok);
 
     // An agent's certificate on the operator API.
     let out = lab
         .ctl_env(
-            &["cluster", "create", "--name", "sneaky", "--engine", "postgres", "--node", "vm1"],
             &[
-                ("CORRAL_CERT", &lab.state_dir(1).join("node.crt").to_string_lossy()),
-                ("CORRAL_KEY", &lab.state_dir(1).join("node.key").to_string_lossy()),
+                "cluster", "create", "--name", "sneaky", "--engine", "postgres", "--node", "vm1",
+            ],
+            &[
+                (
+                    "CORRAL_CERT",
+                    &lab.state_dir(1).join("node.crt").to_string_lossy(),
+                ),
+                (
+                    "CORRAL_KEY",
+                    &lab.state_dir(1).join("node.key").to_string_lossy(),
+                ),
             ],
         )
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("certificate node/vm1 is not one"), "{stderr}");
+    assert!(
+        stderr.contains("certificate node/vm1 is not one"),
+        "{stderr}"
+    );
 
     // An operator's certificate used as an agent: heartbeats, and the
     // agent's own API (which accepts only the coordinator).
-    let e = rt.block_on(upcalls(&lab, Some(&admin)).heartbeat(heartbeat())).unwrap_err();
+    let e = rt
+        .block_on(upcalls(&lab, Some(&admin)).heartbeat(heartbeat()))
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
     assert!(e.message().contains("not a node certificate"), "{e}");
     let agent = |me: Option<&CertKey>| {
-        pb::agent_client::AgentClient::new(channel(&lab, &lab.vm_addr(1), &pki::node_dns("vm1"), me))
+        pb::agent_client::AgentClient::new(channel(
+            &lab,
+            &lab.vm_addr(1),
+            &pki::node_dns("vm1"),
+            me,
+        ))
     };
-    let e = rt.block_on(agent(Some(&admin)).get_status(pb::GetStatusRequest {})).unwrap_err();
+    let e = rt
+        .block_on(agent(Some(&admin)).get_status(pb::GetStatusRequest {}))
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
     assert!(e.message().contains("only the coordinator"), "{e}");
     // Nor another node, nor anyone without a certificate.
-    let e = rt.block_on(agent(Some(&node)).get_status(pb::GetStatusRequest {})).unwrap_err();
+    let e = rt
+        .block_on(agent(Some(&node)).get_status(pb::GetStatusRequest {}))
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
-    assert!(rt.block_on(agent(None).get_status(pb::GetStatusRequest {})).is_err());
+    assert!(rt
+        .block_on(agent(None).get_status(pb::GetStatusRequest {}))
+        .is_err());
 
     // Nothing changed; the refusals are in the coordinator's log and audit.
-    assert!(lab.ctl_json(&["cluster", "list"]).unwrap()["clusters"].as_array().unwrap().is_empty());
+    assert!(lab.ctl_json(&["cluster", "list"]).unwrap()["clusters"]
+        .as_array()
+        .unwrap()
+        .is_empty());
     assert_eq!(nodes(&lab), before_nodes);
     assert_eq!(lab.node("vm1").unwrap().unwrap()["state"], "up");
     let log = coordinator_log(&lab);
@@ -252,26 +377,40 @@ fn every_api_checks_whose_certificate_it_is() {
         assert!(log.contains(needle), "coordinator log lacks {needle:?}");
     }
     let agent_log = std::fs::read_to_string(lab.dir().join("vm1-agent.log")).unwrap();
-    assert!(agent_log.contains("not the coordinator"), "agent log lacks the refusal");
-    assert!(agent_log.contains("TLS handshake refused"), "agent log lacks the certificate-less client");
+    assert!(
+        agent_log.contains("not the coordinator"),
+        "agent log lacks the refusal"
+    );
+    assert!(
+        agent_log.contains("TLS handshake refused"),
+        "agent log lacks the certificate-less client"
+    );
 }
 
 #[test]
 fn roles_limit_what_an_operator_may_do() {
-    let lab = Lab::start_with(LabOptions { vms: 1, enroll: false, ..Default::default() }).unwrap();
+    let lab = Lab::start_with(LabOptions {
+        vms: 1,
+        enroll: false,
+        ..Default::default()
+    })
+    .unwrap();
     let prefix = lab.dir().join("viewer");
-    sh(&bin("corralctl").to_string_lossy(), &[
-        "pki",
-        "issue-operator",
-        "--dir",
-        &lab.pki_dir().to_string_lossy(),
-        "--name",
-        "val",
-        "--role",
-        "viewer",
-        "--out",
-        &prefix.to_string_lossy(),
-    ])
+    sh(
+        &bin("corralctl").to_string_lossy(),
+        &[
+            "pki",
+            "issue-operator",
+            "--dir",
+            &lab.pki_dir().to_string_lossy(),
+            "--name",
+            "val",
+            "--role",
+            "viewer",
+            "--out",
+            &prefix.to_string_lossy(),
+        ],
+    )
     .unwrap();
     let env = [
         ("CORRAL_CERT", format!("{}.crt", prefix.display())),
@@ -281,11 +420,22 @@ fn roles_limit_what_an_operator_may_do() {
     let out = lab.ctl_env(&["token", "create"], &env).unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("has role viewer; this needs role admin"), "{stderr}");
+    assert!(
+        stderr.contains("has role viewer; this needs role admin"),
+        "{stderr}"
+    );
     assert!(out.stdout.is_empty());
     // A viewer may look.
-    assert!(lab.ctl_env(&["cluster", "list"], &env).unwrap().status.success());
+    assert!(lab
+        .ctl_env(&["cluster", "list"], &env)
+        .unwrap()
+        .status
+        .success());
     let rows = audit(&lab);
-    assert!(rows.iter().any(|e| e["who"] == "val" && e["action"] == "token.create"
-        && e["result"].as_str().unwrap().starts_with("refused")), "{rows:?}");
+    assert!(
+        rows.iter().any(|e| e["who"] == "val"
+            && e["action"] == "token.create"
+            && e["result"].as_str().unwrap().starts_with("refused")),
+        "{rows:?}"
+    );
 }

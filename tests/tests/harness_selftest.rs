@@ -6,22 +6,45 @@ use corral_tests::{sh, sweep_stale, Lab, LabOptions};
 fn lab_exists(k: u32) -> bool {
     let netns = sh("ip", &["netns", "list"]).unwrap();
     let links = sh("ip", &["-o", "link", "show"]).unwrap();
-    netns.lines().any(|l| l.starts_with(&format!("crl{k}-"))) || links.contains(&format!("crlb{k}:"))
+    netns.lines().any(|l| l.starts_with(&format!("crl{k}-")))
+        || links.contains(&format!("crlb{k}:"))
 }
 
 #[test]
 fn lab_carries_ipv4_and_ipv6_and_is_removed_on_drop() {
-    let lab = Lab::start_with(LabOptions { vms: 2, enroll: false, ..Default::default() }).unwrap();
+    let lab = Lab::start_with(LabOptions {
+        vms: 2,
+        enroll: false,
+        ..Default::default()
+    })
+    .unwrap();
     let k = lab.k;
     assert!(lab_exists(k));
-    let ping4 = lab.in_ns("cli", "ping", &["-c", "1", "-W", "2", &lab.vm_ip(1)]).unwrap();
-    assert!(ping4.status.success(), "IPv4 ping from cli to vm1: {ping4:?}");
-    let ping6 = lab.in_ns("cli", "ping", &["-6", "-c", "1", "-W", "2", &format!("fd31::{k:x}:11")]).unwrap();
-    assert!(ping6.status.success(), "IPv6 ping from cli to vm1: {ping6:?}");
+    let ping4 = lab
+        .in_ns("cli", "ping", &["-c", "1", "-W", "2", &lab.vm_ip(1)])
+        .unwrap();
+    assert!(
+        ping4.status.success(),
+        "IPv4 ping from cli to vm1: {ping4:?}"
+    );
+    let ping6 = lab
+        .in_ns(
+            "cli",
+            "ping",
+            &["-6", "-c", "1", "-W", "2", &format!("fd31::{k:x}:11")],
+        )
+        .unwrap();
+    assert!(
+        ping6.status.success(),
+        "IPv6 ping from cli to vm1: {ping6:?}"
+    );
     // The coordinator answers from its namespace.
     assert!(lab.ctl_ok(&["whoami"]).unwrap().contains("admin"));
     drop(lab);
-    assert!(!lab_exists(k), "lab {k} left namespaces or its bridge behind");
+    assert!(
+        !lab_exists(k),
+        "lab {k} left namespaces or its bridge behind"
+    );
 }
 
 #[test]
@@ -29,7 +52,12 @@ fn lab_is_removed_when_its_test_panics() {
     let k = std::sync::Arc::new(std::sync::Mutex::new(0));
     let k2 = k.clone();
     let result = std::panic::catch_unwind(move || {
-        let lab = Lab::start_with(LabOptions { vms: 1, enroll: false, ..Default::default() }).unwrap();
+        let lab = Lab::start_with(LabOptions {
+            vms: 1,
+            enroll: false,
+            ..Default::default()
+        })
+        .unwrap();
         *k2.lock().unwrap() = lab.k;
         panic!("deliberate failure inside a lab");
     });
@@ -44,13 +72,23 @@ fn labs_of_dead_processes_are_swept() {
     // A lab whose owner died: bridge, namespace and a pid file naming a
     // process that no longer exists.
     let k = (200..=250u32)
-        .find(|k| sh("ip", &["link", "add", &format!("crlb{k}"), "type", "bridge"]).is_ok())
+        .find(|k| {
+            sh(
+                "ip",
+                &["link", "add", &format!("crlb{k}"), "type", "bridge"],
+            )
+            .is_ok()
+        })
         .expect("a free lab number");
     let mut gone = std::process::Command::new("true").spawn().unwrap();
     let dead_pid = gone.id();
     gone.wait().unwrap();
     std::fs::create_dir_all("/tmp/corral-tests/labs").unwrap();
-    std::fs::write(format!("/tmp/corral-tests/labs/{k}.pid"), dead_pid.to_string()).unwrap();
+    std::fs::write(
+        format!("/tmp/corral-tests/labs/{k}.pid"),
+        dead_pid.to_string(),
+    )
+    .unwrap();
     sh("ip", &["netns", "add", &format!("crl{k}-vm1")]).unwrap();
     assert!(lab_exists(k));
     sweep_stale();

@@ -44,7 +44,10 @@ impl EngineSpec {
             ));
         }
         if req.role != "primary" {
-            return Err(format!("role {:?} is not supported yet (supported: primary)", req.role));
+            return Err(format!(
+                "role {:?} is not supported yet (supported: primary)",
+                req.role
+            ));
         }
         let port = u16::try_from(req.port)
             .ok()
@@ -69,14 +72,21 @@ impl EngineSpec {
     pub fn load(state_dir: &Path) -> Result<Option<EngineSpec>> {
         let path = spec_path(state_dir);
         match std::fs::read_to_string(&path) {
-            Ok(s) => Ok(Some(serde_json::from_str(&s).with_context(|| format!("{} is not valid", path.display()))?)),
+            Ok(s) => {
+                Ok(Some(serde_json::from_str(&s).with_context(|| {
+                    format!("{} is not valid", path.display())
+                })?))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
         }
     }
 
     pub fn save(&self, state_dir: &Path) -> Result<()> {
-        corral_proto::pki::write_private(&spec_path(state_dir), &serde_json::to_string_pretty(self)?)
+        corral_proto::pki::write_private(
+            &spec_path(state_dir),
+            &serde_json::to_string_pretty(self)?,
+        )
     }
 }
 
@@ -90,11 +100,14 @@ pub fn sql_identifier(what: &str, v: &str) -> Result<(), String> {
     let ok = !v.is_empty()
         && v.len() <= 63
         && v.starts_with(|c: char| c.is_ascii_lowercase())
-        && v.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        && v.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
     if ok {
         Ok(())
     } else {
-        Err(format!("invalid {what} {v:?}: use lowercase letters, digits and '_', starting with a letter"))
+        Err(format!(
+            "invalid {what} {v:?}: use lowercase letters, digits and '_', starting with a letter"
+        ))
     }
 }
 
@@ -135,7 +148,9 @@ fn describe_exit(status: std::process::ExitStatus) -> String {
     match (status.code(), status.signal()) {
         (Some(code), _) => format!("exited with code {code}"),
         (None, Some(sig)) => {
-            let name = nix::sys::signal::Signal::try_from(sig).map(|s| s.as_str()).unwrap_or("unknown");
+            let name = nix::sys::signal::Signal::try_from(sig)
+                .map(|s| s.as_str())
+                .unwrap_or("unknown");
             format!("was killed by signal {sig} ({name})")
         }
         _ => "exited".into(),
@@ -146,7 +161,10 @@ fn describe_exit(status: std::process::ExitStatus) -> String {
 pub fn process_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the parenthesised command name.
-        Ok(stat) => stat.rsplit_once(')').map(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])).unwrap_or(false),
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .map(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
+            .unwrap_or(false),
         Err(_) => false,
     }
 }
@@ -192,7 +210,10 @@ impl Engine {
             state_dir,
             driver,
             events,
-            status: Mutex::new(pb::EngineStatus { state: EngineState::None as i32, ..Default::default() }),
+            status: Mutex::new(pb::EngineStatus {
+                state: EngineState::None as i32,
+                ..Default::default()
+            }),
             spec: Mutex::new(None),
             supervisor: Mutex::new(None),
             configuring: tokio::sync::Mutex::new(()),
@@ -200,7 +221,10 @@ impl Engine {
     }
 
     pub fn status(&self) -> pb::EngineStatus {
-        self.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn update(&self, f: impl FnOnce(&mut pb::EngineStatus)) {
@@ -250,7 +274,11 @@ impl Engine {
 
     /// Makes the node run `spec`: idempotent, and refused (nothing changed)
     /// when the node already serves something else.
-    pub async fn configure(self: &Arc<Self>, spec: EngineSpec, admin_password: &str) -> Result<pb::EngineStatus> {
+    pub async fn configure(
+        self: &Arc<Self>,
+        spec: EngineSpec,
+        admin_password: &str,
+    ) -> Result<pb::EngineStatus> {
         let _one_at_a_time = self.configuring.lock().await;
         if let Some(current) = self.spec() {
             if current.cluster != spec.cluster {
@@ -275,7 +303,10 @@ impl Engine {
         }
         self.ensure_supervised();
         self.wait_running().await?;
-        self.driver.bootstrap(&spec, admin_password).await.context("creating the admin role and database")?;
+        self.driver
+            .bootstrap(&spec, admin_password)
+            .await
+            .context("creating the admin role and database")?;
         Ok(self.status())
     }
 
@@ -374,7 +405,11 @@ impl Engine {
         let exited = process.exited();
         tokio::pin!(exited);
         loop {
-            let pause = if ready { CHECK_EVERY } else { Duration::from_millis(100) };
+            let pause = if ready {
+                CHECK_EVERY
+            } else {
+                Duration::from_millis(100)
+            };
             tokio::select! {
                 how = &mut exited => return how,
                 _ = tokio::time::sleep(pause) => {}
@@ -385,7 +420,11 @@ impl Engine {
                         ready = true;
                         self.events.push(
                             first,
-                            format!("{} {version} is up (pid {})", spec.engine, self.status().pid),
+                            format!(
+                                "{} {version} is up (pid {})",
+                                spec.engine,
+                                self.status().pid
+                            ),
                         );
                     }
                     self.update(|s| {
@@ -404,7 +443,10 @@ impl Engine {
                 }
                 Err(e) => {
                     if started.elapsed() > READY_TIMEOUT {
-                        self.update(|s| s.message = format!("not answering after {}s: {e:#}", READY_TIMEOUT.as_secs()));
+                        self.update(|s| {
+                            s.message =
+                                format!("not answering after {}s: {e:#}", READY_TIMEOUT.as_secs())
+                        });
                     }
                 }
             }
@@ -448,15 +490,28 @@ mod tests {
 
     #[test]
     fn names_what_is_wrong() {
-        let cases: Vec<(Box<dyn Fn(&mut pb::ConfigureEngineRequest)>, &str)> = vec![
-            (Box::new(|r| r.engine = "oracle".into()), "engine \"oracle\" is not supported"),
+        type Mutation = Box<dyn Fn(&mut pb::ConfigureEngineRequest)>;
+        let cases: Vec<(Mutation, &str)> = vec![
+            (
+                Box::new(|r| r.engine = "oracle".into()),
+                "engine \"oracle\" is not supported",
+            ),
             (Box::new(|r| r.role = "replica".into()), "role \"replica\""),
             (Box::new(|r| r.port = 80), "port 80"),
             (Box::new(|r| r.port = 70000), "port 70000"),
-            (Box::new(|r| r.admin_user = "a\"; drop".into()), "invalid admin user"),
+            (
+                Box::new(|r| r.admin_user = "a\"; drop".into()),
+                "invalid admin user",
+            ),
             (Box::new(|r| r.database = "".into()), "invalid database"),
-            (Box::new(|r| r.admin_password = "short".into()), "admin password"),
-            (Box::new(|r| r.cluster = "Bad_Name".into()), "invalid cluster name"),
+            (
+                Box::new(|r| r.admin_password = "short".into()),
+                "admin password",
+            ),
+            (
+                Box::new(|r| r.cluster = "Bad_Name".into()),
+                "invalid cluster name",
+            ),
         ];
         for (mutate, expected) in cases {
             let mut r = request();

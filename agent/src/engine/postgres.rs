@@ -36,7 +36,10 @@ fn account() -> Result<Account> {
     if user.uid.is_root() {
         bail!("the `postgres` user has uid 0; the server must not run as root");
     }
-    Ok(Account { uid: user.uid, gid: user.gid })
+    Ok(Account {
+        uid: user.uid,
+        gid: user.gid,
+    })
 }
 
 /// A single-quoted postgresql.conf value.
@@ -46,10 +49,25 @@ fn conf_quote(v: &str) -> String {
 
 /// Runs a command and fails with its output when it does not succeed.
 async fn run(cmd: &mut tokio::process::Command, what: &str) -> Result<()> {
-    let out = cmd.stdin(Stdio::null()).output().await.with_context(|| format!("running {what}"))?;
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .with_context(|| format!("running {what}"))?;
     if !out.status.success() {
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        let tail: Vec<&str> = text.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let tail: Vec<&str> = text
+            .lines()
+            .rev()
+            .take(15)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
         bail!("{what} failed ({}):\n{}", out.status, tail.join("\n"));
     }
     Ok(())
@@ -62,20 +80,26 @@ fn write_owned(path: &Path, contents: &str, acct: &Account) -> Result<bool> {
         return Ok(false);
     }
     corral_proto::pki::write_private(path, contents)?;
-    chown(path, Some(acct.uid), Some(acct.gid)).with_context(|| format!("chown {}", path.display()))?;
+    chown(path, Some(acct.uid), Some(acct.gid))
+        .with_context(|| format!("chown {}", path.display()))?;
     Ok(true)
 }
 
 fn mkdir_owned(path: &Path, mode: u32, acct: &Account) -> Result<()> {
     std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
-    chown(path, Some(acct.uid), Some(acct.gid)).with_context(|| format!("chown {}", path.display()))?;
+    chown(path, Some(acct.uid), Some(acct.gid))
+        .with_context(|| format!("chown {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("chmod {}", path.display()))
 }
 
 impl Postgres {
     pub fn new(bin_dir: PathBuf, state_dir: &Path) -> Postgres {
-        Postgres { bin_dir, base: state_dir.join("postgres"), conn: tokio::sync::Mutex::new(None) }
+        Postgres {
+            bin_dir,
+            base: state_dir.join("postgres"),
+            conn: tokio::sync::Mutex::new(None),
+        }
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -115,19 +139,26 @@ impl Postgres {
         // a crash half-way never leaves a data directory that looks usable.
         let scratch = self.base.join("data.initdb");
         if scratch.exists() {
-            std::fs::remove_dir_all(&scratch).with_context(|| format!("removing {}", scratch.display()))?;
+            std::fs::remove_dir_all(&scratch)
+                .with_context(|| format!("removing {}", scratch.display()))?;
         }
         mkdir_owned(&scratch, 0o700, acct)?;
         run(
             self.command("initdb", acct)?
                 .arg("-D")
                 .arg(&scratch)
-                .args(["-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256"])
+                .args([
+                    "-U",
+                    "postgres",
+                    "--auth-local=trust",
+                    "--auth-host=scram-sha-256",
+                ])
                 .args(["--encoding=UTF8", "--locale=C.UTF-8", "--data-checksums"]),
             "initdb",
         )
         .await?;
-        std::fs::rename(&scratch, self.data_dir()).context("moving the new data directory into place")?;
+        std::fs::rename(&scratch, self.data_dir())
+            .context("moving the new data directory into place")?;
         Ok(())
     }
 
@@ -187,7 +218,8 @@ fn quote_literal(v: &str) -> String {
 impl Driver for Postgres {
     async fn prepare(&self, spec: &EngineSpec) -> Result<()> {
         let acct = account()?;
-        std::fs::create_dir_all(&self.base).with_context(|| format!("creating {}", self.base.display()))?;
+        std::fs::create_dir_all(&self.base)
+            .with_context(|| format!("creating {}", self.base.display()))?;
         std::fs::set_permissions(&self.base, std::fs::Permissions::from_mode(0o755))?;
         mkdir_owned(&self.socket_dir(), 0o700, &acct)?;
         if !self.data_dir().join("PG_VERSION").exists() {
@@ -204,16 +236,24 @@ impl Driver for Postgres {
         let mut changed = write_owned(&data.join("corral.conf"), &self.config(spec), &acct)?;
         changed |= write_owned(&data.join("pg_hba.conf"), &self.hba(), &acct)?;
         let main_conf = data.join("postgresql.conf");
-        let text = std::fs::read_to_string(&main_conf).with_context(|| format!("reading {}", main_conf.display()))?;
+        let text = std::fs::read_to_string(&main_conf)
+            .with_context(|| format!("reading {}", main_conf.display()))?;
         let include = "include_if_exists = 'corral.conf'";
         if !text.lines().any(|l| l.trim() == include) {
-            write_owned(&main_conf, &format!("{text}\n# Corral's settings (port, sockets, ...).\n{include}\n"), &acct)?;
+            write_owned(
+                &main_conf,
+                &format!("{text}\n# Corral's settings (port, sockets, ...).\n{include}\n"),
+                &acct,
+            )?;
             changed = true;
         }
         if changed {
             if let Some(pid) = self.find_running() {
                 // Settings that need a restart (port) are not changed in place.
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGHUP);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::SIGHUP,
+                );
             }
         }
         Ok(())
@@ -257,7 +297,12 @@ impl Driver for Postgres {
             *conn = Some(self.connect(spec).await?);
         }
         let client = conn.as_ref().ok_or_else(|| anyhow!("no connection"))?;
-        match tokio::time::timeout(Duration::from_secs(5), client.query_one("SHOW server_version", &[])).await {
+        match tokio::time::timeout(
+            Duration::from_secs(5),
+            client.query_one("SHOW server_version", &[]),
+        )
+        .await
+        {
             Ok(Ok(row)) => Ok(row.get::<_, String>(0)),
             Ok(Err(e)) => {
                 *conn = None;
@@ -271,11 +316,20 @@ impl Driver for Postgres {
     }
 
     async fn bootstrap(&self, spec: &EngineSpec, admin_password: &str) -> Result<()> {
-        let client = self.connect(spec).await.context("connecting over the local socket")?;
+        let client = self
+            .connect(spec)
+            .await
+            .context("connecting over the local socket")?;
         // Only the SCRAM verifier crosses to the server, never the password.
         let verifier = postgres_protocol::password::scram_sha_256(admin_password.as_bytes());
         let user = quote_ident(&spec.admin_user);
-        let exists = !client.query("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&spec.admin_user]).await?.is_empty();
+        let exists = !client
+            .query(
+                "SELECT 1 FROM pg_roles WHERE rolname = $1",
+                &[&spec.admin_user],
+            )
+            .await?
+            .is_empty();
         let verb = if exists { "ALTER" } else { "CREATE" };
         client
             .batch_execute(&format!(
@@ -284,11 +338,22 @@ impl Driver for Postgres {
             ))
             .await
             .with_context(|| format!("{verb} ROLE {user}"))?;
-        client.batch_execute(&format!("GRANT pg_monitor, pg_signal_backend TO {user}")).await?;
-        let db_exists = !client.query("SELECT 1 FROM pg_database WHERE datname = $1", &[&spec.database]).await?.is_empty();
+        client
+            .batch_execute(&format!("GRANT pg_monitor, pg_signal_backend TO {user}"))
+            .await?;
+        let db_exists = !client
+            .query(
+                "SELECT 1 FROM pg_database WHERE datname = $1",
+                &[&spec.database],
+            )
+            .await?
+            .is_empty();
         if !db_exists {
             client
-                .batch_execute(&format!("CREATE DATABASE {} OWNER {user}", quote_ident(&spec.database)))
+                .batch_execute(&format!(
+                    "CREATE DATABASE {} OWNER {user}",
+                    quote_ident(&spec.database)
+                ))
                 .await
                 .with_context(|| format!("CREATE DATABASE {}", spec.database))?;
         }

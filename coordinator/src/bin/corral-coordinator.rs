@@ -7,7 +7,11 @@ use std::path::PathBuf;
 #[command(name = "corral-coordinator", version)]
 struct Args {
     /// Holds the SQLite store (corral.db) and the secrets key.
-    #[arg(long, env = "CORRAL_STATE_DIR", default_value = "/var/lib/corral-coordinator")]
+    #[arg(
+        long,
+        env = "CORRAL_STATE_DIR",
+        default_value = "/var/lib/corral-coordinator"
+    )]
     state_dir: PathBuf,
     /// What `corralctl pki init` wrote.
     #[arg(long, env = "CORRAL_PKI_DIR", default_value = "/etc/corral/pki")]
@@ -22,12 +26,17 @@ async fn main() -> std::process::ExitCode {
     corral_proto::tls::install_crypto_provider();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CORRAL_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("CORRAL_LOG")
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let config = corral_coordinator::Config { state_dir: args.state_dir, pki_dir: args.pki_dir, listen: args.listen };
+    let config = corral_coordinator::Config {
+        state_dir: args.state_dir,
+        pki_dir: args.pki_dir,
+        listen: args.listen,
+    };
     match corral_coordinator::run(config, shutdown_signal()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

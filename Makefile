@@ -1,0 +1,55 @@
+# Corral: `make demo` and `make test` are all a fresh Debian 12 machine needs.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+CARGO ?= cargo
+DEBUG_BIN := $(CURDIR)/target/debug
+RELEASE_BIN := $(CURDIR)/target/release
+
+.PHONY: help deps build test unit e2e lint demo demo-stop bench sweep package clean
+
+help:
+	@echo "make demo       install what is missing, build, start a coordinator and 3 namespace VMs with a PostgreSQL cluster"
+	@echo "make demo-stop  remove the demo"
+	@echo "make test       install what is missing, fmt --check, clippy -D warnings, every test"
+	@echo "make bench      agent footprint benchmark (release build)"
+	@echo "make sweep      remove namespaces left by killed test runs"
+	@echo "make package    Debian packages (cargo-deb)"
+
+deps:
+	@scripts/install-deps.sh
+
+build: deps
+	$(CARGO) build --workspace --all-targets
+
+lint: deps
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Unit tests and the namespace end-to-end tests (root: they create
+# namespaces). Labs are independent, so tests run in parallel.
+test: lint build
+	CORRAL_BIN_DIR=$(DEBUG_BIN) $(CARGO) test --workspace
+
+demo: build
+	@CORRAL_BIN_DIR=$(DEBUG_BIN) scripts/demo.sh
+
+demo-stop:
+	@scripts/demo.sh stop
+
+bench: deps
+	$(CARGO) build --release --workspace --bins
+	CORRAL_BIN_DIR=$(RELEASE_BIN) $(CARGO) bench -p corral-tests --bench agent_footprint
+
+sweep:
+	@scripts/sweep-labs.sh
+
+package: deps
+	@command -v cargo-deb >/dev/null || $(CARGO) install cargo-deb --locked
+	$(CARGO) build --release --workspace --bins
+	$(CARGO) deb -p corral-agent --no-build
+	$(CARGO) deb -p corral-coordinator --no-build
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Installs what Corral's build, tests and demo need, and nothing that is
+# already there. Safe to run again; works offline when everything is present.
+set -euo pipefail
+
+PACKAGES=(
+    build-essential pkg-config      # cargo's C toolchain (bundled SQLite, ring)
+    iproute2 iputils-ping procps    # network namespaces as test VMs
+    nftables                        # per-node IP allowlists
+    postgresql-15 postgresql-client-15
+)
+
+if [[ $(id -u) != 0 ]]; then
+    echo "error: run as root (apt packages, network namespaces)" >&2
+    exit 1
+fi
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+    [[ $p == \#* ]] && continue
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    echo "==> apt-get install ${missing[*]}"
+    # Debian starts a default PostgreSQL cluster on install unless told not
+    # to; Corral's agents run their own.
+    mkdir -p /etc/postgresql-common/createcluster.d
+    echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.d/corral.conf
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+    if [[ -d /run/systemd/system ]]; then
+        systemctl disable --now postgresql >/dev/null 2>&1 || true
+    fi
+fi
+
+if ! command -v cargo >/dev/null; then
+    echo "error: cargo not found: install Rust 1.88 or newer with rustup (https://rustup.rs)" >&2
+    exit 1
+fi
+for component in rustfmt clippy; do
+    if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+        echo "==> rustup component add $component"
+        rustup component add "$component"
+    fi
+done
