@@ -274,14 +274,13 @@ fn rpc_error(addr: &str, s: tonic::Status) -> anyhow::Error {
             } else {
                 cause
             };
-            let hint = if detail.contains("alert")
-                || detail.contains("certificate")
-                || detail.contains("canceled")
-            {
-                ": the coordinator may have refused this client's certificate (issued by another CA?), or this CA does not match the \
-                 coordinator's; check --config, CORRAL_CA, CORRAL_CERT and CORRAL_KEY"
+            // A refused client certificate shows up in many forms under TLS
+            // 1.3 (an alert, a closed stream, a broken pipe): name both causes.
+            let hint = if detail.contains("refused") || detail.contains("timed out") {
+                "; check that the coordinator is running and reachable"
             } else {
-                ""
+                "; check that the coordinator is running there, and that this client's CA, certificate \
+                 and key (--config, or CORRAL_CA/CORRAL_CERT/CORRAL_KEY) come from its `corralctl pki init`"
             };
             anyhow!("cannot reach the coordinator at {addr}: {detail}{hint}")
         }

@@ -189,12 +189,14 @@ fn a_killed_vm_is_down_within_three_heartbeat_intervals() {
         seen_down <= interval * 3 + Duration::from_millis(800),
         "down after {seen_down:?}"
     );
-    // The coordinator's own record: the silence it measured when it decided.
+    // The coordinator's own record: the silence it measured when it decided
+    // (its monitor writes the event on its next 200 ms tick).
+    wait_until(Duration::from_secs(5), "a node_down event for vm2", || {
+        Ok(has_event(&events(&lab, "vm2"), "node_down"))
+    })
+    .unwrap();
     let ev = events(&lab, "vm2");
-    let down = ev
-        .iter()
-        .find(|e| e["kind"] == "node_down")
-        .expect("a node_down event");
+    let down = ev.iter().find(|e| e["kind"] == "node_down").unwrap();
     let msg = down["message"].as_str().unwrap();
     let secs: f64 = msg
         .rsplit("no heartbeat for ")
