@@ -254,7 +254,10 @@ impl Lab {
             dir,
             coordinator: None,
         };
-        lab.setup().with_context(|| format!("setting up lab {k}"))?;
+        if let Err(e) = lab.setup() {
+            lab.report_failure();
+            return Err(e.context(format!("setting up lab {k}")));
+        }
         Ok(lab)
     }
 
