@@ -121,6 +121,7 @@ async fn run(args: Args) -> Result<()> {
     let driver = Arc::new(engine::postgres::Postgres::new(
         config.pg_bin_dir.clone(),
         &config.state_dir,
+        &identity.info.node_id,
     ));
     let engine = engine::Engine::new(config.state_dir.clone(), driver, events.clone());
     if let Err(e) = engine.resume().await {

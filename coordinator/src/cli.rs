@@ -114,11 +114,16 @@ enum ClusterCmd {
         name: String,
         #[arg(long)]
         engine: String,
-        /// Node to run on (repeat or comma-separate for several).
-        #[arg(long = "node", value_delimiter = ',', required = true)]
+        /// Nodes to run on, comma-separated or repeated; the first is the
+        /// primary (--mode primary-replica), the others its replicas.
+        #[arg(long = "nodes", alias = "node", value_delimiter = ',', required = true)]
         nodes: Vec<String>,
+        /// single or primary-replica.
         #[arg(long, default_value = "single")]
         mode: String,
+        /// Zero-loss: every commit waits until at least one replica has it.
+        #[arg(long)]
+        sync: bool,
         /// Return once the operation is accepted instead of waiting for it.
         #[arg(long)]
         no_wait: bool,
@@ -126,6 +131,35 @@ enum ClusterCmd {
     List,
     Show {
         name: String,
+    },
+    /// Change settings: sync=on|off, termination-protection=on|off.
+    Set {
+        name: String,
+        #[arg(required = true, value_parser = parse_setting)]
+        settings: Vec<(String, bool)>,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Erase every (or one) replica's data and clone it again from the primary.
+    Resync {
+        name: String,
+        /// Only this replica.
+        #[arg(long)]
+        node: Option<String>,
+        /// Repeat the cluster's name.
+        #[arg(long)]
+        confirm: Option<String>,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Stop every engine, erase every node's data and forget the cluster.
+    Delete {
+        name: String,
+        /// Repeat the cluster's name.
+        #[arg(long)]
+        confirm: Option<String>,
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Print the admin connection string (audited).
     Credentials {
@@ -136,6 +170,45 @@ enum ClusterCmd {
 #[derive(Subcommand, Debug)]
 enum NodeCmd {
     List,
+    /// Add a node to a cluster as a replica cloned from the primary.
+    Add {
+        cluster: String,
+        node: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Detach a replica, stop its engine and erase its data.
+    Remove {
+        cluster: String,
+        node: String,
+        /// Repeat the node's name.
+        #[arg(long)]
+        confirm: Option<String>,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Planned switchover: make this replica the primary; the old primary follows it.
+    Promote {
+        cluster: String,
+        node: String,
+        /// Repeat the node's name.
+        #[arg(long)]
+        confirm: Option<String>,
+        /// Promote even if the node is unhealthy or lagging, or the primary is down.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Restart a node's engine cleanly (a primary needs --force: writes pause).
+    Reboot {
+        cluster: String,
+        node: String,
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        no_wait: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -167,6 +240,26 @@ enum EventCmd {
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
+}
+
+fn parse_setting(s: &str) -> Result<(String, bool), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("invalid setting {s:?}: use KEY=on|off"))?;
+    let key = match k {
+        "sync" | "termination-protection" => k.to_string(),
+        _ => {
+            return Err(format!(
+                "unknown setting {k:?}: settable are sync and termination-protection"
+            ))
+        }
+    };
+    let on = match v {
+        "on" | "true" => true,
+        "off" | "false" => false,
+        _ => return Err(format!("invalid value {v:?} for {k}: use on or off")),
+    };
+    Ok((key, on))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -425,6 +518,30 @@ fn engine_label(e: &Option<pb::EngineStatus>) -> String {
     }
 }
 
+fn lag_label(n: &pb::Node) -> String {
+    if n.role != "replica" || n.lag_bytes < 0 {
+        return "-".into();
+    }
+    let bytes = match n.lag_bytes {
+        b if b < 1 << 10 => format!("{b} B"),
+        b if b < 1 << 20 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+    };
+    if n.lag_ms >= 0 {
+        format!("{bytes}, {:.1}s", n.lag_ms as f64 / 1000.0)
+    } else {
+        bytes
+    }
+}
+
+fn on_off(v: bool) -> &'static str {
+    if v {
+        "on"
+    } else {
+        "off"
+    }
+}
+
 fn print_nodes(nodes: &[pb::Node]) {
     let mut t = table(&[
         "NODE",
@@ -433,6 +550,8 @@ fn print_nodes(nodes: &[pb::Node]) {
         "CLUSTER",
         "ROLE",
         "ENGINE",
+        "REPLICATION",
+        "LAG",
         "CPU",
         "MEM",
         "DISK",
@@ -455,6 +574,12 @@ fn print_nodes(nodes: &[pb::Node]) {
                 n.role.clone()
             },
             engine_label(&n.engine),
+            if n.replication.is_empty() {
+                "-".into()
+            } else {
+                n.replication.clone()
+            },
+            lag_label(n),
             format!("{:.0}%", m.cpu_percent),
             format!("{}/{}", gib(m.memory_used_bytes), gib(m.memory_total_bytes)),
             format!("{}/{}", gib(m.disk_used_bytes), gib(m.disk_total_bytes)),
@@ -484,8 +609,12 @@ fn fmt_time(ms: i64) -> String {
     format!("{h:02}:{m:02}:{s:02}Z")
 }
 
-/// Follows an operation until it ends, echoing new log lines to stderr.
+/// Follows an operation until it ends, echoing new log lines to stderr and,
+/// on a terminal, drawing a progress bar for its long steps.
 async fn wait_operation(api: &mut OperatorClient<Channel>, id: &str) -> Result<pb::Operation> {
+    use std::io::IsTerminal;
+    let tty = std::io::stderr().is_terminal();
+    let mut bar: Option<indicatif::ProgressBar> = None;
     let mut shown = 0;
     loop {
         let op = api
@@ -493,14 +622,77 @@ async fn wait_operation(api: &mut OperatorClient<Channel>, id: &str) -> Result<p
             .await?
             .into_inner();
         for l in op.log.iter().skip(shown) {
-            eprintln!("  {}", l.message);
+            match &bar {
+                Some(b) => b.println(format!("  {}", l.message)),
+                None => eprintln!("  {}", l.message),
+            }
         }
         shown = op.log.len();
+        match (&op.progress, tty) {
+            (Some(p), true) if p.total_bytes > 0 => {
+                let b = bar.get_or_insert_with(|| {
+                    let b = indicatif::ProgressBar::new(p.total_bytes);
+                    if let Ok(style) = indicatif::ProgressStyle::with_template(
+                        "  {msg} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+                    ) {
+                        b.set_style(style.progress_chars("=> "));
+                    }
+                    b
+                });
+                b.set_length(p.total_bytes);
+                b.set_position(p.done_bytes);
+                b.set_message(p.message.clone());
+            }
+            _ => {
+                if let Some(b) = bar.take() {
+                    b.finish_and_clear();
+                }
+            }
+        }
         if op.state == "succeeded" || op.state == "failed" {
+            if let Some(b) = bar.take() {
+                b.finish_and_clear();
+            }
             return Ok(op);
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// Waits for an accepted operation (unless `no_wait`) and fails if it failed.
+async fn follow(
+    api: &mut OperatorClient<Channel>,
+    op: pb::Operation,
+    no_wait: bool,
+    json: bool,
+    what: &str,
+) -> Result<pb::Operation> {
+    if no_wait {
+        if json {
+            print_json(&op)?;
+        } else {
+            println!(
+                "operation {} accepted; follow it with `corralctl operation show {}`",
+                op.id, op.id
+            );
+        }
+        return Ok(op);
+    }
+    eprintln!("{what} (operation {})", op.id);
+    let op = wait_operation(api, &op.id).await?;
+    if op.state != "succeeded" {
+        bail!(
+            "{what} failed: {} (see `corralctl operation show {}`)",
+            op.error,
+            op.id
+        );
+    }
+    if json {
+        print_json(&op)?;
+    } else {
+        println!("{what}: done");
+    }
+    Ok(op)
 }
 
 async fn run(api: &mut OperatorClient<Channel>, command: Command, json: bool) -> Result<()> {
@@ -534,6 +726,7 @@ async fn run(api: &mut OperatorClient<Channel>, command: Command, json: bool) ->
             engine,
             nodes,
             mode,
+            sync,
             no_wait,
         }) => {
             corral_proto::names::validate("cluster", &name).map_err(|e| anyhow!(e))?;
@@ -543,6 +736,7 @@ async fn run(api: &mut OperatorClient<Channel>, command: Command, json: bool) ->
                     engine,
                     mode,
                     nodes,
+                    sync,
                 })
                 .await?
                 .into_inner();
@@ -612,10 +806,183 @@ async fn run(api: &mut OperatorClient<Channel>, command: Command, json: bool) ->
                 return print_json(&c);
             }
             println!(
-                "cluster {}: {} {} ({}), port {}, database {}",
-                c.name, c.engine, c.mode, c.state, c.port, c.database
+                "cluster {}: {} {} ({}), port {}, database {}, sync={}, termination-protection={}",
+                c.name,
+                c.engine,
+                c.mode,
+                c.state,
+                c.port,
+                c.database,
+                on_off(c.sync),
+                on_off(c.termination_protection)
             );
             print_nodes(&c.nodes);
+        }
+        Command::Cluster(ClusterCmd::Set {
+            name,
+            settings,
+            no_wait,
+        }) => {
+            let get = |k: &str| {
+                settings
+                    .iter()
+                    .rev()
+                    .find(|(key, _)| key == k)
+                    .map(|(_, v)| *v)
+            };
+            let r = api
+                .set_cluster(pb::SetClusterRequest {
+                    name: name.clone(),
+                    sync: get("sync"),
+                    termination_protection: get("termination-protection"),
+                })
+                .await?
+                .into_inner();
+            if let Some(op) = r.operation {
+                follow(api, op, no_wait, json, &format!("reconfiguring {name}")).await?;
+            } else if json {
+                print_json(&r.cluster)?;
+            }
+            if !json {
+                if let Some(c) = r.cluster {
+                    println!(
+                        "cluster {name}: sync={} termination-protection={}",
+                        on_off(c.sync),
+                        on_off(c.termination_protection)
+                    );
+                }
+            }
+        }
+        Command::Cluster(ClusterCmd::Resync {
+            name,
+            node,
+            confirm,
+            no_wait,
+        }) => {
+            let op = api
+                .resync_cluster(pb::ResyncClusterRequest {
+                    name: name.clone(),
+                    node: node.clone().unwrap_or_default(),
+                    confirm: confirm.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            let what = match node {
+                Some(n) => format!("resyncing {n} of {name}"),
+                None => format!("resyncing the replicas of {name}"),
+            };
+            follow(api, op, no_wait, json, &what).await?;
+        }
+        Command::Cluster(ClusterCmd::Delete {
+            name,
+            confirm,
+            no_wait,
+        }) => {
+            let op = api
+                .delete_cluster(pb::DeleteClusterRequest {
+                    name: name.clone(),
+                    confirm: confirm.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            follow(api, op, no_wait, json, &format!("deleting cluster {name}")).await?;
+        }
+        Command::Node(NodeCmd::Add {
+            cluster,
+            node,
+            no_wait,
+        }) => {
+            let op = api
+                .add_node(pb::AddNodeRequest {
+                    cluster: cluster.clone(),
+                    node: node.clone(),
+                })
+                .await?
+                .into_inner();
+            follow(
+                api,
+                op,
+                no_wait,
+                json,
+                &format!("adding {node} to {cluster}"),
+            )
+            .await?;
+        }
+        Command::Node(NodeCmd::Remove {
+            cluster,
+            node,
+            confirm,
+            no_wait,
+        }) => {
+            let op = api
+                .remove_node(pb::RemoveNodeRequest {
+                    cluster: cluster.clone(),
+                    node: node.clone(),
+                    confirm: confirm.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            follow(
+                api,
+                op,
+                no_wait,
+                json,
+                &format!("removing {node} from {cluster}"),
+            )
+            .await?;
+        }
+        Command::Node(NodeCmd::Promote {
+            cluster,
+            node,
+            confirm,
+            force,
+            no_wait,
+        }) => {
+            let op = api
+                .promote_node(pb::PromoteNodeRequest {
+                    cluster: cluster.clone(),
+                    node: node.clone(),
+                    confirm: confirm.unwrap_or_default(),
+                    force,
+                })
+                .await?
+                .into_inner();
+            follow(
+                api,
+                op,
+                no_wait,
+                json,
+                &format!("promoting {node} in {cluster}"),
+            )
+            .await?;
+        }
+        Command::Node(NodeCmd::Reboot {
+            cluster,
+            node,
+            force,
+            no_wait,
+        }) => {
+            let op = api
+                .reboot_node(pb::RebootNodeRequest {
+                    cluster: cluster.clone(),
+                    node: node.clone(),
+                    force,
+                })
+                .await?
+                .into_inner();
+            if force {
+                eprintln!(
+                    "warning: if {node} is the primary, writes to {cluster} pause until its engine is back"
+                );
+            }
+            follow(
+                api,
+                op,
+                no_wait,
+                json,
+                &format!("restarting the engine on {node}"),
+            )
+            .await?;
         }
         Command::Cluster(ClusterCmd::Credentials { name }) => {
             let c = api

@@ -10,6 +10,7 @@ use crate::{ops, Coordinator};
 use corral_proto::identity::{peer_identity, Identity, Role};
 use corral_proto::pb;
 use corral_proto::{names, now_ms};
+use rusqlite::Transaction;
 use std::sync::Arc;
 use std::time::Instant;
 use tonic::{Request, Response, Status};
@@ -18,7 +19,21 @@ pub struct OperatorApi(pub Arc<Coordinator>);
 
 /// The engines this build can run, and the modes it supports.
 pub const ENGINES: &[&str] = &["postgres"];
-pub const MODES: &[&str] = &["single"];
+pub const MODES: &[&str] = &["single", "primary-replica"];
+
+/// A planned switchover is refused (without --force) to a replica further
+/// behind than this: it would lengthen the pause while it catches up.
+pub const MAX_PROMOTE_LAG_BYTES: i64 = 16 << 20;
+
+/// How a replica is doing, from its primary's point of view.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicaView {
+    /// "streaming", "sync", "catching up", "not streaming"; "" for a primary.
+    pub state: String,
+    /// -1 when unknown.
+    pub lag_bytes: i64,
+    pub lag_ms: i64,
+}
 
 /// Token lifetime bounds: long enough to provision a VM, short enough that a
 /// leaked token soon stops mattering.
@@ -100,7 +115,34 @@ impl OperatorApi {
         r
     }
 
+    /// The replication state of `node` as its cluster's primary reports it.
+    pub fn replica_view(&self, row: &NodeRow) -> ReplicaView {
+        let unknown = ReplicaView {
+            state: String::new(),
+            lag_bytes: -1,
+            lag_ms: -1,
+        };
+        let Some(cluster) = &row.cluster else {
+            return unknown;
+        };
+        if row.role != "replica" {
+            return unknown;
+        }
+        let primary = self
+            .0
+            .store
+            .read(|c| store::nodes_of_cluster(c, cluster))
+            .ok()
+            .and_then(|nodes| nodes.into_iter().find(|n| n.role == "primary"));
+        let primary_rep = primary
+            .and_then(|p| self.0.fleet.get(&p.id))
+            .and_then(|l| l.engine.replication);
+        let own = self.0.fleet.get(&row.id).and_then(|l| l.engine.replication);
+        replica_view(&row.id, primary_rep.as_ref(), own.as_ref())
+    }
+
     fn node_pb(&self, row: &NodeRow, now: Instant) -> pb::Node {
+        let view = self.replica_view(row);
         let live = self.0.fleet.get(&row.id);
         let address = live
             .as_ref()
@@ -116,6 +158,9 @@ impl OperatorApi {
             metrics: live.as_ref().map(|l| l.metrics),
             engine: live.map(|l| l.engine),
             enrolled_at_ms: row.enrolled_at_ms,
+            lag_bytes: view.lag_bytes,
+            lag_ms: view.lag_ms,
+            replication: view.state,
         }
     }
 
@@ -135,10 +180,13 @@ impl OperatorApi {
             nodes: nodes.iter().map(|n| self.node_pb(n, now)).collect(),
             port: row.port,
             database: row.database.clone(),
+            sync: row.sync,
+            termination_protection: row.termination_protection,
         })
     }
 
     fn operation_pb(&self, row: OperationRow) -> Result<pb::Operation, Status> {
+        let progress = self.0.ops.progress(&row.id);
         let log = self
             .0
             .store
@@ -152,6 +200,7 @@ impl OperatorApi {
             created_at_ms: row.created_at_ms,
             updated_at_ms: row.updated_at_ms,
             requested_by: row.requested_by,
+            progress,
             error: row.error,
             log: log
                 .into_iter()
@@ -173,8 +222,50 @@ impl OperatorApi {
             })
     }
 
+    /// Runs `f` in one transaction; `f` answers Ok(Err(status)) to refuse,
+    /// which rolls everything back and returns that status.
+    fn refusable_tx<T>(
+        &self,
+        f: impl FnOnce(&Transaction) -> anyhow::Result<Result<T, Status>>,
+    ) -> Result<T, Status> {
+        let mut refusal = None;
+        self.0
+            .store
+            .tx(|tx| match f(tx)? {
+                Ok(v) => Ok(v),
+                Err(status) => {
+                    refusal = Some(status);
+                    anyhow::bail!("refused")
+                }
+            })
+            .map_err(|e| refusal.take().unwrap_or_else(|| internal(e)))
+    }
+
+    /// Checks that a node exists, is up and belongs to no cluster.
+    fn check_free_node(&self, tx: &Transaction, node: &str) -> anyhow::Result<Result<(), Status>> {
+        if let Err(e) = names::validate("node", node) {
+            return Ok(Err(Status::invalid_argument(e)));
+        }
+        let Some(n) = store::get_node(tx, node)? else {
+            return Ok(Err(Status::not_found(format!(
+                "unknown node {node:?}: see `corralctl node list` for enrolled nodes"
+            ))));
+        };
+        if let Some(c) = n.cluster {
+            return Ok(Err(Status::failed_precondition(format!(
+                "node {node} already belongs to cluster {c}: a node serves one cluster"
+            ))));
+        }
+        if self.0.fleet.liveness_of(node, Instant::now()) != Liveness::Up {
+            return Ok(Err(Status::failed_precondition(format!(
+                "node {node} is not up (no recent heartbeat): check its agent, then retry"
+            ))));
+        }
+        Ok(Ok(()))
+    }
+
     /// Validates a create request against the current state and records the
-    /// cluster, the node assignment, the operation and nothing else, in one
+    /// cluster, the node assignments, the operation and nothing else, in one
     /// transaction. Any refusal leaves the store untouched.
     fn create_cluster_tx(
         &self,
@@ -200,97 +291,325 @@ impl OperatorApi {
                 MODES.join(", ")
             )));
         }
-        let [node] = req.nodes.as_slice() else {
-            return Err(Status::invalid_argument(format!(
-                "a single-node cluster needs exactly one --node, got {}",
-                req.nodes.len()
-            )));
-        };
-        names::validate("node", node).map_err(Status::invalid_argument)?;
-        if self.0.fleet.liveness_of(node, Instant::now()) != Liveness::Up {
-            // Checked before the transaction too, for a clear message; an
-            // unknown node falls through to the not-found error below.
-            if self
-                .0
-                .store
-                .read(|c| store::get_node(c, node))
-                .map_err(internal)?
-                .is_some()
-            {
-                return Err(Status::failed_precondition(format!(
-                    "node {node} is not up (no recent heartbeat): check its agent, then retry"
+        match (mode, req.nodes.len()) {
+            ("single", 1) => {}
+            ("single", n) => {
+                return Err(Status::invalid_argument(format!(
+                    "a single-node cluster needs exactly one node, got {n}; for replicas use \
+                     --mode primary-replica"
+                )))
+            }
+            (_, 0) => {
+                return Err(Status::invalid_argument(
+                    "a primary-replica cluster needs at least one node (the first is the primary)",
+                ))
+            }
+            _ => {}
+        }
+        for (i, n) in req.nodes.iter().enumerate() {
+            names::validate("node", n).map_err(Status::invalid_argument)?;
+            if req.nodes[..i].contains(n) {
+                return Err(Status::invalid_argument(format!(
+                    "node {n} is listed twice: each node holds one copy of the data"
                 )));
             }
         }
-        let password = corral_proto::random_password(32).map_err(internal)?;
-        let sealed = self.0.secrets.seal(&password).map_err(internal)?;
+        if req.sync && req.nodes.len() < 2 {
+            return Err(Status::invalid_argument(
+                "--sync needs at least one replica to wait for: list two or more nodes",
+            ));
+        }
+        let sealed = self.new_secret()?;
+        let replication = self.new_secret()?;
         let now = now_ms();
         let op = OperationRow {
             id: ops::new_id(),
             cluster: req.name.clone(),
             kind: ops::CREATE_CLUSTER.into(),
             state: store::op_state::PENDING.into(),
-            params: serde_json::json!({ "node": node }).to_string(),
+            params: serde_json::json!({ "nodes": req.nodes }).to_string(),
             requested_by: who.into(),
             created_at_ms: now,
             updated_at_ms: now,
             error: String::new(),
         };
-        let mut refusal = None;
-        self.0
-            .store
-            .tx(|tx| {
-                let r = (|| {
-                    if store::get_cluster(tx, &req.name)?.is_some() {
-                        return Ok(Err(Status::already_exists(format!(
-                            "a cluster named {:?} already exists: choose another name",
-                            req.name
-                        ))));
-                    }
-                    let Some(n) = store::get_node(tx, node)? else {
-                        return Ok(Err(Status::not_found(format!(
-                            "unknown node {node:?}: see `corralctl node list` for enrolled nodes"
-                        ))));
-                    };
-                    if let Some(c) = n.cluster {
-                        return Ok(Err(Status::failed_precondition(format!(
-                            "node {node} already belongs to cluster {c}: a node serves one cluster"
-                        ))));
-                    }
-                    store::insert_cluster(
-                        tx,
-                        &ClusterRow {
-                            name: req.name.clone(),
-                            engine: req.engine.clone(),
-                            mode: mode.into(),
-                            state: "creating".into(),
-                            port: 5432,
-                            database: "defaultdb".into(),
-                            admin_user: "admin".into(),
-                            admin_password_enc: sealed.clone(),
-                            created_at_ms: now,
-                        },
-                    )?;
-                    store::assign_node(tx, node, &req.name, "primary")?;
-                    store::insert_operation(tx, &op)?;
-                    store::log_operation(
-                        tx,
-                        &op.id,
-                        &format!("requested by {who}: {} on node {node}", req.engine),
-                    )?;
-                    Ok(Ok(()))
-                })();
-                match r {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(status)) => {
-                        refusal = Some(status);
-                        anyhow::bail!("refused")
-                    }
-                    Err(e) => Err(e),
+        self.refusable_tx(|tx| {
+            if store::get_cluster(tx, &req.name)?.is_some() {
+                return Ok(Err(Status::already_exists(format!(
+                    "a cluster named {:?} already exists: choose another name",
+                    req.name
+                ))));
+            }
+            for n in &req.nodes {
+                if let Err(s) = self.check_free_node(tx, n)? {
+                    return Ok(Err(s));
                 }
-            })
-            .map_err(|e| refusal.take().unwrap_or_else(|| internal(e)))?;
+            }
+            store::insert_cluster(
+                tx,
+                &ClusterRow {
+                    name: req.name.clone(),
+                    engine: req.engine.clone(),
+                    mode: mode.into(),
+                    state: "creating".into(),
+                    port: 5432,
+                    database: "defaultdb".into(),
+                    admin_user: "admin".into(),
+                    admin_password_enc: sealed.clone(),
+                    created_at_ms: now,
+                    sync: req.sync,
+                    termination_protection: false,
+                    replication_password_enc: Some(replication.clone()),
+                },
+            )?;
+            for (i, n) in req.nodes.iter().enumerate() {
+                let role = if i == 0 { "primary" } else { "replica" };
+                store::assign_node(tx, n, &req.name, role)?;
+            }
+            store::insert_operation(tx, &op)?;
+            store::log_operation(
+                tx,
+                &op.id,
+                &format!(
+                    "requested by {who}: {} {mode} on {}{}",
+                    req.engine,
+                    req.nodes.join(", "),
+                    if req.sync { " (sync)" } else { "" }
+                ),
+            )?;
+            Ok(Ok(()))
+        })?;
         Ok(op)
+    }
+
+    fn new_secret(&self) -> Result<Vec<u8>, Status> {
+        let password = corral_proto::random_password(32).map_err(internal)?;
+        self.0.secrets.seal(&password).map_err(internal)
+    }
+
+    /// Records operation `kind` on `cluster` after `check` accepts it, in
+    /// one transaction that also makes sure no other operation holds the
+    /// cluster. `check` sees the cluster and its nodes and may update them.
+    fn begin_operation(
+        &self,
+        who: &str,
+        cluster: &str,
+        kind: &str,
+        plan: Plan,
+        check: impl FnOnce(
+            &Transaction,
+            &mut ClusterRow,
+            &[NodeRow],
+            &mut Plan,
+        ) -> anyhow::Result<Result<(), Status>>,
+    ) -> Result<OperationRow, Status> {
+        names::validate("cluster", cluster).map_err(Status::invalid_argument)?;
+        let now = now_ms();
+        let mut plan = plan;
+        self.refusable_tx(|tx| {
+            let Some(mut row) = store::get_cluster(tx, cluster)? else {
+                return Ok(Err(Status::not_found(format!(
+                    "no cluster named {cluster:?}: see `corralctl cluster list`"
+                ))));
+            };
+            if let Some(running) = store::unfinished_operation_of(tx, cluster)? {
+                return Ok(Err(busy(&running)));
+            }
+            let nodes = store::nodes_of_cluster(tx, cluster)?;
+            if let Err(s) = check(tx, &mut row, &nodes, &mut plan)? {
+                return Ok(Err(s));
+            }
+            let op = OperationRow {
+                id: ops::new_id(),
+                cluster: cluster.into(),
+                kind: kind.into(),
+                state: store::op_state::PENDING.into(),
+                params: plan.params.to_string(),
+                requested_by: who.into(),
+                created_at_ms: now,
+                updated_at_ms: now,
+                error: String::new(),
+            };
+            store::update_cluster(tx, &row)?;
+            store::insert_operation(tx, &op)?;
+            store::log_operation(tx, &op.id, &format!("requested by {who}: {}", plan.summary))?;
+            Ok(Ok(op))
+        })
+    }
+
+    /// Runs an operation request: authorised, audited, recorded, started.
+    fn start_operation(
+        &self,
+        who: &str,
+        action: &str,
+        target: &str,
+        record: impl FnOnce() -> Result<OperationRow, Status>,
+    ) -> Result<Response<pb::Operation>, Status> {
+        let op = self.audited(who, action, target, record)?;
+        tracing::info!(op = %op.id, kind = %op.kind, cluster = %op.cluster, "operation accepted");
+        ops::spawn(self.0.clone(), op.id.clone());
+        Ok(Response::new(self.operation_pb(op)?))
+    }
+
+    /// Whether `node` looks fit to become the primary, from the live view.
+    fn promotion_blockers(&self, node: &NodeRow, primary: &NodeRow) -> Vec<String> {
+        let mut why = Vec::new();
+        let now = Instant::now();
+        if self.0.fleet.liveness_of(&node.id, now) != Liveness::Up {
+            why.push(format!("{} is not up (no recent heartbeat)", node.id));
+        }
+        let engine = self.0.fleet.get(&node.id).map(|l| l.engine);
+        match engine {
+            Some(e) if e.state == pb::EngineState::Running as i32 && e.healthy => {}
+            Some(e) => why.push(format!(
+                "{}'s engine is {} ({})",
+                node.id,
+                pb::EngineState::try_from(e.state)
+                    .unwrap_or_default()
+                    .label(),
+                if e.message.is_empty() {
+                    "not healthy"
+                } else {
+                    e.message.as_str()
+                }
+            )),
+            None => why.push(format!("{}'s engine has not reported", node.id)),
+        }
+        let view = self.replica_view(node);
+        if !matches!(view.state.as_str(), "streaming" | "sync") {
+            why.push(format!(
+                "{} is not streaming from {} ({})",
+                node.id,
+                primary.id,
+                if view.state.is_empty() {
+                    "unknown"
+                } else {
+                    view.state.as_str()
+                }
+            ));
+        } else if view.lag_bytes > MAX_PROMOTE_LAG_BYTES {
+            why.push(format!(
+                "{} is {} bytes behind the primary (limit {MAX_PROMOTE_LAG_BYTES})",
+                node.id, view.lag_bytes
+            ));
+        }
+        if self.0.fleet.liveness_of(&primary.id, now) != Liveness::Up {
+            why.push(format!(
+                "the primary {} is down, so a planned switchover cannot stop it first; writes it \
+                 acknowledged that did not reach {} would be lost",
+                primary.id, node.id
+            ));
+        }
+        why
+    }
+}
+
+/// What an operation will do: its parameters and a line for its log.
+struct Plan {
+    params: serde_json::Value,
+    summary: String,
+}
+
+fn plan(params: serde_json::Value, summary: impl Into<String>) -> Plan {
+    Plan {
+        params,
+        summary: summary.into(),
+    }
+}
+
+/// The refusal for a request on a cluster another operation holds.
+fn busy(running: &OperationRow) -> Status {
+    Status::failed_precondition(format!(
+        "operation {} ({}) is {} on cluster {} (requested by {}); wait for it to finish \
+         (`corralctl operation show {}`) and retry",
+        running.id, running.kind, running.state, running.cluster, running.requested_by, running.id
+    ))
+}
+
+/// The confirmation a destructive request must carry.
+fn confirmed(what: &str, name: &str, confirm: &str) -> Result<(), Status> {
+    if confirm == name {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "this {what} is destructive: repeat the {} name to confirm (--confirm {name})",
+            if what.contains("node") {
+                "node"
+            } else {
+                "cluster"
+            }
+        )))
+    }
+}
+
+fn refuse<T>(status: Status) -> anyhow::Result<Result<T, Status>> {
+    Ok(Err(status))
+}
+
+/// Inside a [`OperatorApi::refusable_tx`] check: the value, or return the
+/// refusal.
+macro_rules! or_refuse {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(status) => return Ok(Err(status)),
+        }
+    };
+}
+
+fn require_running(row: &ClusterRow) -> Result<(), Status> {
+    if row.state == "running" {
+        Ok(())
+    } else {
+        Err(Status::failed_precondition(format!(
+            "cluster {} is {}, not running: see `corralctl operation list --cluster {}`",
+            row.name, row.state, row.name
+        )))
+    }
+}
+
+fn member<'a>(nodes: &'a [NodeRow], cluster: &str, node: &str) -> Result<&'a NodeRow, Status> {
+    names::validate("node", node).map_err(Status::invalid_argument)?;
+    nodes.iter().find(|n| n.id == node).ok_or_else(|| {
+        Status::not_found(format!(
+            "node {node:?} is not a member of cluster {cluster}: see `corralctl cluster show {cluster}`"
+        ))
+    })
+}
+
+/// Pure: how replica `node` is doing, from its primary's replication report
+/// (and its own, when the primary does not see it).
+pub fn replica_view(
+    node: &str,
+    primary: Option<&pb::Replication>,
+    own: Option<&pb::Replication>,
+) -> ReplicaView {
+    let Some(p) = primary.filter(|p| !p.in_recovery) else {
+        return ReplicaView {
+            state: "not streaming".into(),
+            lag_bytes: -1,
+            lag_ms: -1,
+        };
+    };
+    match p.standbys.iter().find(|s| s.name == node) {
+        Some(s) => ReplicaView {
+            state: match (s.state.as_str(), s.sync_state.as_str()) {
+                ("streaming", "sync" | "quorum") => "sync".into(),
+                ("streaming", _) => "streaming".into(),
+                ("catchup", _) | ("startup", _) | ("backup", _) => "catching up".into(),
+                (other, _) => other.to_string(),
+            },
+            lag_bytes: p.lsn.saturating_sub(s.replay_lsn) as i64,
+            lag_ms: s.replay_lag_ms as i64,
+        },
+        None => ReplicaView {
+            state: "not streaming".into(),
+            lag_bytes: own
+                .filter(|o| o.in_recovery && o.lsn > 0)
+                .map(|o| p.lsn.saturating_sub(o.lsn) as i64)
+                .unwrap_or(-1),
+            lag_ms: -1,
+        },
     }
 }
 
@@ -382,6 +701,347 @@ impl pb::operator_server::Operator for OperatorApi {
         Ok(Response::new(self.cluster_pb(&row)?))
     }
 
+    async fn set_cluster(
+        &self,
+        req: Request<pb::SetClusterRequest>,
+    ) -> Result<Response<pb::SetClusterResponse>, Status> {
+        let r = req.get_ref().clone();
+        let mut changes = Vec::new();
+        if let Some(v) = r.sync {
+            changes.push(format!("sync={}", on_off(v)));
+        }
+        if let Some(v) = r.termination_protection {
+            changes.push(format!("termination-protection={}", on_off(v)));
+        }
+        let target = format!("cluster {} {}", r.name, changes.join(" "));
+        let who = self.authorize_audited(&req, Role::Operator, "cluster.set", &target)?;
+        let outcome = self.audited(&who, "cluster.set", &target, || {
+            if changes.is_empty() {
+                return Err(Status::invalid_argument(
+                    "nothing to set: give sync=on|off and/or termination-protection=on|off",
+                ));
+            }
+            let current = self.get_cluster_row(&r.name)?;
+            let sync_changes = r.sync.is_some_and(|v| v != current.sync);
+            if !sync_changes {
+                // Only a flag of the store: no operation needed.
+                let mut row = current;
+                if let Some(v) = r.termination_protection {
+                    row.termination_protection = v;
+                }
+                self.0
+                    .store
+                    .tx(|tx| store::update_cluster(tx, &row))
+                    .map_err(internal)?;
+                return Ok(None);
+            }
+            let sync = r.sync.unwrap_or(current.sync);
+            let op = self.begin_operation(
+                &who,
+                &r.name,
+                ops::SET_SYNC,
+                plan(serde_json::json!({ "sync": sync }), changes.join(" ")),
+                |_, row, nodes, _| {
+                    or_refuse!(require_running(row));
+                    if sync && !nodes.iter().any(|n| n.role == "replica") {
+                        return refuse(Status::failed_precondition(format!(
+                            "sync=on needs at least one replica to wait for; add one first \
+                             (`corralctl node add {} NODE`)",
+                            row.name
+                        )));
+                    }
+                    row.sync = sync;
+                    if let Some(v) = r.termination_protection {
+                        row.termination_protection = v;
+                    }
+                    Ok(Ok(()))
+                },
+            )?;
+            Ok(Some(op))
+        })?;
+        let operation = match outcome {
+            Some(op) => {
+                ops::spawn(self.0.clone(), op.id.clone());
+                Some(self.operation_pb(op)?)
+            }
+            None => None,
+        };
+        let row = self.get_cluster_row(&r.name)?;
+        Ok(Response::new(pb::SetClusterResponse {
+            cluster: Some(self.cluster_pb(&row)?),
+            operation,
+        }))
+    }
+
+    async fn delete_cluster(
+        &self,
+        req: Request<pb::DeleteClusterRequest>,
+    ) -> Result<Response<pb::Operation>, Status> {
+        let r = req.get_ref().clone();
+        let target = format!("cluster {}", r.name);
+        let who = self.authorize_audited(&req, Role::Operator, "cluster.delete", &target)?;
+        self.start_operation(&who, "cluster.delete", &target, || {
+            confirmed("cluster deletion", &r.name, &r.confirm)?;
+            self.begin_operation(
+                &who,
+                &r.name,
+                ops::DELETE_CLUSTER,
+                plan(
+                    serde_json::json!({}),
+                    "delete the cluster, stop every engine and erase every node's data",
+                ),
+                |_, row, _, _| {
+                    if row.termination_protection {
+                        return refuse(Status::failed_precondition(format!(
+                            "cluster {} has termination protection on; turn it off first with \
+                             `corralctl cluster set {} termination-protection=off`",
+                            row.name, row.name
+                        )));
+                    }
+                    row.state = "deleting".into();
+                    Ok(Ok(()))
+                },
+            )
+        })
+    }
+
+    async fn resync_cluster(
+        &self,
+        req: Request<pb::ResyncClusterRequest>,
+    ) -> Result<Response<pb::Operation>, Status> {
+        let r = req.get_ref().clone();
+        let target = if r.node.is_empty() {
+            format!("cluster {}", r.name)
+        } else {
+            format!("cluster {} node {}", r.name, r.node)
+        };
+        let who = self.authorize_audited(&req, Role::Operator, "cluster.resync", &target)?;
+        self.start_operation(&who, "cluster.resync", &target, || {
+            confirmed("resync", &r.name, &r.confirm)?;
+            self.begin_operation(
+                &who,
+                &r.name,
+                ops::RESYNC,
+                plan(serde_json::json!({}), ""),
+                |_, row, nodes, plan| {
+                    if nodes.len() < 2 {
+                        return refuse(Status::failed_precondition(format!(
+                            "cluster {} has a single node: there is no replica to resync",
+                            row.name
+                        )));
+                    }
+                    let chosen: Vec<String> = if r.node.is_empty() {
+                        nodes
+                            .iter()
+                            .filter(|n| n.role == "replica")
+                            .map(|n| n.id.clone())
+                            .collect()
+                    } else {
+                        let n = or_refuse!(member(nodes, &row.name, &r.node));
+                        if n.role == "primary" {
+                            return refuse(Status::failed_precondition(format!(
+                                "{} is the primary, the source every replica is cloned from; \
+                                 to rebuild it, promote another node first",
+                                n.id
+                            )));
+                        }
+                        vec![n.id.clone()]
+                    };
+                    plan.summary =
+                        format!("erase and re-clone {} from the primary", chosen.join(", "));
+                    plan.params = serde_json::json!({ "nodes": chosen });
+                    Ok(Ok(()))
+                },
+            )
+        })
+    }
+
+    async fn add_node(
+        &self,
+        req: Request<pb::AddNodeRequest>,
+    ) -> Result<Response<pb::Operation>, Status> {
+        let r = req.get_ref().clone();
+        let target = format!("cluster {} node {}", r.cluster, r.node);
+        let who = self.authorize_audited(&req, Role::Operator, "node.add", &target)?;
+        self.start_operation(&who, "node.add", &target, || {
+            self.begin_operation(
+                &who,
+                &r.cluster,
+                ops::ADD_NODE,
+                plan(
+                    serde_json::json!({ "node": r.node }),
+                    format!("add {} as a replica", r.node),
+                ),
+                |tx, row, nodes, _| {
+                    or_refuse!(require_running(row));
+                    let Some(primary) = nodes.iter().find(|n| n.role == "primary") else {
+                        return refuse(Status::failed_precondition(format!(
+                            "cluster {} has no primary to clone from",
+                            row.name
+                        )));
+                    };
+                    if self.0.fleet.liveness_of(&primary.id, Instant::now()) != Liveness::Up {
+                        return refuse(Status::failed_precondition(format!(
+                            "the primary {} is down; a new replica is cloned from it",
+                            primary.id
+                        )));
+                    }
+                    or_refuse!(self.check_free_node(tx, &r.node)?);
+                    if row.replication_password_enc.is_none() {
+                        row.replication_password_enc = Some(or_refuse!(self.new_secret()));
+                    }
+                    row.mode = "primary-replica".into();
+                    store::assign_node(tx, &r.node, &row.name, "replica")?;
+                    Ok(Ok(()))
+                },
+            )
+        })
+    }
+
+    async fn remove_node(
+        &self,
+        req: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::Operation>, Status> {
+        let r = req.get_ref().clone();
+        let target = format!("cluster {} node {}", r.cluster, r.node);
+        let who = self.authorize_audited(&req, Role::Operator, "node.remove", &target)?;
+        self.start_operation(&who, "node.remove", &target, || {
+            confirmed("node removal", &r.node, &r.confirm)?;
+            self.begin_operation(
+                &who,
+                &r.cluster,
+                ops::REMOVE_NODE,
+                plan(
+                    serde_json::json!({ "node": r.node }),
+                    format!(
+                        "remove {}: detach it, stop its engine, erase its data",
+                        r.node
+                    ),
+                ),
+                |_, row, nodes, _| {
+                    let n = or_refuse!(member(nodes, &row.name, &r.node));
+                    if nodes.len() == 1 {
+                        return refuse(Status::failed_precondition(format!(
+                            "{} is the last node of cluster {}; delete the cluster instead \
+                             (`corralctl cluster delete {}`)",
+                            n.id, row.name, row.name
+                        )));
+                    }
+                    if n.role == "primary" {
+                        return refuse(Status::failed_precondition(format!(
+                            "{} is the primary of cluster {}; promote another node first \
+                             (`corralctl node promote {} NODE --confirm NODE`)",
+                            n.id, row.name, row.name
+                        )));
+                    }
+                    let replicas = nodes.iter().filter(|n| n.role == "replica").count();
+                    if row.sync && replicas == 1 {
+                        return refuse(Status::failed_precondition(format!(
+                            "{} is the only replica and cluster {} has sync=on: every commit waits \
+                             for it. Add another replica first, or turn sync off \
+                             (`corralctl cluster set {} sync=off`)",
+                            n.id, row.name, row.name
+                        )));
+                    }
+                    Ok(Ok(()))
+                },
+            )
+        })
+    }
+
+    async fn promote_node(
+        &self,
+        req: Request<pb::PromoteNodeRequest>,
+    ) -> Result<Response<pb::Operation>, Status> {
+        let r = req.get_ref().clone();
+        let target = format!(
+            "cluster {} node {}{}",
+            r.cluster,
+            r.node,
+            if r.force { " (force)" } else { "" }
+        );
+        let who = self.authorize_audited(&req, Role::Operator, "node.promote", &target)?;
+        self.start_operation(&who, "node.promote", &target, || {
+            confirmed("promotion (a switchover pauses writes) of node", &r.node, &r.confirm)?;
+            self.begin_operation(
+                &who,
+                &r.cluster,
+                ops::PROMOTE,
+                plan(
+                    serde_json::json!({ "node": r.node, "force": r.force }),
+                    format!(
+                        "switch over: promote {}{}",
+                        r.node,
+                        if r.force { " (--force)" } else { "" }
+                    ),
+                ),
+                |_, row, nodes, _| {
+                    let n = or_refuse!(member(nodes, &row.name, &r.node));
+                    if n.role == "primary" {
+                        return refuse(Status::failed_precondition(format!(
+                            "{} is already the primary of cluster {}",
+                            n.id, row.name
+                        )));
+                    }
+                    or_refuse!(require_running(row));
+                    let Some(primary) = nodes.iter().find(|n| n.role == "primary") else {
+                        return refuse(Status::failed_precondition(format!(
+                            "cluster {} has no primary",
+                            row.name
+                        )));
+                    };
+                    let blockers = self.promotion_blockers(n, primary);
+                    if !blockers.is_empty() && !r.force {
+                        return refuse(Status::failed_precondition(format!(
+                            "refusing to promote {}: {}. Nothing was changed; fix that, or pass --force \
+                             to promote anyway",
+                            n.id,
+                            blockers.join("; ")
+                        )));
+                    }
+                    Ok(Ok(()))
+                },
+            )
+        })
+    }
+
+    async fn reboot_node(
+        &self,
+        req: Request<pb::RebootNodeRequest>,
+    ) -> Result<Response<pb::Operation>, Status> {
+        let r = req.get_ref().clone();
+        let target = format!("cluster {} node {}", r.cluster, r.node);
+        let who = self.authorize_audited(&req, Role::Operator, "node.reboot", &target)?;
+        self.start_operation(&who, "node.reboot", &target, || {
+            self.begin_operation(
+                &who,
+                &r.cluster,
+                ops::REBOOT,
+                plan(
+                    serde_json::json!({ "node": r.node }),
+                    format!("restart the engine on {}", r.node),
+                ),
+                |_, row, nodes, _| {
+                    let n = or_refuse!(member(nodes, &row.name, &r.node));
+                    if n.role == "primary" && !r.force {
+                        return refuse(Status::failed_precondition(format!(
+                            "{} is the primary of cluster {}: restarting it pauses writes until it is \
+                             back. Pass --force to do it anyway, or promote another node first",
+                            n.id, row.name
+                        )));
+                    }
+                    if self.0.fleet.liveness_of(&n.id, Instant::now()) != Liveness::Up {
+                        return refuse(Status::failed_precondition(format!(
+                            "{} is down (no recent heartbeat); its agent must be running to restart the engine",
+                            n.id
+                        )));
+                    }
+                    Ok(Ok(()))
+                },
+            )
+        })
+    }
+
     async fn get_credentials(
         &self,
         req: Request<pb::GetCredentialsRequest>,
@@ -405,15 +1065,36 @@ impl pb::operator_server::Operator for OperatorApi {
                 .secrets
                 .open(&row.admin_password_enc)
                 .map_err(internal)?;
-            let host_in_uri = if host.contains(':') {
-                format!("[{host}]")
-            } else {
-                host.clone()
+            let bracket = |h: &str| {
+                if h.contains(':') {
+                    format!("[{h}]:{}", row.port)
+                } else {
+                    format!("{h}:{}", row.port)
+                }
             };
-            let uri = format!(
-                "postgresql://{}:{}@{}:{}/{}",
-                row.admin_user, password, host_in_uri, row.port, row.database
+            // Every node, primary first: with target_session_attrs=read-write
+            // libpq-based clients find the primary after a switchover.
+            let mut hosts = vec![bracket(&host)];
+            hosts.extend(
+                nodes
+                    .iter()
+                    .filter(|n| n.role != "primary")
+                    .map(|n| bracket(host_of(&n.address))),
             );
+            let uri = if hosts.len() == 1 {
+                format!(
+                    "postgresql://{}:{}@{}/{}",
+                    row.admin_user, password, hosts[0], row.database
+                )
+            } else {
+                format!(
+                    "postgresql://{}:{}@{}/{}?target_session_attrs=read-write",
+                    row.admin_user,
+                    password,
+                    hosts.join(","),
+                    row.database
+                )
+            };
             Ok(Response::new(pb::Credentials {
                 user: row.admin_user,
                 password,
@@ -530,6 +1211,14 @@ impl pb::operator_server::Operator for OperatorApi {
                 })
                 .collect(),
         }))
+    }
+}
+
+fn on_off(v: bool) -> &'static str {
+    if v {
+        "on"
+    } else {
+        "off"
     }
 }
 

@@ -1,37 +1,65 @@
 //! Durable operations.
 //!
 //! Every mutating request becomes a row in `operations` (written in the same
-//! transaction as the change it asks for), then runs here in a task of its
-//! own, so a caller disconnecting does not cancel it. Operations on one
-//! cluster run one at a time, in the order they were created. Each step is
-//! written to the operation's log before and after it runs, and steps are
-//! idempotent on the agent's side, so a coordinator that restarts mid-way
-//! re-runs the unfinished operation from the top without doing anything
-//! twice.
+//! transaction as the change it asks for, after checking that no other
+//! operation holds the cluster), then runs here in a task of its own, so a
+//! caller disconnecting does not cancel it. Each step is written to the
+//! operation's log, and steps are idempotent on the agent's side (a clone is
+//! not redone once the data is there, a resync carries the operation id, a
+//! promotion of a primary is a no-op), so a coordinator that restarts
+//! mid-way re-runs the unfinished operation from the top without doing
+//! anything twice.
 
-use crate::store::{self, op_state, OperationRow};
+use crate::operator::host_of;
+use crate::store::{self, op_state, ClusterRow, NodeRow, OperationRow};
 use crate::Coordinator;
 use anyhow::{anyhow, bail, Context, Result};
-use corral_proto::pb;
+use corral_proto::pb::{self, agent_client::AgentClient};
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tonic::transport::Channel;
 
 pub const CREATE_CLUSTER: &str = "create_cluster";
+pub const ADD_NODE: &str = "add_node";
+pub const REMOVE_NODE: &str = "remove_node";
+pub const PROMOTE: &str = "promote";
+pub const RESYNC: &str = "resync";
+pub const REBOOT: &str = "reboot";
+pub const DELETE_CLUSTER: &str = "delete_cluster";
+pub const SET_SYNC: &str = "set_sync";
 
 /// How long an operation keeps retrying an agent it cannot reach.
 const AGENT_UNREACHABLE_GIVE_UP: Duration = Duration::from_secs(60);
+/// How long a new or resynced replica may take to start streaming once its
+/// data is in place.
+const STREAMING_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a switchover waits for the target to replay the old primary's
+/// last WAL before giving up and restarting the old primary.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Per-cluster locks: the second operation on a cluster waits for the first.
+/// Progress of the long step of each running operation (in memory: after a
+/// restart the agent's next report fills it again).
 #[derive(Default)]
 pub struct Runner {
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    progress: Mutex<HashMap<String, pb::Progress>>,
 }
 
 impl Runner {
-    fn lock_for(&self, cluster: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-        locks.entry(cluster.to_string()).or_default().clone()
+    pub fn progress(&self, op: &str) -> Option<pb::Progress> {
+        self.lock().get(op).cloned()
+    }
+
+    fn set_progress(&self, op: &str, p: Option<pb::Progress>) {
+        match p {
+            Some(p) => self.lock().insert(op.to_string(), p),
+            None => self.lock().remove(op),
+        };
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, pb::Progress>> {
+        self.progress.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -66,7 +94,7 @@ pub fn resume_unfinished(coord: &Arc<Coordinator>) {
             store::log_operation(
                 c,
                 &op.id,
-                "coordinator restarted; resuming from the first unfinished step",
+                "coordinator restarted; resuming: steps already done are found done and skipped",
             )
         });
         spawn(coord.clone(), op.id);
@@ -78,15 +106,22 @@ async fn run(coord: &Arc<Coordinator>, id: &str) -> Result<()> {
         .store
         .read(|c| store::get_operation(c, id))?
         .ok_or_else(|| anyhow!("operation {id} vanished"))?;
-    let lock = coord.ops.lock_for(&op.cluster);
-    let _guard = lock.lock().await;
     coord
         .store
         .read(|c| store::set_operation_state(c, id, op_state::RUNNING, ""))?;
+    let ctx = Ctx { coord, op: &op };
     let outcome = match op.kind.as_str() {
-        CREATE_CLUSTER => create_cluster(coord, &op).await,
+        CREATE_CLUSTER => ctx.create_cluster().await,
+        ADD_NODE => ctx.add_node().await,
+        REMOVE_NODE => ctx.remove_node().await,
+        PROMOTE => ctx.promote().await,
+        RESYNC => ctx.resync().await,
+        REBOOT => ctx.reboot().await,
+        DELETE_CLUSTER => ctx.delete_cluster().await,
+        SET_SYNC => ctx.set_sync().await,
         other => Err(anyhow!("unknown operation kind {other:?}")),
     };
+    coord.ops.set_progress(id, None);
     match outcome {
         Ok(()) => coord.store.tx(|tx| {
             store::log_operation(tx, id, "done")?;
@@ -107,117 +142,695 @@ async fn run(coord: &Arc<Coordinator>, id: &str) -> Result<()> {
     }
 }
 
-fn log(coord: &Coordinator, op: &OperationRow, message: &str) {
-    tracing::info!(op = %op.id, cluster = %op.cluster, "{message}");
-    if let Err(e) = coord
-        .store
-        .read(|c| store::log_operation(c, &op.id, message))
-    {
-        tracing::error!(op = %op.id, error = %e, "writing the operation log");
+/// One running operation and what its steps share.
+struct Ctx<'a> {
+    coord: &'a Arc<Coordinator>,
+    op: &'a OperationRow,
+}
+
+/// The cluster's members as the store records them.
+struct Members {
+    primary: NodeRow,
+    replicas: Vec<NodeRow>,
+}
+
+impl Members {
+    fn replica_ids(&self) -> Vec<String> {
+        self.replicas.iter().map(|n| n.id.clone()).collect()
     }
 }
 
-async fn create_cluster(coord: &Arc<Coordinator>, op: &OperationRow) -> Result<()> {
-    let params: serde_json::Value =
-        serde_json::from_str(&op.params).context("operation parameters")?;
-    let node = params["node"]
-        .as_str()
-        .ok_or_else(|| anyhow!("operation has no node"))?;
-    let cluster = coord
-        .store
-        .read(|c| store::get_cluster(c, &op.cluster))?
-        .ok_or_else(|| anyhow!("cluster {} no longer exists", op.cluster))?;
-    let password = coord.secrets.open(&cluster.admin_password_enc)?;
-    let request = pb::ConfigureEngineRequest {
-        cluster: cluster.name.clone(),
-        engine: cluster.engine.clone(),
-        role: "primary".into(),
-        port: cluster.port,
-        admin_user: cluster.admin_user.clone(),
-        admin_password: password,
-        database: cluster.database.clone(),
-    };
-    log(
-        coord,
-        op,
-        &format!(
-            "initialising {} on node {node} and starting it as primary",
-            cluster.engine
-        ),
-    );
-    let status = configure_engine(coord, op, node, request).await?;
-    coord.fleet.set_engine(node, status.clone());
-    log(
-        coord,
-        op,
-        &format!(
-            "{} {} running on node {node} (pid {}, port {}); admin role {:?} and database {:?} ready",
-            cluster.engine, status.version, status.pid, status.port, cluster.admin_user, cluster.database
-        ),
-    );
-    coord
-        .store
-        .read(|c| store::set_cluster_state(c, &cluster.name, "running"))?;
-    Ok(())
+fn lsn(v: u64) -> String {
+    format!("{:X}/{:X}", v >> 32, v & 0xffff_ffff)
 }
 
-/// Calls ConfigureEngine on `node`, retrying while the agent is unreachable
-/// (it may be restarting) but not when it answers with an error.
-async fn configure_engine(
-    coord: &Arc<Coordinator>,
-    op: &OperationRow,
-    node: &str,
-    request: pb::ConfigureEngineRequest,
-) -> Result<pb::EngineStatus> {
-    let started = Instant::now();
-    let mut reported = false;
-    loop {
-        let address = coord
+fn mb(b: u64) -> String {
+    format!("{:.1} MB", b as f64 / 1e6)
+}
+
+impl Ctx<'_> {
+    fn log(&self, message: &str) {
+        tracing::info!(op = %self.op.id, cluster = %self.op.cluster, "{message}");
+        if let Err(e) = self
+            .coord
+            .store
+            .read(|c| store::log_operation(c, &self.op.id, message))
+        {
+            tracing::error!(op = %self.op.id, error = %e, "writing the operation log");
+        }
+    }
+
+    fn param(&self, key: &str) -> Result<serde_json::Value> {
+        let params: serde_json::Value =
+            serde_json::from_str(&self.op.params).context("operation parameters")?;
+        Ok(params[key].clone())
+    }
+
+    fn param_str(&self, key: &str) -> Result<String> {
+        self.param(key)?
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("operation has no {key}"))
+    }
+
+    fn cluster(&self) -> Result<ClusterRow> {
+        self.coord
+            .store
+            .read(|c| store::get_cluster(c, &self.op.cluster))?
+            .ok_or_else(|| anyhow!("cluster {} no longer exists", self.op.cluster))
+    }
+
+    fn members(&self) -> Result<Members> {
+        let nodes = self
+            .coord
+            .store
+            .read(|c| store::nodes_of_cluster(c, &self.op.cluster))?;
+        let (primaries, replicas): (Vec<_>, Vec<_>) =
+            nodes.into_iter().partition(|n| n.role == "primary");
+        let primary = primaries
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow!("cluster {} has no primary", self.op.cluster))?;
+        Ok(Members { primary, replicas })
+    }
+
+    fn node_row(&self, id: &str) -> Result<NodeRow> {
+        self.coord
+            .store
+            .read(|c| store::get_node(c, id))?
+            .ok_or_else(|| anyhow!("node {id} is no longer enrolled"))
+    }
+
+    /// The request that makes `role` of `cluster` run on a node.
+    fn request(&self, cluster: &ClusterRow, role: &str) -> Result<pb::ConfigureEngineRequest> {
+        let replication = cluster
+            .replication_password_enc
+            .as_deref()
+            .ok_or_else(|| anyhow!("cluster {} has no replication password", cluster.name))?;
+        Ok(pb::ConfigureEngineRequest {
+            cluster: cluster.name.clone(),
+            engine: cluster.engine.clone(),
+            role: role.into(),
+            port: cluster.port,
+            admin_user: cluster.admin_user.clone(),
+            admin_password: self.coord.secrets.open(&cluster.admin_password_enc)?,
+            database: cluster.database.clone(),
+            replication_password: self.coord.secrets.open(replication)?,
+            ..Default::default()
+        })
+    }
+
+    fn primary_request(
+        &self,
+        cluster: &ClusterRow,
+        replicas: Vec<String>,
+        sync: bool,
+        initialize: bool,
+    ) -> Result<pb::ConfigureEngineRequest> {
+        Ok(pb::ConfigureEngineRequest {
+            replicas,
+            sync,
+            initialize,
+            ..self.request(cluster, "primary")?
+        })
+    }
+
+    fn replica_request(
+        &self,
+        cluster: &ClusterRow,
+        upstream: &NodeRow,
+        resync_id: &str,
+    ) -> Result<pb::ConfigureEngineRequest> {
+        Ok(pb::ConfigureEngineRequest {
+            upstream: Some(pb::Upstream {
+                node: upstream.id.clone(),
+                host: host_of(&self.address_of(&upstream.id)?).to_string(),
+                port: cluster.port,
+            }),
+            resync_id: resync_id.into(),
+            ..self.request(cluster, "replica")?
+        })
+    }
+
+    /// The agent address of `node`: its last heartbeat's, else the store's.
+    fn address_of(&self, node: &str) -> Result<String> {
+        self.coord
             .fleet
             .get(node)
             .map(|l| l.address)
             .or_else(|| {
-                coord
+                self.coord
                     .store
                     .read(|c| store::get_node(c, node))
                     .ok()
                     .flatten()
                     .map(|n| n.address)
             })
-            .filter(|a| !a.is_empty());
-        let attempt = match address {
-            None => Err(tonic::Status::unavailable(format!(
-                "node {node} has not reported an address yet"
-            ))),
-            Some(address) => {
-                let mut client = coord.agents.client(node, &address)?;
-                client
-                    .configure_engine(request.clone())
-                    .await
-                    .map(|r| r.into_inner())
-            }
-        };
-        match attempt {
-            Ok(resp) => {
-                return resp
-                    .status
-                    .ok_or_else(|| anyhow!("agent returned no status"))
-            }
-            Err(s)
-                if s.code() == tonic::Code::Unavailable
-                    && started.elapsed() < AGENT_UNREACHABLE_GIVE_UP =>
-            {
-                if !reported {
-                    log(
-                        coord,
-                        op,
-                        &format!("node {node} unreachable ({}); retrying", s.message()),
-                    );
-                    reported = true;
+            .filter(|a| !a.is_empty())
+            .ok_or_else(|| anyhow!("node {node} has not reported an address yet"))
+    }
+
+    /// Calls the agent on `node`, retrying while it is unreachable (it may
+    /// be restarting) or the call timed out (the agent's step carries on
+    /// detached; the retry waits for it), but not when it answers with an
+    /// error.
+    async fn call<T, F, Fut>(&self, node: &str, what: &str, mut f: F) -> Result<T>
+    where
+        F: FnMut(AgentClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut unreachable_since: Option<Instant> = None;
+        loop {
+            let attempt = match self.address_of(node) {
+                Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+                Ok(address) => f(self.coord.agents.client(node, &address)?).await,
+            };
+            match attempt {
+                Ok(resp) => return Ok(resp.into_inner()),
+                Err(s)
+                    if matches!(
+                        s.code(),
+                        tonic::Code::Unavailable
+                            | tonic::Code::DeadlineExceeded
+                            | tonic::Code::Cancelled
+                    ) =>
+                {
+                    let since = *unreachable_since.get_or_insert_with(|| {
+                        self.log(&format!(
+                            "{what}: node {node} did not answer ({}); retrying",
+                            s.message()
+                        ));
+                        Instant::now()
+                    });
+                    // A slow step (a long clone) times out the call but the
+                    // node keeps heartbeating: keep waiting for it then.
+                    let up = self.coord.fleet.liveness_of(node, Instant::now())
+                        == crate::fleet::Liveness::Up;
+                    if !up && since.elapsed() > AGENT_UNREACHABLE_GIVE_UP {
+                        bail!(
+                            "{what}: node {node} has been unreachable for {}s: {}",
+                            AGENT_UNREACHABLE_GIVE_UP.as_secs(),
+                            s.message()
+                        );
+                    }
+                    if up {
+                        unreachable_since = Some(Instant::now());
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
                 }
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                Err(s) => bail!("{what} on node {node}: {}", s.message()),
             }
-            Err(s) => bail!("node {node}: {}", s.message()),
         }
     }
+
+    async fn configure(&self, node: &str, req: pb::ConfigureEngineRequest) -> Result<()> {
+        let what = format!("configuring {} as {}", node, req.role);
+        let status = self
+            .with_progress(node, async {
+                self.call(node, &what, |mut c| {
+                    let r = req.clone();
+                    async move { c.configure_engine(r).await }
+                })
+                .await
+            })
+            .await?
+            .status
+            .ok_or_else(|| anyhow!("agent returned no status"))?;
+        self.coord.fleet.set_engine(node, status);
+        Ok(())
+    }
+
+    /// Runs `step`, meanwhile copying `node`'s progress reports (from its
+    /// heartbeats) into the operation: its progress field, and a log line at
+    /// each quarter.
+    async fn with_progress<T>(&self, node: &str, step: impl Future<Output = T>) -> T {
+        tokio::pin!(step);
+        let mut logged_quarter = 0;
+        loop {
+            tokio::select! {
+                out = &mut step => {
+                    self.coord.ops.set_progress(&self.op.id, None);
+                    return out;
+                }
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+            let task = self.coord.fleet.get(node).and_then(|l| l.engine.task);
+            let Some(task) = task else { continue };
+            if let Some(quarter) = (task.done_bytes * 4).checked_div(task.total_bytes) {
+                if quarter.min(4) > logged_quarter {
+                    logged_quarter = quarter.min(4);
+                    self.log(&format!(
+                        "{} on {node}: {} / {} ({}%)",
+                        task.kind,
+                        mb(task.done_bytes),
+                        mb(task.total_bytes),
+                        (task.done_bytes * 100)
+                            .checked_div(task.total_bytes)
+                            .unwrap_or(0)
+                    ));
+                }
+            }
+            self.coord.ops.set_progress(
+                &self.op.id,
+                Some(pb::Progress {
+                    message: format!("{} on {node}", task.kind),
+                    ..task
+                }),
+            );
+        }
+    }
+
+    /// A fresh status of `node`'s engine.
+    async fn status(&self, node: &str) -> Result<pb::EngineStatus> {
+        let s = self
+            .call(node, "reading the engine status", |mut c| async move {
+                c.get_status(pb::GetStatusRequest {}).await
+            })
+            .await?;
+        self.coord.fleet.set_engine(node, s.clone());
+        Ok(s)
+    }
+
+    /// Waits until `primary` reports `replica` streaming.
+    async fn wait_streaming(&self, primary: &str, replica: &str) -> Result<()> {
+        let began = Instant::now();
+        loop {
+            let s = self.status(primary).await?;
+            let standby = s
+                .replication
+                .as_ref()
+                .and_then(|r| r.standbys.iter().find(|s| s.name == replica));
+            if let Some(st) = standby.filter(|s| s.state == "streaming") {
+                let behind = s
+                    .replication
+                    .as_ref()
+                    .map(|r| r.lsn.saturating_sub(st.replay_lsn))
+                    .unwrap_or(0);
+                self.log(&format!(
+                    "{replica} is streaming from {primary} ({} behind, {})",
+                    mb(behind),
+                    st.sync_state
+                ));
+                return Ok(());
+            }
+            if began.elapsed() > STREAMING_TIMEOUT {
+                bail!(
+                    "{replica} did not start streaming from {primary} within {}s (primary sees it as {}); \
+                     see the engine log on {replica}, then retry with `corralctl cluster resync {} --node {replica}`",
+                    STREAMING_TIMEOUT.as_secs(),
+                    standby.map(|s| s.state.as_str()).unwrap_or("not connected"),
+                    self.op.cluster
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    // ------------------------------------------------------------ operations
+
+    async fn create_cluster(&self) -> Result<()> {
+        let mut nodes: Vec<String> = match self.param("nodes")? {
+            serde_json::Value::Array(a) => a
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect(),
+            _ => vec![self.param_str("node")?],
+        };
+        if nodes.is_empty() {
+            bail!("operation has no nodes");
+        }
+        let primary = nodes.remove(0);
+        let cluster = self.cluster()?;
+        self.log(&format!(
+            "initialising {} on node {primary} and starting it as primary",
+            cluster.engine
+        ));
+        self.configure(
+            &primary,
+            self.primary_request(&cluster, nodes.clone(), false, true)?,
+        )
+        .await?;
+        let status = self
+            .coord
+            .fleet
+            .get(&primary)
+            .map(|l| l.engine)
+            .unwrap_or_default();
+        self.log(&format!(
+            "{} {} running on node {primary} (pid {}, port {}); admin role {:?} and database {:?} ready",
+            cluster.engine, status.version, status.pid, status.port, cluster.admin_user, cluster.database
+        ));
+        let primary_row = self.node_row(&primary)?;
+        for replica in &nodes {
+            self.log(&format!(
+                "cloning {replica} from {primary} (pg_basebackup through slot {})",
+                slot_label(replica)
+            ));
+            self.configure(replica, self.replica_request(&cluster, &primary_row, "")?)
+                .await?;
+            self.wait_streaming(&primary, replica).await?;
+        }
+        if cluster.sync && !nodes.is_empty() {
+            self.log("turning on synchronous commit: every commit waits for one replica");
+            self.configure(
+                &primary,
+                self.primary_request(&cluster, nodes, true, false)?,
+            )
+            .await?;
+        }
+        self.coord
+            .store
+            .read(|c| store::set_cluster_state(c, &cluster.name, "running"))?;
+        Ok(())
+    }
+
+    async fn add_node(&self) -> Result<()> {
+        let node = self.param_str("node")?;
+        let cluster = self.cluster()?;
+        let m = self.members()?;
+        self.log(&format!(
+            "creating replication slot {} on the primary {}",
+            slot_label(&node),
+            m.primary.id
+        ));
+        self.configure(
+            &m.primary.id,
+            self.primary_request(&cluster, m.replica_ids(), cluster.sync, false)?,
+        )
+        .await?;
+        self.log(&format!(
+            "cloning {node} from {} (pg_basebackup through its slot)",
+            m.primary.id
+        ));
+        self.configure(&node, self.replica_request(&cluster, &m.primary, "")?)
+            .await?;
+        self.wait_streaming(&m.primary.id, &node).await?;
+        Ok(())
+    }
+
+    async fn remove_node(&self) -> Result<()> {
+        let node = self.param_str("node")?;
+        let cluster = self.cluster()?;
+        let m = self.members()?;
+        let others: Vec<String> = m.replica_ids().into_iter().filter(|r| *r != node).collect();
+        self.log(&format!(
+            "detaching {node} from the primary {}: dropping its slot{}",
+            m.primary.id,
+            if cluster.sync {
+                " and its place in synchronous_standby_names"
+            } else {
+                ""
+            }
+        ));
+        self.configure(
+            &m.primary.id,
+            self.primary_request(&cluster, others.clone(), cluster.sync, false)?,
+        )
+        .await?;
+        self.log(&format!(
+            "stopping the engine on {node} and erasing its data"
+        ));
+        let name = cluster.name.clone();
+        self.call(&node, "decommissioning", |mut c| {
+            let r = pb::DecommissionRequest {
+                cluster: name.clone(),
+            };
+            async move { c.decommission(r).await }
+        })
+        .await?;
+        // The slot was still in use while the replica ran; drop it now.
+        self.configure(
+            &m.primary.id,
+            self.primary_request(&cluster, others.clone(), cluster.sync, false)?,
+        )
+        .await?;
+        self.coord.store.tx(|tx| {
+            store::unassign_node(tx, &node)?;
+            if others.is_empty() {
+                let mut c = cluster.clone();
+                c.mode = "single".into();
+                store::update_cluster(tx, &c)?;
+            }
+            Ok(())
+        })?;
+        self.log(&format!("{node} left the cluster and is free"));
+        Ok(())
+    }
+
+    async fn promote(&self) -> Result<()> {
+        let target = self.param_str("node")?;
+        let force = self.param("force")?.as_bool().unwrap_or(false);
+        let cluster = self.cluster()?;
+        let m = self.members()?;
+        let old = m.primary.clone();
+        if old.id != target {
+            let t = self.status(&target).await?;
+            let already = t.replication.as_ref().is_some_and(|r| !r.in_recovery)
+                && t.state == pb::EngineState::Running as i32;
+            if already {
+                self.log(&format!(
+                    "{target} already runs as primary (promoted before a coordinator restart)"
+                ));
+            } else {
+                self.switch_over(&cluster, &old, &target, &m, force).await?;
+            }
+            self.coord.store.tx(|tx| {
+                store::assign_node(tx, &old.id, &cluster.name, "replica")?;
+                store::assign_node(tx, &target, &cluster.name, "primary")?;
+                Ok(())
+            })?;
+        }
+        // Everyone else follows the new primary: the former primary (rewound
+        // if it wrote anything the new one never received) and the replicas.
+        let m = self.members()?;
+        for r in &m.replicas {
+            self.log(&format!("{} now follows {target}", r.id));
+            self.configure(&r.id, self.replica_request(&cluster, &m.primary, "")?)
+                .await
+                .with_context(|| {
+                    format!(
+                        "{} could not follow the new primary; resync it with `corralctl cluster resync {} --node {}`",
+                        r.id, cluster.name, r.id
+                    )
+                })?;
+        }
+        for r in &m.replicas {
+            self.wait_streaming(&target, &r.id).await?;
+        }
+        Ok(())
+    }
+
+    /// Stops `old`, waits for `target` to have every write, promotes it.
+    async fn switch_over(
+        &self,
+        cluster: &ClusterRow,
+        old: &NodeRow,
+        target: &str,
+        m: &Members,
+        force: bool,
+    ) -> Result<()> {
+        let new_replicas: Vec<String> = m
+            .replicas
+            .iter()
+            .map(|n| n.id.clone())
+            .filter(|n| n != target)
+            .chain([old.id.clone()])
+            .collect();
+        self.log(&format!(
+            "stopping the primary {} (fast shutdown: sessions end, the last WAL is sent to the replicas); \
+             writes pause from here",
+            old.id
+        ));
+        let paused = Instant::now();
+        let stop = self
+            .call(&old.id, "stopping the primary", |mut c| async move {
+                c.stop_engine(pb::StopEngineRequest {}).await
+            })
+            .await;
+        let checkpoint = match stop {
+            Ok(s) => {
+                self.log(&format!(
+                    "{} stopped ({}) at checkpoint {}",
+                    old.id,
+                    s.cluster_state,
+                    lsn(s.checkpoint_lsn)
+                ));
+                Some(s.checkpoint_lsn)
+            }
+            Err(e) if force => {
+                self.log(&format!(
+                    "could not stop {} ({e:#}); --force: promoting {target} anyway. \
+                     Writes acknowledged by {} after {target}'s last replayed position are not on {target}",
+                    old.id, old.id
+                ));
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        if let Some(ckpt) = checkpoint {
+            let began = Instant::now();
+            loop {
+                let s = self.status(target).await?;
+                let replayed = s.replication.as_ref().map(|r| r.lsn).unwrap_or(0);
+                if replayed > ckpt {
+                    self.log(&format!(
+                        "{target} has replayed every write ({} > checkpoint {})",
+                        lsn(replayed),
+                        lsn(ckpt)
+                    ));
+                    break;
+                }
+                if began.elapsed() > CATCH_UP_TIMEOUT {
+                    self.log(&format!(
+                        "{target} did not catch up within {}s (at {}, needs {}); restarting {} as the primary",
+                        CATCH_UP_TIMEOUT.as_secs(),
+                        lsn(replayed),
+                        lsn(ckpt),
+                        old.id
+                    ));
+                    self.configure(
+                        &old.id,
+                        self.primary_request(cluster, m.replica_ids(), cluster.sync, false)?,
+                    )
+                    .await?;
+                    bail!(
+                        "switchover abandoned: {target} did not receive every write; {} is the primary again",
+                        old.id
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        self.log(&format!("promoting {target}"));
+        let sync = cluster.sync;
+        let replicas = new_replicas.clone();
+        self.call(target, "promoting", |mut c| {
+            let r = pb::PromoteRequest {
+                replicas: replicas.clone(),
+                sync,
+            };
+            async move { c.promote(r).await }
+        })
+        .await?;
+        self.log(&format!(
+            "{target} is the primary; writes were paused for {} ms",
+            paused.elapsed().as_millis()
+        ));
+        Ok(())
+    }
+
+    async fn resync(&self) -> Result<()> {
+        let nodes: Vec<String> = self
+            .param("nodes")?
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let cluster = self.cluster()?;
+        let m = self.members()?;
+        for node in &nodes {
+            if !m.replicas.iter().any(|r| &r.id == node) {
+                bail!("{node} is no longer a replica of {}", cluster.name);
+            }
+            self.log(&format!(
+                "resyncing {node}: erasing its data and cloning it again from {}",
+                m.primary.id
+            ));
+            self.configure(
+                node,
+                self.replica_request(&cluster, &m.primary, &self.op.id)?,
+            )
+            .await?;
+            self.wait_streaming(&m.primary.id, node).await?;
+        }
+        Ok(())
+    }
+
+    async fn reboot(&self) -> Result<()> {
+        let node = self.param_str("node")?;
+        let m = self.members()?;
+        let is_primary = m.primary.id == node;
+        self.log(&format!(
+            "restarting the engine on {node}{}",
+            if is_primary {
+                " (the primary: writes pause until it is back)"
+            } else {
+                ""
+            }
+        ));
+        let began = Instant::now();
+        let s = self
+            .call(&node, "restarting the engine", |mut c| async move {
+                c.restart_engine(pb::RestartEngineRequest {}).await
+            })
+            .await?;
+        self.coord.fleet.set_engine(&node, s);
+        self.log(&format!(
+            "{node} is back in {} ms",
+            began.elapsed().as_millis()
+        ));
+        if !is_primary {
+            self.wait_streaming(&m.primary.id, &node).await?;
+        }
+        Ok(())
+    }
+
+    async fn delete_cluster(&self) -> Result<()> {
+        let cluster = self.cluster()?;
+        let nodes = self
+            .coord
+            .store
+            .read(|c| store::nodes_of_cluster(c, &cluster.name))?;
+        // Replicas first, so the primary is the last to go.
+        let mut order: Vec<&NodeRow> = nodes.iter().filter(|n| n.role != "primary").collect();
+        order.extend(nodes.iter().filter(|n| n.role == "primary"));
+        for n in order {
+            self.log(&format!(
+                "stopping the engine on {} and erasing its data",
+                n.id
+            ));
+            let name = cluster.name.clone();
+            self.call(&n.id, "decommissioning", |mut c| {
+                let r = pb::DecommissionRequest {
+                    cluster: name.clone(),
+                };
+                async move { c.decommission(r).await }
+            })
+            .await?;
+        }
+        self.coord
+            .store
+            .tx(|tx| store::delete_cluster(tx, &cluster.name))?;
+        self.log(&format!(
+            "cluster {} deleted; its nodes are free (operations and audit rows are kept)",
+            cluster.name
+        ));
+        Ok(())
+    }
+
+    async fn set_sync(&self) -> Result<()> {
+        let cluster = self.cluster()?;
+        let m = self.members()?;
+        self.log(&format!(
+            "{} synchronous commit on {}",
+            if cluster.sync {
+                "turning on"
+            } else {
+                "turning off"
+            },
+            m.primary.id
+        ));
+        self.configure(
+            &m.primary.id,
+            self.primary_request(&cluster, m.replica_ids(), cluster.sync, false)?,
+        )
+        .await
+    }
+}
+
+fn slot_label(node: &str) -> String {
+    format!("corral_{}", node.replace('-', "_"))
 }

@@ -1,8 +1,9 @@
 //! The coordinator's durable state, in one SQLite file.
 //!
 //! What is stored, because it must survive a restart:
-//! - `clusters`: name, engine, mode, lifecycle state and the admin
-//!   credentials (password encrypted, see [`crate::secrets`]).
+//! - `clusters`: name, engine, mode, lifecycle state, settings (sync,
+//!   termination protection) and the admin and replication credentials
+//!   (passwords encrypted, see [`crate::secrets`]).
 //! - `nodes`: every enrolled node, its last known agent address, and the
 //!   cluster and role the coordinator *assigned* it.
 //! - `join_tokens`: SHA-256 of each token's secret, expiry, and who used it.
@@ -89,6 +90,35 @@ CREATE TABLE IF NOT EXISTS events (
 );
 "#;
 
+/// Columns added after the first release: (table, column, definition).
+/// Added in place when missing, so a store written by an older coordinator
+/// opens and keeps everything.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("clusters", "sync", "INTEGER NOT NULL DEFAULT 0"),
+    (
+        "clusters",
+        "termination_protection",
+        "INTEGER NOT NULL DEFAULT 0",
+    ),
+    ("clusters", "replication_password_enc", "BLOB"),
+];
+
+fn migrate(conn: &Connection) -> Result<()> {
+    for (table, column, def) in ADDED_COLUMNS {
+        let exists: bool = conn.query_row(
+            &format!("SELECT count(*) > 0 FROM pragma_table_info('{table}') WHERE name = ?1"),
+            [column],
+            |r| r.get(0),
+        )?;
+        if !exists {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {def}"))
+                .with_context(|| format!("adding {table}.{column}"))?;
+            tracing::info!(table, column, "store schema upgraded");
+        }
+    }
+    Ok(())
+}
+
 /// Operation states. `pending` and `running` are resumed after a restart.
 pub mod op_state {
     pub const PENDING: &str = "pending";
@@ -112,6 +142,11 @@ pub struct ClusterRow {
     pub admin_user: String,
     pub admin_password_enc: Vec<u8>,
     pub created_at_ms: i64,
+    pub sync: bool,
+    pub termination_protection: bool,
+    /// None for clusters created before replication existed; generated on
+    /// first need.
+    pub replication_password_enc: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone)]
@@ -153,6 +188,7 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA).context("creating the schema")?;
+        migrate(&conn).context("upgrading the schema")?;
         Ok(Store {
             conn: Mutex::new(conn),
         })
@@ -212,11 +248,14 @@ fn cluster_from_row(r: &rusqlite::Row) -> rusqlite::Result<ClusterRow> {
         admin_user: r.get(6)?,
         admin_password_enc: r.get(7)?,
         created_at_ms: r.get(8)?,
+        sync: r.get(9)?,
+        termination_protection: r.get(10)?,
+        replication_password_enc: r.get(11)?,
     })
 }
 
-const CLUSTER_COLS: &str =
-    "name, engine, mode, state, port, database, admin_user, admin_password_enc, created_at_ms";
+const CLUSTER_COLS: &str = "name, engine, mode, state, port, database, admin_user, \
+     admin_password_enc, created_at_ms, sync, termination_protection, replication_password_enc";
 
 pub fn get_cluster(c: &Connection, name: &str) -> Result<Option<ClusterRow>> {
     Ok(c.query_row(
@@ -240,7 +279,8 @@ pub fn list_clusters(c: &Connection) -> Result<Vec<ClusterRow>> {
 pub fn insert_cluster(c: &Connection, row: &ClusterRow) -> Result<()> {
     c.execute(
         &format!(
-            "INSERT INTO clusters ({CLUSTER_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+            "INSERT INTO clusters ({CLUSTER_COLS}) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
         ),
         params![
             row.name,
@@ -251,9 +291,41 @@ pub fn insert_cluster(c: &Connection, row: &ClusterRow) -> Result<()> {
             row.database,
             row.admin_user,
             row.admin_password_enc,
-            row.created_at_ms
+            row.created_at_ms,
+            row.sync,
+            row.termination_protection,
+            row.replication_password_enc
         ],
     )?;
+    Ok(())
+}
+
+/// Updates the settings an operator may change, and the lazily generated
+/// replication password.
+pub fn update_cluster(c: &Connection, row: &ClusterRow) -> Result<()> {
+    c.execute(
+        "UPDATE clusters SET mode = ?2, state = ?3, sync = ?4, termination_protection = ?5, \
+         replication_password_enc = ?6 WHERE name = ?1",
+        params![
+            row.name,
+            row.mode,
+            row.state,
+            row.sync,
+            row.termination_protection,
+            row.replication_password_enc
+        ],
+    )?;
+    Ok(())
+}
+
+/// Removes the cluster; its nodes become free. Operations and the audit
+/// trail keep their rows (they name the cluster, they do not reference it).
+pub fn delete_cluster(c: &Connection, name: &str) -> Result<()> {
+    c.execute(
+        "UPDATE nodes SET cluster = NULL, role = '' WHERE cluster = ?1",
+        [name],
+    )?;
+    c.execute("DELETE FROM clusters WHERE name = ?1", [name])?;
     Ok(())
 }
 
@@ -318,6 +390,14 @@ pub fn set_node_address(c: &Connection, id: &str, address: &str) -> Result<()> {
     c.execute(
         "UPDATE nodes SET address = ?2 WHERE id = ?1",
         params![id, address],
+    )?;
+    Ok(())
+}
+
+pub fn unassign_node(c: &Connection, id: &str) -> Result<()> {
+    c.execute(
+        "UPDATE nodes SET cluster = NULL, role = '' WHERE id = ?1",
+        [id],
     )?;
     Ok(())
 }
@@ -428,6 +508,19 @@ pub fn unfinished_operations(c: &Connection) -> Result<Vec<OperationRow>> {
         .query_map([], op_from_row)?
         .collect::<rusqlite::Result<_>>()?;
     Ok(rows)
+}
+
+/// The operation (pending or running) that holds `cluster`, if any.
+pub fn unfinished_operation_of(c: &Connection, cluster: &str) -> Result<Option<OperationRow>> {
+    Ok(c.query_row(
+        &format!(
+            "SELECT {OP_COLS} FROM operations WHERE cluster = ?1 AND state IN ('pending', 'running') \
+             ORDER BY created_at_ms, id LIMIT 1"
+        ),
+        [cluster],
+        op_from_row,
+    )
+    .optional()?)
 }
 
 pub fn set_operation_state(c: &Connection, id: &str, state: &str, error: &str) -> Result<()> {
@@ -585,6 +678,39 @@ mod tests {
         })
         .unwrap();
         assert_eq!(s.read(|c| list_events(c, None, None, 10)).unwrap().len(), 2);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_store_from_before_replication_is_upgraded() {
+        let dir = std::env::temp_dir().join(format!(
+            "corral-store-old-{}-{}",
+            std::process::id(),
+            now_ms()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("corral.db");
+        {
+            // The clusters table as the first release wrote it.
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE clusters (name TEXT PRIMARY KEY, engine TEXT NOT NULL, \
+                 mode TEXT NOT NULL, state TEXT NOT NULL, port INTEGER NOT NULL, \
+                 database TEXT NOT NULL, admin_user TEXT NOT NULL, \
+                 admin_password_enc BLOB NOT NULL, created_at_ms INTEGER NOT NULL);
+                 INSERT INTO clusters VALUES ('old', 'postgres', 'single', 'running', 5432, \
+                 'defaultdb', 'admin', x'00', 1);",
+            )
+            .unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        let row = s.read(|c| get_cluster(c, "old")).unwrap().unwrap();
+        assert!(!row.sync && !row.termination_protection);
+        assert!(row.replication_password_enc.is_none());
+        drop(s);
+        // Opening again changes nothing.
+        let s = Store::open(&path).unwrap();
+        assert!(s.read(|c| get_cluster(c, "old")).unwrap().is_some());
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -103,8 +103,14 @@ fn bad_cli_input_is_refused_and_creates_nothing() {
     refused(
         &lab,
         &create("fresh", "postgres", "vm2,vm1"),
-        "exactly one --node",
+        "exactly one node",
     );
+    let mut twice = create("fresh", "postgres", "vm2,vm2");
+    twice.extend(["--mode", "primary-replica"]);
+    refused(&lab, &twice, "node vm2 is listed twice");
+    let mut lonely_sync = create("fresh", "postgres", "vm2");
+    lonely_sync.extend(["--mode", "primary-replica", "--sync"]);
+    refused(&lab, &lonely_sync, "--sync needs at least one replica");
     let mut multi = create("fresh", "postgres", "vm2");
     multi.extend(["--mode", "multi-master"]);
     refused(&lab, &multi, "unsupported mode \"multi-master\"");
@@ -176,6 +182,7 @@ fn bad_api_input_is_refused_and_creates_nothing() {
         engine: engine.into(),
         mode: String::new(),
         nodes: nodes.iter().map(|n| n.to_string()).collect(),
+        sync: false,
     };
     // The CLI checks names too; the API must not rely on it.
     let cases = [
@@ -197,7 +204,7 @@ fn bad_api_input_is_refused_and_creates_nothing() {
         (
             req("ok", "postgres", &[]),
             tonic::Code::InvalidArgument,
-            "exactly one --node",
+            "exactly one node",
         ),
         (
             req("ok", "postgres", &["../vm1"]),

@@ -1,12 +1,21 @@
 //! The engine this node runs: its spec, its driver and its supervisor.
 //!
-//! The coordinator tells the agent what to run with `ConfigureEngine`; the
-//! agent records that spec in `engine.json` (never the password), prepares
-//! the engine (initdb, configuration), and from then on keeps it running:
-//! the [`supervise`] task restarts it when it dies, with backoff, and reports
-//! every exit and restart as an event. After an agent restart the spec is
-//! read back and an engine that is still running is adopted, not restarted:
-//! upgrading or restarting the agent does not interrupt the database.
+//! The coordinator tells the agent what to run with `ConfigureEngine`: an
+//! engine, a role (primary or replica), and for a replica where to stream
+//! from. The agent records that spec in `engine.json` (never a password),
+//! converges the node to it (initialise or clone the data, rewind a former
+//! primary, write the configuration, create replication slots), and from
+//! then on keeps the engine running: the [`supervise`] task restarts it when
+//! it dies, with backoff, and reports every exit and restart as an event.
+//! After an agent restart the spec is read back and an engine that is still
+//! running is adopted, not restarted: upgrading or restarting the agent does
+//! not interrupt the database. An engine stopped on purpose (a primary being
+//! demoted) stays stopped across agent restarts until the coordinator says
+//! otherwise.
+//!
+//! Every step runs in a task of its own, so a coordinator that disconnects
+//! mid-way (or restarts) does not cancel a clone half-way; its retried call
+//! waits for the running step and then finds the work done.
 
 pub mod postgres;
 
@@ -18,6 +27,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// Where a replica clones and streams from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Upstream {
+    pub node: String,
+    pub host: String,
+    pub port: u16,
+}
+
 /// What the coordinator asked this node to run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EngineSpec {
@@ -27,14 +44,53 @@ pub struct EngineSpec {
     pub port: u16,
     pub admin_user: String,
     pub database: String,
+    /// Primary: the replicas it serves (a replication slot each).
+    #[serde(default)]
+    pub replicas: Vec<String>,
+    /// Primary: commits wait for one replica.
+    #[serde(default)]
+    pub sync: bool,
+    /// Replica: where it streams from.
+    #[serde(default)]
+    pub upstream: Option<Upstream>,
+}
+
+/// What engine.json holds: the spec plus the agent's own bookkeeping.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Stored {
+    #[serde(flatten)]
+    spec: EngineSpec,
+    /// Stopped on purpose: do not start it at agent start.
+    #[serde(default)]
+    stopped: bool,
+    /// The last resync request carried out, so a retried one is not redone.
+    #[serde(default)]
+    last_resync: String,
+}
+
+/// Passwords the coordinator sends with each ConfigureEngine; never stored
+/// in engine.json (the driver keeps what the engine itself needs, 0600).
+#[derive(Clone)]
+pub struct Secrets {
+    pub admin_password: String,
+    pub replication_password: String,
 }
 
 /// Engines this agent can run.
 pub const SUPPORTED_ENGINES: &[&str] = &["postgres"];
+pub const ROLES: &[&str] = &["primary", "replica"];
+
+/// A ConfigureEngine request, checked.
+pub struct Request {
+    pub spec: EngineSpec,
+    pub secrets: Secrets,
+    pub initialize: bool,
+    pub resync_id: String,
+}
 
 impl EngineSpec {
     /// Checks a request from the coordinator; every problem is named.
-    pub fn from_request(req: &pb::ConfigureEngineRequest) -> Result<EngineSpec, String> {
+    pub fn from_request(req: &pb::ConfigureEngineRequest) -> Result<Request, String> {
         corral_proto::names::validate("cluster", &req.cluster)?;
         if !SUPPORTED_ENGINES.contains(&req.engine.as_str()) {
             return Err(format!(
@@ -43,33 +99,80 @@ impl EngineSpec {
                 SUPPORTED_ENGINES.join(", ")
             ));
         }
-        if req.role != "primary" {
+        if !ROLES.contains(&req.role.as_str()) {
             return Err(format!(
-                "role {:?} is not supported yet (supported: primary)",
-                req.role
+                "role {:?} is not supported (supported: {})",
+                req.role,
+                ROLES.join(", ")
             ));
         }
-        let port = u16::try_from(req.port)
-            .ok()
-            .filter(|p| *p >= 1024)
-            .ok_or_else(|| format!("port {} is outside 1024..=65535", req.port))?;
+        let port = valid_port(req.port)?;
         for (what, v) in [("admin user", &req.admin_user), ("database", &req.database)] {
             sql_identifier(what, v)?;
         }
         if req.admin_password.len() < 16 {
             return Err("admin password is missing or shorter than 16 characters".into());
         }
-        Ok(EngineSpec {
-            cluster: req.cluster.clone(),
-            engine: req.engine.clone(),
-            role: req.role.clone(),
-            port,
-            admin_user: req.admin_user.clone(),
-            database: req.database.clone(),
+        if req.replication_password.len() < 16 {
+            return Err("replication password is missing or shorter than 16 characters".into());
+        }
+        for r in &req.replicas {
+            corral_proto::names::validate("replica node", r)?;
+        }
+        let upstream = match (&req.upstream, req.role.as_str()) {
+            (Some(u), "replica") => {
+                corral_proto::names::validate("upstream node", &u.node)?;
+                let host: std::net::IpAddr = u
+                    .host
+                    .parse()
+                    .map_err(|_| format!("upstream host {:?} is not an IP address", u.host))?;
+                Some(Upstream {
+                    node: u.node.clone(),
+                    host: host.to_string(),
+                    port: valid_port(u.port)?,
+                })
+            }
+            (None, "replica") => return Err("a replica needs an upstream to stream from".into()),
+            (Some(_), _) => return Err("only a replica has an upstream".into()),
+            (None, _) => None,
+        };
+        if req.role == "replica" && (req.initialize || !req.replicas.is_empty() || req.sync) {
+            return Err("initialize, replicas and sync apply to a primary only".into());
+        }
+        if req.role == "primary" && !req.resync_id.is_empty() {
+            return Err("a primary cannot be resynced; promote another node first".into());
+        }
+        Ok(Request {
+            spec: EngineSpec {
+                cluster: req.cluster.clone(),
+                engine: req.engine.clone(),
+                role: req.role.clone(),
+                port,
+                admin_user: req.admin_user.clone(),
+                database: req.database.clone(),
+                replicas: req.replicas.clone(),
+                sync: req.sync,
+                upstream,
+            },
+            secrets: Secrets {
+                admin_password: req.admin_password.clone(),
+                replication_password: req.replication_password.clone(),
+            },
+            initialize: req.initialize,
+            resync_id: req.resync_id.clone(),
         })
     }
+}
 
-    pub fn load(state_dir: &Path) -> Result<Option<EngineSpec>> {
+fn valid_port(p: u32) -> Result<u16, String> {
+    u16::try_from(p)
+        .ok()
+        .filter(|p| *p >= 1024)
+        .ok_or_else(|| format!("port {p} is outside 1024..=65535"))
+}
+
+impl Stored {
+    fn load(state_dir: &Path) -> Result<Option<Stored>> {
         let path = spec_path(state_dir);
         match std::fs::read_to_string(&path) {
             Ok(s) => {
@@ -82,7 +185,7 @@ impl EngineSpec {
         }
     }
 
-    pub fn save(&self, state_dir: &Path) -> Result<()> {
+    fn save(&self, state_dir: &Path) -> Result<()> {
         corral_proto::pki::write_private(
             &spec_path(state_dir),
             &serde_json::to_string_pretty(self)?,
@@ -169,20 +272,59 @@ pub fn process_alive(pid: u32) -> bool {
     }
 }
 
+/// Health and replication state from one check.
+pub struct Health {
+    pub version: String,
+    pub replication: pb::Replication,
+}
+
+/// Reports bytes done / total of a long step.
+pub type ProgressFn<'a> = &'a (dyn Fn(u64, u64) + Send + Sync);
+
 /// What each engine implements; the supervisor and the API drive it.
 #[tonic::async_trait]
 pub trait Driver: Send + Sync + 'static {
-    /// Creates the data directory if it is missing and writes the
-    /// configuration. Idempotent; never touches existing data.
+    /// Whether the node holds a data directory for the engine.
+    fn has_data(&self) -> bool;
+    /// Whether the data on disk is a standby's (set up to follow another).
+    fn data_is_standby(&self) -> Result<bool>;
+    /// Creates an empty data directory (new cluster's primary only).
+    async fn initialize(&self) -> Result<()>;
+    /// Copies the data from `upstream` (a new or resynced replica).
+    async fn clone_data(
+        &self,
+        spec: &EngineSpec,
+        upstream: &Upstream,
+        progress: ProgressFn<'_>,
+    ) -> Result<()>;
+    /// Makes the stopped data of a former primary able to follow
+    /// `upstream` (rewinding writes the new primary never saw).
+    async fn rejoin(&self, spec: &EngineSpec, upstream: &Upstream) -> Result<()>;
+    /// Keeps the replication password where the engine's tools find it.
+    fn save_secrets(&self, secrets: &Secrets) -> Result<()>;
+    /// Writes the configuration for `spec`; reloads a running engine when
+    /// it changed.
     async fn prepare(&self, spec: &EngineSpec) -> Result<()>;
     /// The engine's process if one is already running on our data.
     fn find_running(&self) -> Option<u32>;
     /// Starts the engine process.
     async fn start(&self, spec: &EngineSpec) -> Result<tokio::process::Child>;
-    /// Ok once the engine answers queries; returns its version.
-    async fn check(&self, spec: &EngineSpec) -> Result<String>;
-    /// Creates (or updates) the admin role and the database.
-    async fn bootstrap(&self, spec: &EngineSpec, admin_password: &str) -> Result<()>;
+    /// Asks the running engine `pid` to stop cleanly and waits for it.
+    async fn stop(&self, pid: u32) -> Result<()>;
+    /// Of stopped data: where its last checkpoint starts, and its state.
+    async fn stopped_position(&self) -> Result<(u64, String)>;
+    /// Ok once the engine answers queries.
+    async fn check(&self, spec: &EngineSpec) -> Result<Health>;
+    /// Primary: creates (or updates) the admin and replication roles and
+    /// the database.
+    async fn bootstrap(&self, spec: &EngineSpec, secrets: &Secrets) -> Result<()>;
+    /// Primary: a replication slot for each replica and no other.
+    /// Replica: no slots.
+    async fn converge_slots(&self, spec: &EngineSpec) -> Result<()>;
+    /// Turns the running standby into a primary; returns once it accepts writes.
+    async fn promote(&self, spec: &EngineSpec) -> Result<()>;
+    /// Erases the engine's data and configuration (the engine is stopped).
+    async fn wipe(&self) -> Result<()>;
     /// Where the engine's own log goes, for error messages.
     fn log_path(&self) -> PathBuf;
 }
@@ -193,16 +335,16 @@ pub struct Engine {
     driver: Arc<dyn Driver>,
     events: Arc<Events>,
     status: Mutex<pb::EngineStatus>,
-    spec: Mutex<Option<EngineSpec>>,
+    stored: Mutex<Option<Stored>>,
     supervisor: Mutex<Option<tokio::task::JoinHandle<()>>>,
-    /// One ConfigureEngine at a time.
-    configuring: tokio::sync::Mutex<()>,
+    /// One step (configure, stop, promote, ...) at a time.
+    steps: tokio::sync::Mutex<()>,
 }
 
 /// Longest wait for a starting engine to answer.
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
-/// Health check period while running.
-const CHECK_EVERY: Duration = Duration::from_secs(2);
+/// Health check period while running (also refreshes replication figures).
+const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 impl Engine {
     pub fn new(state_dir: PathBuf, driver: Arc<dyn Driver>, events: Arc<Events>) -> Arc<Engine> {
@@ -214,9 +356,9 @@ impl Engine {
                 state: EngineState::None as i32,
                 ..Default::default()
             }),
-            spec: Mutex::new(None),
+            stored: Mutex::new(None),
             supervisor: Mutex::new(None),
-            configuring: tokio::sync::Mutex::new(()),
+            steps: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -231,27 +373,22 @@ impl Engine {
         f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
+    fn stored(&self) -> Option<Stored> {
+        self.stored
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     fn spec(&self) -> Option<EngineSpec> {
-        self.spec.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.stored().map(|s| s.spec)
     }
 
-    /// At agent start: resume supervising the engine recorded in engine.json.
-    pub async fn resume(self: &Arc<Self>) -> Result<()> {
-        let Some(spec) = EngineSpec::load(&self.state_dir)? else {
-            return Ok(());
-        };
-        tracing::info!(cluster = %spec.cluster, engine = %spec.engine, "resuming the engine recorded in engine.json");
-        self.set_spec(&spec);
-        if let Err(e) = self.driver.prepare(&spec).await {
-            self.fail(&format!("preparing {}: {e:#}", spec.engine));
-            return Err(e);
-        }
-        self.ensure_supervised();
-        Ok(())
-    }
-
-    fn set_spec(&self, spec: &EngineSpec) {
-        *self.spec.lock().unwrap_or_else(|p| p.into_inner()) = Some(spec.clone());
+    /// Records `stored` on disk first, then in memory.
+    fn set_stored(&self, stored: Stored) -> Result<()> {
+        stored.save(&self.state_dir)?;
+        let spec = stored.spec.clone();
+        *self.stored.lock().unwrap_or_else(|p| p.into_inner()) = Some(stored);
         self.update(|s| {
             s.engine = spec.engine.clone();
             s.cluster = spec.cluster.clone();
@@ -261,6 +398,32 @@ impl Engine {
                 s.state = EngineState::Initializing as i32;
             }
         });
+        Ok(())
+    }
+
+    /// At agent start: resume supervising the engine recorded in engine.json.
+    pub async fn resume(self: &Arc<Self>) -> Result<()> {
+        let Some(stored) = Stored::load(&self.state_dir)? else {
+            return Ok(());
+        };
+        let spec = stored.spec.clone();
+        tracing::info!(cluster = %spec.cluster, engine = %spec.engine, role = %spec.role, "resuming the engine recorded in engine.json");
+        let stopped = stored.stopped;
+        self.set_stored(stored)?;
+        if stopped {
+            tracing::info!("the engine was stopped on purpose; leaving it stopped");
+            self.update(|s| {
+                s.state = EngineState::Stopped as i32;
+                s.message = "stopped by the coordinator".into();
+            });
+            return Ok(());
+        }
+        if let Err(e) = self.driver.prepare(&spec).await {
+            self.fail(&format!("preparing {}: {e:#}", spec.engine));
+            return Err(e);
+        }
+        self.ensure_supervised();
+        Ok(())
     }
 
     fn fail(&self, message: &str) {
@@ -272,42 +435,186 @@ impl Engine {
         });
     }
 
-    /// Makes the node run `spec`: idempotent, and refused (nothing changed)
-    /// when the node already serves something else.
-    pub async fn configure(
-        self: &Arc<Self>,
-        spec: EngineSpec,
-        admin_password: &str,
-    ) -> Result<pb::EngineStatus> {
-        let _one_at_a_time = self.configuring.lock().await;
-        if let Some(current) = self.spec() {
-            if current.cluster != spec.cluster {
+    fn set_task(&self, task: Option<pb::Progress>) {
+        self.update(|s| s.task = task);
+    }
+
+    /// Makes the node run `req.spec`: idempotent, and refused (nothing
+    /// changed) when the node serves something else.
+    pub async fn configure(self: &Arc<Self>, req: Request) -> Result<pb::EngineStatus> {
+        let _one_at_a_time = self.steps.lock().await;
+        let spec = req.spec.clone();
+        let current = self.stored();
+        if let Some(c) = &current {
+            let cur = &c.spec;
+            if cur.cluster != spec.cluster {
                 bail!(Conflict(format!(
                     "this node already runs cluster {:?}; remove it from that cluster first",
-                    current.cluster
+                    cur.cluster
                 )));
             }
-            if current != spec {
+            if (&cur.engine, cur.port, &cur.admin_user, &cur.database)
+                != (&spec.engine, spec.port, &spec.admin_user, &spec.database)
+            {
                 bail!(Conflict(format!(
-                    "this node already runs cluster {:?} with different settings ({current:?}); \
-                     changing them is not supported",
-                    current.cluster
+                    "this node already runs cluster {:?} as {} on port {}; changing the engine, port, \
+                     admin user or database is not supported",
+                    cur.cluster, cur.engine, cur.port
                 )));
             }
         }
-        spec.save(&self.state_dir)?;
-        self.set_spec(&spec);
-        if let Err(e) = self.driver.prepare(&spec).await {
+        self.driver.save_secrets(&req.secrets)?;
+        let last_resync = current
+            .as_ref()
+            .map(|c| c.last_resync.clone())
+            .unwrap_or_default();
+        match spec.role.as_str() {
+            "primary" => self.converge_primary(&req, current.as_ref()).await?,
+            _ => {
+                let upstream = spec
+                    .upstream
+                    .clone()
+                    .context("a replica needs an upstream")?;
+                let resync = !req.resync_id.is_empty() && req.resync_id != last_resync;
+                if resync && self.driver.has_data() {
+                    self.events.push(
+                        "resync_started",
+                        format!(
+                            "erasing this replica's data to clone it again from {}",
+                            upstream.node
+                        ),
+                    );
+                    self.stop_locked().await?;
+                    self.driver.wipe().await.context("erasing the data")?;
+                }
+                if !self.driver.has_data() {
+                    self.stop_locked().await?;
+                    self.clone_data(&spec, &upstream).await?;
+                } else if !self.driver.data_is_standby()? {
+                    self.events.push(
+                        "rejoin_started",
+                        format!(
+                            "this node's data was a primary's; rewinding it to follow {}",
+                            upstream.node
+                        ),
+                    );
+                    self.stop_locked().await?;
+                    self.driver
+                        .rejoin(&spec, &upstream)
+                        .await
+                        .context("rejoining as a replica")?;
+                }
+                let resync_done = if req.resync_id.is_empty() {
+                    last_resync
+                } else {
+                    req.resync_id.clone()
+                };
+                self.set_stored(Stored {
+                    spec: spec.clone(),
+                    stopped: false,
+                    last_resync: resync_done,
+                })?;
+                self.prepare_and_run(&spec).await?;
+                self.driver
+                    .converge_slots(&spec)
+                    .await
+                    .context("dropping replication slots on the replica")?;
+            }
+        }
+        self.refresh().await;
+        Ok(self.status())
+    }
+
+    async fn converge_primary(
+        self: &Arc<Self>,
+        req: &Request,
+        current: Option<&Stored>,
+    ) -> Result<()> {
+        let spec = &req.spec;
+        if !self.driver.has_data() {
+            if !req.initialize {
+                bail!(Conflict(
+                    "this node has no data directory, so it cannot be a primary; only a new \
+                     cluster's first node is initialised empty"
+                        .into()
+                ));
+            }
+            self.driver.initialize().await?;
+        } else if self.driver.data_is_standby()? {
+            bail!(Conflict(
+                "this node is a replica; promote it (corralctl node promote) to make it the primary"
+                    .into()
+            ));
+        }
+        self.set_stored(Stored {
+            spec: spec.clone(),
+            stopped: false,
+            last_resync: current.map(|c| c.last_resync.clone()).unwrap_or_default(),
+        })?;
+        self.prepare_and_run(spec).await?;
+        self.driver
+            .bootstrap(spec, &req.secrets)
+            .await
+            .context("creating the admin and replication roles and the database")?;
+        self.driver
+            .converge_slots(spec)
+            .await
+            .context("creating the replicas' replication slots")?;
+        Ok(())
+    }
+
+    async fn prepare_and_run(self: &Arc<Self>, spec: &EngineSpec) -> Result<()> {
+        if let Err(e) = self.driver.prepare(spec).await {
             self.fail(&format!("preparing {}: {e:#}", spec.engine));
             return Err(e);
         }
         self.ensure_supervised();
-        self.wait_running().await?;
-        self.driver
-            .bootstrap(&spec, admin_password)
-            .await
-            .context("creating the admin role and database")?;
-        Ok(self.status())
+        self.wait_running().await
+    }
+
+    async fn clone_data(&self, spec: &EngineSpec, upstream: &Upstream) -> Result<()> {
+        let started_at_ms = corral_proto::now_ms();
+        let message = format!(
+            "cloning the data from {} ({}:{})",
+            upstream.node, upstream.host, upstream.port
+        );
+        self.events.push("clone_started", &message);
+        self.update(|s| {
+            s.state = EngineState::Initializing as i32;
+            s.message = message.clone();
+        });
+        let progress = |done: u64, total: u64| {
+            self.set_task(Some(pb::Progress {
+                kind: "clone".into(),
+                done_bytes: done,
+                total_bytes: total,
+                message: message.clone(),
+                started_at_ms,
+            }))
+        };
+        progress(0, 0);
+        let began = Instant::now();
+        let r = self.driver.clone_data(spec, upstream, &progress).await;
+        let last = self.status().task.map(|t| t.done_bytes).unwrap_or(0);
+        self.set_task(None);
+        match r {
+            Ok(()) => {
+                let secs = began.elapsed().as_secs_f64();
+                self.events.push(
+                    "clone_finished",
+                    format!(
+                        "cloned {:.1} MB from {} in {secs:.1}s",
+                        last as f64 / 1e6,
+                        upstream.node
+                    ),
+                );
+                Ok(())
+            }
+            Err(e) => {
+                self.fail(&format!("cloning from {}: {e:#}", upstream.node));
+                Err(e.context(format!("cloning from {}", upstream.node)))
+            }
+        }
     }
 
     async fn wait_running(&self) -> Result<()> {
@@ -326,8 +633,171 @@ impl Engine {
                     self.driver.log_path().display()
                 );
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Runs a fresh health check and records it (GetStatus, after steps).
+    pub async fn refresh(&self) {
+        let Some(spec) = self.spec() else { return };
+        if self.status().state != EngineState::Running as i32 {
+            return;
+        }
+        if let Ok(h) = self.driver.check(&spec).await {
+            self.update(|s| {
+                s.healthy = true;
+                s.version = h.version;
+                s.replication = Some(h.replication);
+            });
+        }
+    }
+
+    /// Stops the engine cleanly and keeps it stopped (across agent restarts
+    /// too) until the next configure, restart or promote.
+    pub async fn stop(self: &Arc<Self>) -> Result<pb::StopEngineResponse> {
+        let _one_at_a_time = self.steps.lock().await;
+        let Some(mut stored) = self.stored() else {
+            bail!(Conflict("no engine is configured on this node".into()));
+        };
+        stored.stopped = true;
+        self.set_stored(stored)?;
+        self.stop_locked().await?;
+        let (checkpoint_lsn, cluster_state) = self.driver.stopped_position().await?;
+        Ok(pb::StopEngineResponse {
+            checkpoint_lsn,
+            cluster_state,
+        })
+    }
+
+    /// Stops the supervisor and the engine. The caller holds `steps`.
+    async fn stop_locked(&self) -> Result<()> {
+        let handle = self
+            .supervisor
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(h) = handle {
+            h.abort();
+            let _ = h.await;
+        }
+        if let Some(pid) = self.driver.find_running() {
+            let began = Instant::now();
+            self.driver.stop(pid).await?;
+            self.events.push(
+                "engine_stopped",
+                format!(
+                    "stopped cleanly on request in {} ms (pid {pid})",
+                    began.elapsed().as_millis()
+                ),
+            );
+        }
+        self.update(|s| {
+            s.state = EngineState::Stopped as i32;
+            s.healthy = false;
+            s.pid = 0;
+            s.message = "stopped by the coordinator".into();
+        });
+        Ok(())
+    }
+
+    /// Stops the engine cleanly and starts it again.
+    pub async fn restart(self: &Arc<Self>) -> Result<pb::EngineStatus> {
+        let _one_at_a_time = self.steps.lock().await;
+        let Some(mut stored) = self.stored() else {
+            bail!(Conflict("no engine is configured on this node".into()));
+        };
+        self.stop_locked().await?;
+        stored.stopped = false;
+        let spec = stored.spec.clone();
+        self.set_stored(stored)?;
+        self.driver.prepare(&spec).await?;
+        self.ensure_supervised();
+        self.wait_running().await?;
+        self.refresh().await;
+        Ok(self.status())
+    }
+
+    /// Promotes this replica; a node already primary just converges.
+    pub async fn promote(
+        self: &Arc<Self>,
+        replicas: Vec<String>,
+        sync: bool,
+    ) -> Result<pb::EngineStatus> {
+        let _one_at_a_time = self.steps.lock().await;
+        let Some(stored) = self.stored() else {
+            bail!(Conflict("no engine is configured on this node".into()));
+        };
+        let mut spec = stored.spec.clone();
+        if self.driver.data_is_standby()? {
+            if stored.stopped || self.driver.find_running().is_none() {
+                bail!(Conflict(
+                    "this replica's engine is not running; it cannot be promoted".into()
+                ));
+            }
+            let began = Instant::now();
+            self.driver.promote(&spec).await?;
+            self.events.push(
+                "promoted",
+                format!(
+                    "promoted to primary in {} ms (was following {})",
+                    began.elapsed().as_millis(),
+                    spec.upstream
+                        .as_ref()
+                        .map(|u| u.node.as_str())
+                        .unwrap_or("?")
+                ),
+            );
+        }
+        spec.role = "primary".into();
+        spec.upstream = None;
+        spec.replicas = replicas;
+        spec.sync = sync;
+        self.set_stored(Stored {
+            spec: spec.clone(),
+            stopped: false,
+            last_resync: stored.last_resync,
+        })?;
+        self.driver.prepare(&spec).await?;
+        self.ensure_supervised();
+        self.wait_running().await?;
+        self.driver
+            .converge_slots(&spec)
+            .await
+            .context("creating the replicas' replication slots")?;
+        self.refresh().await;
+        Ok(self.status())
+    }
+
+    /// Leaves the cluster: engine stopped, data and spec erased.
+    pub async fn decommission(self: &Arc<Self>, cluster: &str) -> Result<()> {
+        let _one_at_a_time = self.steps.lock().await;
+        match self.stored() {
+            None => return Ok(()),
+            Some(s) if s.spec.cluster != cluster => bail!(Conflict(format!(
+                "this node runs cluster {:?}, not {cluster:?}; refusing to erase it",
+                s.spec.cluster
+            ))),
+            Some(_) => {}
+        }
+        self.stop_locked().await?;
+        self.driver.wipe().await?;
+        match std::fs::remove_file(spec_path(&self.state_dir)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).context("removing engine.json"),
+        }
+        *self.stored.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.events.push(
+            "decommissioned",
+            format!("left cluster {cluster}: engine stopped, data erased"),
+        );
+        self.update(|s| {
+            *s = pb::EngineStatus {
+                state: EngineState::None as i32,
+                ..Default::default()
+            }
+        });
+        Ok(())
     }
 
     fn ensure_supervised(self: &Arc<Self>) {
@@ -408,21 +878,22 @@ impl Engine {
             let pause = if ready {
                 CHECK_EVERY
             } else {
-                Duration::from_millis(100)
+                Duration::from_millis(20)
             };
             tokio::select! {
                 how = &mut exited => return how,
                 _ = tokio::time::sleep(pause) => {}
             }
             match self.driver.check(spec).await {
-                Ok(version) => {
+                Ok(health) => {
                     if !ready {
                         ready = true;
                         self.events.push(
                             first,
                             format!(
-                                "{} {version} is up (pid {})",
+                                "{} {} is up (pid {})",
                                 spec.engine,
+                                health.version,
                                 self.status().pid
                             ),
                         );
@@ -430,7 +901,8 @@ impl Engine {
                     self.update(|s| {
                         s.state = EngineState::Running as i32;
                         s.healthy = true;
-                        s.version = version;
+                        s.version = health.version;
+                        s.replication = Some(health.replication);
                         s.message.clear();
                     });
                 }
@@ -479,13 +951,32 @@ mod tests {
             admin_user: "admin".into(),
             admin_password: "x".repeat(32),
             database: "defaultdb".into(),
+            replication_password: "y".repeat(32),
+            replicas: vec!["vm2".into()],
+            ..Default::default()
+        }
+    }
+
+    fn replica() -> pb::ConfigureEngineRequest {
+        pb::ConfigureEngineRequest {
+            role: "replica".into(),
+            replicas: vec![],
+            upstream: Some(pb::Upstream {
+                node: "vm1".into(),
+                host: "10.0.0.1".into(),
+                port: 5432,
+            }),
+            ..request()
         }
     }
 
     #[test]
-    fn accepts_a_valid_request() {
-        let spec = EngineSpec::from_request(&request()).unwrap();
-        assert_eq!(spec.port, 5432);
+    fn accepts_valid_requests() {
+        let r = EngineSpec::from_request(&request()).unwrap();
+        assert_eq!(r.spec.port, 5432);
+        assert_eq!(r.spec.replicas, ["vm2"]);
+        let r = EngineSpec::from_request(&replica()).unwrap();
+        assert_eq!(r.spec.upstream.unwrap().host, "10.0.0.1");
     }
 
     #[test]
@@ -496,7 +987,37 @@ mod tests {
                 Box::new(|r| r.engine = "oracle".into()),
                 "engine \"oracle\" is not supported",
             ),
-            (Box::new(|r| r.role = "replica".into()), "role \"replica\""),
+            (Box::new(|r| r.role = "standby".into()), "role \"standby\""),
+            (
+                Box::new(|r| r.role = "replica".into()),
+                "a replica needs an upstream",
+            ),
+            (
+                Box::new(|r| r.replication_password = "short".into()),
+                "replication password",
+            ),
+            (
+                Box::new(|r| r.replicas = vec!["Bad".into()]),
+                "invalid replica node name",
+            ),
+            (
+                Box::new(|r| r.resync_id = "op-1".into()),
+                "a primary cannot be resynced",
+            ),
+            (
+                Box::new(|r| {
+                    *r = replica();
+                    r.upstream.as_mut().unwrap().host = "db.example".into();
+                }),
+                "is not an IP address",
+            ),
+            (
+                Box::new(|r| {
+                    *r = replica();
+                    r.initialize = true;
+                }),
+                "apply to a primary only",
+            ),
             (Box::new(|r| r.port = 80), "port 80"),
             (Box::new(|r| r.port = 70000), "port 70000"),
             (
@@ -516,7 +1037,9 @@ mod tests {
         for (mutate, expected) in cases {
             let mut r = request();
             mutate(&mut r);
-            let err = EngineSpec::from_request(&r).unwrap_err();
+            let Err(err) = EngineSpec::from_request(&r) else {
+                panic!("accepted a request that should mention {expected}");
+            };
             assert!(err.contains(expected), "{err} should mention {expected}");
         }
     }

@@ -2,14 +2,26 @@
 //!
 //! Layout under `<state>/postgres/`: `data/` (the cluster, owned by the
 //! `postgres` user, 0700), `run/` (the Unix socket, 0700, so only `postgres`
-//! and root can use the trusted local connection), `server.log`.
+//! and root can use the trusted local connection), `server.log`, and
+//! `pgpass` (0600, the replication role's password, used by replicas to
+//! stream and by pg_basebackup / pg_rewind).
 //!
 //! The server runs as the `postgres` user, never root. Local connections
 //! over the socket are trusted (that is how the agent administers it); every
 //! TCP connection needs a SCRAM password.
+//!
+//! Replication: the primary keeps one physical slot per replica
+//! (`corral_<node>`), so it retains the WAL a replica still needs (bounded
+//! by `max_slot_wal_keep_size`, so a dead replica cannot fill the disk). A
+//! replica is cloned with `pg_basebackup` through its slot and streams with
+//! `primary_conninfo` naming itself as `application_name`, which is what
+//! `synchronous_standby_names` and `pg_stat_replication` refer to. A former
+//! primary rejoins through `pg_rewind`, which is a no-op when it was shut
+//! down cleanly before its replica was promoted.
 
-use super::{Driver, EngineSpec};
+use super::{Driver, EngineSpec, Health, ProgressFn, Secrets, Upstream};
 use anyhow::{anyhow, bail, Context, Result};
+use corral_proto::pb;
 use nix::unistd::{chown, Gid, Uid, User};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -19,6 +31,8 @@ use std::time::Duration;
 pub struct Postgres {
     bin_dir: PathBuf,
     base: PathBuf,
+    /// This node's id: its application_name and slot name upstream.
+    node_id: String,
     /// The cached administrative connection used for health checks.
     conn: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
 }
@@ -94,10 +108,11 @@ fn mkdir_owned(path: &Path, mode: u32, acct: &Account) -> Result<()> {
 }
 
 impl Postgres {
-    pub fn new(bin_dir: PathBuf, state_dir: &Path) -> Postgres {
+    pub fn new(bin_dir: PathBuf, state_dir: &Path, node_id: &str) -> Postgres {
         Postgres {
             bin_dir,
             base: state_dir.join("postgres"),
+            node_id: node_id.to_string(),
             conn: tokio::sync::Mutex::new(None),
         }
     }
@@ -108,6 +123,14 @@ impl Postgres {
 
     pub fn socket_dir(&self) -> PathBuf {
         self.base.join("run")
+    }
+
+    /// The base directory (root's, 0755) and the socket directory.
+    fn ensure_dirs(&self, acct: &Account) -> Result<()> {
+        std::fs::create_dir_all(&self.base)
+            .with_context(|| format!("creating {}", self.base.display()))?;
+        std::fs::set_permissions(&self.base, std::fs::Permissions::from_mode(0o755))?;
+        mkdir_owned(&self.socket_dir(), 0o700, acct)
     }
 
     fn bin(&self, name: &str) -> Result<PathBuf> {
@@ -162,8 +185,16 @@ impl Postgres {
         Ok(())
     }
 
+    fn pgpass_path(&self) -> PathBuf {
+        self.base.join("pgpass")
+    }
+
+    fn clone_dir(&self) -> PathBuf {
+        self.base.join("data.clone")
+    }
+
     fn config(&self, spec: &EngineSpec) -> String {
-        format!(
+        let mut c = format!(
             "# Written by corral-agent from the cluster's spec; edits here are overwritten.\n\
              listen_addresses = '*'\n\
              port = {port}\n\
@@ -173,20 +204,64 @@ impl Postgres {
              cluster_name = {cluster}\n\
              logging_collector = off\n\
              log_line_prefix = '%m [%p] %q%u@%d '\n\
-             log_connections = on\n",
+             log_connections = on\n\
+             # Replication.\n\
+             wal_level = replica\n\
+             max_wal_senders = 16\n\
+             max_replication_slots = 16\n\
+             max_slot_wal_keep_size = '{slot_keep}'\n\
+             wal_log_hints = on\n\
+             hot_standby = on\n\
+             hot_standby_feedback = on\n\
+             wal_receiver_status_interval = 1s\n\
+             synchronous_standby_names = {sync}\n",
             port = spec.port,
             socket = conf_quote(&self.socket_dir().to_string_lossy()),
             cluster = conf_quote(&spec.cluster),
-        )
+            slot_keep = SLOT_WAL_KEEP,
+            sync = conf_quote(&synchronous_standby_names(spec)),
+        );
+        if let Some(up) = &spec.upstream {
+            c.push_str(&format!(
+                "primary_conninfo = {}\nprimary_slot_name = {}\nrecovery_target_timeline = 'latest'\n",
+                conf_quote(&self.conninfo(up, &self.node_id, "replication")),
+                conf_quote(&slot_name(&self.node_id)),
+            ));
+        }
+        c
+    }
+
+    /// A libpq connection string to `up` as the replication role.
+    fn conninfo(&self, up: &Upstream, application_name: &str, dbname: &str) -> String {
+        let kv =
+            |k: &str, v: &str| format!("{k}='{}'", v.replace('\\', "\\\\").replace('\'', "\\'"));
+        [
+            kv("host", &up.host),
+            kv("port", &up.port.to_string()),
+            kv("user", REPLICATION_USER),
+            kv("passfile", &self.pgpass_path().to_string_lossy()),
+            kv("application_name", application_name),
+            kv("dbname", dbname),
+            kv("connect_timeout", "5"),
+            kv("keepalives_idle", "5"),
+            kv("keepalives_interval", "2"),
+            kv("keepalives_count", "3"),
+        ]
+        .join(" ")
     }
 
     fn hba(&self) -> String {
-        "# Written by corral-agent; edits here are overwritten.\n\
-         # The socket directory is 0700: only postgres and the agent reach it.\n\
-         local all all trust\n\
-         host all all 0.0.0.0/0 scram-sha-256\n\
-         host all all ::/0 scram-sha-256\n"
-            .to_string()
+        format!(
+            "# Written by corral-agent; edits here are overwritten.\n\
+             # The socket directory is 0700: only postgres and the agent reach it.\n\
+             local all all trust\n\
+             local replication all trust\n\
+             host replication {r} 0.0.0.0/0 scram-sha-256\n\
+             host replication {r} ::/0 scram-sha-256\n\
+             host all all 0.0.0.0/0 scram-sha-256\n\
+             host all all ::/0 scram-sha-256\n",
+            r = REPLICATION_USER
+        )
     }
 
     async fn connect(&self, spec: &EngineSpec) -> Result<tokio_postgres::Client> {
@@ -204,6 +279,83 @@ impl Postgres {
         });
         Ok(client)
     }
+
+    /// pg_controldata's fields of the stopped (or running) data directory.
+    async fn controldata(&self) -> Result<Vec<(String, String)>> {
+        let acct = account()?;
+        let out = self
+            .command("pg_controldata", &acct)?
+            .arg("-D")
+            .arg(self.data_dir())
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .context("running pg_controldata")?;
+        if !out.status.success() {
+            bail!(
+                "pg_controldata failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect())
+    }
+}
+
+/// The role replicas stream as (and pg_basebackup / pg_rewind connect as).
+pub const REPLICATION_USER: &str = "corral_replication";
+
+/// Upper bound of WAL a replication slot may hold back on the primary: a
+/// replica that falls further behind (or is dead) loses its slot's WAL and
+/// must be resynced, instead of filling the primary's disk.
+const SLOT_WAL_KEEP: &str = "4GB";
+
+/// The replication slot that serves replica `node`.
+pub fn slot_name(node: &str) -> String {
+    // Node names are [a-z0-9-], at most 63 bytes; slot names are [a-z0-9_],
+    // at most 63 bytes.
+    let name = node.replace('-', "_");
+    if name.len() <= 56 {
+        return format!("corral_{name}");
+    }
+    // FNV-1a: stable across builds, enough to tell long names apart.
+    let hash = node.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    });
+    format!("corral_{}_{:08x}", &name[..47], hash as u32)
+}
+
+/// `ANY 1 ("a", "b")` over the replicas when sync is on, else empty.
+pub fn synchronous_standby_names(spec: &EngineSpec) -> String {
+    if !spec.sync || spec.replicas.is_empty() {
+        return String::new();
+    }
+    let names: Vec<String> = spec
+        .replicas
+        .iter()
+        .map(|r| format!("\"{}\"", r.replace('"', "\"\"")))
+        .collect();
+    format!("ANY 1 ({})", names.join(", "))
+}
+
+/// "0/3000028" -> 0x3000028.
+pub fn parse_lsn(s: &str) -> Option<u64> {
+    let (hi, lo) = s.trim().split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
+/// "123/4567 kB (2%), 0/1 tablespace" -> (123 KiB, 4567 KiB) in bytes.
+fn parse_basebackup_progress(line: &str) -> Option<(u64, u64)> {
+    let kb = line.find(" kB")?;
+    let nums = line[..kb].trim();
+    let (done, total) = nums.rsplit(' ').next()?.split_once('/')?;
+    Some((
+        done.parse::<u64>().ok()? * 1024,
+        total.parse::<u64>().ok()? * 1024,
+    ))
 }
 
 fn quote_ident(v: &str) -> String {
@@ -214,23 +366,140 @@ fn quote_literal(v: &str) -> String {
     format!("'{}'", v.replace('\'', "''"))
 }
 
+/// A .pgpass line escapes ':' and '\'.
+fn pgpass_escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace(':', "\\:")
+}
+
+/// Keeps the last lines of a command's output for an error message.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 #[tonic::async_trait]
 impl Driver for Postgres {
+    fn has_data(&self) -> bool {
+        self.data_dir().join("PG_VERSION").exists()
+    }
+
+    fn data_is_standby(&self) -> Result<bool> {
+        Ok(self.data_dir().join("standby.signal").exists())
+    }
+
+    async fn initialize(&self) -> Result<()> {
+        let acct = account()?;
+        self.ensure_dirs(&acct)?;
+        if self.data_dir().exists() {
+            bail!(
+                "{} exists but is not a PostgreSQL data directory (no PG_VERSION): refusing to touch \
+                 it; move it away if it holds nothing you need",
+                self.data_dir().display()
+            );
+        }
+        self.initdb(&acct).await
+    }
+
+    async fn clone_data(
+        &self,
+        _spec: &EngineSpec,
+        up: &Upstream,
+        progress: ProgressFn<'_>,
+    ) -> Result<()> {
+        use tokio::io::AsyncReadExt;
+        let acct = account()?;
+        self.ensure_dirs(&acct)?;
+        if !self.pgpass_path().exists() {
+            bail!("no replication password on this node yet (pgpass missing)");
+        }
+        // Into a scratch directory renamed into place when complete, as initdb.
+        let scratch = self.clone_dir();
+        if scratch.exists() {
+            std::fs::remove_dir_all(&scratch)
+                .with_context(|| format!("removing {}", scratch.display()))?;
+        }
+        mkdir_owned(&scratch, 0o700, &acct)?;
+        let mut child = self
+            .command("pg_basebackup", &acct)?
+            .arg("-D")
+            .arg(&scratch)
+            .arg("--dbname")
+            .arg(self.conninfo(up, &format!("{}-clone", self.node_id), "replication"))
+            .args(["-S", &slot_name(&self.node_id)])
+            .args(["-X", "stream", "-c", "fast", "--progress", "--no-password"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting pg_basebackup")?;
+        let mut stderr = child.stderr.take().context("pg_basebackup stderr")?;
+        let mut text = String::new();
+        let mut buf = [0u8; 4096];
+        let mut pending = String::new();
+        loop {
+            let n = stderr.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            pending.push_str(&String::from_utf8_lossy(&buf[..n]));
+            while let Some(i) = pending.find(['\n', '\r']) {
+                let line: String = pending.drain(..=i).collect();
+                match parse_basebackup_progress(&line) {
+                    Some((done, total)) => progress(done, total),
+                    None => text.push_str(&line),
+                }
+            }
+        }
+        let status = child.wait().await.context("waiting for pg_basebackup")?;
+        if !status.success() {
+            let _ = std::fs::remove_dir_all(&scratch);
+            bail!("pg_basebackup failed ({status}):\n{}", tail(&text, 15));
+        }
+        // The clone carries the primary's standby-less state; mark it ours.
+        std::fs::rename(&scratch, self.data_dir())
+            .context("moving the cloned data directory into place")?;
+        write_owned(&self.data_dir().join("standby.signal"), "", &acct)?;
+        Ok(())
+    }
+
+    async fn rejoin(&self, _spec: &EngineSpec, up: &Upstream) -> Result<()> {
+        let acct = account()?;
+        run(
+            self.command("pg_rewind", &acct)?
+                .arg("-D")
+                .arg(self.data_dir())
+                .arg("--source-server")
+                .arg(self.conninfo(up, &format!("{}-rewind", self.node_id), "postgres")),
+            "pg_rewind",
+        )
+        .await?;
+        write_owned(&self.data_dir().join("standby.signal"), "", &acct)?;
+        Ok(())
+    }
+
+    fn save_secrets(&self, secrets: &Secrets) -> Result<()> {
+        let acct = account()?;
+        self.ensure_dirs(&acct)?;
+        write_owned(
+            &self.pgpass_path(),
+            &format!(
+                "*:*:*:{REPLICATION_USER}:{}\n",
+                pgpass_escape(&secrets.replication_password)
+            ),
+            &acct,
+        )?;
+        Ok(())
+    }
+
     async fn prepare(&self, spec: &EngineSpec) -> Result<()> {
         let acct = account()?;
-        std::fs::create_dir_all(&self.base)
-            .with_context(|| format!("creating {}", self.base.display()))?;
-        std::fs::set_permissions(&self.base, std::fs::Permissions::from_mode(0o755))?;
-        mkdir_owned(&self.socket_dir(), 0o700, &acct)?;
-        if !self.data_dir().join("PG_VERSION").exists() {
-            if self.data_dir().exists() {
-                bail!(
-                    "{} exists but is not a PostgreSQL data directory (no PG_VERSION): refusing to touch \
-                     it; move it away if it holds nothing you need",
-                    self.data_dir().display()
-                );
-            }
-            self.initdb(&acct).await?;
+        self.ensure_dirs(&acct)?;
+        if !self.has_data() {
+            bail!(
+                "{} holds no PostgreSQL data directory",
+                self.data_dir().display()
+            );
         }
         let data = self.data_dir();
         let mut changed = write_owned(&data.join("corral.conf"), &self.config(spec), &acct)?;
@@ -249,7 +518,9 @@ impl Driver for Postgres {
         }
         if changed {
             if let Some(pid) = self.find_running() {
-                // Settings that need a restart (port) are not changed in place.
+                // Settings that need a restart (port) are not changed in
+                // place; primary_conninfo and synchronous_standby_names are
+                // applied by a reload.
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(pid as i32),
                     nix::sys::signal::SIGHUP,
@@ -291,22 +562,52 @@ impl Driver for Postgres {
         Ok(child)
     }
 
-    async fn check(&self, spec: &EngineSpec) -> Result<String> {
+    async fn stop(&self, pid: u32) -> Result<()> {
+        use nix::sys::signal::{kill, Signal};
+        *self.conn.lock().await = None;
+        let target = nix::unistd::Pid::from_raw(pid as i32);
+        // Fast shutdown: sessions are disconnected, a shutdown checkpoint is
+        // written and every connected standby receives the WAL up to it
+        // before the server exits.
+        kill(target, Signal::SIGINT).with_context(|| format!("signalling postgres {pid}"))?;
+        let began = std::time::Instant::now();
+        while super::process_alive(pid) {
+            if began.elapsed() > Duration::from_secs(120) {
+                bail!(
+                    "postgres (pid {pid}) did not stop within 120 s of a fast shutdown; see {}",
+                    self.log_path().display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(())
+    }
+
+    async fn stopped_position(&self) -> Result<(u64, String)> {
+        let fields = self.controldata().await?;
+        let get = |k: &str| {
+            fields
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+                .with_context(|| format!("pg_controldata printed no {k:?}"))
+        };
+        let lsn = parse_lsn(&get("Latest checkpoint location")?)
+            .context("unreadable checkpoint location")?;
+        Ok((lsn, get("Database cluster state")?))
+    }
+
+    async fn check(&self, spec: &EngineSpec) -> Result<Health> {
         let mut conn = self.conn.lock().await;
         if conn.as_ref().is_none_or(|c| c.is_closed()) {
             *conn = Some(self.connect(spec).await?);
         }
         let client = conn.as_ref().ok_or_else(|| anyhow!("no connection"))?;
-        match tokio::time::timeout(
-            Duration::from_secs(5),
-            client.query_one("SHOW server_version", &[]),
-        )
-        .await
-        {
-            Ok(Ok(row)) => Ok(row.get::<_, String>(0)),
+        match tokio::time::timeout(Duration::from_secs(5), health(client)).await {
+            Ok(Ok(h)) => Ok(h),
             Ok(Err(e)) => {
                 *conn = None;
-                Err(e.into())
+                Err(e)
             }
             Err(_) => {
                 *conn = None;
@@ -315,32 +616,41 @@ impl Driver for Postgres {
         }
     }
 
-    async fn bootstrap(&self, spec: &EngineSpec, admin_password: &str) -> Result<()> {
+    async fn bootstrap(&self, spec: &EngineSpec, secrets: &Secrets) -> Result<()> {
         let client = self
             .connect(spec)
             .await
             .context("connecting over the local socket")?;
-        // Only the SCRAM verifier crosses to the server, never the password.
-        let verifier = postgres_protocol::password::scram_sha_256(admin_password.as_bytes());
         let user = quote_ident(&spec.admin_user);
-        let exists = !client
-            .query(
-                "SELECT 1 FROM pg_roles WHERE rolname = $1",
-                &[&spec.admin_user],
-            )
-            .await?
-            .is_empty();
-        let verb = if exists { "ALTER" } else { "CREATE" };
-        client
-            .batch_execute(&format!(
-                "{verb} ROLE {user} WITH LOGIN CREATEDB CREATEROLE PASSWORD {}",
-                quote_literal(&verifier)
-            ))
-            .await
-            .with_context(|| format!("{verb} ROLE {user}"))?;
+        upsert_role(
+            &client,
+            &spec.admin_user,
+            "LOGIN CREATEDB CREATEROLE",
+            &secrets.admin_password,
+        )
+        .await?;
         client
             .batch_execute(&format!("GRANT pg_monitor, pg_signal_backend TO {user}"))
             .await?;
+        upsert_role(
+            &client,
+            REPLICATION_USER,
+            "LOGIN REPLICATION",
+            &secrets.replication_password,
+        )
+        .await?;
+        // What pg_rewind needs from its source, and no more (PostgreSQL docs,
+        // pg_rewind "Notes").
+        let r = quote_ident(REPLICATION_USER);
+        client
+            .batch_execute(&format!(
+                "GRANT EXECUTE ON FUNCTION pg_catalog.pg_ls_dir(text, boolean, boolean) TO {r};
+                 GRANT EXECUTE ON FUNCTION pg_catalog.pg_stat_file(text, boolean) TO {r};
+                 GRANT EXECUTE ON FUNCTION pg_catalog.pg_read_binary_file(text) TO {r};
+                 GRANT EXECUTE ON FUNCTION pg_catalog.pg_read_binary_file(text, bigint, bigint, boolean) TO {r};"
+            ))
+            .await
+            .context("granting pg_rewind's functions to the replication role")?;
         let db_exists = !client
             .query(
                 "SELECT 1 FROM pg_database WHERE datname = $1",
@@ -360,9 +670,196 @@ impl Driver for Postgres {
         Ok(())
     }
 
+    async fn converge_slots(&self, spec: &EngineSpec) -> Result<()> {
+        let client = self
+            .connect(spec)
+            .await
+            .context("connecting over the local socket")?;
+        let wanted: Vec<String> = if spec.role == "primary" {
+            spec.replicas.iter().map(|r| slot_name(r)).collect()
+        } else {
+            Vec::new()
+        };
+        let rows = client
+            .query(
+                "SELECT slot_name::text, active FROM pg_replication_slots \
+                 WHERE slot_name LIKE 'corral\\_%'",
+                &[],
+            )
+            .await?;
+        let existing: Vec<(String, bool)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        for w in &wanted {
+            if !existing.iter().any(|(n, _)| n == w) {
+                client
+                    .execute("SELECT pg_create_physical_replication_slot($1, true)", &[w])
+                    .await
+                    .with_context(|| format!("creating replication slot {w}"))?;
+                tracing::info!(slot = %w, "replication slot created");
+            }
+        }
+        for (name, active) in existing {
+            if wanted.contains(&name) {
+                continue;
+            }
+            if active {
+                // The replica it served is being removed; its walsender
+                // goes away once the replica stops. Dropped on the next pass.
+                tracing::info!(slot = %name, "slot no longer wanted but still active; dropping it later");
+                continue;
+            }
+            client
+                .execute("SELECT pg_drop_replication_slot($1)", &[&name])
+                .await
+                .with_context(|| format!("dropping replication slot {name}"))?;
+            tracing::info!(slot = %name, "replication slot dropped");
+        }
+        Ok(())
+    }
+
+    async fn promote(&self, spec: &EngineSpec) -> Result<()> {
+        let client = self
+            .connect(spec)
+            .await
+            .context("connecting over the local socket")?;
+        // pg_promote(wait => true) polls every 100 ms; ask without waiting
+        // and poll faster ourselves.
+        client
+            .execute("SELECT pg_promote(false)", &[])
+            .await
+            .context("pg_promote")?;
+        let began = std::time::Instant::now();
+        loop {
+            let row = client.query_one("SELECT pg_is_in_recovery()", &[]).await?;
+            if !row.get::<_, bool>(0) {
+                break;
+            }
+            if began.elapsed() > Duration::from_secs(60) {
+                bail!(
+                    "still in recovery 60 s after pg_promote; see {}",
+                    self.log_path().display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // pg_rewind of the former primary reads the new timeline from this
+        // server's control file, which the end-of-recovery checkpoint updates.
+        client
+            .batch_execute("CHECKPOINT")
+            .await
+            .context("checkpoint after promotion")?;
+        Ok(())
+    }
+
+    async fn wipe(&self) -> Result<()> {
+        *self.conn.lock().await = None;
+        for dir in [
+            self.data_dir(),
+            self.clone_dir(),
+            self.base.join("data.initdb"),
+        ] {
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("removing {}", dir.display())),
+            }
+        }
+        let _ = std::fs::remove_file(self.pgpass_path());
+        Ok(())
+    }
+
     fn log_path(&self) -> PathBuf {
         self.base.join("server.log")
     }
+}
+
+/// Creates or updates a role; only its SCRAM verifier reaches the server.
+async fn upsert_role(
+    client: &tokio_postgres::Client,
+    name: &str,
+    options: &str,
+    password: &str,
+) -> Result<()> {
+    let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
+    let exists = !client
+        .query("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&name])
+        .await?
+        .is_empty();
+    let verb = if exists { "ALTER" } else { "CREATE" };
+    client
+        .batch_execute(&format!(
+            "{verb} ROLE {} WITH {options} PASSWORD {}",
+            quote_ident(name),
+            quote_literal(&verifier)
+        ))
+        .await
+        .with_context(|| format!("{verb} ROLE {name}"))
+}
+
+/// One health check: version and replication state.
+async fn health(client: &tokio_postgres::Client) -> Result<Health> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('server_version'), pg_is_in_recovery(), \
+             (CASE WHEN pg_is_in_recovery() THEN coalesce(pg_last_wal_replay_lsn(), '0/0') \
+                   ELSE pg_current_wal_lsn() END - '0/0')::bigint, \
+             (coalesce(pg_last_wal_receive_lsn(), '0/0') - '0/0')::bigint, \
+             (CASE WHEN pg_is_in_recovery() THEN (SELECT timeline_id FROM pg_control_checkpoint()) \
+                   ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END), \
+             (SELECT system_identifier FROM pg_control_system())::text, \
+             current_setting('synchronous_standby_names')",
+            &[],
+        )
+        .await?;
+    let in_recovery: bool = row.get(1);
+    let mut r = pb::Replication {
+        in_recovery,
+        lsn: row.get::<_, i64>(2) as u64,
+        receive_lsn: row.get::<_, i64>(3) as u64,
+        timeline: row.get::<_, i32>(4) as u32,
+        system_identifier: row.get(5),
+        synchronous_standby_names: row.get(6),
+        ..Default::default()
+    };
+    if in_recovery {
+        if let Some(w) = client
+            .query_opt(
+                "SELECT status, coalesce(sender_host, '') FROM pg_stat_wal_receiver",
+                &[],
+            )
+            .await?
+        {
+            r.streaming = w.get::<_, String>(0) == "streaming";
+            r.upstream_host = w.get(1);
+        }
+    } else {
+        let rows = client
+            .query(
+                "SELECT application_name, coalesce(state, ''), \
+                 coalesce((sent_lsn - '0/0')::bigint, 0), coalesce((flush_lsn - '0/0')::bigint, 0), \
+                 coalesce((replay_lsn - '0/0')::bigint, 0), \
+                 coalesce((extract(epoch FROM replay_lag) * 1000)::bigint, 0), coalesce(sync_state, '') \
+                 FROM pg_stat_replication WHERE application_name NOT LIKE '%-clone' \
+                 AND application_name NOT LIKE '%-rewind'",
+                &[],
+            )
+            .await?;
+        r.standbys = rows
+            .iter()
+            .map(|w| pb::Standby {
+                name: w.get(0),
+                state: w.get(1),
+                sent_lsn: w.get::<_, i64>(2) as u64,
+                flush_lsn: w.get::<_, i64>(3) as u64,
+                replay_lsn: w.get::<_, i64>(4) as u64,
+                replay_lag_ms: w.get::<_, i64>(5) as u64,
+                sync_state: w.get(6),
+            })
+            .collect();
+    }
+    Ok(Health {
+        version: row.get(0),
+        replication: r,
+    })
 }
 
 #[cfg(test)]
