@@ -116,26 +116,29 @@ impl OperatorApi {
     }
 
     /// The replication state of `node` as its cluster's primary reports it.
+    /// Reads the store: not for use inside a store transaction.
     pub fn replica_view(&self, row: &NodeRow) -> ReplicaView {
-        let unknown = ReplicaView {
-            state: String::new(),
-            lag_bytes: -1,
-            lag_ms: -1,
-        };
-        let Some(cluster) = &row.cluster else {
-            return unknown;
-        };
+        let primary = row.cluster.as_ref().and_then(|cluster| {
+            self.0
+                .store
+                .read(|c| store::nodes_of_cluster(c, cluster))
+                .ok()
+                .and_then(|nodes| nodes.into_iter().find(|n| n.role == "primary"))
+        });
+        self.replica_view_from(row, primary.map(|p| p.id).as_deref())
+    }
+
+    /// [`Self::replica_view`] given the primary's id: the live view only.
+    fn replica_view_from(&self, row: &NodeRow, primary: Option<&str>) -> ReplicaView {
         if row.role != "replica" {
-            return unknown;
+            return ReplicaView {
+                state: String::new(),
+                lag_bytes: -1,
+                lag_ms: -1,
+            };
         }
-        let primary = self
-            .0
-            .store
-            .read(|c| store::nodes_of_cluster(c, cluster))
-            .ok()
-            .and_then(|nodes| nodes.into_iter().find(|n| n.role == "primary"));
         let primary_rep = primary
-            .and_then(|p| self.0.fleet.get(&p.id))
+            .and_then(|p| self.0.fleet.get(p))
             .and_then(|l| l.engine.replication);
         let own = self.0.fleet.get(&row.id).and_then(|l| l.engine.replication);
         replica_view(&row.id, primary_rep.as_ref(), own.as_ref())
@@ -475,7 +478,7 @@ impl OperatorApi {
             )),
             None => why.push(format!("{}'s engine has not reported", node.id)),
         }
-        let view = self.replica_view(node);
+        let view = self.replica_view_from(node, Some(&primary.id));
         if !matches!(view.state.as_str(), "streaming" | "sync") {
             why.push(format!(
                 "{} is not streaming from {} ({})",

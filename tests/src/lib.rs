@@ -18,6 +18,8 @@
 //! process; a lab whose owner is gone is swept by the next [`Lab::start`]
 //! (or `scripts/sweep-labs.sh`).
 
+pub mod writer;
+
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -1,6 +1,7 @@
 //! PostgreSQL primary/replica clusters end to end, in namespaces: creation
 //! with replicas, adding a node, streaming, lag reporting and sync mode.
 
+use corral_tests::writer::Writer;
 use corral_tests::{wait_until, Lab};
 use serde_json::Value;
 use std::time::Duration;
@@ -107,4 +108,152 @@ fn three_node_cluster_streams_rows_to_both_replicas() {
         "{table}"
     );
     assert!(table.contains("streaming"), "{table}");
+}
+
+/// The ids in `table` on node `i`, in order.
+fn ids_on(lab: &Lab, creds: &Value, i: usize, table: &str) -> Vec<i64> {
+    lab.psql(
+        &node_uri(lab, creds, i),
+        &format!("SELECT id FROM {table} ORDER BY id"),
+    )
+    .unwrap()
+    .lines()
+    .map(|l| l.parse().unwrap())
+    .collect()
+}
+
+fn in_recovery(lab: &Lab, creds: &Value, i: usize) -> bool {
+    lab.psql(&node_uri(lab, creds, i), "SELECT pg_is_in_recovery()")
+        .unwrap()
+        == "t"
+}
+
+#[test]
+fn switchover_under_a_writer_loses_no_acknowledged_row() {
+    let lab = Lab::start(3).unwrap();
+    lab.ctl_ok(&[
+        "cluster",
+        "create",
+        "--name",
+        "shop",
+        "--engine",
+        "postgres",
+        "--mode",
+        "primary-replica",
+        "--nodes",
+        "vm1,vm2,vm3",
+    ])
+    .unwrap();
+    let creds = lab.ctl_json(&["cluster", "credentials", "shop"]).unwrap();
+    let uri = creds["uri"].as_str().unwrap().to_string();
+    lab.psql(
+        &uri,
+        "CREATE TABLE w (id bigint PRIMARY KEY, at timestamptz)",
+    )
+    .unwrap();
+
+    let writer = Writer::start(&uri, "w", Duration::from_millis(10));
+    wait_until(Duration::from_secs(10), "the writer to get going", || {
+        Ok(writer.report().acked.len() > 50)
+    })
+    .unwrap();
+    writer.take_longest_gap();
+    wait_until(Duration::from_secs(10), "vm2 to be streaming", || {
+        Ok(cluster_node(&lab, "shop", "vm2")["replication"] == "streaming")
+    })
+    .unwrap();
+    let out = lab
+        .ctl_ok(&["node", "promote", "shop", "vm2", "--confirm", "vm2"])
+        .unwrap();
+    assert!(out.contains("done"), "{out}");
+    // Let the writer land a few more on the new primary.
+    let before = writer.report().acked.len();
+    wait_until(Duration::from_secs(10), "writes on the new primary", || {
+        Ok(writer.report().acked.len() > before + 50)
+    })
+    .unwrap();
+    let pause = writer.take_longest_gap();
+    let report = writer.finish();
+    eprintln!(
+        "switchover: {} acknowledged inserts, {} errors, writes paused for {} ms (last error: {})",
+        report.acked.len(),
+        report.errors,
+        pause.as_millis(),
+        report.last_error
+    );
+
+    // Roles moved; the old primary streams from the new one.
+    let c = lab.ctl_json(&["cluster", "show", "shop"]).unwrap();
+    let role = |id: &str| {
+        c["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["id"] == id)
+            .unwrap()["role"]
+            .clone()
+    };
+    assert_eq!(role("vm2"), "primary", "{c}");
+    assert_eq!(role("vm1"), "replica", "{c}");
+    assert_eq!(role("vm3"), "replica", "{c}");
+    assert!(!in_recovery(&lab, &creds, 2));
+    assert!(
+        in_recovery(&lab, &creds, 1),
+        "the old primary must be a standby"
+    );
+    for n in ["vm1", "vm3"] {
+        wait_until(
+            Duration::from_secs(10),
+            &format!("{n} streaming from vm2"),
+            || Ok(cluster_node(&lab, "shop", n)["replication"] == "streaming"),
+        )
+        .unwrap();
+    }
+
+    // Every acknowledged row is on the new primary and on both replicas.
+    let on_primary = ids_on(&lab, &creds, 2, "w");
+    let missing: Vec<&i64> = report
+        .acked
+        .iter()
+        .filter(|id| on_primary.binary_search(id).is_err())
+        .collect();
+    assert!(missing.is_empty(), "acknowledged rows lost: {missing:?}");
+    for i in [1, 3] {
+        wait_until(
+            Duration::from_secs(10),
+            &format!("vm{i} to have every row"),
+            || Ok(ids_on(&lab, &creds, i, "w") == on_primary),
+        )
+        .unwrap();
+    }
+
+    // The operation log tells the story.
+    let ops = lab
+        .ctl_json(&["operation", "list", "--cluster", "shop"])
+        .unwrap();
+    let op = ops["operations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["kind"] == "promote")
+        .cloned()
+        .unwrap();
+    assert_eq!(op["state"], "succeeded", "{op}");
+    let log: Vec<String> = op["log"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["message"].as_str().unwrap().to_string())
+        .collect();
+    for step in [
+        "stopping the primary vm1",
+        "has replayed every write",
+        "promoting vm2",
+        "vm1 now follows vm2",
+    ] {
+        assert!(
+            log.iter().any(|l| l.contains(step)),
+            "no {step:?} in {log:#?}"
+        );
+    }
 }
