@@ -61,13 +61,7 @@ impl pb::agent_server::Agent for AgentApi {
         let r = EngineSpec::from_request(req.get_ref()).map_err(Status::invalid_argument)?;
         tracing::info!(cluster = %r.spec.cluster, engine = %r.spec.engine, role = %r.spec.role, "configure engine");
         let engine = self.engine.clone();
-        detached("configure engine", async move {
-            let status = engine.configure(r).await?;
-            Ok(pb::ConfigureEngineResponse {
-                status: Some(status),
-            })
-        })
-        .await
+        detached("configure engine", async move { engine.configure(r).await }).await
     }
 
     async fn get_status(

@@ -345,7 +345,7 @@ impl Ctx<'_> {
 
     async fn configure(&self, node: &str, req: pb::ConfigureEngineRequest) -> Result<()> {
         let what = format!("configuring {} as {}", node, req.role);
-        let status = self
+        let resp = self
             .with_progress(node, async {
                 self.call(node, &what, |mut c| {
                     let r = req.clone();
@@ -353,7 +353,16 @@ impl Ctx<'_> {
                 })
                 .await
             })
-            .await?
+            .await?;
+        if let Some(clone) = &resp.clone {
+            let secs = resp.clone_ms as f64 / 1000.0;
+            self.log(&format!(
+                "cloned {} to {node} in {secs:.1}s ({:.1} MB/s)",
+                mb(clone.done_bytes),
+                clone.done_bytes as f64 / 1e6 / secs.max(0.001)
+            ));
+        }
+        let status = resp
             .status
             .ok_or_else(|| anyhow!("agent returned no status"))?;
         self.coord.fleet.set_engine(node, status);

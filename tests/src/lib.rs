@@ -629,6 +629,73 @@ impl Lab {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
+    /// A connection string for node `i` alone, with the credentials of
+    /// `corralctl --output json cluster credentials`.
+    pub fn node_uri(&self, creds: &serde_json::Value, i: usize) -> String {
+        format!(
+            "postgresql://{}:{}@{}:5432/{}",
+            creds["user"].as_str().unwrap_or_default(),
+            creds["password"].as_str().unwrap_or_default(),
+            self.vm_ip(i),
+            creds["database"].as_str().unwrap_or_default()
+        )
+    }
+
+    /// Node `node` of `cluster` as `cluster show --output json` shows it.
+    pub fn cluster_node(&self, cluster: &str, node: &str) -> Result<serde_json::Value> {
+        let c = self.ctl_json(&["cluster", "show", cluster])?;
+        c["nodes"]
+            .as_array()
+            .and_then(|ns| ns.iter().find(|n| n["id"] == node))
+            .cloned()
+            .ok_or_else(|| anyhow!("{node} is not in {c}"))
+    }
+
+    /// Waits until the primary reports `node` of `cluster` streaming.
+    pub fn wait_streaming(&self, cluster: &str, node: &str) -> Result<()> {
+        wait_until(
+            Duration::from_secs(20),
+            &format!("{node} to stream"),
+            || Ok(self.cluster_node(cluster, node)?["replication"] == "streaming"),
+        )
+    }
+
+    /// Every row of `query` (one column) on node `i`.
+    pub fn column_on(
+        &self,
+        creds: &serde_json::Value,
+        i: usize,
+        query: &str,
+    ) -> Result<Vec<String>> {
+        Ok(self
+            .psql(&self.node_uri(creds, i), query)?
+            .lines()
+            .map(str::to_string)
+            .collect())
+    }
+
+    /// The operation of `kind` on `cluster` (the latest), as JSON.
+    pub fn operation(&self, cluster: &str, kind: &str) -> Result<serde_json::Value> {
+        let ops = self.ctl_json(&["operation", "list", "--cluster", cluster])?;
+        ops["operations"]
+            .as_array()
+            .and_then(|a| a.iter().rev().find(|o| o["kind"] == kind))
+            .cloned()
+            .ok_or_else(|| anyhow!("no {kind} operation on {cluster}: {ops}"))
+    }
+
+    /// The messages of an operation's log.
+    pub fn operation_log(op: &serde_json::Value) -> Vec<String> {
+        op["log"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|l| l["message"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     fn report_failure(&self) {
         eprintln!(
             "\n=== lab {} failed; kept {} ===",

@@ -6,28 +6,6 @@ use corral_tests::{wait_until, Lab};
 use serde_json::Value;
 use std::time::Duration;
 
-/// A connection string for node `i` alone.
-fn node_uri(lab: &Lab, creds: &Value, i: usize) -> String {
-    format!(
-        "postgresql://{}:{}@{}:5432/{}",
-        creds["user"].as_str().unwrap(),
-        creds["password"].as_str().unwrap(),
-        lab.vm_ip(i),
-        creds["database"].as_str().unwrap()
-    )
-}
-
-fn cluster_node(lab: &Lab, cluster: &str, node: &str) -> Value {
-    let c = lab.ctl_json(&["cluster", "show", cluster]).unwrap();
-    c["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["id"] == node)
-        .cloned()
-        .unwrap_or_else(|| panic!("{node} not in {c}"))
-}
-
 #[test]
 fn three_node_cluster_streams_rows_to_both_replicas() {
     let lab = Lab::start(3).unwrap();
@@ -75,7 +53,7 @@ fn three_node_cluster_streams_rows_to_both_replicas() {
     )
     .unwrap();
     for i in [2, 3] {
-        let replica = node_uri(&lab, &creds, i);
+        let replica = lab.node_uri(&creds, i);
         wait_until(Duration::from_secs(10), &format!("rows on vm{i}"), || {
             Ok(lab
                 .psql(&replica, "SELECT count(*), sum(id) FROM t")
@@ -93,11 +71,11 @@ fn three_node_cluster_streams_rows_to_both_replicas() {
 
     // node list: role, replication state and lag of each replica.
     wait_until(Duration::from_secs(10), "lag figures", || {
-        let n = cluster_node(&lab, "orders", "vm2");
+        let n = lab.cluster_node("orders", "vm2").unwrap();
         Ok(n["replication"] == "streaming" && n["lag_bytes"].as_i64() == Some(0))
     })
     .unwrap();
-    let n1 = cluster_node(&lab, "orders", "vm1");
+    let n1 = lab.cluster_node("orders", "vm1").unwrap();
     assert_eq!(
         n1["replication"], "",
         "a primary has no replication state: {n1}"
@@ -112,20 +90,17 @@ fn three_node_cluster_streams_rows_to_both_replicas() {
 
 /// The ids in `table` on node `i`, in order.
 fn ids_on(lab: &Lab, creds: &Value, i: usize, table: &str) -> Vec<i64> {
-    lab.psql(
-        &node_uri(lab, creds, i),
-        &format!("SELECT id FROM {table} ORDER BY id"),
-    )
-    .unwrap()
-    .lines()
-    .map(|l| l.parse().unwrap())
-    .collect()
+    lab.column_on(creds, i, &format!("SELECT id FROM {table} ORDER BY id"))
+        .unwrap()
+        .iter()
+        .map(|l| l.parse().unwrap())
+        .collect()
 }
 
 fn in_recovery(lab: &Lab, creds: &Value, i: usize) -> bool {
-    lab.psql(&node_uri(lab, creds, i), "SELECT pg_is_in_recovery()")
+    lab.column_on(creds, i, "SELECT pg_is_in_recovery()")
         .unwrap()
-        == "t"
+        == ["t"]
 }
 
 #[test]
@@ -159,7 +134,7 @@ fn switchover_under_a_writer_loses_no_acknowledged_row() {
     .unwrap();
     writer.take_longest_gap();
     wait_until(Duration::from_secs(10), "vm2 to be streaming", || {
-        Ok(cluster_node(&lab, "shop", "vm2")["replication"] == "streaming")
+        Ok(lab.cluster_node("shop", "vm2").unwrap()["replication"] == "streaming")
     })
     .unwrap();
     let out = lab
@@ -202,12 +177,7 @@ fn switchover_under_a_writer_loses_no_acknowledged_row() {
         "the old primary must be a standby"
     );
     for n in ["vm1", "vm3"] {
-        wait_until(
-            Duration::from_secs(10),
-            &format!("{n} streaming from vm2"),
-            || Ok(cluster_node(&lab, "shop", n)["replication"] == "streaming"),
-        )
-        .unwrap();
+        lab.wait_streaming("shop", n).unwrap();
     }
 
     // Every acknowledged row is on the new primary and on both replicas.

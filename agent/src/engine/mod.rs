@@ -325,6 +325,8 @@ pub trait Driver: Send + Sync + 'static {
     async fn promote(&self, spec: &EngineSpec) -> Result<()>;
     /// Erases the engine's data and configuration (the engine is stopped).
     async fn wipe(&self) -> Result<()>;
+    /// Removes what [`Driver::save_secrets`] wrote (leaving the cluster).
+    fn forget_secrets(&self) -> Result<()>;
     /// Where the engine's own log goes, for error messages.
     fn log_path(&self) -> PathBuf;
 }
@@ -339,6 +341,9 @@ pub struct Engine {
     supervisor: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// One step (configure, stop, promote, ...) at a time.
     steps: tokio::sync::Mutex<()>,
+    /// The last finished clone (bytes, start) and its duration, reported
+    /// once in the answer of the configure call that did it.
+    last_clone: Mutex<Option<(pb::Progress, u64)>>,
 }
 
 /// Longest wait for a starting engine to answer.
@@ -359,6 +364,7 @@ impl Engine {
             stored: Mutex::new(None),
             supervisor: Mutex::new(None),
             steps: tokio::sync::Mutex::new(()),
+            last_clone: Mutex::new(None),
         })
     }
 
@@ -441,8 +447,9 @@ impl Engine {
 
     /// Makes the node run `req.spec`: idempotent, and refused (nothing
     /// changed) when the node serves something else.
-    pub async fn configure(self: &Arc<Self>, req: Request) -> Result<pb::EngineStatus> {
+    pub async fn configure(self: &Arc<Self>, req: Request) -> Result<pb::ConfigureEngineResponse> {
         let _one_at_a_time = self.steps.lock().await;
+        *self.last_clone.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let spec = req.spec.clone();
         let current = self.stored();
         if let Some(c) = &current {
@@ -522,7 +529,16 @@ impl Engine {
             }
         }
         self.refresh().await;
-        Ok(self.status())
+        let clone = self
+            .last_clone
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        Ok(pb::ConfigureEngineResponse {
+            status: Some(self.status()),
+            clone_ms: clone.as_ref().map(|c| c.1).unwrap_or(0),
+            clone: clone.map(|c| c.0),
+        })
     }
 
     async fn converge_primary(
@@ -595,11 +611,14 @@ impl Engine {
         progress(0, 0);
         let began = Instant::now();
         let r = self.driver.clone_data(spec, upstream, &progress).await;
-        let last = self.status().task.map(|t| t.done_bytes).unwrap_or(0);
+        let last = self.status().task.unwrap_or_default();
         self.set_task(None);
         match r {
             Ok(()) => {
                 let secs = began.elapsed().as_secs_f64();
+                *self.last_clone.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((last.clone(), began.elapsed().as_millis() as u64));
+                let last = last.done_bytes;
                 self.events.push(
                     "clone_finished",
                     format!(
@@ -781,6 +800,7 @@ impl Engine {
         }
         self.stop_locked().await?;
         self.driver.wipe().await?;
+        self.driver.forget_secrets()?;
         match std::fs::remove_file(spec_path(&self.state_dir)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

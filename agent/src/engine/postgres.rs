@@ -763,8 +763,16 @@ impl Driver for Postgres {
                 Err(e) => return Err(e).with_context(|| format!("removing {}", dir.display())),
             }
         }
-        let _ = std::fs::remove_file(self.pgpass_path());
         Ok(())
+    }
+
+    fn forget_secrets(&self) -> Result<()> {
+        match std::fs::remove_file(self.pgpass_path()) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("removing {}", self.pgpass_path().display()))
+            }
+            _ => Ok(()),
+        }
     }
 
     fn log_path(&self) -> PathBuf {
