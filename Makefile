@@ -13,7 +13,7 @@ help:
 	@echo "make demo       install what is missing, build, start a coordinator and 3 namespace VMs with a PostgreSQL cluster"
 	@echo "make demo-stop  remove the demo"
 	@echo "make test       install what is missing, fmt --check, clippy -D warnings, every test"
-	@echo "make bench      agent footprint benchmark (release build)"
+	@echo "make bench      agent footprint, switchover and bootstrap benchmarks (release build)"
 	@echo "make sweep      remove namespaces left by killed test runs"
 	@echo "make package    Debian packages (cargo-deb)"
 
@@ -41,6 +41,7 @@ demo-stop:
 bench: deps
 	$(CARGO) build --release --workspace --bins
 	CORRAL_BIN_DIR=$(RELEASE_BIN) $(CARGO) bench -p corral-tests --bench agent_footprint
+	CORRAL_BIN_DIR=$(RELEASE_BIN) $(CARGO) bench -p corral-tests --bench switchover
 
 sweep:
 	@scripts/sweep-labs.sh

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: a coordinator and three agent "VMs" (network namespaces on a
-# bridge), a single-node PostgreSQL cluster on vm1, and what to try next.
+# bridge), a three-node PostgreSQL primary/replica cluster (vm1 primary,
+# vm2 and vm3 streaming replicas, zero-loss sync mode), and what to try next.
 #
 #   scripts/demo.sh         (re)start the demo; replaces a previous demo
 #   scripts/demo.sh stop    stop it and remove its namespaces and state
@@ -87,8 +88,8 @@ for _ in $(seq 150); do
 done
 ctl node list
 
-echo "==> single-node PostgreSQL cluster 'demo' on vm1"
-ctl cluster create --name demo --engine postgres --node vm1
+echo "==> PostgreSQL cluster 'demo': primary vm1, replicas vm2 and vm3 (sync: commits wait for one replica)"
+ctl cluster create --name demo --engine postgres --mode primary-replica --nodes vm1,vm2,vm3 --sync
 uri=$(ctl cluster credentials demo)
 psql -X -q "$uri" -c "CREATE TABLE IF NOT EXISTS hello (id serial PRIMARY KEY, said text);
                      INSERT INTO hello (said) VALUES ('hello from make demo');" >/dev/null
@@ -101,9 +102,20 @@ The demo is running. Try:
   export CORRAL_CONFIG=$DIR/pki/corralctl.toml
   corralctl() { $BIN/corralctl "\$@"; }
 
-  corralctl node list                 # three VMs with live metrics
+  corralctl node list                 # three VMs: metrics, roles, replication, lag
   corralctl cluster show demo
   psql "\$(corralctl cluster credentials demo)" -c 'SELECT * FROM hello'
+
+  # planned switchover (writes pause for about 0.1 s), and back:
+  corralctl node promote demo vm2 --confirm vm2
+  corralctl node promote demo vm1 --confirm vm1
+
+  # erase a replica and clone it again, with progress:
+  corralctl cluster resync demo --node vm3 --confirm demo
+
+  corralctl node reboot demo vm2
+  corralctl cluster set demo termination-protection=on
+  corralctl cluster delete demo --confirm demo   # refused while protection is on
 
   # the agent restarts a crashed PostgreSQL and the coordinator records it:
   ip netns exec cdemo-vm1 pkill -9 -o -x postgres; sleep 3; corralctl event list

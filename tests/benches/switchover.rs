@@ -1,1 +1,249 @@
-fn main() {}
+//! Switchover and replica bootstrap, measured on a three-VM PostgreSQL
+//! cluster in namespaces.
+//!
+//! 1. Write unavailability of a planned switchover (`node promote`), over
+//!    `CORRAL_BENCH_SWITCHOVERS` switchovers (default 10) cycling through
+//!    the nodes, with a client inserting a row every 10 ms through the
+//!    cluster's multi-host connection string. Two figures per switchover: the
+//!    longest gap between two acknowledged inserts as the client saw it, and
+//!    the pause the coordinator reports (primary stopped -> new primary
+//!    promoted). Afterwards every acknowledged row must be on the primary.
+//! 2. Replica bootstrap throughput: `node add` of a replica to a cluster
+//!    holding `CORRAL_BENCH_MB` MB (default 256), side by side with plain
+//!    `pg_basebackup -X stream -c fast` of the same data between the same
+//!    namespaces. Three runs each, median reported.
+//!
+//! Run with `make bench` (release binaries). Prints figures; asserts only
+//! that no acknowledged write was lost.
+
+use corral_tests::writer::Writer;
+use corral_tests::{wait_until, Lab};
+use std::time::{Duration, Instant};
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    (v[0], v[v.len() / 2], v[v.len() - 1])
+}
+
+/// "... writes were paused for 123 ms" from the promote operation's log.
+fn reported_pause(lab: &Lab, cluster: &str) -> f64 {
+    let op = lab.operation(cluster, "promote").unwrap();
+    Lab::operation_log(&op)
+        .iter()
+        .find_map(|l| {
+            l.split("writes were paused for ")
+                .nth(1)
+                .and_then(|rest| rest.split(' ').next())
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(f64::NAN)
+}
+
+fn switchovers(lab: &Lab, n: usize) {
+    lab.ctl_ok(&[
+        "cluster",
+        "create",
+        "--name",
+        "bench",
+        "--engine",
+        "postgres",
+        "--mode",
+        "primary-replica",
+        "--nodes",
+        "vm1,vm2,vm3",
+    ])
+    .unwrap();
+    let creds = lab.ctl_json(&["cluster", "credentials", "bench"]).unwrap();
+    let uri = creds["uri"].as_str().unwrap().to_string();
+    lab.psql(
+        &uri,
+        "CREATE TABLE w (id bigint PRIMARY KEY, at timestamptz)",
+    )
+    .unwrap();
+    let writer = Writer::start(&uri, "w", Duration::from_millis(10));
+    let mut client = Vec::new();
+    let mut coordinator = Vec::new();
+    let mut primary = 1;
+    for round in 0..n {
+        let target = primary % 3 + 1;
+        let node = format!("vm{target}");
+        lab.wait_streaming("bench", &node).unwrap();
+        let acked = writer.report().acked.len();
+        wait_until(Duration::from_secs(10), "the writer", || {
+            Ok(writer.report().acked.len() > acked + 30)
+        })
+        .unwrap();
+        writer.take_longest_gap();
+        lab.ctl_ok(&["node", "promote", "bench", &node, "--confirm", &node])
+            .unwrap();
+        let acked = writer.report().acked.len();
+        wait_until(Duration::from_secs(10), "writes on the new primary", || {
+            Ok(writer.report().acked.len() > acked + 30)
+        })
+        .unwrap();
+        let gap = writer.take_longest_gap().as_secs_f64() * 1000.0;
+        let reported = reported_pause(lab, "bench");
+        println!(
+            "switchover {:2}: vm{primary} -> {node}: client saw writes pause {gap:6.0} ms; coordinator reports {reported:4.0} ms",
+            round + 1
+        );
+        client.push(gap);
+        coordinator.push(reported);
+        primary = target;
+    }
+    let report = writer.finish();
+    let on_primary: Vec<i64> = lab
+        .column_on(&creds, primary, "SELECT id FROM w ORDER BY id")
+        .unwrap()
+        .iter()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    let lost = report
+        .acked
+        .iter()
+        .filter(|id| on_primary.binary_search(id).is_err())
+        .count();
+    let (a, b, c) = stats(client);
+    let (d, e, f) = stats(coordinator);
+    println!();
+    println!(
+        "switchover write unavailability over {n} switchovers (writer inserting every 10 ms):"
+    );
+    println!("  client-observed   min {a:6.0} ms   median {b:6.0} ms   max {c:6.0} ms");
+    println!("  coordinator pause min {d:6.0} ms   median {e:6.0} ms   max {f:6.0} ms");
+    println!(
+        "  {} inserts acknowledged, {} failed attempts, {lost} acknowledged rows lost",
+        report.acked.len(),
+        report.errors
+    );
+    assert_eq!(lost, 0, "acknowledged rows were lost");
+    lab.ctl_ok(&["cluster", "delete", "bench", "--confirm", "bench"])
+        .unwrap();
+}
+
+/// "cloned 123.4 MB to vm2 in 1.2s (98.7 MB/s)" from the add-node log.
+fn clone_figures(lab: &Lab, cluster: &str) -> (f64, f64) {
+    let op = lab.operation(cluster, "add_node").unwrap();
+    let line = Lab::operation_log(&op)
+        .into_iter()
+        .find(|l| l.starts_with("cloned "))
+        .expect("a clone line");
+    let mb: f64 = line.split(' ').nth(1).unwrap().parse().unwrap();
+    let secs: f64 = line
+        .split(" in ")
+        .nth(1)
+        .and_then(|s| s.split('s').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    (mb, secs)
+}
+
+fn bootstrap(lab: &Lab, mb: u64) {
+    lab.ctl_ok(&[
+        "cluster", "create", "--name", "boot", "--engine", "postgres", "--nodes", "vm1",
+    ])
+    .unwrap();
+    let creds = lab.ctl_json(&["cluster", "credentials", "boot"]).unwrap();
+    let uri = creds["uri"].as_str().unwrap();
+    // Rows of ~1 KB.
+    let rows = mb * 1000;
+    let began = Instant::now();
+    lab.psql(
+        uri,
+        &format!(
+            "CREATE TABLE t AS SELECT g AS id, repeat(md5(g::text), 30) AS v FROM generate_series(1, {rows}) g"
+        ),
+    )
+    .unwrap();
+    let size = lab
+        .psql(uri, "SELECT pg_database_size('defaultdb') / 1000000")
+        .unwrap();
+    println!(
+        "\nbootstrap data: {size} MB in defaultdb (written in {:.1}s)",
+        began.elapsed().as_secs_f64()
+    );
+    let mut ours = Vec::new();
+    let mut plain = Vec::new();
+    for run in 1..=3 {
+        // Corral: node add (slot, pg_basebackup --progress, start, stream).
+        let began = Instant::now();
+        lab.ctl_ok(&["node", "add", "boot", "vm2"]).unwrap();
+        let whole = began.elapsed().as_secs_f64();
+        let (copied, secs) = clone_figures(lab, "boot");
+        println!(
+            "run {run}: corral node add   {copied:7.1} MB cloned in {secs:5.2}s = {:6.1} MB/s (whole operation incl. streaming check {whole:.2}s)",
+            copied / secs
+        );
+        ours.push(copied / secs);
+        // Plain pg_basebackup between the same namespaces, with the
+        // replication role's password that node add left on vm2.
+        let pgpass = lab.state_dir(2).join("postgres/pgpass");
+        let target = format!("/tmp/corral-bench-basebackup-{}", std::process::id());
+        let _ = std::fs::remove_dir_all(&target);
+        let ip = lab.vm_ip(1);
+        let began = Instant::now();
+        let out = lab
+            .in_ns(
+                "vm2",
+                "runuser",
+                &[
+                    "-u",
+                    "postgres",
+                    "--",
+                    "env",
+                    &format!("PGPASSFILE={}", pgpass.display()),
+                    "pg_basebackup",
+                    "-h",
+                    &ip,
+                    "-U",
+                    "corral_replication",
+                    "-D",
+                    &target,
+                    "-X",
+                    "stream",
+                    "-c",
+                    "fast",
+                    "-w",
+                ],
+            )
+            .unwrap();
+        let secs = began.elapsed().as_secs_f64();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let du = corral_tests::sh("du", &["-sb", &target]).unwrap();
+        let bytes: f64 = du.split_whitespace().next().unwrap().parse().unwrap();
+        let _ = std::fs::remove_dir_all(&target);
+        println!(
+            "run {run}: plain pg_basebackup {:7.1} MB copied in {secs:5.2}s = {:6.1} MB/s",
+            bytes / 1e6,
+            bytes / 1e6 / secs
+        );
+        plain.push(bytes / 1e6 / secs);
+        lab.ctl_ok(&["node", "remove", "boot", "vm2", "--confirm", "vm2"])
+            .unwrap();
+    }
+    let (_, ours, _) = stats(ours);
+    let (_, plain, _) = stats(plain);
+    println!(
+        "\nreplica bootstrap throughput (median of 3): corral node add {ours:.1} MB/s, plain pg_basebackup {plain:.1} MB/s ({:.0}%)",
+        ours / plain * 100.0
+    );
+}
+
+fn main() {
+    let n = env_num("CORRAL_BENCH_SWITCHOVERS", 10) as usize;
+    let mb = env_num("CORRAL_BENCH_MB", 256);
+    let lab = Lab::start(3).unwrap();
+    switchovers(&lab, n);
+    bootstrap(&lab, mb);
+}

@@ -210,6 +210,7 @@ impl Postgres {
              max_wal_senders = 16\n\
              max_replication_slots = 16\n\
              max_slot_wal_keep_size = '{slot_keep}'\n\
+             wal_keep_size = '256MB'\n\
              wal_log_hints = on\n\
              hot_standby = on\n\
              hot_standby_feedback = on\n\
