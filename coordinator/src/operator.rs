@@ -490,6 +490,11 @@ impl OperatorApi {
                     view.state.as_str()
                 }
             ));
+        } else if view.lag_bytes < 0 {
+            why.push(format!(
+                "{} has not yet reported how far it has replayed",
+                node.id
+            ));
         } else if view.lag_bytes > MAX_PROMOTE_LAG_BYTES {
             why.push(format!(
                 "{} is {} bytes behind the primary (limit {MAX_PROMOTE_LAG_BYTES})",
@@ -602,7 +607,12 @@ pub fn replica_view(
                 ("catchup", _) | ("startup", _) | ("backup", _) => "catching up".into(),
                 (other, _) => other.to_string(),
             },
-            lag_bytes: p.lsn.saturating_sub(s.replay_lsn) as i64,
+            // 0 until the standby's first feedback message: unknown.
+            lag_bytes: if s.replay_lsn == 0 {
+                -1
+            } else {
+                p.lsn.saturating_sub(s.replay_lsn) as i64
+            },
             lag_ms: s.replay_lag_ms as i64,
         },
         None => ReplicaView {
@@ -1227,6 +1237,86 @@ fn on_off(v: bool) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    fn primary(standbys: Vec<pb::Standby>) -> pb::Replication {
+        pb::Replication {
+            lsn: 1000,
+            standbys,
+            ..Default::default()
+        }
+    }
+
+    fn standby(name: &str, state: &str, sync: &str, replay: u64) -> pb::Standby {
+        pb::Standby {
+            name: name.into(),
+            state: state.into(),
+            sync_state: sync.into(),
+            replay_lsn: replay,
+            replay_lag_ms: 7,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn replica_views() {
+        let own = pb::Replication {
+            in_recovery: true,
+            lsn: 400,
+            ..Default::default()
+        };
+        // (primary's report, replica's own, expected state, bytes, ms)
+        let cases = [
+            (
+                Some(primary(vec![standby("r", "streaming", "async", 900)])),
+                None,
+                "streaming",
+                100,
+                7,
+            ),
+            (
+                Some(primary(vec![standby("r", "streaming", "quorum", 1000)])),
+                None,
+                "sync",
+                0,
+                7,
+            ),
+            (
+                Some(primary(vec![standby("r", "catchup", "async", 10)])),
+                None,
+                "catching up",
+                990,
+                7,
+            ),
+            // Connected, but no feedback yet: lag unknown, not 1000.
+            (
+                Some(primary(vec![standby("r", "streaming", "async", 0)])),
+                None,
+                "streaming",
+                -1,
+                7,
+            ),
+            // The primary does not see it: lag from its own position.
+            (
+                Some(primary(vec![standby("x", "streaming", "async", 900)])),
+                Some(own.clone()),
+                "not streaming",
+                600,
+                -1,
+            ),
+            (Some(primary(vec![])), None, "not streaming", -1, -1),
+            (None, Some(own.clone()), "not streaming", -1, -1),
+        ];
+        for (p, o, state, bytes, ms) in cases {
+            let v = replica_view("r", p.as_ref(), o.as_ref());
+            assert_eq!(
+                (v.state.as_str(), v.lag_bytes, v.lag_ms),
+                (state, bytes, ms),
+                "{p:?} {o:?}"
+            );
+        }
+    }
+
     #[test]
     fn host_of_strips_ports_and_brackets() {
         assert_eq!(super::host_of("10.0.0.1:7401"), "10.0.0.1");

@@ -357,7 +357,7 @@ impl Ctx<'_> {
         if let Some(clone) = &resp.clone {
             let secs = resp.clone_ms as f64 / 1000.0;
             self.log(&format!(
-                "cloned {} to {node} in {secs:.1}s ({:.1} MB/s)",
+                "cloned {} to {node} in {secs:.2}s ({:.1} MB/s)",
                 mb(clone.done_bytes),
                 clone.done_bytes as f64 / 1e6 / secs.max(0.001)
             ));

@@ -1,6 +1,6 @@
 //! Agent footprint: steady-state resident memory and CPU use of
 //! `corral-agent` at the default 1 s heartbeat interval, supervising a
-//! single-node PostgreSQL cluster (health check every 2 s).
+//! single-node PostgreSQL cluster (health and replication check every 1 s).
 //!
 //! Run with `make bench` (release binaries). Prints figures; asserts nothing.
 //! `CORRAL_BENCH_SECONDS` sets the sampling window (default 30).
@@ -82,7 +82,7 @@ fn main() {
         .map(|n| n["state"] == "up")
         .unwrap_or(false);
 
-    println!("agent steady state over {elapsed:.1}s (heartbeat every 1 s, engine health check every 2 s):");
+    println!("agent steady state over {elapsed:.1}s (heartbeat every 1 s, engine health check every 1 s):");
     println!(
         "  RSS            median {:.1} MiB, max {:.1} MiB, peak (VmHWM) {:.1} MiB",
         median as f64 / 1024.0,

@@ -651,12 +651,20 @@ impl Lab {
             .ok_or_else(|| anyhow!("{node} is not in {c}"))
     }
 
-    /// Waits until the primary reports `node` of `cluster` streaming.
+    /// Waits until the primary reports `node` of `cluster` streaming (or a
+    /// sync standby) and less than 16 MiB behind: eligible for promotion.
     pub fn wait_streaming(&self, cluster: &str, node: &str) -> Result<()> {
         wait_until(
-            Duration::from_secs(20),
+            Duration::from_secs(30),
             &format!("{node} to stream"),
-            || Ok(self.cluster_node(cluster, node)?["replication"] == "streaming"),
+            || {
+                let n = self.cluster_node(cluster, node)?;
+                let lag = n["lag_bytes"].as_i64().unwrap_or(-1);
+                Ok(
+                    matches!(n["replication"].as_str(), Some("streaming" | "sync"))
+                        && (0..16 << 20).contains(&lag),
+                )
+            },
         )
     }
 

@@ -373,3 +373,58 @@ fn coordinator_restart_during_add_node_neither_doubles_nor_abandons_it() {
         ["300000"]
     );
 }
+
+#[test]
+fn a_lagging_replica_is_not_promoted_without_force() {
+    let lab = Lab::start(2).unwrap();
+    let creds = create(&lab, "slow", "vm1,vm2", &[]);
+    let uri = creds["uri"].as_str().unwrap();
+    lab.wait_streaming("slow", "vm2").unwrap();
+    // vm2 keeps receiving WAL but stops replaying it.
+    local_sql(&lab, 2, "SELECT pg_wal_replay_pause()");
+    lab.psql(
+        uri,
+        "CREATE TABLE t AS SELECT g AS id, repeat('x', 1000) AS v FROM generate_series(1, 30000) g",
+    )
+    .unwrap();
+    wait_until(Duration::from_secs(20), "vm2 to lag 16 MiB", || {
+        Ok(lab.cluster_node("slow", "vm2")?["lag_bytes"]
+            .as_i64()
+            .unwrap_or(0)
+            > 16 << 20)
+    })
+    .unwrap();
+    let ops_before = lab
+        .ctl_json(&["operation", "list", "--cluster", "slow"])
+        .unwrap();
+    let out = lab
+        .ctl(&["node", "promote", "slow", "vm2", "--confirm", "vm2"])
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("refusing to promote vm2") && stderr.contains("bytes behind the primary"),
+        "{stderr}"
+    );
+    assert_eq!(
+        lab.ctl_json(&["operation", "list", "--cluster", "slow"])
+            .unwrap(),
+        ops_before,
+        "a refused promotion records no operation"
+    );
+    assert_eq!(lab.cluster_node("slow", "vm1").unwrap()["role"], "primary");
+
+    // Once it has caught up, the same request goes through.
+    local_sql(&lab, 2, "SELECT pg_wal_replay_resume()");
+    wait_until(Duration::from_secs(20), "vm2 to catch up", || {
+        Ok(lab.cluster_node("slow", "vm2")?["lag_bytes"].as_i64() == Some(0))
+    })
+    .unwrap();
+    lab.ctl_ok(&["node", "promote", "slow", "vm2", "--confirm", "vm2"])
+        .unwrap();
+    assert_eq!(lab.cluster_node("slow", "vm2").unwrap()["role"], "primary");
+    assert_eq!(
+        lab.column_on(&creds, 2, "SELECT count(*) FROM t").unwrap(),
+        ["30000"]
+    );
+}
