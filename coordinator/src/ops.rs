@@ -322,10 +322,13 @@ impl Ctx<'_> {
                         ));
                         Instant::now()
                     });
-                    // A slow step (a long clone) times out the call but the
-                    // node keeps heartbeating: keep waiting for it then.
-                    let up = self.coord.fleet.liveness_of(node, Instant::now())
-                        == crate::fleet::Liveness::Up;
+                    // A slow step (a long clone) times out the call while
+                    // the node keeps heartbeating: keep waiting for it then.
+                    // An agent that heartbeats but refuses connections is
+                    // given up on like an unreachable one.
+                    let up = s.code() != tonic::Code::Unavailable
+                        && self.coord.fleet.liveness_of(node, Instant::now())
+                            == crate::fleet::Liveness::Up;
                     if !up && since.elapsed() > AGENT_UNREACHABLE_GIVE_UP {
                         bail!(
                             "{what}: node {node} has been unreachable for {}s: {}",
