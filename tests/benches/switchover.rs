@@ -47,20 +47,7 @@ fn reported_pause(lab: &Lab, cluster: &str) -> f64 {
 }
 
 fn switchovers(lab: &Lab, n: usize) {
-    lab.ctl_ok(&[
-        "cluster",
-        "create",
-        "--name",
-        "bench",
-        "--engine",
-        "postgres",
-        "--mode",
-        "primary-replica",
-        "--nodes",
-        "vm1,vm2,vm3",
-    ])
-    .unwrap();
-    let creds = lab.ctl_json(&["cluster", "credentials", "bench"]).unwrap();
+    let creds = lab.create_replicated("bench", "vm1,vm2,vm3", &[]).unwrap();
     let uri = creds["uri"].as_str().unwrap().to_string();
     lab.psql(
         &uri,

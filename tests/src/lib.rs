@@ -629,6 +629,32 @@ impl Lab {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
+    /// Creates a PostgreSQL primary/replica cluster on `nodes` ("vm1,vm2",
+    /// the first is the primary) with extra `cluster create` flags, waits
+    /// for it, and returns `cluster credentials --output json`.
+    pub fn create_replicated(
+        &self,
+        name: &str,
+        nodes: &str,
+        extra: &[&str],
+    ) -> Result<serde_json::Value> {
+        let mut args = vec![
+            "cluster",
+            "create",
+            "--name",
+            name,
+            "--engine",
+            "postgres",
+            "--mode",
+            "primary-replica",
+            "--nodes",
+            nodes,
+        ];
+        args.extend_from_slice(extra);
+        self.ctl_ok(&args)?;
+        self.ctl_json(&["cluster", "credentials", name])
+    }
+
     /// A connection string for node `i` alone, with the credentials of
     /// `corralctl --output json cluster credentials`.
     pub fn node_uri(&self, creds: &serde_json::Value, i: usize) -> String {

@@ -7,21 +7,7 @@ use serde_json::Value;
 use std::time::Duration;
 
 fn create(lab: &Lab, name: &str, nodes: &str, extra: &[&str]) -> Value {
-    let mut args = vec![
-        "cluster",
-        "create",
-        "--name",
-        name,
-        "--engine",
-        "postgres",
-        "--mode",
-        "primary-replica",
-        "--nodes",
-        nodes,
-    ];
-    args.extend_from_slice(extra);
-    lab.ctl_ok(&args).unwrap();
-    lab.ctl_json(&["cluster", "credentials", name]).unwrap()
+    lab.create_replicated(name, nodes, extra).unwrap()
 }
 
 /// Runs SQL on VM `i` over its local socket as the postgres superuser,

@@ -9,19 +9,7 @@ use std::time::Duration;
 #[test]
 fn three_node_cluster_streams_rows_to_both_replicas() {
     let lab = Lab::start(3).unwrap();
-    lab.ctl_ok(&[
-        "cluster",
-        "create",
-        "--name",
-        "orders",
-        "--engine",
-        "postgres",
-        "--mode",
-        "primary-replica",
-        "--nodes",
-        "vm1,vm2,vm3",
-    ])
-    .unwrap();
+    lab.create_replicated("orders", "vm1,vm2,vm3", &[]).unwrap();
     let c = lab.ctl_json(&["cluster", "show", "orders"]).unwrap();
     assert_eq!(c["state"], "running", "{c}");
     assert_eq!(c["mode"], "primary-replica", "{c}");
@@ -106,20 +94,7 @@ fn in_recovery(lab: &Lab, creds: &Value, i: usize) -> bool {
 #[test]
 fn switchover_under_a_writer_loses_no_acknowledged_row() {
     let lab = Lab::start(3).unwrap();
-    lab.ctl_ok(&[
-        "cluster",
-        "create",
-        "--name",
-        "shop",
-        "--engine",
-        "postgres",
-        "--mode",
-        "primary-replica",
-        "--nodes",
-        "vm1,vm2,vm3",
-    ])
-    .unwrap();
-    let creds = lab.ctl_json(&["cluster", "credentials", "shop"]).unwrap();
+    let creds = lab.create_replicated("shop", "vm1,vm2,vm3", &[]).unwrap();
     let uri = creds["uri"].as_str().unwrap().to_string();
     lab.psql(
         &uri,
