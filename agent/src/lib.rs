@@ -11,10 +11,12 @@
 //! - [`engine`]: the engine spec, the supervisor and the engine drivers
 //!   (PostgreSQL today).
 //! - [`server`]: the agent's gRPC API; only the coordinator may call it.
+//! - [`firewall`]: the agent's own nftables table (`inet corral`): the fence.
 
 pub mod engine;
 pub mod enroll;
 pub mod events;
+pub mod firewall;
 pub mod heartbeat;
 pub mod metrics;
 pub mod server;
