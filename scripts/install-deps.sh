@@ -8,6 +8,8 @@ PACKAGES=(
     iproute2 iputils-ping procps    # network namespaces as test VMs
     nftables                        # per-node IP allowlists
     postgresql-15 postgresql-client-15
+    haproxy                         # failover tests route clients through it
+    stress-ng                       # failover tests under CPU load
 )
 
 if [[ $(id -u) != 0 ]]; then
@@ -31,6 +33,8 @@ if ((${#missing[@]})); then
     apt-get install -y -q --no-install-recommends "${missing[@]}"
     if [[ -d /run/systemd/system ]]; then
         systemctl disable --now postgresql >/dev/null 2>&1 || true
+        # Likewise the packaged HAProxy service: tests run their own.
+        systemctl disable --now haproxy >/dev/null 2>&1 || true
     fi
 fi
 

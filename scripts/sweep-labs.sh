@@ -23,3 +23,11 @@ for br in $(ip -o link show type bridge | awk -F': ' '{print $2}' | grep -E '^cr
     ip link del "$br" 2>/dev/null || true
     rm -f "$pidfile"
 done
+# Namespaces of the agent's firewall tests: crlfw-<pid>-<n>.
+for ns in $(ip netns list | awk '{print $1}' | grep -E '^crlfw-[0-9]+-' || true); do
+    pid=${ns#crlfw-}; pid=${pid%%-*}
+    if [[ $all == --all ]] || ! kill -0 "$pid" 2>/dev/null; then
+        echo "sweeping $ns"
+        ip netns del "$ns" 2>/dev/null || true
+    fi
+done

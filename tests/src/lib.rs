@@ -17,7 +17,20 @@
 //! the tail of every log. `/tmp/corral-tests/labs/K.pid` names the owning
 //! process; a lab whose owner is gone is swept by the next [`Lab::start`]
 //! (or `scripts/sweep-labs.sh`).
+//!
+//! Layout:
+//! - this file: the lab itself (namespaces, coordinator, agents, corralctl);
+//! - [`faults`]: network partitions ([`Lab::cut`], [`Lab::isolate`]);
+//! - [`haproxy`]: HAProxy in the client namespace, routing by the agents'
+//!   health endpoints ([`Lab::start_haproxy`]);
+//! - [`checker`]: a split-brain detector writing to every node at once;
+//! - [`writer`]: a client writing through the multi-host connection string;
+//! - [`stress`]: CPU load with stress-ng.
 
+pub mod checker;
+pub mod faults;
+pub mod haproxy;
+pub mod stress;
 pub mod writer;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -28,6 +41,9 @@ use std::time::{Duration, Instant};
 const ROOT: &str = "/tmp/corral-tests";
 pub const COORDINATOR_PORT: u16 = 7400;
 pub const AGENT_PORT: u16 = 7401;
+/// The agents' plain-HTTP health endpoints (`/primary`, `/replica`,
+/// `/health`), which HAProxy and [`Lab::health`] ask.
+pub const HEALTH_PORT: u16 = 7402;
 
 /// Where the binaries under test are: `CORRAL_BIN_DIR`, else target/debug.
 pub fn bin(name: &str) -> PathBuf {
@@ -104,6 +120,8 @@ pub struct Lab {
     dir: PathBuf,
     coordinator: Option<Child>,
     agents: Vec<Option<Child>>,
+    /// HAProxy in the client namespace, once [`Lab::start_haproxy`] ran.
+    haproxy: Option<Child>,
 }
 
 fn pid_file(k: u32) -> PathBuf {
@@ -255,6 +273,7 @@ impl Lab {
             opts,
             dir,
             coordinator: None,
+            haproxy: None,
         };
         if let Err(e) = lab.setup() {
             lab.report_failure();
@@ -531,6 +550,20 @@ impl Lab {
         }
     }
 
+    /// Starts agent `i` again after [`Lab::kill_vm`] (or
+    /// [`Lab::stop_agent`]), like a VM booting: no token, since its node
+    /// certificate is still in its state directory. Does not wait for the
+    /// node to be up: after a failover the test usually wants to watch what
+    /// the returning node does first ([`Lab::wait_node_state`] waits).
+    pub fn restart_vm(&mut self, i: usize) -> Result<()> {
+        if let Some(c) = self.agents[i - 1].as_mut() {
+            if c.try_wait()?.is_none() {
+                bail!("agent {i} is still running: kill_vm({i}) or stop_agent({i}) first");
+            }
+        }
+        self.start_agent(i, None)
+    }
+
     /// Pids of processes named `comm` running in VM `i`.
     pub fn pids_in_vm(&self, i: usize, comm: &str) -> Vec<i32> {
         let pids = sh("ip", &["netns", "pids", &self.ns(&format!("vm{i}"))]).unwrap_or_default();
@@ -677,6 +710,45 @@ impl Lab {
             .ok_or_else(|| anyhow!("{node} is not in {c}"))
     }
 
+    /// Waits until `cluster show` names exactly one node of `cluster` with
+    /// role `primary`, and returns its id. "Exactly one" because during a
+    /// failover the store may briefly hold none, and must never hold two.
+    pub fn wait_until_primary(&self, cluster: &str, timeout: Duration) -> Result<String> {
+        let mut primary = String::new();
+        wait_until(timeout, &format!("{cluster} to have one primary"), || {
+            let c = self.ctl_json(&["cluster", "show", cluster])?;
+            let primaries: Vec<&str> = c["nodes"]
+                .as_array()
+                .map(|ns| {
+                    ns.iter()
+                        .filter(|n| n["role"] == "primary")
+                        .filter_map(|n| n["id"].as_str())
+                        .collect()
+                })
+                .unwrap_or_default();
+            match primaries[..] {
+                [one] => {
+                    primary = one.to_string();
+                    Ok(true)
+                }
+                _ => bail!("primaries: {primaries:?}"),
+            }
+        })?;
+        Ok(primary)
+    }
+
+    /// `GET /<path>` on VM `i`'s health port, from the test process (the
+    /// host reaches every VM): the status code, as HAProxy would see it.
+    /// An error means no answer within 1 s (refused, cut off, hung), which
+    /// HAProxy counts as a failed check too.
+    pub fn health(&self, i: usize, path: &str) -> Result<u16> {
+        http_status(
+            &format!("{}:{HEALTH_PORT}", self.vm_ip(i)),
+            path,
+            Duration::from_secs(1),
+        )
+    }
+
     /// Waits until the primary reports `node` of `cluster` streaming (or a
     /// sync standby) and less than 16 MiB behind: eligible for promotion.
     pub fn wait_streaming(&self, cluster: &str, node: &str) -> Result<()> {
@@ -732,7 +804,7 @@ impl Lab {
 
     fn report_failure(&self) {
         eprintln!(
-            "\n=== lab {} failed; kept {} ===",
+            "\n=== lab {} failed (logs in {}) ===",
             self.k,
             self.dir.display()
         );
@@ -754,6 +826,41 @@ impl Lab {
                 eprintln!("{l}");
             }
         }
+    }
+}
+
+/// A bare HTTP/1.0 `GET` returning the status code: enough for a health
+/// endpoint, without an HTTP client crate. HTTP/1.0 because HAProxy's
+/// `option httpchk` sends the same, so an endpoint that answers this answers
+/// HAProxy. `timeout` bounds the connect and each read and write.
+pub fn http_status(addr: &str, path: &str, timeout: Duration) -> Result<u16> {
+    use std::io::{Read, Write};
+    let sock: std::net::SocketAddr = addr.parse().with_context(|| format!("address {addr}"))?;
+    let mut stream = std::net::TcpStream::connect_timeout(&sock, timeout)
+        .with_context(|| format!("connecting to {addr}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let path = path.trim_start_matches('/');
+    write!(stream, "GET /{path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    // The status line is all we need; stop reading once it is in.
+    let mut head = Vec::new();
+    let mut buf = [0u8; 256];
+    while !head.windows(2).any(|w| w == b"\r\n") {
+        let n = stream
+            .read(&mut buf)
+            .with_context(|| format!("reading the answer of {addr}/{path}"))?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = String::from_utf8_lossy(&head);
+    let line = line.lines().next().unwrap_or_default();
+    match line.split_whitespace().collect::<Vec<_>>()[..] {
+        [version, code, ..] if version.starts_with("HTTP/") => code
+            .parse()
+            .with_context(|| format!("status line {line:?} from {addr}/{path}")),
+        _ => bail!("no HTTP status line from {addr}/{path}: {line:?}"),
     }
 }
 
@@ -782,13 +889,34 @@ impl Drop for Lab {
             .iter_mut()
             .flatten()
             .chain(self.coordinator.as_mut())
+            .chain(self.haproxy.as_mut())
         {
             let _ = c.kill();
             let _ = c.wait();
         }
-        teardown(self.k);
-        if !failed {
+        // The directory goes (or, after a failure, moves aside) before the
+        // bridge: the bridge is the lab's lock, and once it is gone another
+        // test may claim lab K and wipe this very directory.
+        for ns in ns_names(self.k) {
+            kill_ns_processes(&ns);
+        }
+        if failed {
+            let kept = self.dir.with_file_name(format!(
+                "lab-{}.failed-{}-{}",
+                self.k,
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0)
+            ));
+            match std::fs::rename(&self.dir, &kept) {
+                Ok(()) => eprintln!("=== lab {} logs kept in {} ===", self.k, kept.display()),
+                Err(e) => eprintln!("could not keep {}: {e}", self.dir.display()),
+            }
+        } else {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
+        teardown(self.k);
     }
 }
