@@ -1,21 +1,32 @@
-//! The periodic report to the coordinator.
+//! The periodic report to the coordinator, and its answer.
 //!
-//! Every interval: a metrics sample, the engine's status, and every event
-//! not yet acknowledged. A coordinator that is away (restarting, network
-//! cut) is retried at the same pace; the first failure and the recovery are
-//! logged, not every miss.
+//! Every interval: a metrics sample, the engine's status from a fresh health
+//! check (so a replica's position is current when the coordinator weighs a
+//! failover), and every event not yet acknowledged. The answer carries the
+//! node's assignment: the cluster's term and timing, the primary's lease and
+//! the addresses of its replicas ([`crate::engine::Engine::on_assignment`]).
+//!
+//! Each heartbeat is sent in a task of its own, so one stuck on an
+//! unreachable coordinator never delays the next (the lease is renewed only
+//! by answers, counted from when each heartbeat was sent). A new primary
+//! wakes the loop to ask for its lease at once. The interval follows the
+//! cluster's setting once the coordinator has sent it. A coordinator that
+//! is away is retried at the same pace; the first failure and the recovery
+//! are logged, not every miss.
 
 use crate::engine::Engine;
 use crate::events::Events;
+use crate::lease::BootTime;
 use crate::metrics::Sampler;
 use corral_proto::pb;
 use corral_proto::pb::agent_upcalls_client::AgentUpcallsClient;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
 pub struct Heartbeat {
     pub client: AgentUpcallsClient<Channel>,
+    /// The agent's own interval, used until the node serves a cluster.
     pub interval: Duration,
     /// host:port advertised for the agent's API.
     pub address: String,
@@ -24,38 +35,81 @@ pub struct Heartbeat {
     pub events: Arc<Events>,
 }
 
+/// Longest wait for the health check that precedes a heartbeat.
+const REFRESH_TIMEOUT: Duration = Duration::from_millis(200);
+
 impl Heartbeat {
+    fn interval(&self) -> Duration {
+        self.engine
+            .cluster_state()
+            .filter(|c| c.heartbeat_ms > 0)
+            .map(|c| Duration::from_millis(u64::from(c.heartbeat_ms)))
+            .unwrap_or(self.interval)
+    }
+
     pub async fn run(mut self) {
-        let mut tick = tokio::time::interval(self.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut failing_since: Option<std::time::Instant> = None;
+        let failing_since: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
+        let mut next = tokio::time::Instant::now();
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => {}
+                _ = self.engine.heartbeat_wake.notified() => {}
+            }
+            let interval = self.interval();
+            next = tokio::time::Instant::now() + interval;
+            let asked_at = BootTime::now();
+            let _ = tokio::time::timeout(REFRESH_TIMEOUT, self.engine.refresh()).await;
             let request = pb::HeartbeatRequest {
                 agent_address: self.address.clone(),
-                interval_ms: self.interval.as_millis() as u32,
+                interval_ms: interval.as_millis() as u32,
                 metrics: Some(self.sampler.sample()),
                 engine: Some(self.engine.status()),
                 events: self.events.pending(),
                 agent_version: env!("CARGO_PKG_VERSION").to_string(),
             };
-            match self.client.heartbeat(request).await {
-                Ok(resp) => {
-                    self.events.ack(resp.into_inner().acked_event_seq);
-                    if let Some(since) = failing_since.take() {
-                        tracing::info!(
-                            "coordinator reachable again after {:.1}s",
-                            since.elapsed().as_secs_f64()
-                        );
+            let mut client = self.client.clone();
+            let (engine, events, failing) = (
+                self.engine.clone(),
+                self.events.clone(),
+                failing_since.clone(),
+            );
+            // An answer later than the lease is of no use; a stuck call
+            // must not pile up.
+            let give_up = interval * 4;
+            tokio::spawn(async move {
+                let answer = tokio::time::timeout(give_up, client.heartbeat(request)).await;
+                let mut failing = failing.lock().unwrap_or_else(|p| p.into_inner());
+                match answer {
+                    Ok(Ok(resp)) => {
+                        let resp = resp.into_inner();
+                        events.ack(resp.acked_event_seq);
+                        if let Some(a) = &resp.assignment {
+                            engine.on_assignment(a, asked_at);
+                        }
+                        if let Some(since) = failing.take() {
+                            tracing::info!(
+                                "coordinator reachable again after {:.1}s",
+                                since.elapsed().as_secs_f64()
+                            );
+                        }
+                    }
+                    Ok(Err(status)) => {
+                        if failing.is_none() {
+                            *failing = Some(Instant::now());
+                            tracing::warn!(code = ?status.code(), "heartbeat failed: {}", status.message());
+                        }
+                    }
+                    Err(_) => {
+                        if failing.is_none() {
+                            *failing = Some(Instant::now());
+                            tracing::warn!(
+                                "heartbeat failed: no answer within {} ms",
+                                give_up.as_millis()
+                            );
+                        }
                     }
                 }
-                Err(status) => {
-                    if failing_since.is_none() {
-                        failing_since = Some(std::time::Instant::now());
-                        tracing::warn!(code = ?status.code(), "heartbeat failed: {}", status.message());
-                    }
-                }
-            }
+            });
         }
     }
 }

@@ -10,15 +10,23 @@
 //! - [`heartbeat`]: the periodic report to the coordinator.
 //! - [`engine`]: the engine spec, the supervisor and the engine drivers
 //!   (PostgreSQL today).
-//! - [`server`]: the agent's gRPC API; only the coordinator may call it.
+//! - [`lease`]: the primary's lease and a replica's confirmation, on the
+//!   boot clock (the rules; [`engine`] applies them, in `engine::safety`).
+//! - [`peers`]: a primary's confirmation rounds with its replicas' agents.
 //! - [`firewall`]: the agent's own nftables table (`inet corral`): the fence.
+//! - [`server`]: the agent's gRPC API (only the coordinator may call it)
+//!   and the peer API (only other nodes may call it).
+//! - [`health`]: plain-HTTP health endpoints for load balancers.
 
 pub mod engine;
 pub mod enroll;
 pub mod events;
 pub mod firewall;
+pub mod health;
 pub mod heartbeat;
+pub mod lease;
 pub mod metrics;
+pub mod peers;
 pub mod server;
 
 use std::path::PathBuf;
@@ -35,4 +43,6 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     /// Directory with PostgreSQL's server binaries (initdb, postgres).
     pub pg_bin_dir: PathBuf,
+    /// Where the HTTP health endpoints listen.
+    pub health_listen: std::net::SocketAddr,
 }

@@ -1,6 +1,8 @@
 use anyhow::{Context, Result};
 use clap::Parser;
-use corral_agent::{engine, enroll, events, heartbeat, metrics, server, Config};
+use corral_agent::{
+    engine, enroll, events, firewall, health, heartbeat, metrics, peers, server, Config,
+};
 use corral_proto::pb;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -36,6 +38,10 @@ struct Args {
     #[arg(long, env = "CORRAL_HEARTBEAT_INTERVAL_MS", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(100..=60_000))]
     heartbeat_interval_ms: u64,
+    /// Where the plain-HTTP health endpoints for load balancers listen
+    /// (/primary, /replica, /health). Default: the --listen address, port 7402.
+    #[arg(long, env = "CORRAL_HEALTH_LISTEN")]
+    health_listen: Option<SocketAddr>,
     /// Directory with PostgreSQL's initdb and postgres.
     #[arg(
         long,
@@ -44,6 +50,9 @@ struct Args {
     )]
     pg_bin_dir: PathBuf,
 }
+
+/// Port of the health endpoints unless --health-listen says otherwise.
+const DEFAULT_HEALTH_PORT: u16 = 7402;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -89,6 +98,9 @@ async fn run(args: Args) -> Result<()> {
         listen: args.listen,
         heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms),
         pg_bin_dir: args.pg_bin_dir,
+        health_listen: args
+            .health_listen
+            .unwrap_or_else(|| SocketAddr::new(args.listen.ip(), DEFAULT_HEALTH_PORT)),
     };
     std::fs::create_dir_all(&config.state_dir).with_context(|| {
         format!(
@@ -123,7 +135,12 @@ async fn run(args: Args) -> Result<()> {
         &config.state_dir,
         &identity.info.node_id,
     ));
-    let engine = engine::Engine::new(config.state_dir.clone(), driver, events.clone());
+    let engine = engine::Engine::new(
+        config.state_dir.clone(),
+        driver,
+        events.clone(),
+        firewall::Firewall::new(),
+    );
     if let Err(e) = engine.resume().await {
         // Reported through the engine status; the agent keeps running so the
         // coordinator can see it.
@@ -145,18 +162,34 @@ async fn run(args: Args) -> Result<()> {
         events,
     };
     let heartbeats = tokio::spawn(heartbeat.run());
+    let guardian = tokio::spawn(engine.clone().guard());
+    let peers = Arc::new(peers::Peers::new(
+        identity.ca_pem.clone(),
+        identity.cert.clone(),
+    ));
+    let rounds = tokio::spawn(peers.run(engine.clone()));
+    let health_addr = config.health_listen;
+    let health_engine = engine.clone();
+    let health = tokio::spawn(async move {
+        if let Err(e) = health::serve(health_addr, health_engine).await {
+            tracing::error!("{e:#}");
+        }
+    });
 
     let incoming =
         corral_proto::tls::serve_tls(config.listen, &identity.cert, &identity.ca_pem, false)
             .await?;
     let result = tonic::transport::Server::builder()
         .add_service(pb::agent_server::AgentServer::new(server::AgentApi {
-            engine,
+            engine: engine.clone(),
         }))
+        .add_service(pb::peer_server::PeerServer::new(server::PeerApi { engine }))
         .serve_with_incoming_shutdown(incoming, shutdown_signal())
         .await
         .with_context(|| format!("serving the agent API on {}", config.listen));
-    heartbeats.abort();
+    for task in [heartbeats, guardian, rounds, health] {
+        task.abort();
+    }
     result
 }
 

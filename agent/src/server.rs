@@ -7,7 +7,7 @@
 //! restarts) mid-way, the step still completes, and the coordinator's retry
 //! waits for it and then finds the work done instead of doing it twice.
 
-use crate::engine::{Conflict, Engine, EngineSpec};
+use crate::engine::{Conflict, Engine, EngineSpec, Promotion};
 use corral_proto::identity::{peer_identity, Identity};
 use corral_proto::pb;
 use std::future::Future;
@@ -80,7 +80,8 @@ impl pb::agent_server::Agent for AgentApi {
         require_coordinator(&req)?;
         tracing::info!("stop engine");
         let engine = self.engine.clone();
-        detached("stop engine", async move { engine.stop().await }).await
+        let term = req.get_ref().term;
+        detached("stop engine", async move { engine.stop(term).await }).await
     }
 
     async fn restart_engine(
@@ -90,7 +91,8 @@ impl pb::agent_server::Agent for AgentApi {
         require_coordinator(&req)?;
         tracing::info!("restart engine");
         let engine = self.engine.clone();
-        detached("restart engine", async move { engine.restart().await }).await
+        let term = req.get_ref().term;
+        detached("restart engine", async move { engine.restart(term).await }).await
     }
 
     async fn promote(
@@ -102,12 +104,17 @@ impl pb::agent_server::Agent for AgentApi {
         for n in &r.replicas {
             corral_proto::names::validate("replica node", n).map_err(Status::invalid_argument)?;
         }
-        tracing::info!(replicas = ?r.replicas, sync = r.sync, "promote");
+        tracing::info!(replicas = ?r.replicas, sync = r.sync, term = r.term, "promote");
         let engine = self.engine.clone();
-        detached("promote", async move {
-            engine.promote(r.replicas, r.sync).await
-        })
-        .await
+        let p = Promotion {
+            replicas: r.replicas,
+            sync: r.sync,
+            term: r.term,
+            lease_ms: r.lease_duration_ms,
+            heartbeat_ms: r.heartbeat_interval_ms,
+            primary_stopped: r.primary_stopped,
+        };
+        detached("promote", async move { engine.promote(p).await }).await
     }
 
     async fn decommission(
@@ -115,13 +122,44 @@ impl pb::agent_server::Agent for AgentApi {
         req: Request<pb::DecommissionRequest>,
     ) -> Result<Response<pb::DecommissionResponse>, Status> {
         require_coordinator(&req)?;
-        let cluster = req.into_inner().cluster;
+        let r = req.into_inner();
+        let cluster = r.cluster;
         tracing::info!(%cluster, "decommission");
         let engine = self.engine.clone();
         detached("decommission", async move {
-            engine.decommission(&cluster).await?;
+            engine.decommission(&cluster, r.term).await?;
             Ok(pb::DecommissionResponse {})
         })
         .await
+    }
+}
+
+/// The API other agents call: a primary asking its replicas to confirm it.
+/// Only node certificates are accepted, and the caller's node id is read
+/// from its certificate.
+pub struct PeerApi {
+    pub engine: Arc<Engine>,
+}
+
+#[tonic::async_trait]
+impl pb::peer_server::Peer for PeerApi {
+    async fn confirm_primary(
+        &self,
+        req: Request<pb::ConfirmPrimaryRequest>,
+    ) -> Result<Response<pb::ConfirmPrimaryResponse>, Status> {
+        let caller = match peer_identity(&req)? {
+            Identity::Node(id) => id,
+            other => {
+                tracing::warn!(peer = %other, "refused a confirmation request from a peer that is not a node");
+                return Err(Status::permission_denied(format!(
+                    "only a node agent may ask for confirmations; certificate {other} is not a node's"
+                )));
+            }
+        };
+        let answer = self.engine.confirm_primary(&caller, req.get_ref());
+        if !answer.confirmed {
+            tracing::debug!(%caller, "confirmation refused: {}", answer.reason);
+        }
+        Ok(Response::new(answer))
     }
 }

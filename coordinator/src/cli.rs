@@ -132,11 +132,13 @@ enum ClusterCmd {
     Show {
         name: String,
     },
-    /// Change settings: sync=on|off, termination-protection=on|off.
+    /// Change settings: sync=on|off, termination-protection=on|off,
+    /// auto-failover=on|off, lease=DURATION (e.g. 2s), heartbeat=DURATION
+    /// (e.g. 500ms).
     Set {
         name: String,
         #[arg(required = true, value_parser = parse_setting)]
-        settings: Vec<(String, bool)>,
+        settings: Vec<(String, Setting)>,
         #[arg(long)]
         no_wait: bool,
     },
@@ -242,24 +244,58 @@ enum EventCmd {
     },
 }
 
-fn parse_setting(s: &str) -> Result<(String, bool), String> {
+/// The value of a `cluster set` setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Setting {
+    Flag(bool),
+    Millis(u32),
+}
+
+fn parse_setting(s: &str) -> Result<(String, Setting), String> {
     let (k, v) = s
         .split_once('=')
-        .ok_or_else(|| format!("invalid setting {s:?}: use KEY=on|off"))?;
-    let key = match k {
-        "sync" | "termination-protection" => k.to_string(),
+        .ok_or_else(|| format!("invalid setting {s:?}: use KEY=VALUE, e.g. sync=on or lease=2s"))?;
+    let value = match k {
+        "sync" | "termination-protection" | "auto-failover" => Setting::Flag(match v {
+            "on" | "true" => true,
+            "off" | "false" => false,
+            _ => return Err(format!("invalid value {v:?} for {k}: use on or off")),
+        }),
+        "lease" | "heartbeat" => Setting::Millis(parse_millis(v).map_err(|e| format!("{k}: {e}"))?),
         _ => {
             return Err(format!(
-                "unknown setting {k:?}: settable are sync and termination-protection"
+                "unknown setting {k:?}: settable are sync, termination-protection, auto-failover, \
+                 lease and heartbeat"
             ))
         }
     };
-    let on = match v {
-        "on" | "true" => true,
-        "off" | "false" => false,
-        _ => return Err(format!("invalid value {v:?} for {k}: use on or off")),
+    Ok((k.to_string(), value))
+}
+
+/// "500ms", "2s" -> milliseconds.
+fn parse_millis(s: &str) -> Result<u32, String> {
+    let bad = || format!("invalid duration {s:?}: use milliseconds or seconds, e.g. 500ms or 2s");
+    let (num, factor) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1000)
+    } else {
+        return Err(bad());
     };
-    Ok((key, on))
+    let n: u32 = num.parse().map_err(|_| bad())?;
+    n.checked_mul(factor).ok_or_else(bad)
+}
+
+/// A cluster's settings as `cluster set` takes them.
+fn settings_line(c: &pb::Cluster) -> String {
+    format!(
+        "sync={} termination-protection={} auto-failover={} lease={}ms heartbeat={}ms",
+        on_off(c.sync),
+        on_off(c.termination_protection),
+        on_off(c.auto_failover),
+        c.lease_ms,
+        c.heartbeat_interval_ms
+    )
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -806,16 +842,13 @@ async fn run(api: &mut OperatorClient<Channel>, command: Command, json: bool) ->
                 return print_json(&c);
             }
             println!(
-                "cluster {}: {} {} ({}), port {}, database {}, sync={}, termination-protection={}",
-                c.name,
-                c.engine,
-                c.mode,
-                c.state,
-                c.port,
-                c.database,
-                on_off(c.sync),
-                on_off(c.termination_protection)
+                "cluster {}: {} {} ({}), port {}, database {}, term {}",
+                c.name, c.engine, c.mode, c.state, c.port, c.database, c.term
             );
+            println!("settings: {}", settings_line(&c));
+            if !c.failover_status.is_empty() {
+                println!("failover: {}", c.failover_status);
+            }
             print_nodes(&c.nodes);
         }
         Command::Cluster(ClusterCmd::Set {
@@ -830,11 +863,22 @@ async fn run(api: &mut OperatorClient<Channel>, command: Command, json: bool) ->
                     .find(|(key, _)| key == k)
                     .map(|(_, v)| *v)
             };
+            let flag = |k: &str| match get(k) {
+                Some(Setting::Flag(v)) => Some(v),
+                _ => None,
+            };
+            let millis = |k: &str| match get(k) {
+                Some(Setting::Millis(v)) => Some(v),
+                _ => None,
+            };
             let r = api
                 .set_cluster(pb::SetClusterRequest {
                     name: name.clone(),
-                    sync: get("sync"),
-                    termination_protection: get("termination-protection"),
+                    sync: flag("sync"),
+                    termination_protection: flag("termination-protection"),
+                    auto_failover: flag("auto-failover"),
+                    lease_ms: millis("lease"),
+                    heartbeat_interval_ms: millis("heartbeat"),
                 })
                 .await?
                 .into_inner();
@@ -845,11 +889,7 @@ async fn run(api: &mut OperatorClient<Channel>, command: Command, json: bool) ->
             }
             if !json {
                 if let Some(c) = r.cluster {
-                    println!(
-                        "cluster {name}: sync={} termination-protection={}",
-                        on_off(c.sync),
-                        on_off(c.termination_protection)
-                    );
+                    println!("cluster {name}: {}", settings_line(&c));
                 }
             }
         }

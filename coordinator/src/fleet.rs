@@ -67,6 +67,21 @@ pub fn liveness(started: Instant, live: Option<(Instant, Duration)>, now: Instan
 pub struct Fleet {
     started: Instant,
     nodes: Mutex<HashMap<String, Live>>,
+    /// When the coordinator last granted each node a lease (receipt of the
+    /// heartbeat it answered): with the coordinator's start as a floor,
+    /// the latest moment from which that node's lease may still run.
+    grants: Mutex<HashMap<String, Instant>>,
+    /// Per cluster, in sync mode: the term this process watched from its
+    /// start, and the replicas seen as synchronous standbys of its primary
+    /// in that term (the only ones that may hold acknowledged commits).
+    ackers: Mutex<HashMap<String, Ackers>>,
+}
+
+/// Replicas that may have acknowledged commits in a term.
+#[derive(Debug, Clone, Default)]
+pub struct Ackers {
+    pub term: u64,
+    pub nodes: std::collections::BTreeSet<String>,
 }
 
 impl Default for Fleet {
@@ -80,7 +95,76 @@ impl Fleet {
         Fleet {
             started: Instant::now(),
             nodes: Mutex::new(HashMap::new()),
+            grants: Mutex::new(HashMap::new()),
+            ackers: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// When this coordinator started.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// A lease granted to `node` in answer to a heartbeat received at `at`.
+    pub fn record_grant(&self, node: &str, at: Instant) {
+        self.grants
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node.to_string(), at);
+    }
+
+    /// The latest moment from which a lease of `node` may run: its last
+    /// grant, or this coordinator's start (a previous process may have
+    /// granted one just before it stopped).
+    pub fn last_grant(&self, node: &str) -> Instant {
+        self.grants
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node)
+            .copied()
+            .unwrap_or(self.started)
+            .max(self.started)
+    }
+
+    /// The term of `cluster` starts now, watched by this process from its
+    /// start: from here on, only replicas seen as synchronous standbys may
+    /// hold acknowledged commits.
+    pub fn term_started(&self, cluster: &str, term: u64) {
+        self.ackers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                cluster.to_string(),
+                Ackers {
+                    term,
+                    nodes: Default::default(),
+                },
+            );
+    }
+
+    /// The primary of `cluster` in `term` reports `standbys` as synchronous.
+    pub fn saw_sync_standbys<'a>(
+        &self,
+        cluster: &str,
+        term: u64,
+        standbys: impl Iterator<Item = &'a str>,
+    ) {
+        let mut all = self.ackers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(a) = all.get_mut(cluster).filter(|a| a.term == term) {
+            a.nodes.extend(standbys.map(str::to_string));
+        }
+    }
+
+    /// The replicas that may hold acknowledged commits of `term`, when this
+    /// process watched the whole term; None when it cannot tell (it started
+    /// during the term), which means "any replica may".
+    pub fn ackers(&self, cluster: &str, term: u64) -> Option<std::collections::BTreeSet<String>> {
+        self.ackers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(cluster)
+            .filter(|a| a.term == term)
+            .map(|a| a.nodes.clone())
     }
 
     /// Records a heartbeat; returns the previous entry, if any.

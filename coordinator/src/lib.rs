@@ -11,11 +11,16 @@
 //! - [`ops`]: the operation runner: one operation at a time per cluster,
 //!   each step logged, resumed after a restart.
 //! - [`agents`]: mutual-TLS clients to the agents.
-//! - [`monitor`]: turns missing heartbeats into `node_down` events.
+//! - [`monitor`]: turns missing heartbeats into `node_down` events, and runs
+//!   the failover monitor (judging each cluster, starting failovers and
+//!   rejoins).
+//! - [`failover`]: the failover decision, a pure function of the observed
+//!   cluster and the time.
 //! - [`cli`]: `corralctl`, the operator CLI.
 
 pub mod agents;
 pub mod cli;
+pub mod failover;
 pub mod fleet;
 pub mod monitor;
 pub mod operator;
@@ -50,6 +55,7 @@ pub struct Coordinator {
     pub ca_fingerprint: String,
     pub agents: agents::AgentClients,
     pub ops: ops::Runner,
+    pub judgements: monitor::Judgements,
 }
 
 impl Coordinator {
@@ -77,6 +83,7 @@ impl Coordinator {
             agents: agents::AgentClients::new(ca.cert_pem().to_string(), me),
             ca,
             ops: ops::Runner::default(),
+            judgements: monitor::Judgements::default(),
         }))
     }
 }
@@ -95,6 +102,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
 
     ops::resume_unfinished(&coord);
     let monitor = tokio::spawn(monitor::run(coord.clone()));
+    let failover = tokio::spawn(monitor::run_failover(coord.clone()));
 
     tracing::info!(listen = %config.listen, state_dir = %config.state_dir.display(), "coordinator serving");
     let result = tonic::transport::Server::builder()
@@ -108,5 +116,6 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         .await
         .with_context(|| format!("serving on {}", config.listen));
     monitor.abort();
+    failover.abort();
     result
 }

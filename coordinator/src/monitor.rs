@@ -1,15 +1,18 @@
-//! Turns missing heartbeats into events on the record.
+//! Watches the fleet: turns missing heartbeats into events on the record,
+//! and judges every replicated cluster for failover ([`run_failover`]).
 //!
 //! Every 200 ms, each enrolled node's liveness is computed by the pure rule in
 //! [`crate::fleet::liveness`]; a change is written as a `node_down` or
 //! `node_up` event. The first pass after a start writes nothing for nodes
 //! still in their grace period.
 
+use crate::failover::{self, ClusterView, Decision, NodeView, Wait};
 use crate::fleet::Liveness;
-use crate::store;
 use crate::Coordinator;
+use crate::{ops, store};
+use corral_proto::{now_ms, pb};
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub async fn run(coord: Arc<Coordinator>) {
@@ -65,4 +68,360 @@ pub async fn run(coord: Arc<Coordinator>) {
             }
         }
     }
+}
+
+/// The failover monitor's last judgement of each cluster, as a sentence
+/// (shown by `corralctl cluster show`). In memory: rebuilt within one pass.
+#[derive(Default)]
+pub struct Judgements(Mutex<HashMap<String, String>>);
+
+impl Judgements {
+    pub fn get(&self, cluster: &str) -> Option<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(cluster)
+            .cloned()
+    }
+
+    fn set(&self, cluster: &str, text: String) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(cluster.to_string(), text);
+    }
+}
+
+/// How often each cluster is judged.
+const FAILOVER_EVERY: Duration = Duration::from_millis(100);
+/// A node whose rejoin failed is not retried before this.
+const REJOIN_RETRY: Duration = Duration::from_secs(30);
+/// Async mode: the most WAL a failover may lose (Patroni's
+/// maximum_lag_on_failover default); beyond it nothing is promoted.
+pub const FAILOVER_MAX_LAG_BYTES: u64 = 1 << 20;
+
+/// The failover monitor: every 100 ms, judges each replicated cluster with
+/// [`failover::decide`] and acts on the outcome: a failover operation, an
+/// alarm event when the primary is lost and nothing may (or, with
+/// auto-failover off, will) be promoted, and a rejoin operation for a
+/// replica of record that runs as a primary or follows the wrong node.
+/// Each change of judgement is logged once.
+pub async fn run_failover(coord: Arc<Coordinator>) {
+    let mut last: HashMap<String, String> = HashMap::new();
+    let mut rejoins: HashMap<String, Instant> = HashMap::new();
+    let mut tick = tokio::time::interval(FAILOVER_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let clusters = match coord.store.read(store::list_clusters) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "failover monitor: listing clusters");
+                continue;
+            }
+        };
+        for c in clusters
+            .iter()
+            .filter(|c| c.mode == "primary-replica" && c.state == "running")
+        {
+            if let Err(e) = judge(&coord, c, &mut last, &mut rejoins) {
+                tracing::error!(cluster = %c.name, error = %format!("{e:#}"), "failover monitor");
+            }
+        }
+    }
+}
+
+fn judge(
+    coord: &Arc<Coordinator>,
+    c: &store::ClusterRow,
+    last: &mut HashMap<String, String>,
+    rejoins: &mut HashMap<String, Instant>,
+) -> anyhow::Result<()> {
+    let nodes = coord.store.read(|s| store::nodes_of_cluster(s, &c.name))?;
+    let op = coord
+        .store
+        .read(|s| store::unfinished_operation_of(s, &c.name))?;
+    let now = Instant::now();
+    let Some(view) = view_of(coord, c, &nodes, op.as_ref().map(|o| o.kind.clone()), now) else {
+        return Ok(());
+    };
+    let decision = failover::decide(&view, now);
+    coord.judgements.set(&c.name, decision.to_string());
+    let kind = decision.kind();
+    if last.get(&c.name) != Some(&kind) {
+        last.insert(c.name.clone(), kind);
+        match &decision {
+            Decision::Healthy { .. } | Decision::Wait { .. } => {
+                tracing::info!(cluster = %c.name, "{decision}")
+            }
+            _ => tracing::warn!(cluster = %c.name, "{decision}"),
+        }
+        if decision.is_alarm() {
+            let kind = match decision {
+                Decision::Off { .. } => "failover_needed",
+                _ => "failover_blocked",
+            };
+            let text = decision.to_string();
+            coord.store.read(|s| {
+                store::insert_event(s, now_ms(), &view.primary.id, &c.name, kind, &text, None)
+            })?;
+        }
+        if matches!(
+            &decision,
+            Decision::Wait {
+                why: Wait::ConfirmedBy { .. },
+                ..
+            }
+        ) {
+            let text = decision.to_string();
+            coord.store.read(|s| {
+                store::insert_event(
+                    s,
+                    now_ms(),
+                    &view.primary.id,
+                    &c.name,
+                    "primary_unreachable",
+                    &text,
+                    None,
+                )
+            })?;
+        }
+    }
+    match decision {
+        Decision::Failover {
+            old,
+            candidate,
+            behind_bytes,
+            lease_ended,
+        } => start_failover(coord, c, &old, &candidate, behind_bytes, lease_ended, now),
+        Decision::Healthy { primary } if op.is_none() => {
+            rejoin_strays(coord, c, &nodes, &primary, rejoins)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// What the coordinator knows of `c` at `now`; None without a primary of
+/// record.
+fn view_of(
+    coord: &Coordinator,
+    c: &store::ClusterRow,
+    nodes: &[store::NodeRow],
+    operation: Option<String>,
+    now: Instant,
+) -> Option<ClusterView> {
+    let node_view = |n: &store::NodeRow| -> NodeView {
+        let live = coord.fleet.get(&n.id);
+        let engine = live.as_ref().map(|l| l.engine.clone()).unwrap_or_default();
+        let rep = engine.replication.clone().unwrap_or_default();
+        let lease = engine.lease.clone().unwrap_or_default();
+        let seen = live.as_ref().map(|l| l.last_seen);
+        NodeView {
+            id: n.id.clone(),
+            up: coord.fleet.liveness_of(&n.id, now) == Liveness::Up,
+            healthy: engine.state == pb::EngineState::Running as i32 && engine.healthy,
+            in_recovery: rep.in_recovery,
+            streaming: rep.streaming,
+            checked_at: seen
+                .filter(|_| engine.checked_age_ms != u32::MAX)
+                .and_then(|s| {
+                    s.checked_sub(Duration::from_millis(u64::from(engine.checked_age_ms)))
+                }),
+            received: if rep.in_recovery {
+                rep.receive_lsn.max(rep.lsn)
+            } else {
+                rep.lsn
+            },
+            replayed: rep.lsn,
+            last_grant: coord.fleet.last_grant(&n.id),
+            confirms: seen
+                .filter(|_| !lease.confirmed_primary.is_empty())
+                .map(|s| {
+                    (
+                        lease.confirmed_primary.clone(),
+                        s + Duration::from_millis(u64::from(lease.confirmation_remaining_ms)),
+                    )
+                }),
+        }
+    };
+    let primary = nodes.iter().find(|n| n.role == "primary")?;
+    let lease = c.lease();
+    Some(ClusterView {
+        cluster: c.name.clone(),
+        auto_failover: c.auto_failover,
+        sync: c.sync,
+        lease,
+        margin: corral_proto::lease::margin(lease),
+        max_lag_bytes: FAILOVER_MAX_LAG_BYTES,
+        primary: node_view(primary),
+        replicas: nodes
+            .iter()
+            .filter(|n| n.role == "replica")
+            .map(node_view)
+            .collect(),
+        ackers: if c.sync {
+            coord
+                .fleet
+                .ackers(&c.name, c.term)
+                .map(|a| a.into_iter().collect())
+        } else {
+            None
+        },
+        operation,
+    })
+}
+
+/// Records the failover (term raised, candidate made primary of record,
+/// operation and audit row) in one transaction, then runs it.
+fn start_failover(
+    coord: &Arc<Coordinator>,
+    c: &store::ClusterRow,
+    old: &str,
+    candidate: &str,
+    behind_bytes: u64,
+    lease_ended: Instant,
+    now: Instant,
+) -> anyhow::Result<()> {
+    let detected = now_ms();
+    let lease_ended_ms = detected - now.saturating_duration_since(lease_ended).as_millis() as i64;
+    let id = ops::new_id();
+    let started = coord.store.tx(|tx| {
+        if store::unfinished_operation_of(tx, &c.name)?.is_some() {
+            return Ok(None);
+        }
+        let term = store::raise_term(tx, &c.name, candidate)?;
+        let op = store::OperationRow {
+            id: id.clone(),
+            cluster: c.name.clone(),
+            kind: ops::FAILOVER.into(),
+            state: store::op_state::PENDING.into(),
+            params: serde_json::json!({
+                "old": old,
+                "candidate": candidate,
+                "term": term,
+                "detected_at_ms": detected,
+                "lease_ended_at_ms": lease_ended_ms,
+                "behind_bytes": behind_bytes,
+            })
+            .to_string(),
+            requested_by: ops::AUTO_FAILOVER.into(),
+            created_at_ms: detected,
+            updated_at_ms: detected,
+            error: String::new(),
+        };
+        store::insert_operation(tx, &op)?;
+        store::log_operation(
+            tx,
+            &id,
+            &format!(
+                "detected: primary {old} lost (no heartbeat answered for its lease plus the margin, \
+                 no replica confirms it); its lease ended {} ms before detection",
+                detected - lease_ended_ms
+            ),
+        )?;
+        store::log_operation(
+            tx,
+            &id,
+            &format!(
+                "term raised to {term}; candidate {candidate}{}",
+                if behind_bytes > 0 {
+                    format!(" ({behind_bytes} bytes behind {old}'s last report)")
+                } else {
+                    " (the most advanced replica)".into()
+                }
+            ),
+        )?;
+        store::insert_event(
+            tx,
+            detected,
+            old,
+            &c.name,
+            "failover_started",
+            &format!("primary {old} lost; promoting {candidate} in term {term}"),
+            None,
+        )?;
+        store::insert_audit(
+            tx,
+            ops::AUTO_FAILOVER,
+            "cluster.failover",
+            &format!("cluster {} {old} -> {candidate}", c.name),
+            "started",
+        )?;
+        Ok(Some(term))
+    })?;
+    if let Some(term) = started {
+        tracing::warn!(cluster = %c.name, op = %id, term, "failover: promoting {candidate} (was {old})");
+        coord.fleet.term_started(&c.name, term);
+        ops::spawn(coord.clone(), id);
+    }
+    Ok(())
+}
+
+/// Starts a rejoin operation for each replica of record that is up but runs
+/// as a primary (a former primary back from the dead) or follows another
+/// node than the primary.
+fn rejoin_strays(
+    coord: &Arc<Coordinator>,
+    c: &store::ClusterRow,
+    nodes: &[store::NodeRow],
+    primary: &str,
+    rejoins: &mut HashMap<String, Instant>,
+) -> anyhow::Result<()> {
+    let now = Instant::now();
+    for n in nodes.iter().filter(|n| n.role == "replica") {
+        if coord.fleet.liveness_of(&n.id, now) != Liveness::Up {
+            continue;
+        }
+        let Some(engine) = coord.fleet.get(&n.id).map(|l| l.engine) else {
+            continue;
+        };
+        let stray = engine.cluster == c.name
+            && engine.state != pb::EngineState::Initializing as i32
+            && (engine.role == "primary" || engine.upstream != primary);
+        if !stray
+            || rejoins
+                .get(&n.id)
+                .is_some_and(|t| t.elapsed() < REJOIN_RETRY)
+        {
+            continue;
+        }
+        rejoins.insert(n.id.clone(), now);
+        let why = if engine.role == "primary" {
+            format!("{} runs as a primary but is a replica of record", n.id)
+        } else {
+            format!(
+                "{} follows {:?}, not the primary {primary}",
+                n.id, engine.upstream
+            )
+        };
+        let id = ops::new_id();
+        let started = coord.store.tx(|tx| {
+            if store::unfinished_operation_of(tx, &c.name)?.is_some() {
+                return Ok(false);
+            }
+            let t = now_ms();
+            store::insert_operation(
+                tx,
+                &store::OperationRow {
+                    id: id.clone(),
+                    cluster: c.name.clone(),
+                    kind: ops::REJOIN.into(),
+                    state: store::op_state::PENDING.into(),
+                    params: serde_json::json!({ "node": n.id }).to_string(),
+                    requested_by: ops::AUTO_FAILOVER.into(),
+                    created_at_ms: t,
+                    updated_at_ms: t,
+                    error: String::new(),
+                },
+            )?;
+            store::log_operation(tx, &id, &format!("detected: {why}"))?;
+            Ok(true)
+        })?;
+        if started {
+            tracing::info!(cluster = %c.name, op = %id, "rejoin: {why}");
+            ops::spawn(coord.clone(), id);
+        }
+        return Ok(());
+    }
+    Ok(())
 }

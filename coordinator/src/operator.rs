@@ -185,6 +185,11 @@ impl OperatorApi {
             database: row.database.clone(),
             sync: row.sync,
             termination_protection: row.termination_protection,
+            term: row.term,
+            auto_failover: row.auto_failover,
+            lease_ms: row.lease_ms,
+            heartbeat_interval_ms: row.heartbeat_ms,
+            failover_status: self.0.judgements.get(&row.name).unwrap_or_default(),
         })
     }
 
@@ -363,6 +368,10 @@ impl OperatorApi {
                     sync: req.sync,
                     termination_protection: false,
                     replication_password_enc: Some(replication.clone()),
+                    term: 1,
+                    auto_failover: true,
+                    lease_ms: corral_proto::lease::DEFAULT_LEASE_MS,
+                    heartbeat_ms: corral_proto::lease::DEFAULT_HEARTBEAT_MS,
                 },
             )?;
             for (i, n) in req.nodes.iter().enumerate() {
@@ -726,22 +735,46 @@ impl pb::operator_server::Operator for OperatorApi {
         if let Some(v) = r.termination_protection {
             changes.push(format!("termination-protection={}", on_off(v)));
         }
+        if let Some(v) = r.auto_failover {
+            changes.push(format!("auto-failover={}", on_off(v)));
+        }
+        if let Some(v) = r.lease_ms {
+            changes.push(format!("lease={v}ms"));
+        }
+        if let Some(v) = r.heartbeat_interval_ms {
+            changes.push(format!("heartbeat={v}ms"));
+        }
         let target = format!("cluster {} {}", r.name, changes.join(" "));
         let who = self.authorize_audited(&req, Role::Operator, "cluster.set", &target)?;
         let outcome = self.audited(&who, "cluster.set", &target, || {
             if changes.is_empty() {
                 return Err(Status::invalid_argument(
-                    "nothing to set: give sync=on|off and/or termination-protection=on|off",
+                    "nothing to set: give sync=on|off, termination-protection=on|off, \
+                     auto-failover=on|off, lease=DURATION and/or heartbeat=DURATION",
                 ));
             }
             let current = self.get_cluster_row(&r.name)?;
-            let sync_changes = r.sync.is_some_and(|v| v != current.sync);
-            if !sync_changes {
-                // Only a flag of the store: no operation needed.
-                let mut row = current;
+            // Settings the store holds and agents pick up from their next
+            // heartbeat's answer: no operation needed.
+            let flags = |row: &mut ClusterRow| -> Result<(), Status> {
                 if let Some(v) = r.termination_protection {
                     row.termination_protection = v;
                 }
+                if let Some(v) = r.auto_failover {
+                    row.auto_failover = v;
+                }
+                let lease = r.lease_ms.unwrap_or(row.lease_ms);
+                let heartbeat = r.heartbeat_interval_ms.unwrap_or(row.heartbeat_ms);
+                corral_proto::lease::validate(lease, heartbeat)
+                    .map_err(|e| Status::invalid_argument(format!("{e}; nothing was changed")))?;
+                row.lease_ms = lease;
+                row.heartbeat_ms = heartbeat;
+                Ok(())
+            };
+            let sync_changes = r.sync.is_some_and(|v| v != current.sync);
+            if !sync_changes {
+                let mut row = current;
+                flags(&mut row)?;
                 self.0
                     .store
                     .tx(|tx| store::update_cluster(tx, &row))
@@ -764,9 +797,7 @@ impl pb::operator_server::Operator for OperatorApi {
                         )));
                     }
                     row.sync = sync;
-                    if let Some(v) = r.termination_protection {
-                        row.termination_protection = v;
-                    }
+                    or_refuse!(flags(row));
                     Ok(Ok(()))
                 },
             )?;

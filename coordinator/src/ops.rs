@@ -10,6 +10,7 @@
 //! mid-way re-runs the unfinished operation from the top without doing
 //! anything twice.
 
+use crate::fleet::Liveness;
 use crate::operator::host_of;
 use crate::store::{self, op_state, ClusterRow, NodeRow, OperationRow};
 use crate::Coordinator;
@@ -29,12 +30,19 @@ pub const RESYNC: &str = "resync";
 pub const REBOOT: &str = "reboot";
 pub const DELETE_CLUSTER: &str = "delete_cluster";
 pub const SET_SYNC: &str = "set_sync";
+pub const FAILOVER: &str = "failover";
+pub const REJOIN: &str = "rejoin";
 
 /// How long an operation keeps retrying an agent it cannot reach.
 const AGENT_UNREACHABLE_GIVE_UP: Duration = Duration::from_secs(60);
 /// How long a new or resynced replica may take to start streaming once its
 /// data is in place.
 const STREAMING_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a failover keeps trying to repoint a replica that is up before
+/// leaving it to the monitor (which repoints it when it next reports).
+const REPOINT_GIVE_UP: Duration = Duration::from_secs(10);
+/// Who the audit trail names for what the coordinator decided by itself.
+pub const AUTO_FAILOVER: &str = "coordinator (auto-failover)";
 /// How long a switchover waits for the target to replay the old primary's
 /// last WAL before giving up and restarting the old primary.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -109,7 +117,11 @@ async fn run(coord: &Arc<Coordinator>, id: &str) -> Result<()> {
     coord
         .store
         .read(|c| store::set_operation_state(c, id, op_state::RUNNING, ""))?;
-    let ctx = Ctx { coord, op: &op };
+    let ctx = Ctx {
+        coord,
+        op: &op,
+        paused_ms: Mutex::new(0),
+    };
     let outcome = match op.kind.as_str() {
         CREATE_CLUSTER => ctx.create_cluster().await,
         ADD_NODE => ctx.add_node().await,
@@ -119,6 +131,8 @@ async fn run(coord: &Arc<Coordinator>, id: &str) -> Result<()> {
         REBOOT => ctx.reboot().await,
         DELETE_CLUSTER => ctx.delete_cluster().await,
         SET_SYNC => ctx.set_sync().await,
+        FAILOVER => ctx.failover().await,
+        REJOIN => ctx.rejoin().await,
         other => Err(anyhow!("unknown operation kind {other:?}")),
     };
     coord.ops.set_progress(id, None);
@@ -146,6 +160,8 @@ async fn run(coord: &Arc<Coordinator>, id: &str) -> Result<()> {
 struct Ctx<'a> {
     coord: &'a Arc<Coordinator>,
     op: &'a OperationRow,
+    /// A switchover's pause before the promotion, for its log.
+    paused_ms: Mutex<u128>,
 }
 
 /// The cluster's members as the store records them.
@@ -236,6 +252,9 @@ impl Ctx<'_> {
             admin_password: self.coord.secrets.open(&cluster.admin_password_enc)?,
             database: cluster.database.clone(),
             replication_password: self.coord.secrets.open(replication)?,
+            term: cluster.term,
+            lease_duration_ms: cluster.lease_ms,
+            heartbeat_interval_ms: cluster.heartbeat_ms,
             ..Default::default()
         })
     }
@@ -294,7 +313,23 @@ impl Ctx<'_> {
     /// be restarting) or the call timed out (the agent's step carries on
     /// detached; the retry waits for it), but not when it answers with an
     /// error.
-    async fn call<T, F, Fut>(&self, node: &str, what: &str, mut f: F) -> Result<T>
+    async fn call<T, F, Fut>(&self, node: &str, what: &str, f: F) -> Result<T>
+    where
+        F: FnMut(AgentClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        self.call_within(node, what, AGENT_UNREACHABLE_GIVE_UP, f)
+            .await
+    }
+
+    /// [`Self::call`], giving up on an unreachable node after `give_up`.
+    async fn call_within<T, F, Fut>(
+        &self,
+        node: &str,
+        what: &str,
+        give_up: Duration,
+        mut f: F,
+    ) -> Result<T>
     where
         F: FnMut(AgentClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -329,10 +364,10 @@ impl Ctx<'_> {
                     let up = s.code() != tonic::Code::Unavailable
                         && self.coord.fleet.liveness_of(node, Instant::now())
                             == crate::fleet::Liveness::Up;
-                    if !up && since.elapsed() > AGENT_UNREACHABLE_GIVE_UP {
+                    if !up && since.elapsed() > give_up {
                         bail!(
                             "{what}: node {node} has been unreachable for {}s: {}",
-                            AGENT_UNREACHABLE_GIVE_UP.as_secs(),
+                            give_up.as_secs(),
                             s.message()
                         );
                     }
@@ -473,6 +508,7 @@ impl Ctx<'_> {
         }
         let primary = nodes.remove(0);
         let cluster = self.cluster()?;
+        self.coord.fleet.term_started(&cluster.name, cluster.term);
         self.log(&format!(
             "initialising {} on node {primary} and starting it as primary",
             cluster.engine
@@ -562,14 +598,7 @@ impl Ctx<'_> {
         self.log(&format!(
             "stopping the engine on {node} and erasing its data"
         ));
-        let name = cluster.name.clone();
-        self.call(&node, "decommissioning", |mut c| {
-            let r = pb::DecommissionRequest {
-                cluster: name.clone(),
-            };
-            async move { c.decommission(r).await }
-        })
-        .await?;
+        self.decommission(&node, &cluster).await?;
         // The slot was still in use while the replica ran; drop it now.
         self.configure(
             &m.primary.id,
@@ -595,26 +624,40 @@ impl Ctx<'_> {
         let cluster = self.cluster()?;
         let m = self.members()?;
         let old = m.primary.clone();
+        // Whether the old primary's engine is known to be stopped (a
+        // resumed operation cannot tell: the target then waits for its
+        // confirmation of the old primary to expire).
+        let mut old_stopped = false;
         if old.id != target {
-            let t = self.status(&target).await?;
-            let already = t.replication.as_ref().is_some_and(|r| !r.in_recovery)
-                && t.state == pb::EngineState::Running as i32;
-            if already {
-                self.log(&format!(
-                    "{target} already runs as primary (promoted before a coordinator restart)"
-                ));
-            } else {
-                self.switch_over(&cluster, &old, &target, &m, force).await?;
-            }
-            self.coord.store.tx(|tx| {
-                store::assign_node(tx, &old.id, &cluster.name, "replica")?;
-                store::assign_node(tx, &target, &cluster.name, "primary")?;
-                Ok(())
+            old_stopped = self.switch_over(&cluster, &old, &target, &m, force).await?;
+            let term = self.coord.store.tx(|tx| {
+                let term = store::raise_term(tx, &cluster.name, &target)?;
+                store::log_operation(
+                    tx,
+                    &self.op.id,
+                    &format!("term raised to {term}: {target} is the primary of record"),
+                )?;
+                Ok(term)
             })?;
+            self.coord.fleet.term_started(&cluster.name, term);
+        } else {
+            self.log(&format!(
+                "{target} is already the primary of record (resumed after a coordinator restart)"
+            ));
+        }
+        let cluster = self.cluster()?;
+        let m = self.members()?;
+        let paused = Instant::now();
+        self.promote_node(&cluster, &target, &m, old_stopped)
+            .await?;
+        if old_stopped {
+            self.log(&format!(
+                "{target} is the primary; writes were paused for {} ms",
+                paused.elapsed().as_millis() + self.stop_to_catch_up_ms()
+            ));
         }
         // Everyone else follows the new primary: the former primary (rewound
         // if it wrote anything the new one never received) and the replicas.
-        let m = self.members()?;
         for r in &m.replicas {
             self.log(&format!("{} now follows {target}", r.id));
             self.configure(&r.id, self.replica_request(&cluster, &m.primary, "")?)
@@ -632,7 +675,42 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    /// Stops `old`, waits for `target` to have every write, promotes it.
+    /// Milliseconds from stopping the old primary to the target having
+    /// caught up, as recorded by [`Self::switch_over`].
+    fn stop_to_catch_up_ms(&self) -> u128 {
+        *self.paused_ms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Promotes `target` (the primary of record, term already raised):
+    /// idempotent, so a resumed operation simply calls it again.
+    async fn promote_node(
+        &self,
+        cluster: &ClusterRow,
+        target: &str,
+        m: &Members,
+        old_stopped: bool,
+    ) -> Result<pb::EngineStatus> {
+        self.log(&format!("promoting {target} in term {}", cluster.term));
+        let r = pb::PromoteRequest {
+            replicas: m.replica_ids(),
+            sync: cluster.sync,
+            term: cluster.term,
+            lease_duration_ms: cluster.lease_ms,
+            heartbeat_interval_ms: cluster.heartbeat_ms,
+            primary_stopped: old_stopped,
+        };
+        let status = self
+            .call(target, "promoting", |mut c| {
+                let r = r.clone();
+                async move { c.promote(r).await }
+            })
+            .await?;
+        self.coord.fleet.set_engine(target, status.clone());
+        Ok(status)
+    }
+
+    /// Stops `old`, waits for `target` to have every write. Returns whether
+    /// the old primary was stopped (false: --force with `old` unreachable).
     async fn switch_over(
         &self,
         cluster: &ClusterRow,
@@ -640,23 +718,17 @@ impl Ctx<'_> {
         target: &str,
         m: &Members,
         force: bool,
-    ) -> Result<()> {
-        let new_replicas: Vec<String> = m
-            .replicas
-            .iter()
-            .map(|n| n.id.clone())
-            .filter(|n| n != target)
-            .chain([old.id.clone()])
-            .collect();
+    ) -> Result<bool> {
         self.log(&format!(
             "stopping the primary {} (fast shutdown: sessions end, the last WAL is sent to the replicas); \
              writes pause from here",
             old.id
         ));
         let paused = Instant::now();
+        let term = cluster.term;
         let stop = self
             .call(&old.id, "stopping the primary", |mut c| async move {
-                c.stop_engine(pb::StopEngineRequest {}).await
+                c.stop_engine(pb::StopEngineRequest { term }).await
             })
             .await;
         let checkpoint = match stop {
@@ -672,8 +744,9 @@ impl Ctx<'_> {
             Err(e) if force => {
                 self.log(&format!(
                     "could not stop {} ({e:#}); --force: promoting {target} anyway. \
-                     Writes acknowledged by {} after {target}'s last replayed position are not on {target}",
-                    old.id, old.id
+                     Writes acknowledged by {} after {target}'s last replayed position are not on {target}; \
+                     {} is fenced by the new term as soon as it hears of it",
+                    old.id, old.id, old.id
                 ));
                 None
             }
@@ -713,21 +786,139 @@ impl Ctx<'_> {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
         }
-        self.log(&format!("promoting {target}"));
-        let sync = cluster.sync;
-        let replicas = new_replicas.clone();
-        self.call(target, "promoting", |mut c| {
-            let r = pb::PromoteRequest {
-                replicas: replicas.clone(),
-                sync,
-            };
-            async move { c.promote(r).await }
-        })
-        .await?;
+        *self.paused_ms.lock().unwrap_or_else(|p| p.into_inner()) = paused.elapsed().as_millis();
+        Ok(checkpoint.is_some())
+    }
+
+    /// Automatic failover, decided by [`crate::failover::decide`] and
+    /// recorded (term raised, the candidate made primary of record) before
+    /// this runs: promote the candidate, repoint the replicas that are up.
+    /// The old primary rejoins as a replica when it comes back (a
+    /// [`REJOIN`] operation started by the monitor).
+    async fn failover(&self) -> Result<()> {
+        let old = self.param_str("old")?;
+        let candidate = self.param_str("candidate")?;
+        let detected = self.param("detected_at_ms")?.as_i64().unwrap_or(0);
+        let lease_ended = self.param("lease_ended_at_ms")?.as_i64().unwrap_or(0);
+        let cluster = self.cluster()?;
+        let m = self.members()?;
+        if m.primary.id != candidate {
+            bail!(
+                "{candidate} is no longer the primary of record (it is {}); nothing done",
+                m.primary.id
+            );
+        }
+        let status = self.promote_node(&cluster, &candidate, &m, false).await?;
+        let promoted = corral_proto::now_ms();
+        let held = status.lease.as_ref().is_some_and(|l| l.held);
         self.log(&format!(
-            "{target} is the primary; writes were paused for {} ms",
-            paused.elapsed().as_millis()
+            "{candidate} is the primary in term {}{}",
+            cluster.term,
+            if held {
+                " and holds its lease: writes resume"
+            } else {
+                "; waiting for its lease"
+            }
         ));
+        let mut repointed = Vec::new();
+        for r in m.replicas.iter().filter(|r| r.id != old) {
+            if self.coord.fleet.liveness_of(&r.id, Instant::now()) != Liveness::Up {
+                self.log(&format!(
+                    "{} is down; it will follow {candidate} when it comes back",
+                    r.id
+                ));
+                continue;
+            }
+            self.log(&format!("{} now follows {candidate}", r.id));
+            let req = self.replica_request(&cluster, &m.primary, "")?;
+            match self.configure_within(&r.id, req, REPOINT_GIVE_UP).await {
+                Ok(()) => repointed.push(r.id.clone()),
+                Err(e) => self.log(&format!(
+                    "{} could not be repointed yet ({e:#}); it is retried when it reports",
+                    r.id
+                )),
+            }
+        }
+        let done = corral_proto::now_ms();
+        self.log(&format!(
+            "{old} will rejoin as a replica of {candidate} (pg_rewind, else a fresh clone) when it comes back"
+        ));
+        let timeline = format!(
+            "failover of {} from {old} to {candidate} in term {}: detected at {}, {old}'s lease ended at {} \
+             (+{} ms), {candidate} chosen at detection, promoted at {} (+{} ms), replicas repointed at {} \
+             (+{} ms: {})",
+            cluster.name,
+            cluster.term,
+            fmt_ms(detected),
+            fmt_ms(lease_ended),
+            lease_ended - detected,
+            fmt_ms(promoted),
+            promoted - detected,
+            fmt_ms(done),
+            done - detected,
+            if repointed.is_empty() {
+                "none".to_string()
+            } else {
+                repointed.join(", ")
+            }
+        );
+        self.coord.store.tx(|tx| {
+            store::insert_event(
+                tx,
+                done,
+                &candidate,
+                &cluster.name,
+                "failover",
+                &timeline,
+                None,
+            )?;
+            store::insert_audit(
+                tx,
+                AUTO_FAILOVER,
+                "cluster.failover",
+                &format!("cluster {} {old} -> {candidate}", cluster.name),
+                "ok",
+            )
+        })?;
+        self.log(&timeline);
+        Ok(())
+    }
+
+    /// Brings a replica of record back into line with the primary: a
+    /// former primary is rewound (or cloned again), a replica pointed at an
+    /// old primary is repointed.
+    async fn rejoin(&self) -> Result<()> {
+        let node = self.param_str("node")?;
+        let cluster = self.cluster()?;
+        let m = self.members()?;
+        if !m.replicas.iter().any(|r| r.id == node) {
+            bail!("{node} is no longer a replica of {}", cluster.name);
+        }
+        self.log(&format!(
+            "{node} rejoins as a replica of {} in term {}",
+            m.primary.id, cluster.term
+        ));
+        self.configure(&node, self.replica_request(&cluster, &m.primary, "")?)
+            .await?;
+        self.wait_streaming(&m.primary.id, &node).await
+    }
+
+    async fn configure_within(
+        &self,
+        node: &str,
+        req: pb::ConfigureEngineRequest,
+        give_up: Duration,
+    ) -> Result<()> {
+        let what = format!("configuring {} as {}", node, req.role);
+        let resp = self
+            .call_within(node, &what, give_up, |mut c| {
+                let r = req.clone();
+                async move { c.configure_engine(r).await }
+            })
+            .await?;
+        if let Some(status) = resp.status {
+            self.coord.fleet.set_engine(node, status);
+        }
         Ok(())
     }
 
@@ -774,9 +965,10 @@ impl Ctx<'_> {
             }
         ));
         let began = Instant::now();
+        let term = self.cluster()?.term;
         let s = self
             .call(&node, "restarting the engine", |mut c| async move {
-                c.restart_engine(pb::RestartEngineRequest {}).await
+                c.restart_engine(pb::RestartEngineRequest { term }).await
             })
             .await?;
         self.coord.fleet.set_engine(&node, s);
@@ -787,6 +979,20 @@ impl Ctx<'_> {
         if !is_primary {
             self.wait_streaming(&m.primary.id, &node).await?;
         }
+        Ok(())
+    }
+
+    /// Stops `node`'s engine and erases its data and spec.
+    async fn decommission(&self, node: &str, cluster: &ClusterRow) -> Result<()> {
+        let r = pb::DecommissionRequest {
+            cluster: cluster.name.clone(),
+            term: cluster.term,
+        };
+        self.call(node, "decommissioning", |mut c| {
+            let r = r.clone();
+            async move { c.decommission(r).await }
+        })
+        .await?;
         Ok(())
     }
 
@@ -804,14 +1010,7 @@ impl Ctx<'_> {
                 "stopping the engine on {} and erasing its data",
                 n.id
             ));
-            let name = cluster.name.clone();
-            self.call(&n.id, "decommissioning", |mut c| {
-                let r = pb::DecommissionRequest {
-                    cluster: name.clone(),
-                };
-                async move { c.decommission(r).await }
-            })
-            .await?;
+            self.decommission(&n.id, &cluster).await?;
         }
         self.coord
             .store
@@ -841,6 +1040,21 @@ impl Ctx<'_> {
         )
         .await
     }
+}
+
+/// Unix milliseconds as UTC time of day with milliseconds.
+fn fmt_ms(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .map(|t| {
+            format!(
+                "{:02}:{:02}:{:02}.{:03}",
+                t.hour(),
+                t.minute(),
+                t.second(),
+                t.millisecond()
+            )
+        })
+        .unwrap_or_else(|_| ms.to_string())
 }
 
 fn slot_label(node: &str) -> String {

@@ -101,6 +101,10 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
         "INTEGER NOT NULL DEFAULT 0",
     ),
     ("clusters", "replication_password_enc", "BLOB"),
+    ("clusters", "term", "INTEGER NOT NULL DEFAULT 1"),
+    ("clusters", "auto_failover", "INTEGER NOT NULL DEFAULT 1"),
+    ("clusters", "lease_ms", "INTEGER NOT NULL DEFAULT 2000"),
+    ("clusters", "heartbeat_ms", "INTEGER NOT NULL DEFAULT 500"),
 ];
 
 fn migrate(conn: &Connection) -> Result<()> {
@@ -147,6 +151,21 @@ pub struct ClusterRow {
     /// None for clusters created before replication existed; generated on
     /// first need.
     pub replication_password_enc: Option<Vec<u8>>,
+    /// Raised, in the same transaction that records the new primary, before
+    /// every promotion; agents refuse commands from an older term.
+    pub term: u64,
+    /// Whether the coordinator promotes a replica on its own when the
+    /// primary is lost (off: it only raises the alarm).
+    pub auto_failover: bool,
+    /// The primary's lease length and the agents' heartbeat period.
+    pub lease_ms: u32,
+    pub heartbeat_ms: u32,
+}
+
+impl ClusterRow {
+    pub fn lease(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(u64::from(self.lease_ms))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -251,11 +270,16 @@ fn cluster_from_row(r: &rusqlite::Row) -> rusqlite::Result<ClusterRow> {
         sync: r.get(9)?,
         termination_protection: r.get(10)?,
         replication_password_enc: r.get(11)?,
+        term: r.get::<_, i64>(12)? as u64,
+        auto_failover: r.get(13)?,
+        lease_ms: r.get(14)?,
+        heartbeat_ms: r.get(15)?,
     })
 }
 
 const CLUSTER_COLS: &str = "name, engine, mode, state, port, database, admin_user, \
-     admin_password_enc, created_at_ms, sync, termination_protection, replication_password_enc";
+     admin_password_enc, created_at_ms, sync, termination_protection, replication_password_enc, \
+     term, auto_failover, lease_ms, heartbeat_ms";
 
 pub fn get_cluster(c: &Connection, name: &str) -> Result<Option<ClusterRow>> {
     Ok(c.query_row(
@@ -280,7 +304,7 @@ pub fn insert_cluster(c: &Connection, row: &ClusterRow) -> Result<()> {
     c.execute(
         &format!(
             "INSERT INTO clusters ({CLUSTER_COLS}) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
         ),
         params![
             row.name,
@@ -294,28 +318,60 @@ pub fn insert_cluster(c: &Connection, row: &ClusterRow) -> Result<()> {
             row.created_at_ms,
             row.sync,
             row.termination_protection,
-            row.replication_password_enc
+            row.replication_password_enc,
+            row.term as i64,
+            row.auto_failover,
+            row.lease_ms,
+            row.heartbeat_ms
         ],
     )?;
     Ok(())
 }
 
 /// Updates the settings an operator may change, and the lazily generated
-/// replication password.
+/// replication password. The term is not among them: see [`raise_term`].
 pub fn update_cluster(c: &Connection, row: &ClusterRow) -> Result<()> {
     c.execute(
         "UPDATE clusters SET mode = ?2, state = ?3, sync = ?4, termination_protection = ?5, \
-         replication_password_enc = ?6 WHERE name = ?1",
+         replication_password_enc = ?6, auto_failover = ?7, lease_ms = ?8, heartbeat_ms = ?9 \
+         WHERE name = ?1",
         params![
             row.name,
             row.mode,
             row.state,
             row.sync,
             row.termination_protection,
-            row.replication_password_enc
+            row.replication_password_enc,
+            row.auto_failover,
+            row.lease_ms,
+            row.heartbeat_ms
         ],
     )?;
     Ok(())
+}
+
+/// Raises the cluster's term by one and makes `primary` its primary (the
+/// node that was primary becomes a replica), in the caller's transaction:
+/// the new term is on disk before any agent hears of it. Returns the term.
+pub fn raise_term(c: &Connection, cluster: &str, primary: &str) -> Result<u64> {
+    c.execute(
+        "UPDATE clusters SET term = term + 1 WHERE name = ?1",
+        [cluster],
+    )?;
+    c.execute(
+        "UPDATE nodes SET role = 'replica' WHERE cluster = ?1 AND role = 'primary' AND id <> ?2",
+        params![cluster, primary],
+    )?;
+    c.execute(
+        "UPDATE nodes SET role = 'primary' WHERE cluster = ?1 AND id = ?2",
+        params![cluster, primary],
+    )?;
+    let term: i64 = c.query_row(
+        "SELECT term FROM clusters WHERE name = ?1",
+        [cluster],
+        |r| r.get(0),
+    )?;
+    Ok(term as u64)
 }
 
 /// Removes the cluster; its nodes become free. Operations and the audit

@@ -104,6 +104,7 @@ impl pb::agent_upcalls_server::AgentUpcalls for Upcalls {
                 return Err(status);
             }
         };
+        let received = Instant::now();
         let hb = req.into_inner();
         let previous = coord.fleet.get(&node);
         // The store is consulted only when something durable changes: the
@@ -154,21 +155,94 @@ impl pb::agent_upcalls_server::AgentUpcalls for Upcalls {
             }
         }
         let interval = Duration::from_millis(u64::from(hb.interval_ms.clamp(50, 60_000)));
+        let engine = hb.engine.unwrap_or_default();
+        let assignment = assign(coord, &node, &engine, received)
+            .map_err(|e| Status::internal(format!("reading the node's assignment: {e:#}")))?;
         coord.fleet.record(
             &node,
             Live {
-                last_seen: Instant::now(),
+                last_seen: received,
                 last_seen_ms: now_ms(),
                 interval,
                 address: hb.agent_address,
                 metrics: hb.metrics.unwrap_or_default(),
-                engine: hb.engine.unwrap_or_default(),
+                engine,
             },
         );
         Ok(Response::new(pb::HeartbeatResponse {
             acked_event_seq: acked,
+            assignment,
         }))
     }
+}
+
+/// What the coordinator tells a node of a cluster in answer to a heartbeat
+/// received at `received`: term, role, timing, and for the primary of
+/// record its replicas' agents and, when its engine runs as a primary, a
+/// lease (recorded in the fleet, so the failover decision knows how long it
+/// may run).
+fn assign(
+    coord: &Coordinator,
+    node: &str,
+    engine: &pb::EngineStatus,
+    received: Instant,
+) -> anyhow::Result<Option<pb::Assignment>> {
+    let Some(row) = coord.store.read(|c| store::get_node(c, node))? else {
+        return Ok(None);
+    };
+    let Some(cluster) = row.cluster.as_deref() else {
+        return Ok(None);
+    };
+    let Some(c) = coord.store.read(|conn| store::get_cluster(conn, cluster))? else {
+        return Ok(None);
+    };
+    let mut a = pb::Assignment {
+        cluster: c.name.clone(),
+        term: c.term,
+        role: row.role.clone(),
+        heartbeat_interval_ms: c.heartbeat_ms,
+        lease_duration_ms: c.lease_ms,
+        ..Default::default()
+    };
+    if row.role != "primary" {
+        return Ok(Some(a));
+    }
+    let members = coord
+        .store
+        .read(|conn| store::nodes_of_cluster(conn, cluster))?;
+    a.peers = members
+        .iter()
+        .filter(|m| m.id != node)
+        .map(|m| pb::PeerAddress {
+            node: m.id.clone(),
+            address: coord
+                .fleet
+                .get(&m.id)
+                .map(|l| l.address)
+                .unwrap_or_else(|| m.address.clone()),
+        })
+        .collect();
+    let runs_as_primary = engine.cluster == c.name
+        && engine.role == "primary"
+        && engine.state == pb::EngineState::Running as i32
+        && engine.replication.as_ref().is_some_and(|r| !r.in_recovery);
+    if runs_as_primary {
+        a.lease_ms = c.lease_ms;
+        coord.fleet.record_grant(node, received);
+        if c.sync {
+            if let Some(r) = &engine.replication {
+                coord.fleet.saw_sync_standbys(
+                    &c.name,
+                    c.term,
+                    r.standbys
+                        .iter()
+                        .filter(|s| matches!(s.sync_state.as_str(), "sync" | "quorum"))
+                        .map(|s| s.name.as_str()),
+                );
+            }
+        }
+    }
+    Ok(Some(a))
 }
 
 /// Checks the token and the requested id, signs the CSR, and records the node

@@ -4,12 +4,14 @@
 //!
 //! - [`pb`]: the gRPC services and messages generated from `proto/corral.proto`.
 //! - [`identity`]: who a peer is, read from its mutual-TLS certificate.
+//! - [`lease`]: failover timing (lease, fence-ahead, margin) shared by agent and coordinator.
 //! - [`pki`]: the certificate authority (CA), node enrollment and operator certificates.
 //! - [`token`]: join tokens, which also pin the CA's fingerprint.
 //! - [`tls`]: tonic TLS configuration and the pinned first contact of a new agent.
 //! - [`names`]: validation of cluster and node names, shared by every entry point.
 
 pub mod identity;
+pub mod lease;
 pub mod names;
 pub mod pki;
 pub mod tls;

@@ -51,6 +51,10 @@ fn snapshot(lab: &Lab) -> Snapshot {
                 "state": c["state"],
                 "sync": c["sync"],
                 "termination_protection": c["termination_protection"],
+                "auto_failover": c["auto_failover"],
+                "lease_ms": c["lease_ms"],
+                "heartbeat_interval_ms": c["heartbeat_interval_ms"],
+                "term": c["term"],
                 "nodes": members,
             })
         })
@@ -330,7 +334,30 @@ fn refused_lifecycle_commands_change_nothing() {
     refused(
         &lab,
         &["cluster", "set", "c1", "sync"],
-        &["invalid setting \"sync\": use KEY=on|off"],
+        &["invalid setting \"sync\": use KEY=VALUE"],
+    );
+    refused(
+        &lab,
+        &["cluster", "set", "c1", "lease=500ms"],
+        &[
+            "lease 500 ms is outside 1000..=60000 ms",
+            "nothing was changed",
+        ],
+    );
+    refused(
+        &lab,
+        &["cluster", "set", "c1", "heartbeat=1s"],
+        &["a lease of 2000 ms must span at least 3 heartbeats of 1000 ms"],
+    );
+    refused(
+        &lab,
+        &["cluster", "set", "c1", "lease=soon"],
+        &["invalid duration \"soon\""],
+    );
+    refused(
+        &lab,
+        &["cluster", "set", "c1", "auto-failover=perhaps"],
+        &["invalid value \"perhaps\" for auto-failover"],
     );
     refused(
         &lab,

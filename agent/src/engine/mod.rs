@@ -18,8 +18,13 @@
 //! waits for the running step and then finds the work done.
 
 pub mod postgres;
+mod safety;
+
+pub use safety::{FenceState, Round};
 
 use crate::events::Events;
+use crate::firewall::Firewall;
+use crate::lease::{self, Lease};
 use anyhow::{bail, Context, Result};
 use corral_proto::pb::{self, EngineState};
 use serde::{Deserialize, Serialize};
@@ -66,6 +71,60 @@ struct Stored {
     /// The last resync request carried out, so a retried one is not redone.
     #[serde(default)]
     last_resync: String,
+    /// The cluster's term and timing as last heard, and the primary's peers.
+    /// (Named apart from the spec's flattened `cluster`, its name.)
+    #[serde(default, rename = "cluster_state")]
+    cluster: ClusterState,
+}
+
+/// What the agent keeps of its cluster beyond the engine spec, persisted so
+/// that a restarted agent still refuses stale commands and can still reach
+/// its replicas while the coordinator is away.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// The highest term seen; commands carrying a lower one are refused.
+    #[serde(default)]
+    pub term: u64,
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u32,
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u32,
+    /// Primary: agent address (host:port) of each replica, for confirmations.
+    #[serde(default)]
+    pub peers: std::collections::BTreeMap<String, String>,
+}
+
+fn default_lease_ms() -> u32 {
+    corral_proto::lease::DEFAULT_LEASE_MS
+}
+
+fn default_heartbeat_ms() -> u32 {
+    corral_proto::lease::DEFAULT_HEARTBEAT_MS
+}
+
+impl Default for ClusterState {
+    fn default() -> Self {
+        ClusterState {
+            term: 0,
+            lease_ms: default_lease_ms(),
+            heartbeat_ms: default_heartbeat_ms(),
+            peers: Default::default(),
+        }
+    }
+}
+
+impl ClusterState {
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(u64::from(self.lease_ms))
+    }
+
+    /// Takes the timing a command or an assignment carries, when valid.
+    fn set_timing(&mut self, lease_ms: u32, heartbeat_ms: u32) {
+        if corral_proto::lease::validate(lease_ms, heartbeat_ms).is_ok() {
+            self.lease_ms = lease_ms;
+            self.heartbeat_ms = heartbeat_ms;
+        }
+    }
 }
 
 /// Passwords the coordinator sends with each ConfigureEngine; never stored
@@ -86,6 +145,10 @@ pub struct Request {
     pub secrets: Secrets,
     pub initialize: bool,
     pub resync_id: String,
+    /// The cluster's term (0: not given) and timing (0: keep).
+    pub term: u64,
+    pub lease_ms: u32,
+    pub heartbeat_ms: u32,
 }
 
 impl EngineSpec {
@@ -160,6 +223,9 @@ impl EngineSpec {
             },
             initialize: req.initialize,
             resync_id: req.resync_id.clone(),
+            term: req.term,
+            lease_ms: req.lease_duration_ms,
+            heartbeat_ms: req.heartbeat_interval_ms,
         })
     }
 }
@@ -323,6 +389,11 @@ pub trait Driver: Send + Sync + 'static {
     async fn converge_slots(&self, spec: &EngineSpec) -> Result<()>;
     /// Turns the running standby into a primary; returns once it accepts writes.
     async fn promote(&self, spec: &EngineSpec) -> Result<()>;
+    /// Fences (or unfences) the engine itself: read-only, client sessions
+    /// ended. Works whether or not the engine runs; the setting survives a
+    /// restart of the engine. (The firewall part of the fence is the
+    /// agent's, not the driver's.)
+    async fn set_fenced(&self, spec: &EngineSpec, fenced: bool) -> Result<()>;
     /// Erases the engine's data and configuration (the engine is stopped).
     async fn wipe(&self) -> Result<()>;
     /// Removes what [`Driver::save_secrets`] wrote (leaving the cluster).
@@ -344,15 +415,41 @@ pub struct Engine {
     /// The last finished clone (bytes, start) and its duration, reported
     /// once in the answer of the configure call that did it.
     last_clone: Mutex<Option<(pb::Progress, u64)>>,
+    /// The primary's lease and the replica's confirmation (see [`safety`]).
+    lease: Mutex<Lease>,
+    /// Set while a promotion is under way: no more confirmations of the
+    /// old primary. Written under the `lease` lock (see [`safety`]).
+    promoting: std::sync::atomic::AtomicBool,
+    /// The node's nftables table (the fence lives there).
+    firewall: Firewall,
+    /// The fence as last applied: None until the first pass after start.
+    fence: tokio::sync::Mutex<Option<safety::FenceState>>,
+    /// When the last successful health check ran.
+    last_check: Mutex<Option<Instant>>,
+    /// Whether the fence is up, readable without waiting (for status).
+    fenced_now: std::sync::atomic::AtomicBool,
+    /// Wakes the guardian at once (a lease revoked, a role changed).
+    pub(crate) guard_wake: tokio::sync::Notify,
+    /// Wakes the heartbeat at once (a new primary asking for its lease).
+    pub heartbeat_wake: tokio::sync::Notify,
 }
 
+/// How long a replica pointed at a new primary may take to stream from it
+/// before it is rewound.
+const FOLLOW_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest wait for a starting engine to answer.
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 /// Health check period while running (also refreshes replication figures).
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 impl Engine {
-    pub fn new(state_dir: PathBuf, driver: Arc<dyn Driver>, events: Arc<Events>) -> Arc<Engine> {
+    pub fn new(
+        state_dir: PathBuf,
+        driver: Arc<dyn Driver>,
+        events: Arc<Events>,
+        firewall: Firewall,
+    ) -> Arc<Engine> {
+        let lease = lease::load(&state_dir);
         Arc::new(Engine {
             state_dir,
             driver,
@@ -365,14 +462,41 @@ impl Engine {
             supervisor: Mutex::new(None),
             steps: tokio::sync::Mutex::new(()),
             last_clone: Mutex::new(None),
+            lease: Mutex::new(lease),
+            promoting: std::sync::atomic::AtomicBool::new(false),
+            firewall,
+            fence: tokio::sync::Mutex::new(None),
+            fenced_now: std::sync::atomic::AtomicBool::new(false),
+            last_check: Mutex::new(None),
+            guard_wake: tokio::sync::Notify::new(),
+            heartbeat_wake: tokio::sync::Notify::new(),
         })
     }
 
+    /// The engine's status, with the term and lease as of now.
     pub fn status(&self) -> pb::EngineStatus {
-        self.status
+        let mut s = self
+            .status
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .clone();
+        if let Some(stored) = self.stored() {
+            s.term = stored.cluster.term;
+            s.upstream = stored
+                .spec
+                .upstream
+                .as_ref()
+                .map(|u| u.node.clone())
+                .unwrap_or_default();
+        }
+        s.lease = Some(self.lease_status());
+        s.checked_age_ms = self
+            .last_check
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|t| t.elapsed().as_millis().min(u32::MAX as u128) as u32)
+            .unwrap_or(u32::MAX);
+        s
     }
 
     fn update(&self, f: impl FnOnce(&mut pb::EngineStatus)) {
@@ -415,6 +539,7 @@ impl Engine {
         let spec = stored.spec.clone();
         tracing::info!(cluster = %spec.cluster, engine = %spec.engine, role = %spec.role, "resuming the engine recorded in engine.json");
         let stopped = stored.stopped;
+        self.assume_recent_confirmation(&stored);
         self.set_stored(stored)?;
         if stopped {
             tracing::info!("the engine was stopped on purpose; leaving it stopped");
@@ -428,6 +553,9 @@ impl Engine {
             self.fail(&format!("preparing {}: {e:#}", spec.engine));
             return Err(e);
         }
+        // A primary without a valid lease starts fenced: after a VM reboot,
+        // a former primary must never come back writable.
+        self.enforce().await;
         self.ensure_supervised();
         Ok(())
     }
@@ -470,13 +598,20 @@ impl Engine {
                 )));
             }
         }
+        self.check_term(req.term, "configure")?;
+        let mut cluster = self.stored().map(|c| c.cluster).unwrap_or_default();
+        cluster.term = cluster.term.max(req.term);
+        cluster.set_timing(req.lease_ms, req.heartbeat_ms);
         self.driver.save_secrets(&req.secrets)?;
         let last_resync = current
             .as_ref()
             .map(|c| c.last_resync.clone())
             .unwrap_or_default();
         match spec.role.as_str() {
-            "primary" => self.converge_primary(&req, current.as_ref()).await?,
+            "primary" => {
+                self.converge_primary(&req, current.as_ref(), cluster)
+                    .await?
+            }
             _ => {
                 let upstream = spec
                     .upstream
@@ -494,6 +629,9 @@ impl Engine {
                     self.stop_locked().await?;
                     self.driver.wipe().await.context("erasing the data")?;
                 }
+                let repointed = current
+                    .as_ref()
+                    .is_some_and(|c| c.spec.upstream.as_ref() != Some(&upstream));
                 if !self.driver.has_data() {
                     self.stop_locked().await?;
                     self.clone_data(&spec, &upstream).await?;
@@ -506,10 +644,7 @@ impl Engine {
                         ),
                     );
                     self.stop_locked().await?;
-                    self.driver
-                        .rejoin(&spec, &upstream)
-                        .await
-                        .context("rejoining as a replica")?;
+                    self.rewind_or_reclone(&spec, &upstream).await?;
                 }
                 let resync_done = if req.resync_id.is_empty() {
                     last_resync
@@ -520,8 +655,24 @@ impl Engine {
                     spec: spec.clone(),
                     stopped: false,
                     last_resync: resync_done,
+                    cluster,
                 })?;
                 self.prepare_and_run(&spec).await?;
+                if repointed && !self.streams_from(&upstream, FOLLOW_TIMEOUT).await {
+                    // It received WAL the new primary never had (a failover
+                    // lost the old primary's last writes): rewind it.
+                    self.events.push(
+                        "rejoin_started",
+                        format!(
+                            "not streaming from {} {}s after repointing; rewinding",
+                            upstream.node,
+                            FOLLOW_TIMEOUT.as_secs()
+                        ),
+                    );
+                    self.stop_locked().await?;
+                    self.rewind_or_reclone(&spec, &upstream).await?;
+                    self.prepare_and_run(&spec).await?;
+                }
                 self.driver
                     .converge_slots(&spec)
                     .await
@@ -541,10 +692,54 @@ impl Engine {
         })
     }
 
+    /// Makes stopped data follow `upstream`: pg_rewind, and when that
+    /// fails, a fresh clone (the old data is kept until the clone is
+    /// complete, so a failed clone leaves the node as it was).
+    async fn rewind_or_reclone(&self, spec: &EngineSpec, upstream: &Upstream) -> Result<()> {
+        match self.driver.rejoin(spec, upstream).await {
+            Ok(()) => {
+                self.events
+                    .push("rejoined", format!("rewound to follow {}", upstream.node));
+                Ok(())
+            }
+            Err(e) => {
+                self.events.push(
+                    "rewind_failed",
+                    format!(
+                        "could not rewind to follow {}: {e:#}; cloning the data again",
+                        upstream.node
+                    ),
+                );
+                self.clone_data(spec, upstream)
+                    .await
+                    .context("cloning again after a failed rewind")
+            }
+        }
+    }
+
+    /// Whether the running replica streams from `upstream` within `timeout`.
+    async fn streams_from(&self, upstream: &Upstream, timeout: Duration) -> bool {
+        let began = Instant::now();
+        while began.elapsed() < timeout {
+            self.refresh().await;
+            let s = self.status();
+            let ok = s.state == EngineState::Running as i32
+                && s.replication.as_ref().is_some_and(|r| {
+                    r.in_recovery && r.streaming && r.upstream_host == upstream.host
+                });
+            if ok {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    }
+
     async fn converge_primary(
         self: &Arc<Self>,
         req: &Request,
         current: Option<&Stored>,
+        cluster: ClusterState,
     ) -> Result<()> {
         let spec = &req.spec;
         if !self.driver.has_data() {
@@ -566,6 +761,7 @@ impl Engine {
             spec: spec.clone(),
             stopped: false,
             last_resync: current.map(|c| c.last_resync.clone()).unwrap_or_default(),
+            cluster,
         })?;
         self.prepare_and_run(spec).await?;
         self.driver
@@ -576,6 +772,7 @@ impl Engine {
             .converge_slots(spec)
             .await
             .context("creating the replicas' replication slots")?;
+        self.await_first_lease().await;
         Ok(())
     }
 
@@ -656,6 +853,16 @@ impl Engine {
         }
     }
 
+    /// Records a successful health check.
+    fn checked(&self, h: Health) {
+        *self.last_check.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        self.update(|s| {
+            s.healthy = true;
+            s.version = h.version;
+            s.replication = Some(h.replication);
+        });
+    }
+
     /// Runs a fresh health check and records it (GetStatus, after steps).
     pub async fn refresh(&self) {
         let Some(spec) = self.spec() else { return };
@@ -663,18 +870,15 @@ impl Engine {
             return;
         }
         if let Ok(h) = self.driver.check(&spec).await {
-            self.update(|s| {
-                s.healthy = true;
-                s.version = h.version;
-                s.replication = Some(h.replication);
-            });
+            self.checked(h);
         }
     }
 
     /// Stops the engine cleanly and keeps it stopped (across agent restarts
     /// too) until the next configure, restart or promote.
-    pub async fn stop(self: &Arc<Self>) -> Result<pb::StopEngineResponse> {
+    pub async fn stop(self: &Arc<Self>, term: u64) -> Result<pb::StopEngineResponse> {
         let _one_at_a_time = self.steps.lock().await;
+        self.check_term(term, "stop")?;
         let Some(mut stored) = self.stored() else {
             bail!(Conflict("no engine is configured on this node".into()));
         };
@@ -720,8 +924,9 @@ impl Engine {
     }
 
     /// Stops the engine cleanly and starts it again.
-    pub async fn restart(self: &Arc<Self>) -> Result<pb::EngineStatus> {
+    pub async fn restart(self: &Arc<Self>, term: u64) -> Result<pb::EngineStatus> {
         let _one_at_a_time = self.steps.lock().await;
+        self.check_term(term, "restart")?;
         let Some(mut stored) = self.stored() else {
             bail!(Conflict("no engine is configured on this node".into()));
         };
@@ -737,16 +942,21 @@ impl Engine {
     }
 
     /// Promotes this replica; a node already primary just converges.
-    pub async fn promote(
-        self: &Arc<Self>,
-        replicas: Vec<String>,
-        sync: bool,
-    ) -> Result<pb::EngineStatus> {
+    ///
+    /// The new term is adopted first, so the replica stops confirming the
+    /// old primary; unless the coordinator stopped the old primary itself
+    /// (a planned switchover), the promotion then waits until the last
+    /// confirmation has expired, so the old primary cannot still hold a
+    /// lease through this replica.
+    pub async fn promote(self: &Arc<Self>, p: Promotion) -> Result<pb::EngineStatus> {
         let _one_at_a_time = self.steps.lock().await;
+        self.check_term(p.term, "promote")?;
         let Some(stored) = self.stored() else {
             bail!(Conflict("no engine is configured on this node".into()));
         };
         let mut spec = stored.spec.clone();
+        let mut cluster = stored.cluster.clone();
+        cluster.set_timing(p.lease_ms, p.heartbeat_ms);
         if self.driver.data_is_standby()? {
             if stored.stopped || self.driver.find_running().is_none() {
                 bail!(Conflict(
@@ -754,7 +964,13 @@ impl Engine {
                 ));
             }
             let began = Instant::now();
-            self.driver.promote(&spec).await?;
+            let promoted = async {
+                self.begin_promotion(!p.primary_stopped).await?;
+                self.driver.promote(&spec).await
+            }
+            .await;
+            self.end_promotion();
+            promoted?;
             self.events.push(
                 "promoted",
                 format!(
@@ -769,12 +985,13 @@ impl Engine {
         }
         spec.role = "primary".into();
         spec.upstream = None;
-        spec.replicas = replicas;
-        spec.sync = sync;
+        spec.replicas = p.replicas;
+        spec.sync = p.sync;
         self.set_stored(Stored {
             spec: spec.clone(),
             stopped: false,
             last_resync: stored.last_resync,
+            cluster,
         })?;
         self.driver.prepare(&spec).await?;
         self.ensure_supervised();
@@ -783,13 +1000,17 @@ impl Engine {
             .converge_slots(&spec)
             .await
             .context("creating the replicas' replication slots")?;
+        self.await_first_lease().await;
         self.refresh().await;
         Ok(self.status())
     }
 
     /// Leaves the cluster: engine stopped, data and spec erased.
-    pub async fn decommission(self: &Arc<Self>, cluster: &str) -> Result<()> {
+    pub async fn decommission(self: &Arc<Self>, cluster: &str, term: u64) -> Result<()> {
         let _one_at_a_time = self.steps.lock().await;
+        if self.stored().is_some_and(|s| s.spec.cluster == cluster) {
+            self.check_term(term, "decommission")?;
+        }
         match self.stored() {
             None => return Ok(()),
             Some(s) if s.spec.cluster != cluster => bail!(Conflict(format!(
@@ -807,6 +1028,8 @@ impl Engine {
             Err(e) => return Err(e).context("removing engine.json"),
         }
         *self.stored.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.lock_lease_reset();
+        self.enforce().await;
         self.events.push(
             "decommissioned",
             format!("left cluster {cluster}: engine stopped, data erased"),
@@ -920,11 +1143,9 @@ impl Engine {
                     }
                     self.update(|s| {
                         s.state = EngineState::Running as i32;
-                        s.healthy = true;
-                        s.version = health.version;
-                        s.replication = Some(health.replication);
                         s.message.clear();
                     });
+                    self.checked(health);
                 }
                 Err(e) if ready => {
                     tracing::warn!("{} health check failed: {e:#}", spec.engine);
@@ -944,6 +1165,18 @@ impl Engine {
             }
         }
     }
+}
+
+/// A Promote request, checked.
+#[derive(Debug, Clone)]
+pub struct Promotion {
+    pub replicas: Vec<String>,
+    pub sync: bool,
+    pub term: u64,
+    pub lease_ms: u32,
+    pub heartbeat_ms: u32,
+    /// The coordinator stopped the old primary (a planned switchover).
+    pub primary_stopped: bool,
 }
 
 /// A request the node cannot honour in its current state.
@@ -1062,6 +1295,33 @@ mod tests {
             };
             assert!(err.contains(expected), "{err} should mention {expected}");
         }
+    }
+
+    #[test]
+    fn engine_json_round_trips_and_reads_older_files() {
+        let r = EngineSpec::from_request(&replica()).unwrap();
+        let mut cluster = ClusterState {
+            term: 7,
+            ..Default::default()
+        };
+        cluster.peers.insert("vm3".into(), "10.0.0.3:7401".into());
+        let stored = Stored {
+            spec: r.spec,
+            stopped: true,
+            last_resync: "op-1".into(),
+            cluster,
+        };
+        let text = serde_json::to_string(&stored).unwrap();
+        let back: Stored = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.spec, stored.spec);
+        assert_eq!(back.cluster, stored.cluster);
+        assert!(back.stopped);
+        // A file written before terms existed: defaults.
+        let mut old: serde_json::Value = serde_json::from_str(&text).unwrap();
+        old.as_object_mut().unwrap().remove("cluster_state");
+        let back: Stored = serde_json::from_value(old).unwrap();
+        assert_eq!(back.cluster, ClusterState::default());
+        assert_eq!(back.spec.cluster, "orders");
     }
 
     #[test]

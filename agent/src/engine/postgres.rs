@@ -215,12 +215,15 @@ impl Postgres {
              hot_standby = on\n\
              hot_standby_feedback = on\n\
              wal_receiver_status_interval = 1s\n\
-             synchronous_standby_names = {sync}\n",
+             synchronous_standby_names = {sync}\n\
+             # The fence (read-only while this primary holds no lease).\n\
+             include_if_exists = '{fence}'\n",
             port = spec.port,
             socket = conf_quote(&self.socket_dir().to_string_lossy()),
             cluster = conf_quote(&spec.cluster),
             slot_keep = SLOT_WAL_KEEP,
             sync = conf_quote(&synchronous_standby_names(spec)),
+            fence = FENCE_CONF,
         );
         if let Some(up) = &spec.upstream {
             c.push_str(&format!(
@@ -272,6 +275,8 @@ impl Postgres {
             .user("postgres")
             .dbname("postgres")
             .application_name("corral-agent")
+            // The agent administers a fenced (read-only) primary too.
+            .options("-c default_transaction_read_only=off")
             .connect_timeout(Duration::from_secs(5))
             .connect(tokio_postgres::NoTls)
             .await?;
@@ -305,6 +310,10 @@ impl Postgres {
             .collect())
     }
 }
+
+/// The file (in the data directory, included by corral.conf) that makes a
+/// fenced primary read-only.
+const FENCE_CONF: &str = "corral-fence.conf";
 
 /// The role replicas stream as (and pg_basebackup / pg_rewind connect as).
 pub const REPLICATION_USER: &str = "corral_replication";
@@ -457,10 +466,24 @@ impl Driver for Postgres {
             let _ = std::fs::remove_dir_all(&scratch);
             bail!("pg_basebackup failed ({status}):\n{}", tail(&text, 15));
         }
+        // A re-clone replaces data that is still there (a rewind that
+        // failed): the old copy goes only once the new one is complete.
+        let old = self.base.join("data.old");
+        if self.data_dir().exists() {
+            if old.exists() {
+                std::fs::remove_dir_all(&old)
+                    .with_context(|| format!("removing {}", old.display()))?;
+            }
+            std::fs::rename(self.data_dir(), &old)
+                .context("moving the previous data directory aside")?;
+        }
         // The clone carries the primary's standby-less state; mark it ours.
         std::fs::rename(&scratch, self.data_dir())
             .context("moving the cloned data directory into place")?;
         write_owned(&self.data_dir().join("standby.signal"), "", &acct)?;
+        if old.exists() {
+            std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+        }
         Ok(())
     }
 
@@ -748,6 +771,67 @@ impl Driver for Postgres {
             .batch_execute("CHECKPOINT")
             .await
             .context("checkpoint after promotion")?;
+        Ok(())
+    }
+
+    async fn set_fenced(&self, _spec: &EngineSpec, fenced: bool) -> Result<()> {
+        if !self.has_data() {
+            return Ok(());
+        }
+        let acct = account()?;
+        let path = self.data_dir().join(FENCE_CONF);
+        let changed = if fenced {
+            write_owned(
+                &path,
+                "# Written by corral-agent: this primary holds no lease.\n\
+                 default_transaction_read_only = on\n",
+                &acct,
+            )?
+        } else {
+            match std::fs::remove_file(&path) {
+                Ok(()) => true,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+                Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+            }
+        };
+        let Some(pid) = self.find_running() else {
+            return Ok(());
+        };
+        if changed {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::SIGHUP,
+            )
+            .context("reloading postgres")?;
+        }
+        if fenced {
+            // Sessions opened before the fence keep their old default; end
+            // them (the firewall already cut their clients off).
+            let mut conn = self.conn.lock().await;
+            if conn.as_ref().is_none_or(|c| c.is_closed()) {
+                *conn = Some(self.connect(_spec).await?);
+            }
+            if let Some(c) = conn.as_ref() {
+                let ended = c
+                    .query_one(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                         WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() \
+                         AND application_name <> 'corral-agent'",
+                        &[],
+                    )
+                    .await;
+                match ended {
+                    Ok(r) => tracing::info!(
+                        sessions = r.get::<_, i64>(0),
+                        "fenced: client sessions ended"
+                    ),
+                    Err(e) => {
+                        *conn = None;
+                        return Err(e).context("ending client sessions");
+                    }
+                }
+            }
+        }
         Ok(())
     }
 

@@ -1,0 +1,539 @@
+//! Failover safety on the node: terms, the primary's lease, replicas'
+//! confirmations and the fence (DESIGN.md, "Safety model for failover").
+//!
+//! - **Terms.** Every command from the coordinator carries the cluster's
+//!   term; the agent persists the highest it has seen and refuses a command
+//!   carrying a lower one, so a message delayed from before a failover
+//!   cannot undo it.
+//! - **Lease.** A primary that serves replicas may accept writes only while
+//!   it holds a lease ([`crate::lease`]). The coordinator renews it in its
+//!   answer to each heartbeat; while the coordinator is unreachable, a
+//!   round in which every replica confirmed the primary renews it
+//!   ([`crate::peers`]).
+//! - **Fence.** The guardian ([`Engine::guard`]) fences a primary whose lease
+//!   is about to end: first the firewall drops every packet to and from the
+//!   engine port (atomic, one nftables transaction), then the engine is made
+//!   read-only and its client sessions are ended. The fence is lifted when a
+//!   lease is granted again. A single-node cluster is never fenced: nobody
+//!   could take over from it, so fencing would only take writes down.
+//! - **Confirmations.** A replica confirms only the primary its own spec
+//!   follows, in a term not older than its own, and refuses to be promoted
+//!   until its last confirmation has expired. A restarted agent does not
+//!   know what it confirmed before, so it assumes it just did.
+
+use super::{Conflict, Engine, Stored};
+use crate::firewall::Rules;
+use crate::lease::{self, BootTime, Source};
+use anyhow::Result;
+use corral_proto::lease::{fence_ahead, margin};
+use corral_proto::pb;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// What the node's firewall and engine were last set to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FenceState {
+    /// None: no engine on this node (the table is removed).
+    pub port: Option<u16>,
+    pub fenced: bool,
+}
+
+/// How often the guardian checks the firewall for drift (someone deleting
+/// or flushing the agent's table by hand).
+const DRIFT_CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// How long a new primary waits for its first lease before answering the
+/// coordinator (it asks with an immediate heartbeat).
+const FIRST_LEASE_WAIT: Duration = Duration::from_secs(3);
+
+impl Engine {
+    fn lock_lease(&self) -> std::sync::MutexGuard<'_, lease::Lease> {
+        self.lease.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The cluster's term and timing as this node knows them.
+    pub fn cluster_state(&self) -> Option<super::ClusterState> {
+        self.stored().map(|s| s.cluster)
+    }
+
+    /// The lease part of the status, as of now.
+    pub(super) fn lease_status(&self) -> pb::LeaseStatus {
+        let now = BootTime::now();
+        let l = self.lock_lease();
+        let (confirmed_primary, confirmation_remaining_ms) = l
+            .confirmation(now)
+            .map(|(p, d)| (p.to_string(), d.as_millis() as u32))
+            .unwrap_or_default();
+        pb::LeaseStatus {
+            held: l.held(now),
+            remaining_ms: l.remaining(now).as_millis() as u32,
+            source: l.source.map(|s| s.as_str().to_string()).unwrap_or_default(),
+            fenced: self.fenced_now.load(Ordering::SeqCst),
+            confirmed_primary,
+            confirmation_remaining_ms,
+        }
+    }
+
+    /// Whether the node, as `stored` describes it, must be fenced at `now`.
+    fn should_fence(&self, stored: &Stored, now: BootTime) -> bool {
+        stored.spec.role == "primary"
+            && !stored.spec.replicas.is_empty()
+            && self
+                .lock_lease()
+                .must_fence(now, fence_ahead(stored.cluster.lease()))
+    }
+
+    /// Whether this node may take writes now: a primary holding its lease
+    /// (or serving no replicas), not fenced. What `/primary` answers.
+    pub fn writable(&self) -> bool {
+        let Some(stored) = self.stored() else {
+            return false;
+        };
+        stored.spec.role == "primary"
+            && !stored.stopped
+            && !self.should_fence(&stored, BootTime::now())
+            && !self.lease_status().fenced
+    }
+
+    /// Refuses a command carrying a term older than ours; adopts a newer
+    /// one. Term 0 means "not given" (kept for older coordinators).
+    pub(super) fn check_term(&self, term: u64, what: &str) -> Result<()> {
+        let Some(mut stored) = self.stored() else {
+            return Ok(());
+        };
+        let mine = stored.cluster.term;
+        if term != 0 && term < mine {
+            anyhow::bail!(Conflict(format!(
+                "refusing {what} from term {term}: this node has already seen term {mine} \
+                 (a newer failover or promotion happened since the command was sent)"
+            )));
+        }
+        if term > mine {
+            stored.cluster.term = term;
+            self.set_stored(stored)?;
+            tracing::info!(term, "adopted a newer cluster term");
+        }
+        Ok(())
+    }
+
+    /// Records the lease as it is now (for an agent restarted in this boot).
+    fn save_lease(&self) {
+        let l = self.lock_lease().clone();
+        if let Err(e) = lease::save(&self.state_dir, &l) {
+            tracing::warn!("saving lease.json: {e:#}");
+        }
+    }
+
+    /// At agent start: a replica may have confirmed its primary just before
+    /// the restart, so it refuses promotion as if it had.
+    pub(super) fn assume_recent_confirmation(&self, stored: &Stored) {
+        if stored.spec.role != "replica" {
+            return;
+        }
+        if let Some(up) = &stored.spec.upstream {
+            let l = stored.cluster.lease();
+            self.lock_lease()
+                .confirm(&up.node, BootTime::now(), l + margin(l));
+        }
+    }
+
+    /// Takes in the coordinator's answer to a heartbeat sent at `asked_at`:
+    /// term, timing, peers, and the lease granted or revoked.
+    pub fn on_assignment(&self, a: &pb::Assignment, asked_at: BootTime) {
+        let Some(mut stored) = self.stored() else {
+            return;
+        };
+        if a.cluster != stored.spec.cluster {
+            return;
+        }
+        if a.term < stored.cluster.term {
+            tracing::warn!(
+                coordinator_term = a.term,
+                term = stored.cluster.term,
+                "the coordinator's answer carries an older term than this node's; ignoring it"
+            );
+            return;
+        }
+        let before = stored.cluster.clone();
+        stored.cluster.term = a.term;
+        stored
+            .cluster
+            .set_timing(a.lease_duration_ms, a.heartbeat_interval_ms);
+        if a.role == "primary" {
+            stored.cluster.peers = a
+                .peers
+                .iter()
+                .map(|p| (p.node.clone(), p.address.clone()))
+                .collect();
+        }
+        if stored.cluster != before {
+            if let Err(e) = self.set_stored(stored.clone()) {
+                tracing::error!("recording the cluster's term and peers: {e:#}");
+                return;
+            }
+        }
+        if stored.spec.role != "primary" {
+            return;
+        }
+        if a.role == "primary" && a.lease_ms > 0 {
+            let len = Duration::from_millis(u64::from(a.lease_ms));
+            self.lock_lease().grant(asked_at, len, Source::Coordinator);
+            self.save_lease();
+            self.guard_wake.notify_one();
+        } else if a.role != "primary" {
+            let had = self.lock_lease().held(BootTime::now());
+            self.lock_lease().revoke();
+            self.save_lease();
+            if had {
+                self.events.push(
+                    "lease_revoked",
+                    format!(
+                        "the coordinator assigns this node the role {:?} in term {}: \
+                         it is no longer the primary and fences itself",
+                        a.role, a.term
+                    ),
+                );
+            }
+            self.guard_wake.notify_one();
+        }
+    }
+
+    /// Who to ask for confirmations, for a primary serving replicas whose
+    /// engine runs: (cluster, term, lease, [(replica, agent address)]). None
+    /// when there is no round to run; Err names a replica without address.
+    pub fn confirmation_round(&self) -> Option<Result<Round, String>> {
+        let stored = self.stored()?;
+        if stored.spec.role != "primary"
+            || stored.spec.replicas.is_empty()
+            || stored.stopped
+            || self.status.lock().map(|s| s.state).unwrap_or_default()
+                != pb::EngineState::Running as i32
+        {
+            return None;
+        }
+        let mut peers = Vec::new();
+        for r in &stored.spec.replicas {
+            match stored.cluster.peers.get(r) {
+                Some(addr) if !addr.is_empty() => peers.push((r.clone(), addr.clone())),
+                _ => return Some(Err(r.clone())),
+            }
+        }
+        Some(Ok(Round {
+            cluster: stored.spec.cluster.clone(),
+            term: stored.cluster.term,
+            lease: stored.cluster.lease(),
+            peers,
+        }))
+    }
+
+    /// Every replica confirmed a round asked at `asked_at`.
+    pub fn confirmed_by_replicas(&self, asked_at: BootTime, lease: Duration) {
+        let was_held = self.lock_lease().held(BootTime::now());
+        self.lock_lease().grant(asked_at, lease, Source::Replicas);
+        self.save_lease();
+        if !was_held {
+            self.guard_wake.notify_one();
+        }
+    }
+
+    /// A replica answered with a newer term: somebody else was promoted.
+    pub fn superseded(&self, term: u64, by: &str) {
+        if self.check_term(term, "a confirmation").is_ok() {
+            self.lock_lease().revoke();
+            self.save_lease();
+            self.events.push(
+                "lease_revoked",
+                format!("replica {by} is in term {term}: another node was promoted; fencing"),
+            );
+            self.guard_wake.notify_one();
+        }
+    }
+
+    /// A replica's answer to its primary's confirmation request.
+    pub fn confirm_primary(
+        &self,
+        caller: &str,
+        req: &pb::ConfirmPrimaryRequest,
+    ) -> pb::ConfirmPrimaryResponse {
+        let refuse = |term: u64, reason: String| pb::ConfirmPrimaryResponse {
+            confirmed: false,
+            term,
+            reason,
+        };
+        let Some(stored) = self.stored() else {
+            return refuse(0, "this node runs no engine".into());
+        };
+        let term = stored.cluster.term;
+        if stored.spec.cluster != req.cluster {
+            return refuse(
+                term,
+                format!("this node serves cluster {:?}", stored.spec.cluster),
+            );
+        }
+        if stored.spec.role != "replica" {
+            return refuse(
+                term,
+                format!("this node is the cluster's {}", stored.spec.role),
+            );
+        }
+        let follows = stored.spec.upstream.as_ref().map(|u| u.node.as_str());
+        if follows != Some(caller) {
+            return refuse(
+                term,
+                format!(
+                    "this replica follows {}, not {caller}",
+                    follows.unwrap_or("nobody")
+                ),
+            );
+        }
+        if req.term < term {
+            return refuse(
+                term,
+                format!("term {} is older than this node's term {term}", req.term),
+            );
+        }
+        if req.term > term && self.check_term(req.term, "a confirmation").is_err() {
+            return refuse(term, "could not record the newer term".into());
+        }
+        let lease_ms = req.lease_ms.clamp(
+            corral_proto::lease::MIN_LEASE_MS,
+            corral_proto::lease::MAX_LEASE_MS,
+        );
+        let l = Duration::from_millis(u64::from(lease_ms));
+        // Under the lease lock: a promotion sets `promoting` under the same
+        // lock, so a confirmation is either seen by it or refused.
+        let mut lease = self.lock_lease();
+        if self.promoting.load(Ordering::SeqCst) {
+            return refuse(term.max(req.term), "this replica is being promoted".into());
+        }
+        lease.confirm(caller, BootTime::now(), l + margin(l));
+        pb::ConfirmPrimaryResponse {
+            confirmed: true,
+            term: term.max(req.term),
+            reason: String::new(),
+        }
+    }
+
+    /// Stops confirming anyone, then waits until the last confirmation has
+    /// expired: from then on the old primary cannot hold a lease through
+    /// this replica. Undone by [`Engine::end_promotion`].
+    pub(super) async fn begin_promotion(&self, wait: bool) -> Result<()> {
+        let holding = {
+            let lease = self.lock_lease();
+            self.promoting.store(true, Ordering::SeqCst);
+            lease
+                .confirmation(BootTime::now())
+                .map(|(p, d)| (p.to_string(), d))
+        };
+        let Some((primary, left)) = holding.filter(|_| wait) else {
+            return Ok(());
+        };
+        tracing::info!(
+            "waiting {} ms for this replica's confirmation of {primary} to expire before promoting",
+            left.as_millis()
+        );
+        let began = Instant::now();
+        loop {
+            let left = self
+                .lock_lease()
+                .confirmation(BootTime::now())
+                .map(|(_, d)| d);
+            let Some(left) = left else { break };
+            if began.elapsed() > Duration::from_secs(120) {
+                anyhow::bail!(
+                    "this replica's confirmation of its primary has not expired after 120 s"
+                );
+            }
+            tokio::time::sleep(left.min(Duration::from_millis(50))).await;
+        }
+        self.events.push(
+            "confirmation_expired",
+            format!(
+                "waited {} ms for the confirmation of {primary} to expire before promoting",
+                began.elapsed().as_millis()
+            ),
+        );
+        Ok(())
+    }
+
+    /// Leaving the cluster: no lease, no confirmation.
+    pub(super) fn lock_lease_reset(&self) {
+        *self.lock_lease() = lease::Lease::default();
+        self.save_lease();
+    }
+
+    pub(super) fn end_promotion(&self) {
+        let _lease = self.lock_lease();
+        self.promoting.store(false, Ordering::SeqCst);
+        // The confirmation is of the old primary; it no longer applies.
+    }
+
+    /// A new primary asks for its lease at once and waits a little for it,
+    /// so the coordinator's next step finds it writable.
+    pub(super) async fn await_first_lease(&self) {
+        let Some(stored) = self.stored() else { return };
+        if stored.spec.role != "primary" || stored.spec.replicas.is_empty() {
+            return;
+        }
+        let began = Instant::now();
+        let mut asked = None::<Instant>;
+        while began.elapsed() < FIRST_LEASE_WAIT {
+            if self.lock_lease().held(BootTime::now()) {
+                self.enforce().await;
+                return;
+            }
+            // Ask again now and then: the coordinator may grant only once
+            // it has recorded this node as the primary.
+            if asked.is_none_or(|a| a.elapsed() > Duration::from_millis(200)) {
+                self.heartbeat_wake.notify_one();
+                asked = Some(Instant::now());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tracing::warn!(
+            "no lease after {} s as the new primary; staying fenced until the coordinator grants one",
+            FIRST_LEASE_WAIT.as_secs()
+        );
+    }
+
+    /// Brings the firewall and the engine's read-only setting in line with
+    /// the lease; logs (and retries on the next pass) when that fails.
+    pub async fn enforce(&self) {
+        let mut applied = self.fence.lock().await;
+        let stored = self.stored();
+        let want = FenceState {
+            port: stored.as_ref().map(|s| s.spec.port),
+            fenced: stored
+                .as_ref()
+                .is_some_and(|s| self.should_fence(s, BootTime::now())),
+        };
+        if *applied == Some(want) {
+            return;
+        }
+        let began = Instant::now();
+        let outcome = match (&stored, want.fenced) {
+            (None, _) => self.firewall.remove().await,
+            (Some(s), true) => {
+                // The firewall first: it is atomic and immediate.
+                let fw = self.firewall.apply(&rules(want)).await;
+                let ro = self.driver.set_fenced(&s.spec, true).await;
+                fw.and(ro)
+            }
+            (Some(s), false) => {
+                let ro = self.driver.set_fenced(&s.spec, false).await;
+                let fw = self.firewall.apply(&rules(want)).await;
+                ro.and(fw)
+            }
+        };
+        match outcome {
+            Ok(()) => {
+                let was_fenced = applied.is_some_and(|f| f.fenced);
+                *applied = Some(want);
+                self.fenced_now.store(want.fenced, Ordering::SeqCst);
+                drop(applied);
+                let ms = began.elapsed().as_millis();
+                match (was_fenced, want.fenced) {
+                    (false, true) => self.events.push(
+                        "fenced",
+                        format!(
+                            "no valid lease: client traffic to port {} dropped and the engine made \
+                             read-only in {ms} ms",
+                            want.port.unwrap_or(0)
+                        ),
+                    ),
+                    (true, false) => self.events.push(
+                        "unfenced",
+                        format!("lease granted: the engine takes writes again ({ms} ms)"),
+                    ),
+                    _ => {}
+                }
+            }
+            Err(e) => {
+                tracing::error!("applying the fence ({want:?}): {e:#}");
+                self.update(|s| s.message = format!("applying the fence: {e:#}"));
+            }
+        }
+    }
+
+    /// Re-applies the table when someone changed or deleted it by hand.
+    async fn repair_drift(&self) {
+        let Some(want) = *self.fence.lock().await else {
+            return;
+        };
+        if want.port.is_none() {
+            return;
+        }
+        match self.firewall.matches(&rules(want)).await {
+            Ok(true) => {}
+            Ok(false) => {
+                let mut applied = self.fence.lock().await;
+                match self.firewall.apply(&rules(want)).await {
+                    Ok(()) => self.events.push(
+                        "firewall_drift",
+                        format!(
+                            "the nftables table inet {} was changed or removed by hand; restored it",
+                            crate::firewall::TABLE
+                        ),
+                    ),
+                    Err(e) => {
+                        *applied = None;
+                        tracing::error!("restoring the firewall table: {e:#}");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("reading the firewall table: {e:#}"),
+        }
+    }
+
+    /// Runs for the agent's life: fences before the lease ends, lifts the
+    /// fence when it is renewed, repairs drift. Wakes at the next deadline,
+    /// when woken, and at least every 250 ms.
+    pub async fn guard(self: std::sync::Arc<Self>) {
+        let mut last_drift_check = Instant::now();
+        loop {
+            self.enforce().await;
+            if last_drift_check.elapsed() > DRIFT_CHECK_EVERY {
+                last_drift_check = Instant::now();
+                self.repair_drift().await;
+            }
+            let next = self.next_deadline().min(Duration::from_millis(250));
+            tokio::select! {
+                _ = tokio::time::sleep(next) => {}
+                _ = self.guard_wake.notified() => {}
+            }
+        }
+    }
+
+    /// Time until the fence must go up, for a primary holding its lease.
+    fn next_deadline(&self) -> Duration {
+        let Some(stored) = self.stored() else {
+            return Duration::from_secs(1);
+        };
+        let now = BootTime::now();
+        let l = self.lock_lease();
+        match l.until {
+            Some(until) if stored.spec.role == "primary" => {
+                let fence_at = until - fence_ahead(stored.cluster.lease());
+                now.until(fence_at).max(Duration::from_millis(1))
+            }
+            _ => Duration::from_secs(1),
+        }
+    }
+}
+
+fn rules(f: FenceState) -> Rules {
+    Rules {
+        engine_port: f.port,
+        fenced: f.fenced,
+    }
+}
+
+/// One confirmation round of a primary.
+#[derive(Debug, Clone)]
+pub struct Round {
+    pub cluster: String,
+    pub term: u64,
+    pub lease: Duration,
+    /// (replica node id, its agent's host:port).
+    pub peers: Vec<(String, String)>,
+}

@@ -1,0 +1,139 @@
+//! A primary's confirmation rounds: every heartbeat interval it asks each of
+//! its replicas' agents to confirm it (mutual TLS with its node
+//! certificate). A round in which every replica confirmed renews the lease
+//! from the moment the round began, which keeps writes going while the
+//! coordinator is unreachable (DESIGN.md: a coordinator outage must not
+//! take writes down). One replica missing, refusing or silent is enough to
+//! let the lease run out: the replica that did not answer may be the one the
+//! coordinator is about to promote.
+//!
+//! Rounds run whether or not the coordinator answers, so a replica's
+//! confirmation (and its refusal to be promoted while it holds) is always
+//! current, not only after the coordinator went away.
+
+use crate::engine::{Engine, Round};
+use crate::lease::BootTime;
+use corral_proto::pb;
+use corral_proto::pb::peer_client::PeerClient;
+use corral_proto::pki::{node_dns, CertKey};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tonic::transport::Channel;
+
+pub struct Peers {
+    ca_pem: String,
+    me: CertKey,
+    /// node id -> (address, channel); a new address replaces the channel.
+    channels: Mutex<HashMap<String, (String, Channel)>>,
+}
+
+/// The outcome of one round, for logging changes only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Outcome {
+    Confirmed,
+    NotConfirmed(String),
+}
+
+impl Peers {
+    pub fn new(ca_pem: String, me: CertKey) -> Peers {
+        Peers {
+            ca_pem,
+            me,
+            channels: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn client(&self, node: &str, address: &str) -> anyhow::Result<PeerClient<Channel>> {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((addr, ch)) = channels.get(node) {
+            if addr == address {
+                return Ok(PeerClient::new(ch.clone()));
+            }
+        }
+        let tls = corral_proto::tls::client_config(&self.ca_pem, Some(&self.me), &node_dns(node));
+        let ch = corral_proto::tls::channel(address, tls, Duration::from_secs(5))?;
+        channels.insert(node.to_string(), (address.to_string(), ch.clone()));
+        Ok(PeerClient::new(ch))
+    }
+
+    /// Runs for the agent's life.
+    pub async fn run(self: Arc<Self>, engine: Arc<Engine>) {
+        let mut last = Outcome::Confirmed;
+        loop {
+            let interval = engine
+                .cluster_state()
+                .map(|c| Duration::from_millis(u64::from(c.heartbeat_ms)))
+                .unwrap_or(Duration::from_secs(1));
+            let began = tokio::time::Instant::now();
+            let outcome = match engine.confirmation_round() {
+                None => None,
+                Some(Err(replica)) => Some(Outcome::NotConfirmed(format!(
+                    "the coordinator has not told this primary where replica {replica}'s agent is"
+                ))),
+                Some(Ok(round)) => Some(self.round(&engine, &round, interval).await),
+            };
+            if let Some(outcome) = outcome {
+                if outcome != last {
+                    match &outcome {
+                        Outcome::Confirmed => tracing::info!("every replica confirms this primary"),
+                        Outcome::NotConfirmed(why) => {
+                            tracing::warn!("replicas do not all confirm this primary: {why}")
+                        }
+                    }
+                    last = outcome;
+                }
+            }
+            tokio::time::sleep_until(began + interval).await;
+        }
+    }
+
+    async fn round(&self, engine: &Arc<Engine>, round: &Round, interval: Duration) -> Outcome {
+        let asked_at = BootTime::now();
+        let mut calls = tokio::task::JoinSet::new();
+        for (node, address) in &round.peers {
+            let client = self.client(node, address);
+            let req = pb::ConfirmPrimaryRequest {
+                cluster: round.cluster.clone(),
+                term: round.term,
+                lease_ms: round.lease.as_millis() as u32,
+            };
+            let node = node.clone();
+            calls.spawn(async move {
+                let answer = match client {
+                    Err(e) => Err(format!("{e:#}")),
+                    Ok(mut c) => match tokio::time::timeout(interval, c.confirm_primary(req)).await
+                    {
+                        Err(_) => Err(format!("no answer within {} ms", interval.as_millis())),
+                        Ok(Err(s)) => Err(s.message().to_string()),
+                        Ok(Ok(r)) => Ok(r.into_inner()),
+                    },
+                };
+                (node, answer)
+            });
+        }
+        let mut refusals = Vec::new();
+        while let Some(joined) = calls.join_next().await {
+            let Ok((node, answer)) = joined else {
+                refusals.push("a confirmation call panicked".to_string());
+                continue;
+            };
+            match answer {
+                Ok(a) if a.confirmed => {}
+                Ok(a) => {
+                    if a.term > round.term {
+                        engine.superseded(a.term, &node);
+                    }
+                    refusals.push(format!("{node} refused: {}", a.reason));
+                }
+                Err(e) => refusals.push(format!("{node}: {e}")),
+            }
+        }
+        if refusals.is_empty() {
+            engine.confirmed_by_replicas(asked_at, round.lease);
+            Outcome::Confirmed
+        } else {
+            Outcome::NotConfirmed(refusals.join("; "))
+        }
+    }
+}
