@@ -42,6 +42,7 @@ bench: deps
 	$(CARGO) build --release --workspace --bins
 	CORRAL_BIN_DIR=$(RELEASE_BIN) $(CARGO) bench -p corral-tests --bench agent_footprint
 	CORRAL_BIN_DIR=$(RELEASE_BIN) $(CARGO) bench -p corral-tests --bench switchover
+	CORRAL_BIN_DIR=$(RELEASE_BIN) $(CARGO) bench -p corral-tests --bench failover
 
 sweep:
 	@scripts/sweep-labs.sh

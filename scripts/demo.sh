@@ -95,6 +95,13 @@ psql -X -q "$uri" -c "CREATE TABLE IF NOT EXISTS hello (id serial PRIMARY KEY, s
                      INSERT INTO hello (said) VALUES ('hello from make demo');" >/dev/null
 ctl cluster show demo
 
+echo "==> HAProxy in cdemo-cli on $NET.100:5000 (primary) and :5001 (replicas), routing by the agents' health endpoints"
+sed -e "s|10.0.0.1\([1-3]\)|$NET.1\1|; s|db-\([1-3]\)|vm\1|; s|bind \*:|bind $NET.100:|" \
+    -e "s|/run/haproxy/admin.sock|$DIR/haproxy.sock|" "$ROOT/docs/haproxy.cfg" >"$DIR/haproxy.cfg"
+ip netns exec cdemo-cli setsid haproxy -db -f "$DIR/haproxy.cfg" >"$DIR/haproxy.log" 2>&1 < /dev/null &
+through=$(echo "$uri" | sed -E "s|@[^/]*/|@$NET.100:5000/|; s|\?.*||")
+for _ in $(seq 50); do psql -X -q "$through" -c 'SELECT 1' >/dev/null 2>&1 && break; sleep 0.2; done
+
 cat <<MSG
 
 The demo is running. Try:
@@ -105,6 +112,19 @@ The demo is running. Try:
   corralctl node list                 # three VMs: metrics, roles, replication, lag
   corralctl cluster show demo
   psql "\$(corralctl cluster credentials demo)" -c 'SELECT * FROM hello'
+
+  # one address for applications, whichever node is primary (HAProxy):
+  psql "$through" -c 'SELECT inet_server_addr()'
+  curl -s $NET.11:7402/primary; echo     # the agents' health endpoints
+
+  # auto-failover: kill the primary's VM (every process in it) and watch
+  # another node take over in about 3 s; writes through HAProxy resume:
+  kill -9 \$(ip netns pids cdemo-vm1); sleep 4; corralctl cluster show demo
+  psql "$through" -c "INSERT INTO hello (said) VALUES ('after the failover')"
+  # bring the VM back: it rejoins as a replica (pg_rewind), never writable:
+  ip netns exec cdemo-vm1 setsid $BIN/corral-agent --state-dir $DIR/vm1 \\
+      --coordinator $NET.1:7400 --listen $NET.11:7401 >>$DIR/vm1-agent.log 2>&1 &
+  sleep 5; corralctl cluster show demo; corralctl event list --cluster demo
 
   # planned switchover (writes pause for about 0.1 s), and back:
   corralctl node promote demo vm2 --confirm vm2
@@ -120,8 +140,11 @@ The demo is running. Try:
   # the agent restarts a crashed PostgreSQL and the coordinator records it:
   ip netns exec cdemo-vm1 pkill -9 -o -x postgres; sleep 3; corralctl event list
 
-  # a VM that vanishes is reported down within three heartbeats:
+  # a replica's VM that vanishes is reported down within three heartbeats:
   kill -9 \$(ip netns pids cdemo-vm3); sleep 4; corralctl node list
+
+  corralctl cluster set demo auto-failover=off   # then the coordinator only alerts
+  corralctl cluster set demo lease=3s heartbeat=500ms
 
   corralctl operation list; corralctl audit list
 

@@ -6,6 +6,7 @@ set -euo pipefail
 PACKAGES=(
     build-essential pkg-config      # cargo's C toolchain (bundled SQLite, ring)
     iproute2 iputils-ping procps    # network namespaces as test VMs
+    curl                            # the demo reads the health endpoints
     nftables                        # per-node IP allowlists
     postgresql-15 postgresql-client-15
     haproxy                         # failover tests route clients through it

@@ -548,6 +548,9 @@ fn engine_label(e: &Option<pb::EngineStatus>) -> String {
                     if e.restarts == 1 { "" } else { "s" }
                 ));
             }
+            if e.lease.as_ref().is_some_and(|l| l.fenced) {
+                s.push_str(", FENCED (no lease)");
+            }
             s
         }
         _ => "-".into(),

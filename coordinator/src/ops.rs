@@ -658,7 +658,17 @@ impl Ctx<'_> {
         }
         // Everyone else follows the new primary: the former primary (rewound
         // if it wrote anything the new one never received) and the replicas.
+        // A node that is down follows when it comes back (the monitor
+        // rejoins it).
+        let mut following = Vec::new();
         for r in &m.replicas {
+            if self.coord.fleet.liveness_of(&r.id, Instant::now()) != Liveness::Up {
+                self.log(&format!(
+                    "{} is down; it will follow {target} when it comes back",
+                    r.id
+                ));
+                continue;
+            }
             self.log(&format!("{} now follows {target}", r.id));
             self.configure(&r.id, self.replica_request(&cluster, &m.primary, "")?)
                 .await
@@ -668,9 +678,10 @@ impl Ctx<'_> {
                         r.id, cluster.name, r.id
                     )
                 })?;
+            following.push(r.id.clone());
         }
-        for r in &m.replicas {
-            self.wait_streaming(&target, &r.id).await?;
+        for r in &following {
+            self.wait_streaming(&target, r).await?;
         }
         Ok(())
     }
@@ -726,10 +737,20 @@ impl Ctx<'_> {
         ));
         let paused = Instant::now();
         let term = cluster.term;
+        // Forced, with the primary down: do not spend a minute retrying it.
+        let give_up =
+            if force && self.coord.fleet.liveness_of(&old.id, Instant::now()) != Liveness::Up {
+                Duration::from_secs(2)
+            } else {
+                AGENT_UNREACHABLE_GIVE_UP
+            };
         let stop = self
-            .call(&old.id, "stopping the primary", |mut c| async move {
-                c.stop_engine(pb::StopEngineRequest { term }).await
-            })
+            .call_within(
+                &old.id,
+                "stopping the primary",
+                give_up,
+                |mut c| async move { c.stop_engine(pb::StopEngineRequest { term }).await },
+            )
             .await;
         let checkpoint = match stop {
             Ok(s) => {
@@ -748,6 +769,21 @@ impl Ctx<'_> {
                      {} is fenced by the new term as soon as it hears of it",
                     old.id, old.id, old.id
                 ));
+                // It may still be alive and hold a lease the coordinator
+                // granted: let that run out first, as a failover would.
+                let lease = cluster.lease();
+                let end = self.coord.fleet.last_grant(&old.id)
+                    + lease
+                    + corral_proto::lease::margin(lease);
+                let wait = end.saturating_duration_since(Instant::now());
+                if !wait.is_zero() {
+                    self.log(&format!(
+                        "waiting {} ms for {}'s lease to run out (plus the margin)",
+                        wait.as_millis(),
+                        old.id
+                    ));
+                    tokio::time::sleep(wait).await;
+                }
                 None
             }
             Err(e) => return Err(e),
@@ -808,6 +844,7 @@ impl Ctx<'_> {
                 m.primary.id
             );
         }
+        failpoint("failover-before-promote").await;
         let status = self.promote_node(&cluster, &candidate, &m, false).await?;
         let promoted = corral_proto::now_ms();
         let held = status.lease.as_ref().is_some_and(|l| l.held);
@@ -1039,6 +1076,19 @@ impl Ctx<'_> {
             self.primary_request(&cluster, m.replica_ids(), cluster.sync, false)?,
         )
         .await
+    }
+}
+
+/// Test-only pauses between steps, to kill the coordinator at an exact
+/// point: `CORRAL_FAILPOINTS=failover-before-promote` makes a failover stop
+/// (forever) once the term is raised and recorded, before the promotion.
+/// Never set in production; the variable is read only where named.
+async fn failpoint(name: &str) {
+    let set =
+        std::env::var("CORRAL_FAILPOINTS").is_ok_and(|v| v.split(',').any(|f| f.trim() == name));
+    if set {
+        tracing::warn!("failpoint {name}: pausing here until the process is killed");
+        std::future::pending::<()>().await;
     }
 }
 

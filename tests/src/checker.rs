@@ -78,6 +78,22 @@ pub struct CheckReport {
 }
 
 impl CheckReport {
+    /// One report of several checkers' probes (their rounds kept apart:
+    /// only overlapping times then count as violations between them).
+    pub fn merged(reports: &[CheckReport]) -> CheckReport {
+        let log = reports
+            .iter()
+            .enumerate()
+            .flat_map(|(i, r)| {
+                r.log.iter().cloned().map(move |mut p| {
+                    p.round += (i as u64) << 40;
+                    p
+                })
+            })
+            .collect();
+        CheckReport::from_probes(log)
+    }
+
     /// A report of `log` alone (counts derived from it).
     pub fn from_probes(log: Vec<Probe>) -> CheckReport {
         let mut r = CheckReport::default();
@@ -174,6 +190,17 @@ impl WriteChecker {
     /// columns `node text` and `at timestamptz` that the test created
     /// beforehand on the cluster (it reaches the replicas by replication).
     pub fn start(uris: Vec<(String, String)>, table: &str) -> WriteChecker {
+        Self::start_in(None, uris, table)
+    }
+
+    /// [`WriteChecker::start`] from inside network namespace `netns` (its
+    /// full name, e.g. `crl3-vm1`): with a URI to 127.0.0.1 it probes a
+    /// node from the node itself, which no network cut can hide.
+    pub fn start_in(
+        netns: Option<String>,
+        uris: Vec<(String, String)>,
+        table: &str,
+    ) -> WriteChecker {
         let stop = Arc::new(AtomicBool::new(false));
         let report = Arc::new(Mutex::new(CheckReport::default()));
         let sql = format!("INSERT INTO {table} (node, at) VALUES ($1, now())");
@@ -181,6 +208,13 @@ impl WriteChecker {
         // Its own thread and current-thread runtime, as the writer: the
         // tests themselves are synchronous.
         let thread = std::thread::spawn(move || {
+            if let Some(ns) = netns {
+                // Sockets opened by this thread from here on live in `ns`.
+                let f = std::fs::File::open(format!("/var/run/netns/{ns}"))
+                    .unwrap_or_else(|e| panic!("opening namespace {ns}: {e}"));
+                nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .unwrap_or_else(|e| panic!("entering namespace {ns}: {e}"));
+            }
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

@@ -60,11 +60,13 @@ pub fn render(bind: &str, servers: &[(String, String)], stats_socket: &str) -> S
 
 defaults
     mode tcp
-    timeout connect 1s
+    timeout connect 300ms
+    retries 2
+    option redispatch 1
     timeout client 30m
     timeout server 30m
     timeout check 500ms
-    default-server inter 200ms fall 2 rise 1 on-marked-down shutdown-sessions port {HEALTH_PORT}
+    default-server inter 200ms downinter 100ms fall 2 rise 1 on-marked-down shutdown-sessions port {HEALTH_PORT}
 "
     );
     for (name, port, path, balance) in [

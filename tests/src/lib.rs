@@ -29,6 +29,7 @@
 
 pub mod checker;
 pub mod faults;
+pub mod ha;
 pub mod haproxy;
 pub mod stress;
 pub mod writer;
@@ -402,6 +403,17 @@ impl Lab {
     }
 
     fn spawn_in(&self, ns: &str, program: &Path, args: &[String], log: &str) -> Result<Child> {
+        self.spawn_in_env(ns, program, args, log, &[])
+    }
+
+    fn spawn_in_env(
+        &self,
+        ns: &str,
+        program: &Path,
+        args: &[String],
+        log: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Child> {
         let log = self.log(log)?;
         Command::new("ip")
             .args(["netns", "exec", &self.ns(ns)])
@@ -411,6 +423,7 @@ impl Lab {
                 "CORRAL_LOG",
                 "info,corral_coordinator=debug,corral_agent=debug",
             )
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -419,6 +432,12 @@ impl Lab {
     }
 
     pub fn start_coordinator(&mut self) -> Result<()> {
+        self.start_coordinator_env(&[])
+    }
+
+    /// Starts the coordinator with extra environment (e.g. the test-only
+    /// `CORRAL_FAILPOINTS`).
+    pub fn start_coordinator_env(&mut self, env: &[(&str, &str)]) -> Result<()> {
         let args = [
             "--state-dir".to_string(),
             self.dir.join("coordinator").to_string_lossy().into_owned(),
@@ -427,8 +446,13 @@ impl Lab {
             "--listen".into(),
             self.ctl_addr(),
         ];
-        self.coordinator =
-            Some(self.spawn_in("ctl", &bin("corral-coordinator"), &args, "coordinator.log")?);
+        self.coordinator = Some(self.spawn_in_env(
+            "ctl",
+            &bin("corral-coordinator"),
+            &args,
+            "coordinator.log",
+            env,
+        )?);
         wait_until(
             Duration::from_secs(20),
             "the coordinator to answer `corralctl whoami`",
@@ -441,6 +465,14 @@ impl Lab {
                 Ok(self.ctl(&["whoami"])?.status.success())
             },
         )
+    }
+
+    /// Kills the coordinator with SIGKILL (a crash) and waits for it.
+    pub fn kill_coordinator(&mut self) {
+        if let Some(mut c) = self.coordinator.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     /// Stops the coordinator with SIGTERM and waits for it.

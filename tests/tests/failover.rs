@@ -1,95 +1,28 @@
 //! Auto-failover end to end, in namespaces: real PostgreSQL, real HAProxy in
 //! front of the cluster routing by the agents' health endpoints, real
-//! process kills and network cuts.
+//! process kills and network cuts. Every scenario runs a writer through
+//! HAProxy and a checker that tries to write to every node directly, and
+//! ends with one writable primary and every other node streaming from it.
 
-use corral_tests::checker::WriteChecker;
-use corral_tests::writer::Writer;
+use corral_tests::checker::CheckReport;
+use corral_tests::ha::{self, events, missing_on, operations, vm_index, wait_acks};
 use corral_tests::{wait_until, Lab};
-use serde_json::Value;
 use std::time::{Duration, Instant};
 
-/// A three-node cluster with the writer's and the checker's tables, HAProxy
-/// routing to its primary, and its credentials.
-fn cluster(lab: &mut Lab, name: &str, extra: &[&str]) -> Value {
-    let creds = lab.create_replicated(name, "vm1,vm2,vm3", extra).unwrap();
-    let uri = creds["uri"].as_str().unwrap().to_string();
-    lab.psql(
-        &uri,
-        "CREATE TABLE w (id bigint PRIMARY KEY, at timestamptz NOT NULL); \
-         CREATE TABLE probe (node text NOT NULL, at timestamptz NOT NULL)",
-    )
-    .unwrap();
-    for vm in ["vm2", "vm3"] {
-        lab.wait_streaming(name, vm).unwrap();
-    }
-    lab.start_haproxy(&[1, 2, 3]).unwrap();
-    let through = lab.haproxy_uri(&creds);
-    wait_until(
-        Duration::from_secs(15),
-        "HAProxy to route to the primary",
-        || Ok(lab.psql(&through, "SELECT 1").is_ok()),
-    )
-    .unwrap();
-    creds
-}
+const SETTLE: Duration = Duration::from_secs(60);
 
-/// A checker probing every node directly.
-fn checker(lab: &Lab, creds: &Value) -> WriteChecker {
-    WriteChecker::start(
-        (1..=3)
-            .map(|i| (format!("vm{i}"), lab.node_uri(creds, i)))
-            .collect(),
-        "probe",
-    )
-}
-
-/// Ids in table `w` on node `i`.
-fn ids_on(lab: &Lab, creds: &Value, i: usize) -> Vec<i64> {
-    lab.column_on(creds, i, "SELECT id FROM w ORDER BY id")
-        .unwrap()
-        .iter()
-        .map(|s| s.parse().unwrap())
-        .collect()
-}
-
-fn vm_index(id: &str) -> usize {
-    id.trim_start_matches("vm").parse().unwrap()
-}
-
-/// Waits until the writer has had `n` more acknowledgements than now.
-fn wait_acks(w: &Writer, n: usize, timeout: Duration) {
-    let start = w.report().acked.len();
-    wait_until(timeout, &format!("{n} more acknowledged writes"), || {
-        Ok(w.report().acked.len() >= start + n)
-    })
-    .unwrap_or_else(|e| panic!("{e:#}; writer: {:?}", w.report().last_error));
-}
-
-/// Kinds of the events recorded for `cluster`, oldest first.
-fn event_kinds(lab: &Lab, cluster: &str) -> Vec<(String, String)> {
-    let v = lab
-        .ctl_json(&["event", "list", "--cluster", cluster, "--limit", "500"])
-        .unwrap();
-    v["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            (
-                e["kind"].as_str().unwrap().to_string(),
-                e["message"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
+fn no_two_writable(report: &CheckReport) {
+    let v = report.violations();
+    assert!(v.is_empty(), "two nodes took writes at once: {v:?}");
 }
 
 #[test]
 fn killing_the_primary_vm_fails_over_with_every_acknowledged_write() {
     let mut lab = Lab::start(3).unwrap();
-    let creds = cluster(&mut lab, "ha", &["--sync"]);
-    let writer = Writer::start(&lab.haproxy_uri(&creds), "w", Duration::from_millis(20));
-    let check = checker(&lab, &creds);
-    wait_acks(&writer, 50, Duration::from_secs(10));
+    let creds = ha::cluster(&mut lab, "ha", &["--sync"]).unwrap();
+    let writer = ha::writer(&lab, &creds);
+    let check = ha::checker(&lab, &creds, 3);
+    wait_acks(&writer, 50, Duration::from_secs(10)).unwrap();
     assert_eq!(lab.health(1, "/primary").unwrap(), 200);
     assert_eq!(lab.health(2, "/primary").unwrap(), 503);
     assert_eq!(lab.health(2, "/replica").unwrap(), 200);
@@ -97,59 +30,37 @@ fn killing_the_primary_vm_fails_over_with_every_acknowledged_write() {
     writer.take_longest_gap();
     let killed = Instant::now();
     lab.kill_vm(1);
-    let new = {
-        let mut new = String::new();
-        wait_until(Duration::from_secs(30), "a new primary", || {
-            new = lab.wait_until_primary("ha", Duration::from_secs(1))?;
-            Ok(new != "vm1")
-        })
-        .unwrap();
-        new
-    };
-    wait_acks(&writer, 100, Duration::from_secs(30));
-    let pause = writer.take_longest_gap();
+    let new = ha::wait_new_primary(&lab, "ha", "vm1", Duration::from_secs(30)).unwrap();
+    wait_acks(&writer, 100, Duration::from_secs(30)).unwrap();
     eprintln!(
-        "failover to {new}: writes paused {} ms (through HAProxy), new primary seen after {} ms",
-        pause.as_millis(),
+        "failover to {new}: writes paused {} ms (through HAProxy); seen by the CLI after {} ms",
+        writer.take_longest_gap().as_millis(),
         killed.elapsed().as_millis()
     );
 
-    // The old primary comes back: it rejoins as a replica, never writable.
+    // The old primary's VM comes back: it rejoins as a replica, never
+    // writable.
     lab.restart_vm(1).unwrap();
-    lab.wait_streaming("ha", "vm1").unwrap();
-    wait_acks(&writer, 50, Duration::from_secs(10));
+    assert_eq!(ha::wait_settled(&lab, "ha", 3, SETTLE).unwrap(), new);
+    wait_acks(&writer, 50, Duration::from_secs(10)).unwrap();
     let report = writer.finish();
-    let seen = check.finish();
-    assert!(
-        seen.violations().is_empty(),
-        "two writable primaries: {:?}",
-        seen.violations()
-    );
+    no_two_writable(&check.finish());
 
-    // Sync mode: every acknowledged write is on the new primary, and (once
-    // replayed) on every node.
+    // Sync mode: every acknowledged write is on the new primary, and once
+    // replayed on every node.
     let n = vm_index(&new);
-    let on_new = ids_on(&lab, &creds, n);
-    let missing: Vec<i64> = report
-        .acked
-        .iter()
-        .filter(|id| on_new.binary_search(id).is_err())
-        .copied()
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "{} acknowledged writes missing on {new}: {missing:?}",
-        missing.len()
-    );
+    let missing = missing_on(&lab, &creds, n, &report.acked).unwrap();
+    assert!(missing.is_empty(), "acknowledged writes lost: {missing:?}");
     for i in 1..=3 {
         wait_until(
             Duration::from_secs(10),
-            &format!("vm{i} to have every row"),
-            || Ok(ids_on(&lab, &creds, i).len() >= on_new.len()),
+            &format!("vm{i} to hold every acknowledged row"),
+            || Ok(missing_on(&lab, &creds, i, &report.acked)?.is_empty()),
         )
         .unwrap();
     }
     assert_eq!(lab.health(1, "/primary").unwrap(), 503);
+    assert_eq!(lab.health(1, "/replica").unwrap(), 200);
     assert_eq!(lab.health(n, "/primary").unwrap(), 200);
 
     // The record: the operation's steps, the timeline event, the audit row.
@@ -168,12 +79,12 @@ fn killing_the_primary_vm_fails_over_with_every_acknowledged_write() {
             "the failover log lacks {step:?}:\n{log}"
         );
     }
-    let events = event_kinds(&lab, "ha");
-    let timeline = events
+    let ev = events(&lab, "ha").unwrap();
+    let timeline = ev
         .iter()
-        .find(|(k, _)| k == "failover")
-        .map(|(_, m)| m.clone())
-        .unwrap_or_else(|| panic!("no failover event: {events:?}"));
+        .find(|e| e.0 == "failover")
+        .map(|e| e.3.clone())
+        .unwrap_or_else(|| panic!("no failover event: {ev:?}"));
     for part in [
         "detected at",
         "lease ended at",
@@ -186,9 +97,288 @@ fn killing_the_primary_vm_fails_over_with_every_acknowledged_write() {
             "timeline lacks {part:?}: {timeline}"
         );
     }
-    assert!(events.iter().any(|(k, _)| k == "rejoined"), "{events:?}");
+    assert!(
+        ev.iter().any(|e| e.0 == "rejoined" && e.1 == "vm1"),
+        "vm1 did not rejoin by pg_rewind: {ev:?}"
+    );
+    let rejoin = lab.operation("ha", "rejoin").unwrap();
+    assert_eq!(rejoin["state"], "succeeded", "{rejoin}");
     let audit = lab.ctl_json(&["audit", "list"]).unwrap().to_string();
     assert!(audit.contains("cluster.failover"), "{audit}");
     let c = lab.ctl_json(&["cluster", "show", "ha"]).unwrap();
     assert_eq!(c["term"], 2, "{c}");
+    assert!(
+        c["failover_status"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("primary {new} holds its lease")),
+        "{c}"
+    );
+}
+
+#[test]
+fn partitions_the_primary_survives_from_the_coordinator_only_and_fences_itself_from_everyone() {
+    let mut lab = Lab::start(3).unwrap();
+    let creds = ha::cluster(&mut lab, "part", &["--sync"]).unwrap();
+    let writer = ha::writer(&lab, &creds);
+    let check = ha::checker(&lab, &creds, 3);
+    // vm1 probed from inside itself too: no cut hides it from this one.
+    let local = ha::local_checker(&lab, &creds, 1);
+    wait_acks(&writer, 50, Duration::from_secs(10)).unwrap();
+
+    // 1. Cut between the coordinator and the primary only: the replicas
+    // still confirm it, so it keeps its lease and serves; nothing is
+    // promoted.
+    let cut_at = corral_proto::now_ms();
+    lab.cut("vm1", "ctl").unwrap();
+    lab.wait_node_state("vm1", "down", Duration::from_secs(10))
+        .unwrap();
+    writer.take_longest_gap();
+    let acks = writer.report().acked.len();
+    std::thread::sleep(Duration::from_secs(8));
+    let during = writer.report().acked.len() - acks;
+    let gap = writer.take_longest_gap();
+    let c = lab.ctl_json(&["cluster", "show", "part"]).unwrap();
+    let status = c["failover_status"].as_str().unwrap().to_string();
+    lab.heal("vm1", "ctl").unwrap();
+    lab.wait_node_state("vm1", "up", Duration::from_secs(10))
+        .unwrap();
+    assert!(
+        status.contains("unreachable from the coordinator but replica"),
+        "{status}"
+    );
+    assert!(
+        during > 100 && gap < Duration::from_secs(2),
+        "the primary stopped serving while cut from the coordinator: {during} writes in 8 s, \
+         longest pause {gap:?}"
+    );
+    assert_eq!(c["term"], 1, "something was promoted: {c}");
+    assert!(operations(&lab, "part", "failover").unwrap().is_empty());
+    let ev = events(&lab, "part").unwrap();
+    assert!(
+        !ev.iter()
+            .any(|e| e.0 == "fenced" && e.1 == "vm1" && e.2 > cut_at),
+        "vm1 fenced itself though its replicas confirmed it: {ev:?}"
+    );
+    assert!(ev.iter().any(|e| e.0 == "primary_unreachable"), "{ev:?}");
+
+    // 2. Cut off from everyone: it fences itself, before another node is
+    // promoted.
+    lab.isolate(1).unwrap();
+    let new = ha::wait_new_primary(&lab, "part", "vm1", Duration::from_secs(30)).unwrap();
+    wait_acks(&writer, 50, Duration::from_secs(30)).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    lab.reconnect(1).unwrap();
+    assert_eq!(ha::wait_settled(&lab, "part", 3, SETTLE).unwrap(), new);
+    wait_acks(&writer, 50, Duration::from_secs(10)).unwrap();
+    let report = writer.finish();
+    no_two_writable(&CheckReport::merged(&[check.finish(), local.finish()]));
+
+    let ev = events(&lab, "part").unwrap();
+    let fenced = ev
+        .iter()
+        .filter(|e| e.0 == "fenced" && e.1 == "vm1")
+        .map(|e| e.2)
+        .max()
+        .unwrap_or_else(|| panic!("vm1 never fenced itself: {ev:?}"));
+    let promoted = ev
+        .iter()
+        .filter(|e| e.0 == "promoted" && e.1 == new)
+        .map(|e| e.2)
+        .max()
+        .unwrap_or_else(|| panic!("{new} has no promoted event: {ev:?}"));
+    assert!(
+        fenced < promoted,
+        "vm1 fenced itself at {fenced}, after {new} was promoted at {promoted}"
+    );
+    eprintln!(
+        "vm1 fenced itself {} ms before {new} was promoted",
+        promoted - fenced
+    );
+    let missing = missing_on(&lab, &creds, vm_index(&new), &report.acked).unwrap();
+    assert!(missing.is_empty(), "acknowledged writes lost: {missing:?}");
+}
+
+#[test]
+fn a_coordinator_outage_does_not_take_writes_down() {
+    let mut lab = Lab::start(3).unwrap();
+    let creds = ha::cluster(&mut lab, "calm", &[]).unwrap();
+    let writer = ha::writer(&lab, &creds);
+    let check = ha::checker(&lab, &creds, 3);
+    wait_acks(&writer, 50, Duration::from_secs(10)).unwrap();
+    let stopped_at = corral_proto::now_ms();
+    lab.stop_coordinator().unwrap();
+    writer.take_longest_gap();
+    let acks = writer.report().acked.len();
+    std::thread::sleep(Duration::from_secs(60));
+    let during = writer.report().acked.len() - acks;
+    let gap = writer.take_longest_gap();
+    lab.start_coordinator().unwrap();
+    // Past the restart grace period and a few leases.
+    std::thread::sleep(Duration::from_secs(10));
+    wait_acks(&writer, 50, Duration::from_secs(10)).unwrap();
+    writer.finish();
+    no_two_writable(&check.finish());
+    eprintln!("coordinator away 60 s: {during} writes, longest pause {gap:?}");
+    assert!(
+        during > 1000 && gap < Duration::from_secs(2),
+        "writes stopped while the coordinator was away: {during} in 60 s, longest pause {gap:?}"
+    );
+    let c = lab.ctl_json(&["cluster", "show", "calm"]).unwrap();
+    assert_eq!(c["term"], 1, "a failover happened: {c}");
+    assert!(operations(&lab, "calm", "failover").unwrap().is_empty());
+    let ev = events(&lab, "calm").unwrap();
+    assert!(
+        !ev.iter().any(|e| e.0 == "fenced" && e.2 > stopped_at),
+        "a node fenced itself: {ev:?}"
+    );
+    assert_eq!(ha::wait_settled(&lab, "calm", 3, SETTLE).unwrap(), "vm1");
+}
+
+#[test]
+fn a_cut_replica_catches_up_and_nothing_is_promoted() {
+    let mut lab = Lab::start(3).unwrap();
+    let creds = ha::cluster(&mut lab, "rep", &["--sync"]).unwrap();
+    let writer = ha::writer(&lab, &creds);
+    let check = ha::checker(&lab, &creds, 3);
+    wait_acks(&writer, 50, Duration::from_secs(10)).unwrap();
+    lab.isolate(3).unwrap();
+    lab.wait_node_state("vm3", "down", Duration::from_secs(10))
+        .unwrap();
+    // Sync mode: the other replica acknowledges commits meanwhile.
+    wait_acks(&writer, 200, Duration::from_secs(20)).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    lab.reconnect(3).unwrap();
+    assert_eq!(ha::wait_settled(&lab, "rep", 3, SETTLE).unwrap(), "vm1");
+    let report = writer.finish();
+    no_two_writable(&check.finish());
+    assert!(operations(&lab, "rep", "failover").unwrap().is_empty());
+    wait_until(Duration::from_secs(10), "vm3 to catch up", || {
+        Ok(missing_on(&lab, &creds, 3, &report.acked)?.is_empty())
+    })
+    .unwrap();
+}
+
+#[test]
+fn a_coordinator_killed_during_a_failover_resumes_it() {
+    let mut lab = Lab::start(3).unwrap();
+    let creds = ha::cluster(&mut lab, "crash", &["--sync"]).unwrap();
+    // From now on the coordinator stops every failover after raising the
+    // term, before promoting: there it is killed.
+    lab.stop_coordinator().unwrap();
+    lab.start_coordinator_env(&[("CORRAL_FAILPOINTS", "failover-before-promote")])
+        .unwrap();
+    for vm in ["vm1", "vm2", "vm3"] {
+        lab.wait_node_state(vm, "up", Duration::from_secs(10))
+            .unwrap();
+    }
+    let writer = ha::writer(&lab, &creds);
+    let check = ha::checker(&lab, &creds, 3);
+    wait_acks(&writer, 50, Duration::from_secs(10)).unwrap();
+    lab.kill_vm(1);
+    wait_until(Duration::from_secs(30), "the failover to start", || {
+        Ok(operations(&lab, "crash", "failover")?.iter().any(|o| {
+            Lab::operation_log(o)
+                .iter()
+                .any(|l| l.contains("term raised"))
+        }))
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    lab.kill_coordinator();
+    lab.start_coordinator().unwrap();
+    let new = ha::wait_new_primary(&lab, "crash", "vm1", Duration::from_secs(30)).unwrap();
+    wait_acks(&writer, 50, Duration::from_secs(30)).unwrap();
+    lab.restart_vm(1).unwrap();
+    assert_eq!(ha::wait_settled(&lab, "crash", 3, SETTLE).unwrap(), new);
+    let report = writer.finish();
+    no_two_writable(&check.finish());
+    let ops = operations(&lab, "crash", "failover").unwrap();
+    assert_eq!(ops.len(), 1, "the failover ran twice: {ops:?}");
+    assert_eq!(ops[0]["state"], "succeeded", "{}", ops[0]);
+    let log = Lab::operation_log(&ops[0]).join("\n");
+    assert!(log.contains("coordinator restarted; resuming"), "{log}");
+    let c = lab.ctl_json(&["cluster", "show", "crash"]).unwrap();
+    assert_eq!(c["term"], 2, "{c}");
+    let missing = missing_on(&lab, &creds, vm_index(&new), &report.acked).unwrap();
+    assert!(missing.is_empty(), "acknowledged writes lost: {missing:?}");
+}
+
+#[test]
+fn with_auto_failover_off_the_coordinator_only_raises_the_alarm() {
+    let mut lab = Lab::start(3).unwrap();
+    ha::cluster(&mut lab, "manual", &[]).unwrap();
+    lab.ctl_ok(&["cluster", "set", "manual", "auto-failover=off"])
+        .unwrap();
+    lab.kill_vm(1);
+    wait_until(Duration::from_secs(30), "the alarm", || {
+        Ok(events(&lab, "manual")?
+            .iter()
+            .any(|e| e.0 == "failover_needed"))
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let c = lab.ctl_json(&["cluster", "show", "manual"]).unwrap();
+    assert_eq!(c["term"], 1, "{c}");
+    let status = c["failover_status"].as_str().unwrap();
+    assert!(
+        status.contains("auto-failover is off") && status.contains("could take over"),
+        "{status}"
+    );
+    assert!(operations(&lab, "manual", "failover").unwrap().is_empty());
+    // The operator decides: a forced promotion.
+    lab.ctl_ok(&[
+        "node",
+        "promote",
+        "manual",
+        "vm2",
+        "--confirm",
+        "vm2",
+        "--force",
+    ])
+    .unwrap();
+    lab.restart_vm(1).unwrap();
+    assert_eq!(ha::wait_settled(&lab, "manual", 3, SETTLE).unwrap(), "vm2");
+}
+
+#[test]
+fn a_former_primary_that_cannot_be_rewound_is_cloned_again() {
+    let mut lab = Lab::start(3).unwrap();
+    let creds = ha::cluster(&mut lab, "reclone", &[]).unwrap();
+    let uri = creds["uri"].as_str().unwrap().to_string();
+    lab.psql(
+        &uri,
+        "INSERT INTO w SELECT g, now() FROM generate_series(1, 1000) g",
+    )
+    .unwrap();
+    lab.wait_streaming("reclone", "vm2").unwrap();
+    lab.wait_streaming("reclone", "vm3").unwrap();
+    let killed_at = corral_proto::now_ms();
+    lab.kill_vm(1);
+    let new = ha::wait_new_primary(&lab, "reclone", "vm1", Duration::from_secs(30)).unwrap();
+    lab.psql(
+        &uri,
+        "INSERT INTO w SELECT g, now() FROM generate_series(1001, 1500) g",
+    )
+    .unwrap();
+    // vm1's control file is gone: pg_rewind cannot work on it.
+    std::fs::remove_file(lab.state_dir(1).join("postgres/data/global/pg_control")).unwrap();
+    lab.restart_vm(1).unwrap();
+    assert_eq!(ha::wait_settled(&lab, "reclone", 3, SETTLE).unwrap(), new);
+    let ev = events(&lab, "reclone").unwrap();
+    let vm1: Vec<&str> = ev
+        .iter()
+        .filter(|e| e.1 == "vm1" && e.2 > killed_at)
+        .map(|e| e.0.as_str())
+        .collect();
+    assert!(
+        vm1.contains(&"rewind_failed") && vm1.contains(&"clone_finished"),
+        "vm1 was not cloned again after a failed rewind: {vm1:?}"
+    );
+    let all: Vec<i64> = (1..=1500).collect();
+    wait_until(Duration::from_secs(10), "vm1 to hold every row", || {
+        Ok(missing_on(&lab, &creds, 1, &all)?.is_empty())
+    })
+    .unwrap();
+    assert_eq!(lab.health(1, "/replica").unwrap(), 200);
 }

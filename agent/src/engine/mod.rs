@@ -629,6 +629,8 @@ impl Engine {
                     self.stop_locked().await?;
                     self.driver.wipe().await.context("erasing the data")?;
                 }
+                // A replica holds no lease (a former primary's is void).
+                self.drop_lease();
                 let repointed = current
                     .as_ref()
                     .is_some_and(|c| c.spec.upstream.as_ref() != Some(&upstream));

@@ -356,6 +356,15 @@ impl Engine {
         Ok(())
     }
 
+    /// Becoming a replica: a lease held as a primary no longer applies.
+    pub(super) fn drop_lease(&self) {
+        let held = self.lock_lease().until.is_some();
+        if held {
+            self.lock_lease().revoke();
+            self.save_lease();
+        }
+    }
+
     /// Leaving the cluster: no lease, no confirmation.
     pub(super) fn lock_lease_reset(&self) {
         *self.lock_lease() = lease::Lease::default();

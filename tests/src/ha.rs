@@ -1,0 +1,164 @@
+//! Helpers shared by the failover suites (`failover.rs`, `chaos.rs`,
+//! `busy.rs`) and the failover benchmark: a three-node cluster behind
+//! HAProxy with the writer's and the checker's tables, and the waits and
+//! reads their assertions need.
+
+use crate::checker::WriteChecker;
+use crate::writer::Writer;
+use crate::{wait_until, Lab};
+use anyhow::{anyhow, Result};
+use serde_json::Value;
+use std::time::Duration;
+
+/// The writer's table and the checker's.
+pub const WRITES: &str = "w";
+pub const PROBES: &str = "probe";
+
+/// Creates cluster `name` on vm1 (primary), vm2 and vm3 with extra
+/// `cluster create` flags, the writer's and checker's tables, and HAProxy
+/// routing to its primary; returns the credentials.
+pub fn cluster(lab: &mut Lab, name: &str, extra: &[&str]) -> Result<Value> {
+    let creds = lab.create_replicated(name, "vm1,vm2,vm3", extra)?;
+    let uri = creds["uri"]
+        .as_str()
+        .ok_or_else(|| anyhow!("no uri in {creds}"))?
+        .to_string();
+    lab.psql(
+        &uri,
+        &format!(
+            "CREATE TABLE {WRITES} (id bigint PRIMARY KEY, at timestamptz NOT NULL); \
+             CREATE TABLE {PROBES} (node text NOT NULL, at timestamptz NOT NULL)"
+        ),
+    )?;
+    for vm in ["vm2", "vm3"] {
+        lab.wait_streaming(name, vm)?;
+    }
+    lab.start_haproxy(&[1, 2, 3])?;
+    let through = lab.haproxy_uri(&creds);
+    wait_until(
+        Duration::from_secs(15),
+        "HAProxy to route to the primary",
+        || Ok(lab.psql(&through, "SELECT 1").is_ok()),
+    )?;
+    Ok(creds)
+}
+
+/// A writer inserting every 20 ms through HAProxy.
+pub fn writer(lab: &Lab, creds: &Value) -> Writer {
+    Writer::start(&lab.haproxy_uri(creds), WRITES, Duration::from_millis(20))
+}
+
+/// A checker probing every node directly from the host.
+pub fn checker(lab: &Lab, creds: &Value, vms: usize) -> WriteChecker {
+    WriteChecker::start(
+        (1..=vms)
+            .map(|i| (format!("vm{i}"), lab.node_uri(creds, i)))
+            .collect(),
+        PROBES,
+    )
+}
+
+/// A checker probing VM `i` from inside it, over loopback.
+pub fn local_checker(lab: &Lab, creds: &Value, i: usize) -> WriteChecker {
+    let uri = lab
+        .node_uri(creds, i)
+        .replace(&format!("@{}:", lab.vm_ip(i)), "@127.0.0.1:");
+    WriteChecker::start_in(
+        Some(lab.ns(&format!("vm{i}"))),
+        vec![(format!("vm{i}"), uri)],
+        PROBES,
+    )
+}
+
+/// Ids in the writer's table on node `i`.
+pub fn ids_on(lab: &Lab, creds: &Value, i: usize) -> Result<Vec<i64>> {
+    lab.column_on(creds, i, &format!("SELECT id FROM {WRITES} ORDER BY id"))?
+        .iter()
+        .map(|s| s.parse().map_err(|e| anyhow!("id {s:?}: {e}")))
+        .collect()
+}
+
+/// "vm2" -> 2.
+pub fn vm_index(id: &str) -> usize {
+    id.trim_start_matches("vm").parse().unwrap_or(0)
+}
+
+/// Waits until the writer has had `n` more acknowledgements than now.
+pub fn wait_acks(w: &Writer, n: usize, timeout: Duration) -> Result<()> {
+    let start = w.report().acked.len();
+    wait_until(timeout, &format!("{n} more acknowledged writes"), || {
+        Ok(w.report().acked.len() >= start + n)
+    })
+    .map_err(|e| anyhow!("{e:#}; writer's last error: {}", w.report().last_error))
+}
+
+/// (kind, node, at_ms, message) of every event recorded for `cluster`.
+pub fn events(lab: &Lab, cluster: &str) -> Result<Vec<(String, String, i64, String)>> {
+    let v = lab.ctl_json(&["event", "list", "--cluster", cluster, "--limit", "5000"])?;
+    Ok(v["events"]
+        .as_array()
+        .ok_or_else(|| anyhow!("no events in {v}"))?
+        .iter()
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap_or_default().to_string(),
+                e["node"].as_str().unwrap_or_default().to_string(),
+                e["at_ms"].as_i64().unwrap_or_default(),
+                e["message"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect())
+}
+
+/// Operations of `kind` on `cluster`.
+pub fn operations(lab: &Lab, cluster: &str, kind: &str) -> Result<Vec<Value>> {
+    let ops = lab.ctl_json(&["operation", "list", "--cluster", cluster])?;
+    Ok(ops["operations"]
+        .as_array()
+        .map(|a| a.iter().filter(|o| o["kind"] == kind).cloned().collect())
+        .unwrap_or_default())
+}
+
+/// Waits until `cluster` has one primary other than `not` and returns it.
+pub fn wait_new_primary(lab: &Lab, cluster: &str, not: &str, timeout: Duration) -> Result<String> {
+    let mut new = String::new();
+    wait_until(timeout, &format!("a primary other than {not}"), || {
+        new = lab.wait_until_primary(cluster, Duration::from_secs(2))?;
+        Ok(new != not)
+    })?;
+    Ok(new)
+}
+
+/// Waits until `cluster` has one primary, writable, and every other node
+/// streams from it; returns the primary.
+pub fn wait_settled(lab: &Lab, cluster: &str, vms: usize, timeout: Duration) -> Result<String> {
+    let mut primary = String::new();
+    wait_until(timeout, &format!("{cluster} to settle"), || {
+        primary = lab.wait_until_primary(cluster, Duration::from_secs(5))?;
+        let p = vm_index(&primary);
+        if lab.health(p, "/primary")? != 200 {
+            return Ok(false);
+        }
+        for i in (1..=vms).filter(|i| *i != p) {
+            let n = lab.cluster_node(cluster, &format!("vm{i}"))?;
+            let lag = n["lag_bytes"].as_i64().unwrap_or(-1);
+            if !matches!(n["replication"].as_str(), Some("streaming" | "sync"))
+                || !(0..16 << 20).contains(&lag)
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })?;
+    Ok(primary)
+}
+
+/// Acknowledged ids missing on node `i` (sync mode: must be none).
+pub fn missing_on(lab: &Lab, creds: &Value, i: usize, acked: &[i64]) -> Result<Vec<i64>> {
+    let have = ids_on(lab, creds, i)?;
+    Ok(acked
+        .iter()
+        .filter(|id| have.binary_search(id).is_err())
+        .copied()
+        .collect())
+}
