@@ -1,6 +1,7 @@
 //! Agent footprint: steady-state resident memory and CPU use of
-//! `corral-agent` at the default 1 s heartbeat interval, supervising a
-//! single-node PostgreSQL cluster (health and replication check every 1 s).
+//! `corral-agent` on the primary and on a replica of a three-node
+//! PostgreSQL cluster with default settings (a heartbeat with a health
+//! check every 500 ms, the primary's confirmation rounds, the guardian).
 //!
 //! Run with `make bench` (release binaries). Prints figures; asserts nothing.
 //! `CORRAL_BENCH_SECONDS` sets the sampling window (default 30).
@@ -47,51 +48,66 @@ fn main() {
         bin("corral-agent").parent().unwrap().display()
     );
     let lab = Lab::start_with(LabOptions {
-        vms: 1,
+        vms: 3,
         ..Default::default()
     })
     .expect("lab");
-    lab.ctl_ok(&[
-        "cluster", "create", "--name", "bench", "--engine", "postgres", "--node", "vm1",
-    ])
-    .expect("cluster create");
-    let pid = *lab
-        .pids_in_vm(1, "corral-agent")
-        .first()
-        .expect("agent pid");
+    lab.create_replicated("bench", "vm1,vm2,vm3", &[])
+        .expect("cluster create");
+    let c = lab
+        .ctl_json(&["cluster", "show", "bench"])
+        .expect("cluster show");
+    let pids: Vec<(&str, i32)> = [("primary vm1", 1), ("replica vm2", 2)]
+        .into_iter()
+        .map(|(name, i)| {
+            (
+                name,
+                *lab.pids_in_vm(i, "corral-agent")
+                    .first()
+                    .expect("agent pid"),
+            )
+        })
+        .collect();
 
     // Settle: connections made, allocator warmed, first samples taken.
     std::thread::sleep(Duration::from_secs(5));
     let hz = clock_ticks();
     let t0 = Instant::now();
-    let c0 = cpu_ticks(pid);
-    let mut rss_samples = Vec::new();
+    let c0: Vec<u64> = pids.iter().map(|(_, p)| cpu_ticks(*p)).collect();
+    let mut rss_samples: Vec<Vec<u64>> = vec![Vec::new(); pids.len()];
     while t0.elapsed() < window {
-        rss_samples.push(status_kib(pid, "VmRSS:"));
+        for (i, (_, p)) in pids.iter().enumerate() {
+            rss_samples[i].push(status_kib(*p, "VmRSS:"));
+        }
         std::thread::sleep(Duration::from_millis(500));
     }
-    let cpu_s = (cpu_ticks(pid) - c0) as f64 / hz;
     let elapsed = t0.elapsed().as_secs_f64();
-    rss_samples.sort();
-    let median = rss_samples[rss_samples.len() / 2];
-    let max = *rss_samples.last().unwrap();
-    let hwm = status_kib(pid, "VmHWM:");
-    let heartbeats = lab
-        .node("vm1")
-        .unwrap()
-        .map(|n| n["state"] == "up")
-        .unwrap_or(false);
-
-    println!("agent steady state over {elapsed:.1}s (heartbeat every 1 s, engine health check every 1 s):");
     println!(
-        "  RSS            median {:.1} MiB, max {:.1} MiB, peak (VmHWM) {:.1} MiB",
-        median as f64 / 1024.0,
-        max as f64 / 1024.0,
-        hwm as f64 / 1024.0
+        "agent steady state over {elapsed:.1}s in a three-node cluster (heartbeat every {} ms \
+         with a health check, confirmation rounds every {} ms, lease {} ms):",
+        c["heartbeat_interval_ms"], c["heartbeat_interval_ms"], c["lease_ms"]
     );
-    println!(
-        "  CPU            {:.3}% of one core ({cpu_s:.2} s CPU in {elapsed:.1} s)",
-        100.0 * cpu_s / elapsed
-    );
-    println!("  node still up  {heartbeats}");
+    for (i, (name, pid)) in pids.iter().enumerate() {
+        let cpu_s = (cpu_ticks(*pid) - c0[i]) as f64 / hz;
+        let samples = &mut rss_samples[i];
+        samples.sort();
+        let median = samples[samples.len() / 2];
+        let max = *samples.last().unwrap();
+        let hwm = status_kib(*pid, "VmHWM:");
+        println!(
+            "  {name:<12} RSS median {:.1} MiB, max {:.1} MiB, peak (VmHWM) {:.1} MiB; \
+             CPU {:.3}% of one core ({cpu_s:.2} s in {elapsed:.1} s)",
+            median as f64 / 1024.0,
+            max as f64 / 1024.0,
+            hwm as f64 / 1024.0,
+            100.0 * cpu_s / elapsed
+        );
+    }
+    let up = (1..=3).all(|i| {
+        lab.node(&format!("vm{i}"))
+            .ok()
+            .flatten()
+            .is_some_and(|n| n["state"] == "up")
+    });
+    println!("  every node still up: {up}");
 }

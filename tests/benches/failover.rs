@@ -2,8 +2,9 @@
 //! killed (every process in its namespace, SIGKILL) while a client inserts a
 //! row every 10 ms through HAProxy, which routes by the agents' `/primary`
 //! health check. Default settings (async replication, the default lease
-//! and heartbeat). `CORRAL_BENCH_FAILOVERS` runs (default 20); after each
-//! the old primary's VM is restarted and rejoins as a replica.
+//! and heartbeat); `CORRAL_BENCH_SYNC=1` measures sync mode instead.
+//! `CORRAL_BENCH_FAILOVERS` runs (default 20); after each the old
+//! primary's VM is restarted and rejoins as a replica.
 //!
 //! Per run: the client's longest gap between two acknowledged inserts (the
 //! write unavailability), and from the coordinator's record the time from
@@ -37,8 +38,9 @@ fn line(what: &str, v: Vec<f64>) {
 
 fn main() {
     let runs = env_num("CORRAL_BENCH_FAILOVERS", 20) as usize;
+    let sync = env_num("CORRAL_BENCH_SYNC", 0) == 1;
     let mut lab = Lab::start(3).unwrap();
-    let creds = ha::cluster(&mut lab, "bench", &[]).unwrap();
+    let creds = ha::cluster(&mut lab, "bench", if sync { &["--sync"] } else { &[] }).unwrap();
     let writer = Writer::start(
         &lab.haproxy_uri(&creds),
         ha::WRITES,
@@ -85,15 +87,33 @@ fn main() {
     let report = writer.finish();
     println!(
         "\nfailover write unavailability over {runs} kills of the primary's VM \
-         (writer every 10 ms through HAProxy, default settings):"
+         (writer every 10 ms through HAProxy, {}):",
+        if sync {
+            "sync mode, default lease and heartbeat"
+        } else {
+            "default settings"
+        }
     );
     line("client-observed pause", gaps);
     line("kill -> failover detected", detect);
     line("detected -> promoted", promote);
     println!(
-        "  {} inserts acknowledged, {} failed attempts (async mode: acknowledged writes not yet \
-         replicated may be lost, bounded by the 1 MiB lag limit)",
+        "  {} inserts acknowledged, {} failed attempts",
         report.acked.len(),
         report.errors
     );
+    if sync {
+        let p = vm_index(&ha::wait_settled(&lab, "bench", 3, Duration::from_secs(90)).unwrap());
+        let missing = ha::missing_on(&lab, &creds, p, &report.acked).unwrap();
+        println!(
+            "  sync mode: {} acknowledged inserts missing afterwards",
+            missing.len()
+        );
+        assert!(missing.is_empty(), "acknowledged writes lost: {missing:?}");
+    } else {
+        println!(
+            "  (async mode: writes acknowledged but not yet replicated may be lost, at most the \
+             1 MiB lag limit)"
+        );
+    }
 }

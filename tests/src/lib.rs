@@ -932,10 +932,14 @@ impl Drop for Lab {
         for ns in ns_names(self.k) {
             kill_ns_processes(&ns);
         }
-        if failed {
+        // CORRAL_KEEP_LABS=1 keeps every lab's logs, for reading after a
+        // benchmark or a passing test.
+        let keep = std::env::var_os("CORRAL_KEEP_LABS").is_some_and(|v| v == "1");
+        if failed || keep {
             let kept = self.dir.with_file_name(format!(
-                "lab-{}.failed-{}-{}",
+                "lab-{}.{}-{}-{}",
                 self.k,
+                if failed { "failed" } else { "kept" },
                 std::process::id(),
                 std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)

@@ -215,6 +215,10 @@ impl Postgres {
              hot_standby = on\n\
              hot_standby_feedback = on\n\
              wal_receiver_status_interval = 1s\n\
+             # A standby whose upstream vanished retries (and first replays\n\
+             # what it already received) after this, not the default 5 s:\n\
+             # a switchover otherwise waits up to 5 s for the last record.\n\
+             wal_retrieve_retry_interval = '250ms'\n\
              synchronous_standby_names = {sync}\n\
              # The fence (read-only while this primary holds no lease).\n\
              include_if_exists = '{fence}'\n",
@@ -269,9 +273,13 @@ impl Postgres {
     }
 
     async fn connect(&self, spec: &EngineSpec) -> Result<tokio_postgres::Client> {
+        self.connect_port(spec.port).await
+    }
+
+    async fn connect_port(&self, port: u16) -> Result<tokio_postgres::Client> {
         let (client, connection) = tokio_postgres::Config::new()
             .host_path(self.socket_dir())
-            .port(spec.port)
+            .port(port)
             .user("postgres")
             .dbname("postgres")
             .application_name("corral-agent")
@@ -314,6 +322,51 @@ impl Postgres {
 /// The file (in the data directory, included by corral.conf) that makes a
 /// fenced primary read-only.
 const FENCE_CONF: &str = "corral-fence.conf";
+
+impl Postgres {
+    /// The port of the running server, from postmaster.pid (fourth line).
+    fn running_port(&self) -> Option<u16> {
+        let pidfile = std::fs::read_to_string(self.data_dir().join("postmaster.pid")).ok()?;
+        pidfile.lines().nth(3)?.trim().parse().ok()
+    }
+
+    /// Terminates every client session (not the agent's own) and every
+    /// walsender. A fenced primary's walsenders can reach no standby (the
+    /// firewall drops their packets): left alone they would hold up a later
+    /// fast shutdown, which waits for them to send their last WAL, for
+    /// `wal_sender_timeout` (a minute).
+    async fn end_client_sessions(&self, port: u16) -> Result<()> {
+        let mut conn = self.conn.lock().await;
+        if conn.as_ref().is_none_or(|c| c.is_closed()) {
+            *conn = Some(self.connect_port(port).await?);
+        }
+        let Some(c) = conn.as_ref() else {
+            return Ok(());
+        };
+        let ended = c
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE (backend_type = 'client backend' AND pid <> pg_backend_pid() \
+                        AND application_name <> 'corral-agent') \
+                    OR backend_type = 'walsender'",
+                &[],
+            )
+            .await;
+        match ended {
+            Ok(r) => {
+                tracing::info!(
+                    sessions = r.get::<_, i64>(0),
+                    "fenced: client sessions and walsenders ended"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                *conn = None;
+                Err(e).context("ending client sessions")
+            }
+        }
+    }
+}
 
 /// The role replicas stream as (and pg_basebackup / pg_rewind connect as).
 pub const REPLICATION_USER: &str = "corral_replication";
@@ -588,6 +641,15 @@ impl Driver for Postgres {
 
     async fn stop(&self, pid: u32) -> Result<()> {
         use nix::sys::signal::{kill, Signal};
+        if self.data_dir().join(FENCE_CONF).exists() {
+            // Fenced: walsenders that got in before the fence would hold
+            // the fast shutdown up (see end_client_sessions).
+            if let Some(port) = self.running_port() {
+                if let Err(e) = self.end_client_sessions(port).await {
+                    tracing::warn!("before stopping a fenced primary: {e:#}");
+                }
+            }
+        }
         *self.conn.lock().await = None;
         let target = nix::unistd::Pid::from_raw(pid as i32);
         // Fast shutdown: sessions are disconnected, a shutdown checkpoint is
@@ -774,7 +836,7 @@ impl Driver for Postgres {
         Ok(())
     }
 
-    async fn set_fenced(&self, _spec: &EngineSpec, fenced: bool) -> Result<()> {
+    async fn set_fenced(&self, spec: &EngineSpec, fenced: bool) -> Result<()> {
         if !self.has_data() {
             return Ok(());
         }
@@ -806,30 +868,10 @@ impl Driver for Postgres {
         }
         if fenced {
             // Sessions opened before the fence keep their old default; end
-            // them (the firewall already cut their clients off).
-            let mut conn = self.conn.lock().await;
-            if conn.as_ref().is_none_or(|c| c.is_closed()) {
-                *conn = Some(self.connect(_spec).await?);
-            }
-            if let Some(c) = conn.as_ref() {
-                let ended = c
-                    .query_one(
-                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-                         WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() \
-                         AND application_name <> 'corral-agent'",
-                        &[],
-                    )
-                    .await;
-                match ended {
-                    Ok(r) => tracing::info!(
-                        sessions = r.get::<_, i64>(0),
-                        "fenced: client sessions ended"
-                    ),
-                    Err(e) => {
-                        *conn = None;
-                        return Err(e).context("ending client sessions");
-                    }
-                }
+            // them. Best effort: the firewall already cut their clients off
+            // and the engine may be stopping (nothing to end then).
+            if let Err(e) = self.end_client_sessions(spec.port).await {
+                tracing::warn!("fenced, but ending client sessions failed: {e:#}");
             }
         }
         Ok(())

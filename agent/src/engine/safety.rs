@@ -458,6 +458,14 @@ impl Engine {
                 }
             }
             Err(e) => {
+                // Half of it may have been applied: the next pass starts
+                // from "unknown" and applies both halves again (each is
+                // idempotent). Until then, report it as fenced when that
+                // was the aim: better a false alarm than a false all-clear.
+                *applied = None;
+                if want.fenced {
+                    self.fenced_now.store(true, Ordering::SeqCst);
+                }
                 tracing::error!("applying the fence ({want:?}): {e:#}");
                 self.update(|s| s.message = format!("applying the fence: {e:#}"));
             }
@@ -466,7 +474,10 @@ impl Engine {
 
     /// Re-applies the table when someone changed or deleted it by hand.
     async fn repair_drift(&self) {
-        let Some(want) = *self.fence.lock().await else {
+        // Held throughout: a fence applied meanwhile would otherwise be
+        // taken for drift and undone.
+        let mut applied = self.fence.lock().await;
+        let Some(want) = *applied else {
             return;
         };
         if want.port.is_none() {
@@ -474,22 +485,19 @@ impl Engine {
         }
         match self.firewall.matches(&rules(want)).await {
             Ok(true) => {}
-            Ok(false) => {
-                let mut applied = self.fence.lock().await;
-                match self.firewall.apply(&rules(want)).await {
-                    Ok(()) => self.events.push(
-                        "firewall_drift",
-                        format!(
-                            "the nftables table inet {} was changed or removed by hand; restored it",
-                            crate::firewall::TABLE
-                        ),
+            Ok(false) => match self.firewall.apply(&rules(want)).await {
+                Ok(()) => self.events.push(
+                    "firewall_drift",
+                    format!(
+                        "the nftables table inet {} was changed or removed by hand; restored it",
+                        crate::firewall::TABLE
                     ),
-                    Err(e) => {
-                        *applied = None;
-                        tracing::error!("restoring the firewall table: {e:#}");
-                    }
+                ),
+                Err(e) => {
+                    *applied = None;
+                    tracing::error!("restoring the firewall table: {e:#}");
                 }
-            }
+            },
             Err(e) => tracing::warn!("reading the firewall table: {e:#}"),
         }
     }
