@@ -882,13 +882,13 @@ impl Ctx<'_> {
         ));
         let timeline = format!(
             "failover of {} from {old} to {candidate} in term {}: detected at {}, {old}'s lease ended at {} \
-             (+{} ms), {candidate} chosen at detection, promoted at {} (+{} ms), replicas repointed at {} \
+             ({} ms before), {candidate} chosen at detection, promoted at {} (+{} ms), replicas repointed at {} \
              (+{} ms: {})",
             cluster.name,
             cluster.term,
             fmt_ms(detected),
             fmt_ms(lease_ended),
-            lease_ended - detected,
+            detected - lease_ended,
             fmt_ms(promoted),
             promoted - detected,
             fmt_ms(done),

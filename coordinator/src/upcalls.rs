@@ -178,9 +178,9 @@ impl pb::agent_upcalls_server::AgentUpcalls for Upcalls {
 
 /// What the coordinator tells a node of a cluster in answer to a heartbeat
 /// received at `received`: term, role, timing, and for the primary of
-/// record its replicas' agents and, when its engine runs as a primary, a
-/// lease (recorded in the fleet, so the failover decision knows how long it
-/// may run).
+/// record its replicas' agents and, while its engine runs, a lease
+/// (recorded in the fleet, so the failover decision knows how long it may
+/// run).
 fn assign(
     coord: &Coordinator,
     node: &str,
@@ -222,11 +222,17 @@ fn assign(
                 .unwrap_or_else(|| m.address.clone()),
         })
         .collect();
-    let runs_as_primary = engine.cluster == c.name
-        && engine.role == "primary"
+    // The primary of record gets its lease while its engine runs as a
+    // primary, and already while it is being promoted, so that it holds
+    // the lease the moment its promotion completes (a lease on a standby
+    // lets it write nothing). A standby of record that is not being
+    // promoted gets none: its lease runs out and the monitor acts.
+    let as_primary =
+        engine.role == "primary" && engine.replication.as_ref().is_some_and(|r| !r.in_recovery);
+    let runs = engine.cluster == c.name
         && engine.state == pb::EngineState::Running as i32
-        && engine.replication.as_ref().is_some_and(|r| !r.in_recovery);
-    if runs_as_primary {
+        && (as_primary || engine.promoting);
+    if runs {
         a.lease_ms = c.lease_ms;
         coord.fleet.record_grant(node, received);
         if c.sync {

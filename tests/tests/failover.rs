@@ -101,6 +101,12 @@ fn killing_the_primary_vm_fails_over_with_every_acknowledged_write() {
         ev.iter().any(|e| e.0 == "rejoined" && e.1 == "vm1"),
         "vm1 did not rejoin by pg_rewind: {ev:?}"
     );
+    // The new primary held its lease from the moment it was promoted: it
+    // was never fenced (which would have ended its first sessions).
+    assert!(
+        !ev.iter().any(|e| e.0 == "fenced" && e.1 == new),
+        "{new} was fenced after its promotion: {ev:?}"
+    );
     let rejoin = lab.operation("ha", "rejoin").unwrap();
     assert_eq!(rejoin["state"], "succeeded", "{rejoin}");
     let audit = lab.ctl_json(&["audit", "list"]).unwrap().to_string();

@@ -490,6 +490,7 @@ impl Engine {
                 .unwrap_or_default();
         }
         s.lease = Some(self.lease_status());
+        s.promoting = self.promoting.load(std::sync::atomic::Ordering::SeqCst);
         s.checked_age_ms = self
             .last_check
             .lock()

@@ -172,7 +172,9 @@ impl Engine {
                 return;
             }
         }
-        if stored.spec.role != "primary" {
+        // A replica being promoted takes its lease already, so it holds it
+        // the moment the promotion completes.
+        if stored.spec.role != "primary" && !self.promoting.load(Ordering::SeqCst) {
             return;
         }
         if a.role == "primary" && a.lease_ms > 0 {
@@ -180,7 +182,7 @@ impl Engine {
             self.lock_lease().grant(asked_at, len, Source::Coordinator);
             self.save_lease();
             self.guard_wake.notify_one();
-        } else if a.role != "primary" {
+        } else if a.role != "primary" && stored.spec.role == "primary" {
             let had = self.lock_lease().held(BootTime::now());
             self.lock_lease().revoke();
             self.save_lease();
@@ -321,6 +323,8 @@ impl Engine {
         let holding = {
             let lease = self.lock_lease();
             self.promoting.store(true, Ordering::SeqCst);
+            // Ask for the lease now; it arrives while the promotion runs.
+            self.heartbeat_wake.notify_one();
             lease
                 .confirmation(BootTime::now())
                 .map(|(p, d)| (p.to_string(), d))
@@ -450,9 +454,15 @@ impl Engine {
                             want.port.unwrap_or(0)
                         ),
                     ),
+                    (true, false) if stored.as_ref().is_some_and(|s| s.spec.role == "primary") => {
+                        self.events.push(
+                            "unfenced",
+                            format!("lease granted: the engine takes writes again ({ms} ms)"),
+                        )
+                    }
                     (true, false) => self.events.push(
                         "unfenced",
-                        format!("lease granted: the engine takes writes again ({ms} ms)"),
+                        format!("fence lifted: this node is no longer a primary ({ms} ms)"),
                     ),
                     _ => {}
                 }
