@@ -78,14 +78,16 @@ impl Heartbeat {
             let give_up = interval * 4;
             tokio::spawn(async move {
                 let answer = tokio::time::timeout(give_up, client.heartbeat(request)).await;
+                if let Ok(Ok(resp)) = &answer {
+                    let resp = resp.get_ref();
+                    events.ack(resp.acked_event_seq);
+                    if let Some(a) = &resp.assignment {
+                        engine.on_assignment(a, asked_at);
+                    }
+                }
                 let mut failing = failing.lock().unwrap_or_else(|p| p.into_inner());
                 match answer {
-                    Ok(Ok(resp)) => {
-                        let resp = resp.into_inner();
-                        events.ack(resp.acked_event_seq);
-                        if let Some(a) = &resp.assignment {
-                            engine.on_assignment(a, asked_at);
-                        }
+                    Ok(Ok(_)) => {
                         if let Some(since) = failing.take() {
                             tracing::info!(
                                 "coordinator reachable again after {:.1}s",

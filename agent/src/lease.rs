@@ -112,9 +112,17 @@ impl Lease {
         self.until.is_none_or(|u| u <= now + ahead)
     }
 
-    /// A replica confirms `primary` at `now`; it refuses promotion for `hold`.
+    /// A replica confirms `primary` at `now`; it refuses promotion for
+    /// `hold`. Never shortens a confirmation already given (the lease
+    /// length may have been shortened since, while the longer lease runs).
     pub fn confirm(&mut self, primary: &str, now: BootTime, hold: Duration) {
-        self.confirmed = Some((primary.to_string(), now + hold));
+        let until = self
+            .confirmed
+            .as_ref()
+            .map(|(_, u)| *u)
+            .filter(|u| *u > now + hold)
+            .unwrap_or(now + hold);
+        self.confirmed = Some((primary.to_string(), until));
     }
 
     /// The confirmation still in force at `now`, and for how long.
@@ -146,13 +154,26 @@ pub fn boot_id() -> String {
         .unwrap_or_default()
 }
 
-/// Saves `lease` for an agent restarted within this boot.
+/// Saves `lease` for an agent restarted within this boot. No fsync: the
+/// file only matters within this boot (after a crash of the machine it is
+/// ignored), and a write that waited for the disk could delay the fence.
+/// A temporary file of its own per write, renamed into place, so
+/// concurrent saves never mix.
 pub fn save(state_dir: &Path, lease: &Lease) -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
     let p = Persisted {
         boot_id: boot_id(),
         lease: lease.clone(),
     };
-    corral_proto::pki::write_private(&path(state_dir), &serde_json::to_string(&p)?)
+    let tmp = state_dir.join(format!(
+        "lease.json.{}.tmp",
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::write(&tmp, serde_json::to_string(&p)?)
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path(state_dir))
+        .map_err(|e| anyhow::anyhow!("renaming {} into place: {e}", tmp.display()))
 }
 
 /// The lease saved by an earlier agent of this boot, if any.
@@ -245,6 +266,17 @@ mod tests {
         l.grant(at(1500), S2, Source::Replicas);
         assert_eq!(l.source, Some(Source::Replicas));
         assert_eq!(l.remaining(at(3000)), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn a_confirmation_is_never_shortened() {
+        let mut l = Lease::default();
+        l.confirm("vm1", at(1000), Duration::from_millis(12_500));
+        l.confirm("vm1", at(1500), Duration::from_millis(2500));
+        assert_eq!(
+            l.confirmation(at(5000)),
+            Some(("vm1", Duration::from_millis(8500)))
+        );
     }
 
     #[test]

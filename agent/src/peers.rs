@@ -130,7 +130,7 @@ impl Peers {
             }
         }
         if refusals.is_empty() {
-            engine.confirmed_by_replicas(asked_at, round.lease);
+            engine.confirmed_by_replicas(asked_at, round.lease, round.term);
             Outcome::Confirmed
         } else {
             Outcome::NotConfirmed(refusals.join("; "))

@@ -5,22 +5,27 @@
 //!
 //! The primary is judged lost only when the evidence says so:
 //!
-//! 1. its lease has run out by the coordinator's own clock, plus a safety
-//!    margin (the agent fenced itself before its own, earlier, end of the
-//!    same lease), and every other node's possible lease too;
-//! 2. no replica still confirms it (a primary cut off from the coordinator
-//!    but not from its replicas keeps its lease through them, and keeps
-//!    serving: a coordinator outage or partition must not take writes down).
+//! 1. every lease the coordinator granted it has run out by the
+//!    coordinator's own clock, plus a safety margin (the agent fenced itself
+//!    before its own, earlier, end of the same lease), and so has every
+//!    other node's possible lease;
+//! 2. its replicas do not all confirm it (a primary cut off from the
+//!    coordinator but not from its replicas keeps its lease through them,
+//!    and keeps serving: a coordinator outage or partition must not take
+//!    writes down; one replica missing is enough to end that lease).
 //!
-//! Then the candidate is the healthy replica with the most recent position
-//! (an [`Ord`] on received, then replayed position, then the node id), as
-//! measured after the primary's lease ended (so positions are final: a
-//! fenced primary sends nothing more). In sync mode only a replica holding
-//! every acknowledged commit qualifies: the most advanced of all replicas
-//! that may have acknowledged commits, every one of which must have
-//! reported; otherwise nothing is promoted and on-call is paged. In async
-//! mode a candidate further behind the primary's last known position than
-//! the limit is refused for the same reason.
+//! Then the candidate is the healthy replica following the primary with the
+//! most recent position (an order on received, then replayed position,
+//! then the node id), as measured after the primary's last possible write
+//! (the end of its coordinator lease, or of the last lease its replicas
+//! gave it, whichever is later: positions are final, a fenced primary sends
+//! nothing more). In sync mode only a replica holding every acknowledged
+//! commit qualifies: the most advanced of all replicas that may have
+//! acknowledged commits, every one of which must have reported; otherwise
+//! nothing is promoted and on-call is paged. In async mode a candidate
+//! further behind the primary's last known position (its own report, or
+//! what it last told a replica) than the limit is refused for the same
+//! reason.
 
 use std::cmp::Ordering;
 use std::fmt;
@@ -38,6 +43,10 @@ pub struct NodeView {
     pub in_recovery: bool,
     /// Its WAL receiver streams from an upstream.
     pub streaming: bool,
+    /// Replica: the node its spec follows.
+    pub upstream: String,
+    /// Replica: the upstream's WAL position as it last told this replica.
+    pub upstream_lsn: u64,
     /// When its last successful health check ran (heartbeat receipt minus
     /// the check's age); positions are as of then.
     pub checked_at: Option<Instant>,
@@ -45,9 +54,9 @@ pub struct NodeView {
     /// Primary: its current WAL position as last reported.
     pub received: u64,
     pub replayed: u64,
-    /// The latest moment from which a lease granted to this node may run
-    /// (its last grant, or the coordinator's start).
-    pub last_grant: Instant,
+    /// Until when a lease the coordinator granted this node may run (with
+    /// what a previous coordinator process may have granted as a floor).
+    pub lease_until: Instant,
     /// Replica: the primary it confirms and until when.
     pub confirms: Option<(String, Instant)>,
 }
@@ -77,8 +86,12 @@ pub enum Wait {
     Operation(String),
     /// The primary is silent, but its lease may still run.
     LeaseRunning { node: String, left: Duration },
-    /// The primary is silent to the coordinator, but a replica confirms it.
-    ConfirmedBy { replica: String, left: Duration },
+    /// The primary is silent to the coordinator, but every replica
+    /// confirms it.
+    ConfirmedBy {
+        replicas: Vec<String>,
+        left: Duration,
+    },
     /// A healthy replica has not reported a position measured after the
     /// primary's lease ended.
     FreshPositions(Vec<String>),
@@ -132,7 +145,7 @@ impl Decision {
             Decision::Wait { why, .. } => match why {
                 Wait::Operation(k) => format!("wait-operation-{k}"),
                 Wait::LeaseRunning { .. } => "wait-lease".into(),
-                Wait::ConfirmedBy { replica, .. } => format!("wait-confirmed-{replica}"),
+                Wait::ConfirmedBy { .. } => "wait-confirmed".into(),
                 Wait::FreshPositions(_) => "wait-positions".into(),
             },
             Decision::Failover { candidate, .. } => format!("failover-{candidate}"),
@@ -160,10 +173,11 @@ impl fmt::Display for Decision {
                     "primary {primary} is silent; no promotion while {node}'s lease may still run ({} ms left with the margin)",
                     ms(*left)
                 ),
-                Wait::ConfirmedBy { replica, left } => write!(
+                Wait::ConfirmedBy { replicas, left } => write!(
                     f,
-                    "primary {primary} is unreachable from the coordinator but replica {replica} confirms it \
-                     (for {} ms more): it keeps serving, no failover",
+                    "primary {primary} is unreachable from the coordinator but its replicas ({}) \
+                     confirm it (for {} ms more at least): it keeps serving, no failover",
+                    replicas.join(", "),
                     ms(*left)
                 ),
                 Wait::FreshPositions(nodes) => write!(
@@ -228,9 +242,10 @@ pub fn decide(view: &ClusterView, now: Instant) -> Decision {
         };
     }
     // 1. The primary's lease, by the coordinator's clock, plus the margin.
-    let lease_end = view.primary.last_grant + view.lease;
+    let lease_end = view.primary.lease_until;
     if now < lease_end + view.margin {
-        if view.primary.up && view.primary.healthy {
+        let p = &view.primary;
+        if p.up && p.healthy && !p.in_recovery {
             return Decision::Healthy { primary };
         }
         return Decision::Wait {
@@ -241,38 +256,55 @@ pub fn decide(view: &ClusterView, now: Instant) -> Decision {
             },
         };
     }
-    // 2. A replica still confirming the primary proves it alive.
-    if let Some((replica, until)) = view
+    // 2. Every replica still confirming the primary proves it alive (and
+    // holding a lease through them). One that does not is enough: the
+    // primary cannot renew its lease without it.
+    let confirmation = |r: &NodeView| match &r.confirms {
+        Some((p, until)) if *p == primary => Some(*until),
+        _ => None,
+    };
+    let all_confirm = view
         .replicas
         .iter()
-        .filter_map(|r| match &r.confirms {
-            Some((p, until)) if *p == primary && *until > now => Some((r.id.clone(), *until)),
-            _ => None,
-        })
-        .max_by_key(|(_, until)| *until)
-    {
+        .map(|r| confirmation(r).filter(|until| *until > now))
+        .collect::<Option<Vec<Instant>>>();
+    if let Some(untils) = all_confirm.filter(|u| !u.is_empty()) {
+        let soonest = untils.iter().min().copied().unwrap_or(now);
         return Decision::Wait {
             primary,
             why: Wait::ConfirmedBy {
-                replica,
-                left: until - now,
+                replicas: view.replicas.iter().map(|r| r.id.clone()).collect(),
+                left: soonest - now,
             },
         };
     }
+    // The primary's last possible write: the end of its coordinator lease,
+    // or of the last lease a round of confirmations gave it. A round needs
+    // every replica, so that lease ended by the earliest of their
+    // confirmations, less the margin a replica holds its confirmation
+    // beyond the lease; with one replica never confirming, there was none.
+    let replica_lease_end = view
+        .replicas
+        .iter()
+        .map(confirmation)
+        .collect::<Option<Vec<Instant>>>()
+        .and_then(|u| u.into_iter().min())
+        .map(|until| until.checked_sub(view.margin).unwrap_or(until));
+    let writes_end = replica_lease_end.map_or(lease_end, |e| e.max(lease_end));
     // 3. The primary is lost. Who could take over?
     let fit: Vec<&NodeView> = view
         .replicas
         .iter()
-        .filter(|r| r.up && r.healthy && r.in_recovery)
+        .filter(|r| r.up && r.healthy && r.in_recovery && r.upstream == primary)
         .collect();
     let stale: Vec<String> = fit
         .iter()
-        .filter(|r| r.checked_at.is_none_or(|t| t <= lease_end))
+        .filter(|r| r.checked_at.is_none_or(|t| t <= writes_end))
         .map(|r| r.id.clone())
         .collect();
     let mut fresh: Vec<&NodeView> = fit
         .into_iter()
-        .filter(|r| r.checked_at.is_some_and(|t| t > lease_end))
+        .filter(|r| r.checked_at.is_some_and(|t| t > writes_end))
         .collect();
     fresh.sort_by(|a, b| rank(a, b));
     let candidate = fresh.first().copied();
@@ -287,7 +319,7 @@ pub fn decide(view: &ClusterView, now: Instant) -> Decision {
         .replicas
         .iter()
         .filter(|r| Some(r.id.as_str()) != candidate.map(|c| c.id.as_str()))
-        .map(|r| (r, r.last_grant + view.lease + view.margin))
+        .map(|r| (r, r.lease_until + view.margin))
         .filter(|(_, end)| *end > now)
         .max_by_key(|(_, end)| *end);
     if let Some((node, end)) = busy_lease {
@@ -302,26 +334,26 @@ pub fn decide(view: &ClusterView, now: Instant) -> Decision {
     if view.sync {
         // Every replica that may hold an acknowledged commit must have
         // reported a final position; the candidate is the furthest of them.
-        let may_hold: Vec<&NodeView> = view
+        // Which replicas acknowledged is known only while the coordinator
+        // heard the primary: if the primary served on through its replicas'
+        // confirmations, any replica may have.
+        let ackers = view.ackers.as_ref().filter(|_| writes_end <= lease_end);
+        let missing: Vec<String> = view
             .replicas
             .iter()
-            .filter(|r| view.ackers.as_ref().is_none_or(|a| a.contains(&r.id)))
-            .collect();
-        let missing: Vec<String> = may_hold
-            .iter()
+            .filter(|r| ackers.is_none_or(|a| a.contains(&r.id)))
             .filter(|r| !fresh.iter().any(|f| f.id == r.id))
             .filter(|r| !stale.contains(&r.id))
             .map(|r| r.id.clone())
             .collect();
         if !missing.is_empty() {
-            return Decision::Blocked {
-                primary,
-                reason: format!(
-                    "sync mode: {} may hold acknowledged commits and cannot report its position \
-                     (down or unhealthy), so promoting another replica could lose them",
-                    missing.join(", ")
-                ),
-            };
+            let reason = format!(
+                "sync mode: {} may hold acknowledged commits and cannot report its position \
+                 (down, unhealthy or not following {primary}), so promoting another replica \
+                 could lose them",
+                missing.join(", ")
+            );
+            return Decision::Blocked { primary, reason };
         }
     }
     if !stale.is_empty() {
@@ -338,17 +370,25 @@ pub fn decide(view: &ClusterView, now: Instant) -> Decision {
     };
     // In sync mode the furthest replica holds every acknowledged commit,
     // whatever the primary wrote after; in async mode that is what is lost.
+    // The primary's position: its last report, or what it last told a
+    // replica (later, when the coordinator could not hear it).
+    let primary_at = view
+        .replicas
+        .iter()
+        .map(|r| r.upstream_lsn)
+        .fold(view.primary.received, u64::max);
     let behind = if view.sync {
         0
     } else {
-        view.primary.received.saturating_sub(c.received)
+        primary_at.saturating_sub(c.received)
     };
     if behind > view.max_lag_bytes {
         return Decision::Blocked {
             primary,
             reason: format!(
                 "every replica lags past the limit: the best, {}, is {behind} bytes behind the \
-                 primary's last report (limit {} bytes); promoting it would lose the writes in between",
+                 primary's last known position (limit {} bytes); promoting it would lose the \
+                 writes in between",
                 c.id, view.max_lag_bytes
             ),
         };
@@ -376,6 +416,8 @@ fn unfit(view: &ClusterView) -> String {
                 "its engine is not healthy"
             } else if !r.in_recovery {
                 "it is not a standby (a former primary not yet rejoined)"
+            } else if r.upstream != view.primary.id {
+                "it does not follow the primary"
             } else {
                 "no recent position"
             };
@@ -396,7 +438,8 @@ mod tests {
         Duration::from_millis(v)
     }
 
-    /// A node that reported a position checked at t0 + `checked` ms.
+    /// A replica of vm1 that reported a position checked at t0 + `checked`
+    /// ms, and whose own leases (if it ever had any) ended at t0.
     fn node(t0: Instant, id: &str, received: u64, checked: u64) -> NodeView {
         NodeView {
             id: id.into(),
@@ -404,19 +447,22 @@ mod tests {
             healthy: true,
             in_recovery: true,
             streaming: true,
+            upstream: "vm1".into(),
+            upstream_lsn: 0,
             checked_at: Some(t0 + ms(checked)),
             received,
             replayed: received,
-            last_grant: t0,
+            lease_until: t0,
             confirms: None,
         }
     }
 
-    /// Primary vm1 last granted at t0 + `granted`, replicas vm2 and vm3.
+    /// Primary vm1 last granted a lease at t0 + `granted`, replicas vm2 and vm3.
     fn view(t0: Instant, granted: u64) -> ClusterView {
         let mut p = node(t0, "vm1", 1000, granted);
         p.in_recovery = false;
-        p.last_grant = t0 + ms(granted);
+        p.upstream.clear();
+        p.lease_until = t0 + ms(granted) + LEASE;
         ClusterView {
             cluster: "orders".into(),
             auto_failover: true,
@@ -431,8 +477,8 @@ mod tests {
         }
     }
 
-    /// The primary (granted at t0 + 1000) died: down, replicas reported
-    /// fresh positions at t0 + 3100 (after its lease ended at t0 + 3000).
+    /// The primary (granted at t0 + 1000, lease to t0 + 3000) died: down,
+    /// replicas reported fresh positions at t0 + 3100.
     fn dead_primary(t0: Instant) -> ClusterView {
         let mut v = view(t0, 1000);
         v.primary.up = false;
@@ -454,14 +500,11 @@ mod tests {
     fn decision_table() {
         let t0 = Instant::now();
         type Edit = Box<dyn Fn(&mut ClusterView)>;
+        let confirm = move |until: u64| Some(("vm1".to_string(), t0 + ms(until)));
         // (name, edit of the dead-primary view, now (ms after t0), expected kind)
-        let cases: Vec<(&str, Edit, u64, &str)> = vec![
-            (
-                "healthy primary",
-                Box::new(move |v| *v = view(t0, 3000)),
-                3600,
-                "healthy",
-            ),
+        let cases: Vec<(&str, Edit, u64, &str)> =
+            vec![
+            ("healthy primary", Box::new(move |v| *v = view(t0, 3000)), 3600, "healthy"),
             (
                 "primary dead, lease still running",
                 Box::new(|_| {}),
@@ -493,21 +536,58 @@ mod tests {
                 "failover-vm3",
             ),
             (
-                "primary partitioned from the coordinator only: a replica confirms it",
-                Box::new(move |v| v.replicas[0].confirms = Some(("vm1".into(), t0 + ms(5000)))),
+                "primary partitioned from the coordinator only: every replica confirms it",
+                Box::new(move |v| {
+                    v.replicas[0].confirms = confirm(5000);
+                    v.replicas[1].confirms = confirm(4800);
+                }),
                 3600,
-                "wait-confirmed-vm2",
+                "wait-confirmed",
             ),
             (
-                "an expired confirmation proves nothing",
-                Box::new(move |v| v.replicas[0].confirms = Some(("vm1".into(), t0 + ms(3500)))),
+                "one replica still confirms, the other does not: no lease through them",
+                Box::new(move |v| v.replicas[0].confirms = confirm(5000)),
+                5600,
+                "failover-vm2",
+            ),
+            (
+                "expired confirmations prove nothing",
+                Box::new(move |v| {
+                    v.replicas[0].confirms = confirm(3500);
+                    v.replicas[1].confirms = confirm(3500);
+                }),
                 3600,
                 "failover-vm2",
             ),
             (
-                "a confirmation of another primary proves nothing",
-                Box::new(move |v| v.replicas[0].confirms = Some(("vm9".into(), t0 + ms(5000)))),
+                "confirmations of another primary prove nothing",
+                Box::new(move |v| {
+                    for r in &mut v.replicas {
+                        r.confirms = Some(("vm9".into(), t0 + ms(5000)));
+                    }
+                }),
                 3600,
+                "failover-vm2",
+            ),
+            (
+                "positions measured before the last lease the replicas gave ended are not final",
+                Box::new(move |v| {
+                    // Confirmed until 4500: that lease ended at 4000.
+                    v.replicas[0].confirms = confirm(4500);
+                    v.replicas[1].confirms = confirm(4500);
+                }),
+                4600,
+                "wait-positions",
+            ),
+            (
+                "... and are once measured after it",
+                Box::new(move |v| {
+                    for r in &mut v.replicas {
+                        r.confirms = confirm(4500);
+                        r.checked_at = Some(t0 + ms(4100));
+                    }
+                }),
+                4600,
                 "failover-vm2",
             ),
             (
@@ -529,6 +609,15 @@ mod tests {
                 "failover-vm2",
             ),
             (
+                "a replica following another node is not a candidate",
+                Box::new(|v| {
+                    v.replicas[0].upstream = "vm9".into();
+                    v.replicas[0].received = 1500;
+                }),
+                3600,
+                "failover-vm3",
+            ),
+            (
                 "positions measured before the lease ended are not final",
                 Box::new(move |v| v.replicas[0].checked_at = Some(t0 + ms(2900))),
                 3600,
@@ -539,6 +628,12 @@ mod tests {
                 Box::new(|v| {
                     v.primary.received = 10 << 20;
                 }),
+                3600,
+                "blocked-every replica lags past the limit",
+            ),
+            (
+                "the primary's position as a replica last heard it counts too",
+                Box::new(|v| v.replicas[1].upstream_lsn = 10 << 20),
                 3600,
                 "blocked-every replica lags past the limit",
             ),
@@ -565,7 +660,22 @@ mod tests {
             ),
             (
                 "a former primary's lease still running",
-                Box::new(move |v| v.replicas[1].last_grant = t0 + ms(2000)),
+                Box::new(move |v| v.replicas[1].lease_until = t0 + ms(4000)),
+                3600,
+                "wait-lease",
+            ),
+            (
+                "a longer lease granted before the lease was shortened still runs",
+                Box::new(move |v| v.primary.lease_until = t0 + ms(11_000)),
+                3600,
+                "wait-lease",
+            ),
+            (
+                "a standby of record (promotion failed) is not a healthy primary",
+                Box::new(move |v| {
+                    *v = view(t0, 3000);
+                    v.primary.in_recovery = true;
+                }),
                 3600,
                 "wait-lease",
             ),
@@ -604,6 +714,18 @@ mod tests {
         // ... unless vm3 was never a synchronous standby in this term.
         v.ackers = Some(vec!["vm2".into()]);
         assert_eq!(failover_to(&decide(&v, at)), Some("vm2"));
+        // ... as far as the coordinator knows: if the primary served on
+        // through its replicas' confirmations, any replica may have.
+        let mut late = v.clone();
+        for r in &mut late.replicas {
+            r.confirms = Some(("vm1".into(), t0 + ms(4000)));
+            r.checked_at = Some(t0 + ms(3600));
+        }
+        assert!(
+            matches!(decide(&late, t0 + ms(4100)), Decision::Blocked { .. }),
+            "{}",
+            decide(&late, t0 + ms(4100))
+        );
         // Sync mode ignores the lag limit: the furthest replica holds
         // every acknowledged commit whatever the primary wrote after.
         v.primary.received = 100 << 20;
@@ -638,7 +760,7 @@ mod tests {
                 );
             }
             granted += gap;
-            v.primary.last_grant = t0 + ms(granted);
+            v.primary.lease_until = t0 + ms(granted) + LEASE;
         }
     }
 
@@ -648,9 +770,11 @@ mod tests {
         let d = decide(&dead_primary(t0), t0 + ms(3600));
         assert_eq!(d.to_string(), "primary vm1 is lost: promoting vm2");
         let mut v = dead_primary(t0);
-        v.replicas[0].confirms = Some(("vm1".into(), t0 + ms(5000)));
+        for r in &mut v.replicas {
+            r.confirms = Some(("vm1".into(), t0 + ms(5000)));
+        }
         assert!(decide(&v, t0 + ms(3600))
             .to_string()
-            .contains("replica vm2 confirms it"));
+            .contains("its replicas (vm2, vm3) confirm it"));
     }
 }

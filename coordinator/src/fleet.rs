@@ -27,6 +27,9 @@ pub struct Live {
     pub address: String,
     pub metrics: pb::Metrics,
     pub engine: pb::EngineStatus,
+    /// When `engine` was received (a heartbeat, or a command's answer): its
+    /// relative figures (check age, confirmation time left) count from here.
+    pub engine_at: Instant,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,9 +70,9 @@ pub fn liveness(started: Instant, live: Option<(Instant, Duration)>, now: Instan
 pub struct Fleet {
     started: Instant,
     nodes: Mutex<HashMap<String, Live>>,
-    /// When the coordinator last granted each node a lease (receipt of the
-    /// heartbeat it answered): with the coordinator's start as a floor,
-    /// the latest moment from which that node's lease may still run.
+    /// Until when the leases the coordinator granted each node may run
+    /// (receipt of the heartbeat it answered plus the length granted; never
+    /// moves backwards, whatever order answers finish in).
     grants: Mutex<HashMap<String, Instant>>,
     /// Per cluster, in sync mode: the term this process watched from its
     /// start, and the replicas seen as synchronous standbys of its primary
@@ -105,25 +108,43 @@ impl Fleet {
         self.started
     }
 
-    /// A lease granted to `node` in answer to a heartbeat received at `at`.
-    pub fn record_grant(&self, node: &str, at: Instant) {
-        self.grants
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(node.to_string(), at);
+    /// A lease granted to `node` that may run until `until` (by this
+    /// process's clock: receipt of the heartbeat plus the length granted).
+    pub fn record_grant(&self, node: &str, until: Instant) {
+        let mut grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
+        let end = grants.entry(node.to_string()).or_insert(until);
+        *end = (*end).max(until);
     }
 
-    /// The latest moment from which a lease of `node` may run: its last
-    /// grant, or this coordinator's start (a previous process may have
-    /// granted one just before it stopped).
-    pub fn last_grant(&self, node: &str) -> Instant {
+    /// Until when a lease of `node` may run: the end of the last one this
+    /// process granted, and no earlier than `floor` (what a previous
+    /// process may have granted just before it stopped; see
+    /// [`crate::monitor`]).
+    pub fn lease_until(&self, node: &str, floor: Instant) -> Instant {
         self.grants
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(node)
             .copied()
-            .unwrap_or(self.started)
-            .max(self.started)
+            .unwrap_or(floor)
+            .max(floor)
+    }
+
+    /// Until when a lease of `node`, a member of cluster `c`, may run: see
+    /// [`Fleet::lease_until`]. The floor is what a previous coordinator
+    /// process may have granted just before this one started: the
+    /// cluster's lease from this process's start, or the previous lease
+    /// length from its last change if that ends later (a lease is never
+    /// shortened once granted).
+    pub fn lease_until_of(&self, node: &str, c: &crate::store::ClusterRow) -> Instant {
+        let mut floor = self.started + c.lease();
+        if c.prev_lease_ms > 0 && c.lease_changed_at_ms > 0 {
+            let ago = (corral_proto::now_ms() - c.lease_changed_at_ms).max(0) as u64;
+            if let Some(changed) = Instant::now().checked_sub(Duration::from_millis(ago)) {
+                floor = floor.max(changed + Duration::from_millis(u64::from(c.prev_lease_ms)));
+            }
+        }
+        self.lease_until(node, floor)
     }
 
     /// The term of `cluster` starts now, watched by this process from its
@@ -181,6 +202,7 @@ impl Fleet {
     pub fn set_engine(&self, node: &str, engine: pb::EngineStatus) {
         if let Some(live) = self.lock().get_mut(node) {
             live.engine = engine;
+            live.engine_at = Instant::now();
         }
     }
 

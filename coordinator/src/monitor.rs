@@ -142,7 +142,13 @@ fn judge(
         .store
         .read(|s| store::unfinished_operation_of(s, &c.name))?;
     let now = Instant::now();
-    let Some(view) = view_of(coord, c, &nodes, op.as_ref().map(|o| o.kind.clone()), now) else {
+    // A rejoin (the monitor's own) does not hold failover decisions back:
+    // a failover preempts it.
+    let holding = op
+        .as_ref()
+        .filter(|o| o.kind != ops::REJOIN)
+        .map(|o| o.kind.clone());
+    let Some(view) = view_of(coord, c, &nodes, holding, now) else {
         return Ok(());
     };
     let decision = failover::decide(&view, now);
@@ -215,14 +221,18 @@ fn view_of(
         let engine = live.as_ref().map(|l| l.engine.clone()).unwrap_or_default();
         let rep = engine.replication.clone().unwrap_or_default();
         let lease = engine.lease.clone().unwrap_or_default();
-        let seen = live.as_ref().map(|l| l.last_seen);
+        // When the engine's figures were received: relative ones (check
+        // age, confirmation left) count from there.
+        let at = live.as_ref().map(|l| l.engine_at);
         NodeView {
             id: n.id.clone(),
             up: coord.fleet.liveness_of(&n.id, now) == Liveness::Up,
             healthy: engine.state == pb::EngineState::Running as i32 && engine.healthy,
             in_recovery: rep.in_recovery,
             streaming: rep.streaming,
-            checked_at: seen
+            upstream: engine.upstream.clone(),
+            upstream_lsn: rep.upstream_lsn,
+            checked_at: at
                 .filter(|_| engine.checked_age_ms != u32::MAX)
                 .and_then(|s| {
                     s.checked_sub(Duration::from_millis(u64::from(engine.checked_age_ms)))
@@ -233,15 +243,13 @@ fn view_of(
                 rep.lsn
             },
             replayed: rep.lsn,
-            last_grant: coord.fleet.last_grant(&n.id),
-            confirms: seen
-                .filter(|_| !lease.confirmed_primary.is_empty())
-                .map(|s| {
-                    (
-                        lease.confirmed_primary.clone(),
-                        s + Duration::from_millis(u64::from(lease.confirmation_remaining_ms)),
-                    )
-                }),
+            lease_until: coord.fleet.lease_until_of(&n.id, c),
+            confirms: at.filter(|_| !lease.confirmed_primary.is_empty()).map(|s| {
+                (
+                    lease.confirmed_primary.clone(),
+                    s + Duration::from_millis(u64::from(lease.confirmation_remaining_ms)),
+                )
+            }),
         }
     };
     let primary = nodes.iter().find(|n| n.role == "primary")?;
@@ -285,9 +293,28 @@ fn start_failover(
     let detected = now_ms();
     let lease_ended_ms = detected - now.saturating_duration_since(lease_ended).as_millis() as i64;
     let id = ops::new_id();
+    let mut preempted = None;
     let started = coord.store.tx(|tx| {
-        if store::unfinished_operation_of(tx, &c.name)?.is_some() {
+        // Decided on a view read before this transaction: the primary of
+        // record must still be the one judged lost.
+        let still = store::nodes_of_cluster(tx, &c.name)?
+            .iter()
+            .any(|n| n.id == old && n.role == "primary");
+        if !still {
             return Ok(None);
+        }
+        if let Some(running) = store::unfinished_operation_of(tx, &c.name)? {
+            if running.kind != ops::REJOIN {
+                return Ok(None);
+            }
+            store::log_operation(tx, &running.id, "preempted by a failover")?;
+            store::set_operation_state(
+                tx,
+                &running.id,
+                store::op_state::FAILED,
+                "preempted by a failover of the cluster",
+            )?;
+            preempted = Some(running.id);
         }
         let term = store::raise_term(tx, &c.name, candidate)?;
         let op = store::OperationRow {
@@ -349,6 +376,9 @@ fn start_failover(
         )?;
         Ok(Some(term))
     })?;
+    if let Some(rejoin) = preempted {
+        coord.ops.abort(&rejoin);
+    }
     if let Some(term) = started {
         tracing::warn!(cluster = %c.name, op = %id, term, "failover: promoting {candidate} (was {old})");
         coord.fleet.term_started(&c.name, term);

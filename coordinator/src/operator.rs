@@ -372,6 +372,8 @@ impl OperatorApi {
                     auto_failover: true,
                     lease_ms: corral_proto::lease::DEFAULT_LEASE_MS,
                     heartbeat_ms: corral_proto::lease::DEFAULT_HEARTBEAT_MS,
+                    prev_lease_ms: 0,
+                    lease_changed_at_ms: 0,
                 },
             )?;
             for (i, n) in req.nodes.iter().enumerate() {
@@ -767,7 +769,7 @@ impl pb::operator_server::Operator for OperatorApi {
                 let heartbeat = r.heartbeat_interval_ms.unwrap_or(row.heartbeat_ms);
                 corral_proto::lease::validate(lease, heartbeat)
                     .map_err(|e| Status::invalid_argument(format!("{e}; nothing was changed")))?;
-                row.lease_ms = lease;
+                row.set_lease(lease, now_ms());
                 row.heartbeat_ms = heartbeat;
                 Ok(())
             };

@@ -52,9 +52,26 @@ const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Default)]
 pub struct Runner {
     progress: Mutex<HashMap<String, pb::Progress>>,
+    /// The task of each running operation, so a failover can preempt a
+    /// rejoin (see [`Runner::abort`]).
+    tasks: Mutex<HashMap<String, tokio::task::AbortHandle>>,
 }
 
 impl Runner {
+    /// Stops the task of operation `op` (its state is the caller's to
+    /// record). Agent steps it started carry on, detached, and are
+    /// idempotent.
+    pub fn abort(&self, op: &str) {
+        let task = self
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(op);
+        if let Some(t) = task {
+            t.abort();
+        }
+    }
+
     pub fn progress(&self, op: &str) -> Option<pb::Progress> {
         self.lock().get(op).cloned()
     }
@@ -80,11 +97,24 @@ pub fn new_id() -> String {
 
 /// Starts running operation `id` in the background.
 pub fn spawn(coord: Arc<Coordinator>, id: String) {
-    tokio::spawn(async move {
-        if let Err(e) = run(&coord, &id).await {
-            tracing::error!(op = %id, error = %format!("{e:#}"), "operation runner");
+    let c = coord.clone();
+    let op = id.clone();
+    let task = tokio::spawn(async move {
+        if let Err(e) = run(&c, &op).await {
+            tracing::error!(op = %op, error = %format!("{e:#}"), "operation runner");
         }
+        c.ops
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&op);
     });
+    coord
+        .ops
+        .tasks
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(id, task.abort_handle());
 }
 
 /// Picks up operations a previous coordinator process left unfinished.
@@ -640,10 +670,20 @@ impl Ctx<'_> {
                 Ok(term)
             })?;
             self.coord.fleet.term_started(&cluster.name, term);
+            if !old_stopped {
+                // Not stopped (forced, unreachable): it may be alive and
+                // hold a lease; no grant can follow the raise.
+                self.await_lease_end(&cluster, &old.id).await;
+            }
         } else {
             self.log(&format!(
                 "{target} is already the primary of record (resumed after a coordinator restart)"
             ));
+            // Whoever was primary before may not have been stopped (a forced
+            // promotion): let any lease it may hold run out.
+            for r in &m.replicas {
+                self.await_lease_end(&cluster, &r.id).await;
+            }
         }
         let cluster = self.cluster()?;
         let m = self.members()?;
@@ -690,6 +730,21 @@ impl Ctx<'_> {
     /// caught up, as recorded by [`Self::switch_over`].
     fn stop_to_catch_up_ms(&self) -> u128 {
         *self.paused_ms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until every lease `old` may hold has run out, plus the margin.
+    async fn await_lease_end(&self, cluster: &ClusterRow, old: &str) {
+        let lease = cluster.lease();
+        let end =
+            self.coord.fleet.lease_until_of(old, cluster) + corral_proto::lease::margin(lease);
+        let wait = end.saturating_duration_since(Instant::now());
+        if !wait.is_zero() {
+            self.log(&format!(
+                "waiting {} ms for {old}'s lease to run out (plus the margin)",
+                wait.as_millis()
+            ));
+            tokio::time::sleep(wait).await;
+        }
     }
 
     /// Promotes `target` (the primary of record, term already raised):
@@ -769,21 +824,8 @@ impl Ctx<'_> {
                      {} is fenced by the new term as soon as it hears of it",
                     old.id, old.id, old.id
                 ));
-                // It may still be alive and hold a lease the coordinator
-                // granted: let that run out first, as a failover would.
-                let lease = cluster.lease();
-                let end = self.coord.fleet.last_grant(&old.id)
-                    + lease
-                    + corral_proto::lease::margin(lease);
-                let wait = end.saturating_duration_since(Instant::now());
-                if !wait.is_zero() {
-                    self.log(&format!(
-                        "waiting {} ms for {}'s lease to run out (plus the margin)",
-                        wait.as_millis(),
-                        old.id
-                    ));
-                    tokio::time::sleep(wait).await;
-                }
+                // It may still be alive and hold a lease: the promotion
+                // waits for it (after the term is raised, see `promote`).
                 None
             }
             Err(e) => return Err(e),
@@ -845,6 +887,10 @@ impl Ctx<'_> {
             );
         }
         failpoint("failover-before-promote").await;
+        // The term is raised: no lease is granted to the old primary any
+        // more. One granted just before the raise (a heartbeat answered
+        // while the monitor decided) must run out first.
+        self.await_lease_end(&cluster, &old).await;
         let status = self.promote_node(&cluster, &candidate, &m, false).await?;
         let promoted = corral_proto::now_ms();
         let held = status.lease.as_ref().is_some_and(|l| l.held);

@@ -105,6 +105,12 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("clusters", "auto_failover", "INTEGER NOT NULL DEFAULT 1"),
     ("clusters", "lease_ms", "INTEGER NOT NULL DEFAULT 2000"),
     ("clusters", "heartbeat_ms", "INTEGER NOT NULL DEFAULT 500"),
+    ("clusters", "prev_lease_ms", "INTEGER NOT NULL DEFAULT 0"),
+    (
+        "clusters",
+        "lease_changed_at_ms",
+        "INTEGER NOT NULL DEFAULT 0",
+    ),
 ];
 
 fn migrate(conn: &Connection) -> Result<()> {
@@ -160,11 +166,25 @@ pub struct ClusterRow {
     /// The primary's lease length and the agents' heartbeat period.
     pub lease_ms: u32,
     pub heartbeat_ms: u32,
+    /// The lease length before the last change, and when it changed: a
+    /// lease granted just before may still run that long (a coordinator
+    /// restarted meanwhile must not assume the new, shorter one).
+    pub prev_lease_ms: u32,
+    pub lease_changed_at_ms: i64,
 }
 
 impl ClusterRow {
     pub fn lease(&self) -> std::time::Duration {
         std::time::Duration::from_millis(u64::from(self.lease_ms))
+    }
+
+    /// Sets the lease length, remembering the previous one.
+    pub fn set_lease(&mut self, lease_ms: u32, now_ms: i64) {
+        if lease_ms != self.lease_ms {
+            self.prev_lease_ms = self.lease_ms;
+            self.lease_changed_at_ms = now_ms;
+            self.lease_ms = lease_ms;
+        }
     }
 }
 
@@ -274,12 +294,14 @@ fn cluster_from_row(r: &rusqlite::Row) -> rusqlite::Result<ClusterRow> {
         auto_failover: r.get(13)?,
         lease_ms: r.get(14)?,
         heartbeat_ms: r.get(15)?,
+        prev_lease_ms: r.get(16)?,
+        lease_changed_at_ms: r.get(17)?,
     })
 }
 
 const CLUSTER_COLS: &str = "name, engine, mode, state, port, database, admin_user, \
      admin_password_enc, created_at_ms, sync, termination_protection, replication_password_enc, \
-     term, auto_failover, lease_ms, heartbeat_ms";
+     term, auto_failover, lease_ms, heartbeat_ms, prev_lease_ms, lease_changed_at_ms";
 
 pub fn get_cluster(c: &Connection, name: &str) -> Result<Option<ClusterRow>> {
     Ok(c.query_row(
@@ -304,7 +326,7 @@ pub fn insert_cluster(c: &Connection, row: &ClusterRow) -> Result<()> {
     c.execute(
         &format!(
             "INSERT INTO clusters ({CLUSTER_COLS}) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"
         ),
         params![
             row.name,
@@ -322,7 +344,9 @@ pub fn insert_cluster(c: &Connection, row: &ClusterRow) -> Result<()> {
             row.term as i64,
             row.auto_failover,
             row.lease_ms,
-            row.heartbeat_ms
+            row.heartbeat_ms,
+            row.prev_lease_ms,
+            row.lease_changed_at_ms
         ],
     )?;
     Ok(())
@@ -333,8 +357,8 @@ pub fn insert_cluster(c: &Connection, row: &ClusterRow) -> Result<()> {
 pub fn update_cluster(c: &Connection, row: &ClusterRow) -> Result<()> {
     c.execute(
         "UPDATE clusters SET mode = ?2, state = ?3, sync = ?4, termination_protection = ?5, \
-         replication_password_enc = ?6, auto_failover = ?7, lease_ms = ?8, heartbeat_ms = ?9 \
-         WHERE name = ?1",
+         replication_password_enc = ?6, auto_failover = ?7, lease_ms = ?8, heartbeat_ms = ?9, \
+         prev_lease_ms = ?10, lease_changed_at_ms = ?11 WHERE name = ?1",
         params![
             row.name,
             row.mode,
@@ -344,7 +368,9 @@ pub fn update_cluster(c: &Connection, row: &ClusterRow) -> Result<()> {
             row.replication_password_enc,
             row.auto_failover,
             row.lease_ms,
-            row.heartbeat_ms
+            row.heartbeat_ms,
+            row.prev_lease_ms,
+            row.lease_changed_at_ms
         ],
     )?;
     Ok(())

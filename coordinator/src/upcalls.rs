@@ -167,6 +167,7 @@ impl pb::agent_upcalls_server::AgentUpcalls for Upcalls {
                 address: hb.agent_address,
                 metrics: hb.metrics.unwrap_or_default(),
                 engine,
+                engine_at: received,
             },
         );
         Ok(Response::new(pb::HeartbeatResponse {
@@ -187,68 +188,74 @@ fn assign(
     engine: &pb::EngineStatus,
     received: Instant,
 ) -> anyhow::Result<Option<pb::Assignment>> {
-    let Some(row) = coord.store.read(|c| store::get_node(c, node))? else {
-        return Ok(None);
-    };
-    let Some(cluster) = row.cluster.as_deref() else {
-        return Ok(None);
-    };
-    let Some(c) = coord.store.read(|conn| store::get_cluster(conn, cluster))? else {
-        return Ok(None);
-    };
-    let mut a = pb::Assignment {
-        cluster: c.name.clone(),
-        term: c.term,
-        role: row.role.clone(),
-        heartbeat_interval_ms: c.heartbeat_ms,
-        lease_duration_ms: c.lease_ms,
-        ..Default::default()
-    };
-    if row.role != "primary" {
-        return Ok(Some(a));
-    }
-    let members = coord
-        .store
-        .read(|conn| store::nodes_of_cluster(conn, cluster))?;
-    a.peers = members
-        .iter()
-        .filter(|m| m.id != node)
-        .map(|m| pb::PeerAddress {
-            node: m.id.clone(),
-            address: coord
-                .fleet
-                .get(&m.id)
-                .map(|l| l.address)
-                .unwrap_or_else(|| m.address.clone()),
-        })
-        .collect();
-    // The primary of record gets its lease while its engine runs as a
-    // primary, and already while it is being promoted, so that it holds
-    // the lease the moment its promotion completes (a lease on a standby
-    // lets it write nothing). A standby of record that is not being
-    // promoted gets none: its lease runs out and the monitor acts.
-    let as_primary =
-        engine.role == "primary" && engine.replication.as_ref().is_some_and(|r| !r.in_recovery);
-    let runs = engine.cluster == c.name
-        && engine.state == pb::EngineState::Running as i32
-        && (as_primary || engine.promoting);
-    if runs {
-        a.lease_ms = c.lease_ms;
-        coord.fleet.record_grant(node, received);
-        if c.sync {
-            if let Some(r) = &engine.replication {
-                coord.fleet.saw_sync_standbys(
-                    &c.name,
-                    c.term,
-                    r.standbys
-                        .iter()
-                        .filter(|s| matches!(s.sync_state.as_str(), "sync" | "quorum"))
-                        .map(|s| s.name.as_str()),
-                );
+    // One hold of the store for reading the role and recording the grant:
+    // a failover raises the term and moves the role in a transaction of the
+    // same store, so a grant is either recorded before it (and waited out
+    // by the failover) or not made at all.
+    coord.store.read(|conn| {
+        let Some(row) = store::get_node(conn, node)? else {
+            return Ok(None);
+        };
+        let Some(cluster) = row.cluster.as_deref() else {
+            return Ok(None);
+        };
+        let Some(c) = store::get_cluster(conn, cluster)? else {
+            return Ok(None);
+        };
+        let mut a = pb::Assignment {
+            cluster: c.name.clone(),
+            term: c.term,
+            role: row.role.clone(),
+            heartbeat_interval_ms: c.heartbeat_ms,
+            lease_duration_ms: c.lease_ms,
+            ..Default::default()
+        };
+        if row.role != "primary" {
+            return Ok(Some(a));
+        }
+        let members = store::nodes_of_cluster(conn, cluster)?;
+        a.peers = members
+            .iter()
+            .filter(|m| m.id != node)
+            .map(|m| pb::PeerAddress {
+                node: m.id.clone(),
+                address: coord
+                    .fleet
+                    .get(&m.id)
+                    .map(|l| l.address)
+                    .unwrap_or_else(|| m.address.clone()),
+            })
+            .collect();
+        // The primary of record gets its lease while its engine runs as a
+        // healthy primary, and already while it is being promoted, so that
+        // it holds the lease the moment its promotion completes (a lease on
+        // a standby lets it write nothing). A standby of record that is not
+        // being promoted, or an engine that stopped answering, gets none:
+        // its lease runs out and the monitor acts.
+        let as_primary = engine.role == "primary"
+            && engine.healthy
+            && engine.replication.as_ref().is_some_and(|r| !r.in_recovery);
+        let runs = engine.cluster == c.name
+            && engine.state == pb::EngineState::Running as i32
+            && (as_primary || engine.promoting);
+        if runs {
+            a.lease_ms = c.lease_ms;
+            coord.fleet.record_grant(node, received + c.lease());
+            if c.sync {
+                if let Some(r) = &engine.replication {
+                    coord.fleet.saw_sync_standbys(
+                        &c.name,
+                        c.term,
+                        r.standbys
+                            .iter()
+                            .filter(|s| matches!(s.sync_state.as_str(), "sync" | "quorum"))
+                            .map(|s| s.name.as_str()),
+                    );
+                }
             }
         }
-    }
-    Ok(Some(a))
+        Ok(Some(a))
+    })
 }
 
 /// Checks the token and the requested id, signs the CSR, and records the node

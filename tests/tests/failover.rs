@@ -11,6 +11,25 @@ use std::time::{Duration, Instant};
 
 const SETTLE: Duration = Duration::from_secs(60);
 
+/// The last time `old` fenced itself was before `new`'s promotion (the
+/// event times come from one machine's clock): returns the gap in ms.
+fn fenced_before_promotion(lab: &Lab, cluster: &str, old: &str, new: &str) -> i64 {
+    let ev = events(lab, cluster).unwrap();
+    let last = |kind: &str, node: &str| {
+        ev.iter()
+            .filter(|e| e.0 == kind && e.1 == node)
+            .map(|e| e.2)
+            .max()
+            .unwrap_or_else(|| panic!("no {kind} event of {node}: {ev:?}"))
+    };
+    let (fenced, promoted) = (last("fenced", old), last("promoted", new));
+    assert!(
+        fenced < promoted,
+        "{old} fenced itself at {fenced}, after {new} was promoted at {promoted}"
+    );
+    promoted - fenced
+}
+
 fn no_two_writable(report: &CheckReport) {
     let v = report.violations();
     assert!(v.is_empty(), "two nodes took writes at once: {v:?}");
@@ -150,7 +169,7 @@ fn partitions_the_primary_survives_from_the_coordinator_only_and_fences_itself_f
     lab.wait_node_state("vm1", "up", Duration::from_secs(10))
         .unwrap();
     assert!(
-        status.contains("unreachable from the coordinator but replica"),
+        status.contains("unreachable from the coordinator but its replicas"),
         "{status}"
     );
     assert!(
@@ -180,27 +199,8 @@ fn partitions_the_primary_survives_from_the_coordinator_only_and_fences_itself_f
     let report = writer.finish();
     no_two_writable(&CheckReport::merged(&[check.finish(), local.finish()]));
 
-    let ev = events(&lab, "part").unwrap();
-    let fenced = ev
-        .iter()
-        .filter(|e| e.0 == "fenced" && e.1 == "vm1")
-        .map(|e| e.2)
-        .max()
-        .unwrap_or_else(|| panic!("vm1 never fenced itself: {ev:?}"));
-    let promoted = ev
-        .iter()
-        .filter(|e| e.0 == "promoted" && e.1 == new)
-        .map(|e| e.2)
-        .max()
-        .unwrap_or_else(|| panic!("{new} has no promoted event: {ev:?}"));
-    assert!(
-        fenced < promoted,
-        "vm1 fenced itself at {fenced}, after {new} was promoted at {promoted}"
-    );
-    eprintln!(
-        "vm1 fenced itself {} ms before {new} was promoted",
-        promoted - fenced
-    );
+    let ms = fenced_before_promotion(&lab, "part", "vm1", &new);
+    eprintln!("vm1 fenced itself {ms} ms before {new} was promoted");
     let missing = missing_on(&lab, &creds, vm_index(&new), &report.acked).unwrap();
     assert!(missing.is_empty(), "acknowledged writes lost: {missing:?}");
 }
@@ -387,4 +387,35 @@ fn a_former_primary_that_cannot_be_rewound_is_cloned_again() {
     })
     .unwrap();
     assert_eq!(lab.health(1, "/replica").unwrap(), 200);
+}
+
+#[test]
+fn a_lease_shortened_just_before_a_partition_is_waited_out_in_full() {
+    let mut lab = Lab::start(3).unwrap();
+    let creds = ha::cluster(&mut lab, "short", &[]).unwrap();
+    lab.ctl_ok(&["cluster", "set", "short", "lease=10s", "heartbeat=1s"])
+        .unwrap();
+    // vm1 now holds 10 s leases.
+    wait_until(Duration::from_secs(10), "a 10 s lease on vm1", || {
+        let c = lab.cluster_node("short", "vm1")?;
+        Ok(c["engine"]["lease"]["remaining_ms"].as_u64().unwrap_or(0) > 5000)
+    })
+    .unwrap();
+    let local = ha::local_checker(&lab, &creds, 1);
+    let check = ha::checker(&lab, &creds, 3);
+    lab.ctl_ok(&["cluster", "set", "short", "lease=2s", "heartbeat=500ms"])
+        .unwrap();
+    let cut = Instant::now();
+    lab.isolate(1).unwrap();
+    let new = ha::wait_new_primary(&lab, "short", "vm1", Duration::from_secs(40)).unwrap();
+    let took = cut.elapsed();
+    lab.reconnect(1).unwrap();
+    assert_eq!(ha::wait_settled(&lab, "short", 3, SETTLE).unwrap(), new);
+    no_two_writable(&CheckReport::merged(&[check.finish(), local.finish()]));
+    // The 10 s lease vm1 held when the lease was shortened ran its course.
+    assert!(
+        took > Duration::from_secs(8),
+        "{new} was promoted {took:?} after vm1 was cut off, inside vm1's 10 s lease"
+    );
+    fenced_before_promotion(&lab, "short", "vm1", &new);
 }

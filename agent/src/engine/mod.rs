@@ -957,9 +957,20 @@ impl Engine {
         let Some(stored) = self.stored() else {
             bail!(Conflict("no engine is configured on this node".into()));
         };
-        let mut spec = stored.spec.clone();
         let mut cluster = stored.cluster.clone();
         cluster.set_timing(p.lease_ms, p.heartbeat_ms);
+        let followed = stored.spec.upstream.as_ref().map(|u| u.node.clone());
+        let mut spec = stored.spec.clone();
+        spec.role = "primary".into();
+        spec.upstream = None;
+        spec.replicas = p.replicas;
+        spec.sync = p.sync;
+        let record = Stored {
+            spec: spec.clone(),
+            stopped: false,
+            last_resync: stored.last_resync.clone(),
+            cluster,
+        };
         if self.driver.data_is_standby()? {
             if stored.stopped || self.driver.find_running().is_none() {
                 bail!(Conflict(
@@ -969,6 +980,13 @@ impl Engine {
             let began = Instant::now();
             let promoted = async {
                 self.begin_promotion(!p.primary_stopped).await?;
+                // Recorded as the primary before PostgreSQL is asked: a
+                // promotion that completes late (or after an error here) is
+                // then under the lease rules, fenced without a lease. And
+                // the primary's configuration (synchronous_standby_names)
+                // is in force from its first commit.
+                self.set_stored(record.clone())?;
+                self.driver.prepare(&spec).await?;
                 self.driver.promote(&spec).await
             }
             .await;
@@ -979,24 +997,13 @@ impl Engine {
                 format!(
                     "promoted to primary in {} ms (was following {})",
                     began.elapsed().as_millis(),
-                    spec.upstream
-                        .as_ref()
-                        .map(|u| u.node.as_str())
-                        .unwrap_or("?")
+                    followed.as_deref().unwrap_or("?")
                 ),
             );
+        } else {
+            self.set_stored(record)?;
+            self.driver.prepare(&spec).await?;
         }
-        spec.role = "primary".into();
-        spec.upstream = None;
-        spec.replicas = p.replicas;
-        spec.sync = p.sync;
-        self.set_stored(Stored {
-            spec: spec.clone(),
-            stopped: false,
-            last_resync: stored.last_resync,
-            cluster,
-        })?;
-        self.driver.prepare(&spec).await?;
         self.ensure_supervised();
         self.wait_running().await?;
         self.driver

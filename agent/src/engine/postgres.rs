@@ -336,6 +336,14 @@ impl Postgres {
     /// fast shutdown, which waits for them to send their last WAL, for
     /// `wal_sender_timeout` (a minute).
     async fn end_client_sessions(&self, port: u16) -> Result<()> {
+        // Bounded: a hung server must not hold the fence (or anything
+        // waiting for the connection) up.
+        tokio::time::timeout(Duration::from_secs(3), self.end_client_sessions_now(port))
+            .await
+            .map_err(|_| anyhow!("the server did not answer within 3 s"))?
+    }
+
+    async fn end_client_sessions_now(&self, port: u16) -> Result<()> {
         let mut conn = self.conn.lock().await;
         if conn.as_ref().is_none_or(|c| c.is_closed()) {
             *conn = Some(self.connect_port(port).await?);
@@ -684,7 +692,9 @@ impl Driver for Postgres {
     }
 
     async fn check(&self, spec: &EngineSpec) -> Result<Health> {
-        let mut conn = self.conn.lock().await;
+        let mut conn = tokio::time::timeout(Duration::from_secs(5), self.conn.lock())
+            .await
+            .map_err(|_| anyhow!("the admin connection is busy (another query hangs)"))?;
         if conn.as_ref().is_none_or(|c| c.is_closed()) {
             *conn = Some(self.connect(spec).await?);
         }
@@ -958,13 +968,15 @@ async fn health(client: &tokio_postgres::Client) -> Result<Health> {
     if in_recovery {
         if let Some(w) = client
             .query_opt(
-                "SELECT status, coalesce(sender_host, '') FROM pg_stat_wal_receiver",
+                "SELECT status, coalesce(sender_host, ''), \
+                 coalesce((latest_end_lsn - '0/0')::bigint, 0) FROM pg_stat_wal_receiver",
                 &[],
             )
             .await?
         {
             r.streaming = w.get::<_, String>(0) == "streaming";
             r.upstream_host = w.get(1);
+            r.upstream_lsn = w.get::<_, i64>(2) as u64;
         }
     } else {
         let rows = client

@@ -77,7 +77,7 @@ impl Engine {
     /// Whether the node, as `stored` describes it, must be fenced at `now`.
     fn should_fence(&self, stored: &Stored, now: BootTime) -> bool {
         stored.spec.role == "primary"
-            && !stored.spec.replicas.is_empty()
+            && !required_confirmers(stored).is_empty()
             && self
                 .lock_lease()
                 .must_fence(now, fence_ahead(stored.cluster.lease()))
@@ -159,13 +159,16 @@ impl Engine {
         stored
             .cluster
             .set_timing(a.lease_duration_ms, a.heartbeat_interval_ms);
-        if a.role == "primary" {
-            stored.cluster.peers = a
-                .peers
+        // A replica keeps no peers (a stale list would be asked for
+        // confirmations the day it is promoted).
+        stored.cluster.peers = if a.role == "primary" {
+            a.peers
                 .iter()
                 .map(|p| (p.node.clone(), p.address.clone()))
-                .collect();
-        }
+                .collect()
+        } else {
+            Default::default()
+        };
         if stored.cluster != before {
             if let Err(e) = self.set_stored(stored.clone()) {
                 tracing::error!("recording the cluster's term and peers: {e:#}");
@@ -205,19 +208,26 @@ impl Engine {
     /// when there is no round to run; Err names a replica without address.
     pub fn confirmation_round(&self) -> Option<Result<Round, String>> {
         let stored = self.stored()?;
+        let (state, healthy) = self
+            .status
+            .lock()
+            .map(|s| (s.state, s.healthy))
+            .unwrap_or_default();
+        let required = required_confirmers(&stored);
+        // Only an engine that runs and answers is worth keeping writable.
         if stored.spec.role != "primary"
-            || stored.spec.replicas.is_empty()
+            || required.is_empty()
             || stored.stopped
-            || self.status.lock().map(|s| s.state).unwrap_or_default()
-                != pb::EngineState::Running as i32
+            || state != pb::EngineState::Running as i32
+            || !healthy
         {
             return None;
         }
         let mut peers = Vec::new();
-        for r in &stored.spec.replicas {
-            match stored.cluster.peers.get(r) {
+        for r in required {
+            match stored.cluster.peers.get(&r) {
                 Some(addr) if !addr.is_empty() => peers.push((r.clone(), addr.clone())),
-                _ => return Some(Err(r.clone())),
+                _ => return Some(Err(r)),
             }
         }
         Some(Ok(Round {
@@ -228,8 +238,16 @@ impl Engine {
         }))
     }
 
-    /// Every replica confirmed a round asked at `asked_at`.
-    pub fn confirmed_by_replicas(&self, asked_at: BootTime, lease: Duration) {
+    /// Every replica confirmed a round of `term` asked at `asked_at`. Taken
+    /// only if the node is still the primary in that term (a revoke or a
+    /// newer term may have arrived while the round ran).
+    pub fn confirmed_by_replicas(&self, asked_at: BootTime, lease: Duration, term: u64) {
+        let current = self
+            .stored()
+            .is_some_and(|s| s.spec.role == "primary" && s.cluster.term == term);
+        if !current {
+            return;
+        }
         let was_held = self.lock_lease().held(BootTime::now());
         self.lock_lease().grant(asked_at, lease, Source::Replicas);
         self.save_lease();
@@ -546,6 +564,17 @@ impl Engine {
             _ => Duration::from_secs(1),
         }
     }
+}
+
+/// Whom a primary needs confirmations from to keep its lease without the
+/// coordinator: its replicas by its spec and every other member the
+/// coordinator last named (a member whose removal has not completed, a
+/// replica being added): any of them might be the one promoted.
+fn required_confirmers(stored: &Stored) -> Vec<String> {
+    let mut all: std::collections::BTreeSet<String> =
+        stored.spec.replicas.iter().cloned().collect();
+    all.extend(stored.cluster.peers.keys().cloned());
+    all.into_iter().collect()
 }
 
 fn rules(f: FenceState) -> Rules {
