@@ -107,8 +107,7 @@ pub const FAILOVER_MAX_LAG_BYTES: u64 = 1 << 20;
 /// replica of record that runs as a primary or follows the wrong node.
 /// Each change of judgement is logged once.
 pub async fn run_failover(coord: Arc<Coordinator>) {
-    let mut last: HashMap<String, String> = HashMap::new();
-    let mut rejoins: HashMap<String, Instant> = HashMap::new();
+    let mut memory = Memory::default();
     let mut tick = tokio::time::interval(FAILOVER_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -124,19 +123,36 @@ pub async fn run_failover(coord: Arc<Coordinator>) {
             .iter()
             .filter(|c| c.mode == "primary-replica" && c.state == "running")
         {
-            if let Err(e) = judge(&coord, c, &mut last, &mut rejoins) {
+            if let Err(e) = judge(&coord, c, &mut memory) {
                 tracing::error!(cluster = %c.name, error = %format!("{e:#}"), "failover monitor");
             }
         }
     }
 }
 
+/// What the monitor remembers between passes, per cluster (and per node
+/// for rejoins).
+#[derive(Default)]
+struct Memory {
+    /// The kind of the last judgement, to log changes once.
+    last: HashMap<String, String>,
+    /// Since when the primary is judged confirmed by its replicas only,
+    /// and whether that was recorded as an event.
+    unreachable: HashMap<String, (Instant, bool)>,
+    /// When a rejoin was last started for a node.
+    rejoins: HashMap<String, Instant>,
+}
+
 fn judge(
     coord: &Arc<Coordinator>,
     c: &store::ClusterRow,
-    last: &mut HashMap<String, String>,
-    rejoins: &mut HashMap<String, Instant>,
+    memory: &mut Memory,
 ) -> anyhow::Result<()> {
+    let Memory {
+        last,
+        unreachable,
+        rejoins,
+    } = memory;
     let nodes = coord.store.read(|s| store::nodes_of_cluster(s, &c.name))?;
     let op = coord
         .store
@@ -172,26 +188,35 @@ fn judge(
                 store::insert_event(s, now_ms(), &view.primary.id, &c.name, kind, &text, None)
             })?;
         }
-        if matches!(
-            &decision,
-            Decision::Wait {
-                why: Wait::ConfirmedBy { .. },
-                ..
-            }
-        ) {
-            let text = decision.to_string();
-            coord.store.read(|s| {
-                store::insert_event(
-                    s,
-                    now_ms(),
-                    &view.primary.id,
-                    &c.name,
-                    "primary_unreachable",
-                    &text,
-                    None,
-                )
-            })?;
+    }
+    // A primary that lost the coordinator but keeps its lease through its
+    // replicas is worth an event once it has done so for a whole lease
+    // (right after a primary dies, its replicas' last confirmations also
+    // linger for a moment: no event for that).
+    let confirmed = matches!(
+        &decision,
+        Decision::Wait {
+            why: Wait::ConfirmedBy { .. },
+            ..
         }
+    );
+    let since = unreachable.entry(c.name.clone()).or_insert((now, false));
+    if !confirmed {
+        *since = (now, false);
+    } else if !since.1 && now.duration_since(since.0) > c.lease() {
+        since.1 = true;
+        let text = decision.to_string();
+        coord.store.read(|s| {
+            store::insert_event(
+                s,
+                now_ms(),
+                &view.primary.id,
+                &c.name,
+                "primary_unreachable",
+                &text,
+                None,
+            )
+        })?;
     }
     match decision {
         Decision::Failover {

@@ -371,16 +371,21 @@ fn a_former_primary_that_cannot_be_rewound_is_cloned_again() {
     std::fs::remove_file(lab.state_dir(1).join("postgres/data/global/pg_control")).unwrap();
     lab.restart_vm(1).unwrap();
     assert_eq!(ha::wait_settled(&lab, "reclone", 3, SETTLE).unwrap(), new);
-    let ev = events(&lab, "reclone").unwrap();
-    let vm1: Vec<&str> = ev
-        .iter()
-        .filter(|e| e.1 == "vm1" && e.2 > killed_at)
-        .map(|e| e.0.as_str())
-        .collect();
-    assert!(
-        vm1.contains(&"rewind_failed") && vm1.contains(&"clone_finished"),
-        "vm1 was not cloned again after a failed rewind: {vm1:?}"
-    );
+    // The agent's events ride on its next heartbeats.
+    wait_until(
+        Duration::from_secs(10),
+        "vm1 cloned again after a failed rewind",
+        || {
+            let ev = events(&lab, "reclone")?;
+            let vm1: Vec<&str> = ev
+                .iter()
+                .filter(|e| e.1 == "vm1" && e.2 > killed_at)
+                .map(|e| e.0.as_str())
+                .collect();
+            Ok(vm1.contains(&"rewind_failed") && vm1.contains(&"clone_finished"))
+        },
+    )
+    .unwrap();
     let all: Vec<i64> = (1..=1500).collect();
     wait_until(Duration::from_secs(10), "vm1 to hold every row", || {
         Ok(missing_on(&lab, &creds, 1, &all)?.is_empty())

@@ -61,7 +61,7 @@ pub struct EngineSpec {
 }
 
 /// What engine.json holds: the spec plus the agent's own bookkeeping.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Stored {
     #[serde(flatten)]
     spec: EngineSpec,
@@ -516,10 +516,18 @@ impl Engine {
     }
 
     /// Records `stored` on disk first, then in memory.
-    fn set_stored(&self, stored: Stored) -> Result<()> {
-        stored.save(&self.state_dir)?;
+    /// The term never goes back: a step that read the record before a
+    /// heartbeat's answer adopted a newer term keeps the newer one.
+    fn set_stored(&self, mut stored: Stored) -> Result<()> {
         let spec = stored.spec.clone();
-        *self.stored.lock().unwrap_or_else(|p| p.into_inner()) = Some(stored);
+        {
+            let mut current = self.stored.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(c) = current.as_ref() {
+                stored.cluster.term = stored.cluster.term.max(c.cluster.term);
+            }
+            stored.save(&self.state_dir)?;
+            *current = Some(stored);
+        }
         self.update(|s| {
             s.engine = spec.engine.clone();
             s.cluster = spec.cluster.clone();
@@ -530,6 +538,24 @@ impl Engine {
             }
         });
         Ok(())
+    }
+
+    /// Changes the cluster part of the record (term, timing, peers) in one
+    /// hold of the record's lock, so a step changing the spec meanwhile is
+    /// neither undone nor undoes it. Returns the record as it now is.
+    fn modify_cluster_state(&self, f: impl FnOnce(&mut ClusterState)) -> Result<Option<Stored>> {
+        let mut current = self.stored.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(c) = current.as_mut() else {
+            return Ok(None);
+        };
+        let mut next = c.clone();
+        f(&mut next.cluster);
+        next.cluster.term = next.cluster.term.max(c.cluster.term);
+        if next != *c {
+            next.save(&self.state_dir)?;
+            *c = next.clone();
+        }
+        Ok(Some(next))
     }
 
     /// At agent start: resume supervising the engine recorded in engine.json.

@@ -98,7 +98,7 @@ impl Engine {
     /// Refuses a command carrying a term older than ours; adopts a newer
     /// one. Term 0 means "not given" (kept for older coordinators).
     pub(super) fn check_term(&self, term: u64, what: &str) -> Result<()> {
-        let Some(mut stored) = self.stored() else {
+        let Some(stored) = self.stored() else {
             return Ok(());
         };
         let mine = stored.cluster.term;
@@ -109,8 +109,7 @@ impl Engine {
             )));
         }
         if term > mine {
-            stored.cluster.term = term;
-            self.set_stored(stored)?;
+            self.modify_cluster_state(|c| c.term = c.term.max(term))?;
             tracing::info!(term, "adopted a newer cluster term");
         }
         Ok(())
@@ -154,23 +153,24 @@ impl Engine {
             );
             return;
         }
-        let before = stored.cluster.clone();
-        stored.cluster.term = a.term;
-        stored
-            .cluster
-            .set_timing(a.lease_duration_ms, a.heartbeat_interval_ms);
-        // A replica keeps no peers (a stale list would be asked for
-        // confirmations the day it is promoted).
-        stored.cluster.peers = if a.role == "primary" {
-            a.peers
-                .iter()
-                .map(|p| (p.node.clone(), p.address.clone()))
-                .collect()
-        } else {
-            Default::default()
-        };
-        if stored.cluster != before {
-            if let Err(e) = self.set_stored(stored.clone()) {
+        let updated = self.modify_cluster_state(|c| {
+            c.term = c.term.max(a.term);
+            c.set_timing(a.lease_duration_ms, a.heartbeat_interval_ms);
+            // A replica keeps no peers (a stale list would be asked for
+            // confirmations the day it is promoted).
+            c.peers = if a.role == "primary" {
+                a.peers
+                    .iter()
+                    .map(|p| (p.node.clone(), p.address.clone()))
+                    .collect()
+            } else {
+                Default::default()
+            };
+        });
+        match updated {
+            Ok(Some(s)) => stored = s,
+            Ok(None) => return,
+            Err(e) => {
                 tracing::error!("recording the cluster's term and peers: {e:#}");
                 return;
             }
