@@ -135,11 +135,21 @@ async fn run(args: Args) -> Result<()> {
         &config.state_dir,
         &identity.info.node_id,
     ));
+    // The coordinator's addresses are always allowed to reach the engine,
+    // whatever the cluster's allowlist says.
+    let coordinator_ips: Vec<std::net::IpAddr> = tokio::net::lookup_host(&config.coordinator)
+        .await
+        .map(|addrs| addrs.map(|a| a.ip().to_canonical()).collect())
+        .unwrap_or_else(|e| {
+            tracing::warn!(coordinator = %config.coordinator, "resolving the coordinator: {e}");
+            Vec::new()
+        });
     let engine = engine::Engine::new(
         config.state_dir.clone(),
         driver,
         events.clone(),
         firewall::Firewall::new(),
+        coordinator_ips,
     );
     if let Err(e) = engine.resume().await {
         // Reported through the engine status; the agent keeps running so the

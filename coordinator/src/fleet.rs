@@ -25,6 +25,8 @@ pub struct Live {
     /// The agent's own heartbeat period.
     pub interval: Duration,
     pub address: String,
+    /// The address the heartbeat came from, as this coordinator sees it.
+    pub source: Option<std::net::IpAddr>,
     pub metrics: pb::Metrics,
     pub engine: pb::EngineStatus,
     /// When `engine` was received (a heartbeat, or a command's answer): its

@@ -11,6 +11,7 @@
 //! - [`ops`]: the operation runner: one operation at a time per cluster,
 //!   each step logged, resumed after a restart.
 //! - [`agents`]: mutual-TLS clients to the agents.
+//! - [`allowlist`]: a cluster's IP allowlist: validation, changes, lockout guard.
 //! - [`monitor`]: turns missing heartbeats into `node_down` events, and runs
 //!   the failover monitor (judging each cluster, starting failovers and
 //!   rejoins).
@@ -19,6 +20,7 @@
 //! - [`cli`]: `corralctl`, the operator CLI.
 
 pub mod agents;
+pub mod allowlist;
 pub mod cli;
 pub mod failover;
 pub mod fleet;

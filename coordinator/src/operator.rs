@@ -6,7 +6,7 @@
 
 use crate::fleet::Liveness;
 use crate::store::{self, ClusterRow, NodeRow, OperationRow};
-use crate::{ops, Coordinator};
+use crate::{allowlist, ops, Coordinator};
 use corral_proto::identity::{peer_identity, Identity, Role};
 use corral_proto::pb;
 use corral_proto::{names, now_ms};
@@ -374,6 +374,8 @@ impl OperatorApi {
                     heartbeat_ms: corral_proto::lease::DEFAULT_HEARTBEAT_MS,
                     prev_lease_ms: 0,
                     lease_changed_at_ms: 0,
+                    allowlist: Vec::new(),
+                    allowlist_version: 0,
                 },
             )?;
             for (i, n) in req.nodes.iter().enumerate() {
@@ -1257,6 +1259,157 @@ impl pb::operator_server::Operator for OperatorApi {
                 })
                 .collect(),
         }))
+    }
+
+    async fn get_allowlist(
+        &self,
+        req: Request<pb::GetAllowlistRequest>,
+    ) -> Result<Response<pb::Allowlist>, Status> {
+        authorize(&req, Role::Viewer)?;
+        let row = self.get_cluster_row(&req.get_ref().cluster)?;
+        Ok(Response::new(self.allowlist_pb(&row, String::new())?))
+    }
+
+    async fn set_allowlist(
+        &self,
+        req: Request<pb::SetAllowlistRequest>,
+    ) -> Result<Response<pb::Allowlist>, Status> {
+        let r = req.get_ref().clone();
+        let target = format!(
+            "cluster {} {} {} entr{}{}",
+            r.cluster,
+            r.change,
+            r.entries.len(),
+            if r.entries.len() == 1 { "y" } else { "ies" },
+            if r.force { " (force)" } else { "" }
+        );
+        let action = "cluster.allowlist";
+        let who = self.authorize_audited(&req, Role::Operator, action, &target)?;
+        // Where the request came from, for the lockout guard.
+        let from = req.remote_addr().map(|a| a.ip().to_canonical());
+        let mut summary = String::new();
+        let row = self.audited(&who, action, &target, || {
+            let how = allowlist::Change::parse(&r.change).map_err(Status::invalid_argument)?;
+            let entries = allowlist::parse_entries(&r.entries)
+                .map_err(|e| Status::invalid_argument(format!("{e}; nothing was changed")))?;
+            names::validate("cluster", &r.cluster).map_err(Status::invalid_argument)?;
+            self.refusable_tx(|tx| {
+                let Some(row) = store::get_cluster(tx, &r.cluster)? else {
+                    return refuse(Status::not_found(format!(
+                        "no cluster named {:?}: see `corralctl cluster list`",
+                        r.cluster
+                    )));
+                };
+                let current = allowlist::from_stored(&row.allowlist);
+                let next =
+                    or_refuse!(allowlist::change(&current, how, &entries)
+                        .map_err(Status::invalid_argument));
+                if next == current {
+                    summary = "unchanged: the list already says that".into();
+                    return Ok(Ok(row));
+                }
+                if !r.force {
+                    match from {
+                        // corralctl on the coordinator's own host: the
+                        // coordinator is always allowed on the nodes.
+                        Some(ip) if ip.is_loopback() => {}
+                        Some(ip) if allowlist::locks_out(&next, ip) => {
+                            return refuse(Status::failed_precondition(format!(
+                                "this change would lock out {ip}, the address this request came \
+                                 from: add it (e.g. `corralctl cluster allowlist add {} {ip}`) \
+                                 or pass --force; nothing was changed",
+                                r.cluster
+                            )))
+                        }
+                        None if !next.is_empty() => {
+                            return refuse(Status::failed_precondition(
+                                "cannot tell which address this request came from, so cannot \
+                                 check it is not locked out: pass --force to apply anyway",
+                            ))
+                        }
+                        _ => {}
+                    }
+                }
+                let old: Vec<String> = current.iter().map(allowlist::canonical).collect();
+                let new: Vec<String> = next.iter().map(allowlist::canonical).collect();
+                let version = store::set_allowlist(tx, &r.cluster, &who, &old, &new)?;
+                summary = format!(
+                    "version {version}: {} -> {}",
+                    allowlist::summary(&current, 20),
+                    allowlist::summary(&next, 20)
+                );
+                store::insert_audit(
+                    tx,
+                    &who,
+                    "cluster.allowlist.change",
+                    &format!("cluster {} {summary}", r.cluster),
+                    "ok",
+                )?;
+                Ok(Ok(store::get_cluster(tx, &r.cluster)?.unwrap_or(row)))
+            })
+        })?;
+        tracing::info!(cluster = %row.name, "allowlist: {summary}");
+        Ok(Response::new(self.allowlist_pb(&row, summary)?))
+    }
+
+    async fn list_allowlist_changes(
+        &self,
+        req: Request<pb::ListAllowlistChangesRequest>,
+    ) -> Result<Response<pb::ListAllowlistChangesResponse>, Status> {
+        authorize(&req, Role::Viewer)?;
+        let row = self.get_cluster_row(&req.get_ref().cluster)?;
+        let rows = self
+            .0
+            .store
+            .read(|c| store::allowlist_changes(c, &row.name))
+            .map_err(internal)?;
+        Ok(Response::new(pb::ListAllowlistChangesResponse {
+            changes: rows
+                .into_iter()
+                .map(|c| pb::AllowlistChange {
+                    at_ms: c.at_ms,
+                    who: c.who,
+                    version: c.version,
+                    old_entries: c.old,
+                    new_entries: c.new,
+                })
+                .collect(),
+        }))
+    }
+}
+
+impl OperatorApi {
+    /// `row`'s allowlist and where each of its nodes stands.
+    fn allowlist_pb(&self, row: &ClusterRow, message: String) -> Result<pb::Allowlist, Status> {
+        let nodes = self
+            .0
+            .store
+            .read(|c| store::nodes_of_cluster(c, &row.name))
+            .map_err(internal)?;
+        let now = Instant::now();
+        Ok(pb::Allowlist {
+            cluster: row.name.clone(),
+            entries: row.allowlist.clone(),
+            version: row.allowlist_version,
+            nodes: nodes
+                .iter()
+                .map(|n| {
+                    let applied = self
+                        .0
+                        .fleet
+                        .get(&n.id)
+                        .map(|l| l.engine.allowlist_version)
+                        .unwrap_or(0);
+                    pb::AllowlistNode {
+                        node: n.id.clone(),
+                        applied_version: applied,
+                        current: applied == row.allowlist_version,
+                        state: self.0.fleet.liveness_of(&n.id, now).as_str().to_string(),
+                    }
+                })
+                .collect(),
+            message,
+        })
     }
 }
 

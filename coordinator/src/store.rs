@@ -78,6 +78,16 @@ CREATE TABLE IF NOT EXISTS audit (
     target TEXT NOT NULL,
     result TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS allowlist_changes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    cluster TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    who TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    old_entries TEXT NOT NULL,
+    new_entries TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS allowlist_changes_by_cluster ON allowlist_changes(cluster, id);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     at_ms INTEGER NOT NULL,
@@ -109,6 +119,12 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     (
         "clusters",
         "lease_changed_at_ms",
+        "INTEGER NOT NULL DEFAULT 0",
+    ),
+    ("clusters", "allowlist", "TEXT NOT NULL DEFAULT '[]'"),
+    (
+        "clusters",
+        "allowlist_version",
         "INTEGER NOT NULL DEFAULT 0",
     ),
 ];
@@ -171,6 +187,10 @@ pub struct ClusterRow {
     /// restarted meanwhile must not assume the new, shorter one).
     pub prev_lease_ms: u32,
     pub lease_changed_at_ms: i64,
+    /// The IP allowlist (canonical entries, see [`crate::allowlist`]; empty:
+    /// open) and its version, raised at every change.
+    pub allowlist: Vec<String>,
+    pub allowlist_version: u64,
 }
 
 impl ClusterRow {
@@ -296,12 +316,15 @@ fn cluster_from_row(r: &rusqlite::Row) -> rusqlite::Result<ClusterRow> {
         heartbeat_ms: r.get(15)?,
         prev_lease_ms: r.get(16)?,
         lease_changed_at_ms: r.get(17)?,
+        allowlist: serde_json::from_str(&r.get::<_, String>(18)?).unwrap_or_default(),
+        allowlist_version: r.get::<_, i64>(19)? as u64,
     })
 }
 
 const CLUSTER_COLS: &str = "name, engine, mode, state, port, database, admin_user, \
      admin_password_enc, created_at_ms, sync, termination_protection, replication_password_enc, \
-     term, auto_failover, lease_ms, heartbeat_ms, prev_lease_ms, lease_changed_at_ms";
+     term, auto_failover, lease_ms, heartbeat_ms, prev_lease_ms, lease_changed_at_ms, allowlist, \
+     allowlist_version";
 
 pub fn get_cluster(c: &Connection, name: &str) -> Result<Option<ClusterRow>> {
     Ok(c.query_row(
@@ -326,7 +349,8 @@ pub fn insert_cluster(c: &Connection, row: &ClusterRow) -> Result<()> {
     c.execute(
         &format!(
             "INSERT INTO clusters ({CLUSTER_COLS}) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
+             ?19, ?20)"
         ),
         params![
             row.name,
@@ -346,7 +370,9 @@ pub fn insert_cluster(c: &Connection, row: &ClusterRow) -> Result<()> {
             row.lease_ms,
             row.heartbeat_ms,
             row.prev_lease_ms,
-            row.lease_changed_at_ms
+            row.lease_changed_at_ms,
+            serde_json::to_string(&row.allowlist)?,
+            row.allowlist_version as i64
         ],
     )?;
     Ok(())
@@ -374,6 +400,69 @@ pub fn update_cluster(c: &Connection, row: &ClusterRow) -> Result<()> {
         ],
     )?;
     Ok(())
+}
+
+/// Replaces the cluster's allowlist, raising its version, and records the
+/// change (who, old and new lists) in the same transaction. Returns the
+/// new version.
+pub fn set_allowlist(
+    c: &Connection,
+    cluster: &str,
+    who: &str,
+    old: &[String],
+    new: &[String],
+) -> Result<u64> {
+    c.execute(
+        "UPDATE clusters SET allowlist = ?2, allowlist_version = allowlist_version + 1 \
+         WHERE name = ?1",
+        params![cluster, serde_json::to_string(new)?],
+    )?;
+    let version: i64 = c.query_row(
+        "SELECT allowlist_version FROM clusters WHERE name = ?1",
+        [cluster],
+        |r| r.get(0),
+    )?;
+    c.execute(
+        "INSERT INTO allowlist_changes (cluster, at_ms, who, version, old_entries, new_entries) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            cluster,
+            now_ms(),
+            who,
+            version,
+            serde_json::to_string(old)?,
+            serde_json::to_string(new)?
+        ],
+    )?;
+    Ok(version as u64)
+}
+
+/// A recorded allowlist change.
+pub struct AllowlistChangeRow {
+    pub at_ms: i64,
+    pub who: String,
+    pub version: u64,
+    pub old: Vec<String>,
+    pub new: Vec<String>,
+}
+
+pub fn allowlist_changes(c: &Connection, cluster: &str) -> Result<Vec<AllowlistChangeRow>> {
+    let mut st = c.prepare(
+        "SELECT at_ms, who, version, old_entries, new_entries FROM allowlist_changes \
+         WHERE cluster = ?1 ORDER BY id",
+    )?;
+    let rows = st
+        .query_map([cluster], |r| {
+            Ok(AllowlistChangeRow {
+                at_ms: r.get(0)?,
+                who: r.get(1)?,
+                version: r.get::<_, i64>(2)? as u64,
+                old: serde_json::from_str(&r.get::<_, String>(3)?).unwrap_or_default(),
+                new: serde_json::from_str(&r.get::<_, String>(4)?).unwrap_or_default(),
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(rows)
 }
 
 /// Raises the cluster's term by one and makes `primary` its primary (the

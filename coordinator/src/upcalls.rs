@@ -1,6 +1,7 @@
 //! The API agents call: enrollment and heartbeats.
 
 use crate::fleet::Live;
+use crate::operator::host_of;
 use crate::store;
 use crate::Coordinator;
 use anyhow::anyhow;
@@ -105,6 +106,7 @@ impl pb::agent_upcalls_server::AgentUpcalls for Upcalls {
             }
         };
         let received = Instant::now();
+        let source = req.remote_addr().map(|a| a.ip().to_canonical());
         let hb = req.into_inner();
         let previous = coord.fleet.get(&node);
         // The store is consulted only when something durable changes: the
@@ -165,6 +167,7 @@ impl pb::agent_upcalls_server::AgentUpcalls for Upcalls {
                 last_seen_ms: now_ms(),
                 interval,
                 address: hb.agent_address,
+                source,
                 metrics: hb.metrics.unwrap_or_default(),
                 engine,
                 engine_at: received,
@@ -202,28 +205,46 @@ fn assign(
         let Some(c) = store::get_cluster(conn, cluster)? else {
             return Ok(None);
         };
+        let members = store::nodes_of_cluster(conn, cluster)?;
+        let live: Vec<Option<Live>> = members.iter().map(|m| coord.fleet.get(&m.id)).collect();
+        let address = |i: usize| {
+            live[i]
+                .as_ref()
+                .map(|l| l.address.clone())
+                .unwrap_or_else(|| members[i].address.clone())
+        };
+        let applied_allowlist =
+            engine.cluster == c.name && engine.allowlist_version == c.allowlist_version;
         let mut a = pb::Assignment {
             cluster: c.name.clone(),
             term: c.term,
             role: row.role.clone(),
             heartbeat_interval_ms: c.heartbeat_ms,
             lease_duration_ms: c.lease_ms,
+            // Sent until the agent reports it applied this version.
+            allowlist: if applied_allowlist {
+                Vec::new()
+            } else {
+                c.allowlist.clone()
+            },
+            allowlist_omitted: applied_allowlist,
+            allowlist_version: c.allowlist_version,
+            // The cluster's own nodes reach each other's engines whatever
+            // the allowlist says (replication, clones, pg_rewind).
+            always_allowed: (0..members.len())
+                .filter_map(|i| member_ip(&address(i), live[i].as_ref()))
+                .map(|ip| ip.to_string())
+                .collect(),
             ..Default::default()
         };
         if row.role != "primary" {
             return Ok(Some(a));
         }
-        let members = store::nodes_of_cluster(conn, cluster)?;
-        a.peers = members
-            .iter()
-            .filter(|m| m.id != node)
-            .map(|m| pb::PeerAddress {
-                node: m.id.clone(),
-                address: coord
-                    .fleet
-                    .get(&m.id)
-                    .map(|l| l.address)
-                    .unwrap_or_else(|| m.address.clone()),
+        a.peers = (0..members.len())
+            .filter(|&i| members[i].id != node)
+            .map(|i| pb::PeerAddress {
+                node: members[i].id.clone(),
+                address: address(i),
             })
             .collect();
         // The primary of record gets its lease while its engine runs as a
@@ -295,4 +316,55 @@ fn enroll(coord: &Coordinator, req: &pb::EnrollRequest) -> anyhow::Result<String
         store::use_token(tx, &hash, &req.node_id)?;
         Ok(cert)
     })
+}
+
+/// The address a member's engine traffic comes from, for the allowlist's
+/// always-allowed set: the host of its agent address when that is an IP
+/// address; for a host name, the address its heartbeats come from (the
+/// agent resolves nothing on the fence's path, and a name may not resolve
+/// on the node the way it does here).
+fn member_ip(address: &str, live: Option<&Live>) -> Option<std::net::IpAddr> {
+    match host_of(address).parse::<std::net::IpAddr>() {
+        Ok(ip) => Some(ip.to_canonical()),
+        Err(_) => live.and_then(|l| l.source),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn live(source: Option<&str>) -> Live {
+        Live {
+            last_seen: Instant::now(),
+            last_seen_ms: 0,
+            interval: Duration::from_secs(1),
+            address: String::new(),
+            source: source.map(|s| s.parse().unwrap()),
+            metrics: Default::default(),
+            engine: Default::default(),
+            engine_at: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn member_ip_prefers_the_registered_address_and_falls_back_to_the_source() {
+        let from = live(Some("10.9.9.9"));
+        let ip = |a: &str, l: Option<&Live>| member_ip(a, l).map(|ip| ip.to_string());
+        assert_eq!(
+            ip("10.231.1.2:7400", Some(&from)).as_deref(),
+            Some("10.231.1.2")
+        );
+        assert_eq!(ip("[fd31::1:2]:7400", None).as_deref(), Some("fd31::1:2"));
+        assert_eq!(
+            ip("[::ffff:10.0.0.5]:7400", None).as_deref(),
+            Some("10.0.0.5")
+        );
+        assert_eq!(
+            ip("db1.internal:7400", Some(&from)).as_deref(),
+            Some("10.9.9.9")
+        );
+        assert_eq!(ip("db1.internal:7400", Some(&live(None))), None);
+        assert_eq!(ip("db1.internal:7400", None), None);
+    }
 }

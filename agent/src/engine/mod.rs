@@ -92,6 +92,15 @@ pub struct ClusterState {
     /// Primary: agent address (host:port) of each replica, for confirmations.
     #[serde(default)]
     pub peers: std::collections::BTreeMap<String, String>,
+    /// The cluster's IP allowlist (empty: open) and its version, and the
+    /// addresses always allowed (the cluster's nodes): applied at agent start
+    /// from here, before the coordinator is heard from.
+    #[serde(default)]
+    pub allowlist: Vec<String>,
+    #[serde(default)]
+    pub allowlist_version: u64,
+    #[serde(default)]
+    pub always_allowed: Vec<String>,
 }
 
 fn default_lease_ms() -> u32 {
@@ -109,6 +118,9 @@ impl Default for ClusterState {
             lease_ms: default_lease_ms(),
             heartbeat_ms: default_heartbeat_ms(),
             peers: Default::default(),
+            allowlist: Vec::new(),
+            allowlist_version: 0,
+            always_allowed: Vec::new(),
         }
     }
 }
@@ -426,6 +438,10 @@ pub struct Engine {
     fence: tokio::sync::Mutex<Option<safety::FenceState>>,
     /// When the last successful health check ran.
     last_check: Mutex<Option<Instant>>,
+    /// The allowlist version the firewall holds.
+    allowlist_applied: std::sync::atomic::AtomicU64,
+    /// The coordinator's addresses: always allowed to reach the engine.
+    coordinator_ips: Vec<std::net::IpAddr>,
     /// Whether the fence is up, readable without waiting (for status).
     fenced_now: std::sync::atomic::AtomicBool,
     /// Wakes the guardian at once (a lease revoked, a role changed).
@@ -448,6 +464,7 @@ impl Engine {
         driver: Arc<dyn Driver>,
         events: Arc<Events>,
         firewall: Firewall,
+        coordinator_ips: Vec<std::net::IpAddr>,
     ) -> Arc<Engine> {
         let lease = lease::load(&state_dir);
         Arc::new(Engine {
@@ -468,6 +485,8 @@ impl Engine {
             fence: tokio::sync::Mutex::new(None),
             fenced_now: std::sync::atomic::AtomicBool::new(false),
             last_check: Mutex::new(None),
+            allowlist_applied: std::sync::atomic::AtomicU64::new(0),
+            coordinator_ips,
             guard_wake: tokio::sync::Notify::new(),
             heartbeat_wake: tokio::sync::Notify::new(),
         })
@@ -491,6 +510,9 @@ impl Engine {
         }
         s.lease = Some(self.lease_status());
         s.promoting = self.promoting.load(std::sync::atomic::Ordering::SeqCst);
+        s.allowlist_version = self
+            .allowlist_applied
+            .load(std::sync::atomic::Ordering::SeqCst);
         s.checked_age_ms = self
             .last_check
             .lock()

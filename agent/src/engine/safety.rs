@@ -31,11 +31,12 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 /// What the node's firewall and engine were last set to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FenceState {
-    /// None: no engine on this node (the table is removed).
-    pub port: Option<u16>,
-    pub fenced: bool,
+    /// The whole table; `engine_port` None: no engine here (table removed).
+    pub rules: Rules,
+    /// The allowlist version those rules hold.
+    pub allowlist_version: u64,
 }
 
 /// How often the guardian checks the firewall for drift (someone deleting
@@ -158,6 +159,13 @@ impl Engine {
             c.set_timing(a.lease_duration_ms, a.heartbeat_interval_ms);
             // A replica keeps no peers (a stale list would be asked for
             // confirmations the day it is promoted).
+            // The list is left out once this node reported applying its
+            // version: keep the stored one.
+            if !a.allowlist_omitted {
+                c.allowlist = a.allowlist.clone();
+                c.allowlist_version = a.allowlist_version;
+            }
+            c.always_allowed = a.always_allowed.clone();
             c.peers = if a.role == "primary" {
                 a.peers
                     .iter()
@@ -167,6 +175,8 @@ impl Engine {
                 Default::default()
             };
         });
+        // The allowlist or the cluster's members may have changed.
+        self.guard_wake.notify_one();
         match updated {
             Ok(Some(s)) => stored = s,
             Ok(None) => return,
@@ -432,44 +442,62 @@ impl Engine {
     pub async fn enforce(&self) {
         let mut applied = self.fence.lock().await;
         let stored = self.stored();
-        let want = FenceState {
-            port: stored.as_ref().map(|s| s.spec.port),
-            fenced: stored
-                .as_ref()
-                .is_some_and(|s| self.should_fence(s, BootTime::now())),
-        };
-        if *applied == Some(want) {
+        let want = self.wanted_rules(stored.as_ref());
+        if applied.as_ref() == Some(&want) {
             return;
         }
         let began = Instant::now();
-        let outcome = match (&stored, want.fenced) {
+        let fenced = want.rules.fenced;
+        let was_fenced = applied.as_ref().is_some_and(|f| f.rules.fenced);
+        let outcome = match (&stored, fenced) {
             (None, _) => self.firewall.remove().await,
             (Some(s), true) => {
                 // The firewall first: it is atomic and immediate.
-                let fw = self.firewall.apply(&rules(want)).await;
+                let fw = self.firewall.apply(&want.rules).await;
                 let ro = self.driver.set_fenced(&s.spec, true).await;
                 fw.and(ro)
             }
-            (Some(s), false) => {
+            (Some(s), false) if was_fenced || applied.is_none() => {
                 let ro = self.driver.set_fenced(&s.spec, false).await;
-                let fw = self.firewall.apply(&rules(want)).await;
+                let fw = self.firewall.apply(&want.rules).await;
                 ro.and(fw)
             }
+            // Only the allowlist (or membership) changed.
+            (Some(_), false) => self.firewall.apply(&want.rules).await,
         };
         match outcome {
             Ok(()) => {
-                let was_fenced = applied.is_some_and(|f| f.fenced);
+                let old_version = applied.as_ref().map(|f| f.allowlist_version);
+                let port = want.rules.engine_port.unwrap_or(0);
+                let entries = want.rules.allow.len();
+                let version = want.allowlist_version;
                 *applied = Some(want);
-                self.fenced_now.store(want.fenced, Ordering::SeqCst);
+                self.fenced_now.store(fenced, Ordering::SeqCst);
+                self.allowlist_applied.store(version, Ordering::SeqCst);
                 drop(applied);
                 let ms = began.elapsed().as_millis();
-                match (was_fenced, want.fenced) {
+                if stored.is_some() && old_version != Some(version) && version > 0 {
+                    self.events.push(
+                        "allowlist_applied",
+                        if entries == 0 {
+                            format!(
+                                "allowlist version {version} applied in {ms} ms: empty, port {port} \
+                                 is open to every address"
+                            )
+                        } else {
+                            format!(
+                                "allowlist version {version} applied in {ms} ms: {entries} entries \
+                                 may reach port {port}, besides the cluster's nodes"
+                            )
+                        },
+                    );
+                }
+                match (was_fenced, fenced) {
                     (false, true) => self.events.push(
                         "fenced",
                         format!(
-                            "no valid lease: client traffic to port {} dropped and the engine made \
-                             read-only in {ms} ms",
-                            want.port.unwrap_or(0)
+                            "no valid lease: client traffic to port {port} dropped and the engine \
+                             made read-only in {ms} ms"
                         ),
                     ),
                     (true, false) if stored.as_ref().is_some_and(|s| s.spec.role == "primary") => {
@@ -491,11 +519,15 @@ impl Engine {
                 // idempotent). Until then, report it as fenced when that
                 // was the aim: better a false alarm than a false all-clear.
                 *applied = None;
-                if want.fenced {
+                if fenced {
                     self.fenced_now.store(true, Ordering::SeqCst);
                 }
-                tracing::error!("applying the fence ({want:?}): {e:#}");
-                self.update(|s| s.message = format!("applying the fence: {e:#}"));
+                tracing::error!(
+                    fenced,
+                    allowlist = want.allowlist_version,
+                    "applying the firewall: {e:#}"
+                );
+                self.update(|s| s.message = format!("applying the firewall: {e:#}"));
             }
         }
     }
@@ -505,15 +537,15 @@ impl Engine {
         // Held throughout: a fence applied meanwhile would otherwise be
         // taken for drift and undone.
         let mut applied = self.fence.lock().await;
-        let Some(want) = *applied else {
+        let Some(want) = applied.clone() else {
             return;
         };
-        if want.port.is_none() {
+        if want.rules.engine_port.is_none() {
             return;
         }
-        match self.firewall.matches(&rules(want)).await {
+        match self.firewall.matches(&want.rules).await {
             Ok(true) => {}
-            Ok(false) => match self.firewall.apply(&rules(want)).await {
+            Ok(false) => match self.firewall.apply(&want.rules).await {
                 Ok(()) => self.events.push(
                     "firewall_drift",
                     format!(
@@ -577,10 +609,44 @@ fn required_confirmers(stored: &Stored) -> Vec<String> {
     all.into_iter().collect()
 }
 
-fn rules(f: FenceState) -> Rules {
-    Rules {
-        engine_port: f.port,
-        fenced: f.fenced,
+impl Engine {
+    /// The table the node should have now: its engine port, the fence, the
+    /// cluster's allowlist and the addresses always allowed (the cluster's
+    /// nodes, the coordinator).
+    fn wanted_rules(&self, stored: Option<&Stored>) -> FenceState {
+        let Some(s) = stored else {
+            return FenceState {
+                rules: Rules::default(),
+                allowlist_version: 0,
+            };
+        };
+        let parse_net = |e: &String| e.parse::<ipnet::IpNet>().ok();
+        let allow = s
+            .cluster
+            .allowlist
+            .iter()
+            .filter_map(|e| {
+                parse_net(e).or_else(|| e.parse::<std::net::IpAddr>().ok().map(Into::into))
+            })
+            .collect();
+        let mut always: Vec<std::net::IpAddr> = s
+            .cluster
+            .always_allowed
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .collect();
+        always.extend(self.coordinator_ips.iter().copied());
+        always.sort();
+        always.dedup();
+        FenceState {
+            rules: Rules {
+                engine_port: Some(s.spec.port),
+                fenced: self.should_fence(s, BootTime::now()),
+                allow,
+                always,
+            },
+            allowlist_version: s.cluster.allowlist_version,
+        }
     }
 }
 
