@@ -6,34 +6,9 @@
 //! Run with `make bench` (release binaries). Prints figures; asserts nothing.
 //! `CORRAL_BENCH_SECONDS` sets the sampling window (default 30).
 
+use corral_tests::procstat::{clock_ticks, cpu_ticks, status_kib};
 use corral_tests::{bin, Lab, LabOptions};
 use std::time::{Duration, Instant};
-
-fn clock_ticks() -> f64 {
-    // USER_HZ; 100 on every Linux this runs on, but ask.
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// utime + stime in ticks, from /proc/PID/stat.
-fn cpu_ticks(pid: i32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("agent process");
-    let rest = stat.rsplit_once(')').unwrap().1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // Fields after the name: state(0) ... utime(11) stime(12).
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
-}
-
-fn status_kib(pid: i32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
 
 fn main() {
     // `cargo bench` passes --bench; nothing else to parse.

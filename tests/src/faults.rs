@@ -40,13 +40,16 @@ impl Lab {
             "ctl" => 1,
             "cli" => 100,
             "host" => 254,
-            _ => match name
-                .strip_prefix("vm")
-                .and_then(|i| i.parse::<usize>().ok())
-            {
-                Some(i) if (1..=self.opts.vms).contains(&i) => 10 + i as u32,
+            _ => match (
+                name.strip_prefix("vm")
+                    .and_then(|i| i.parse::<usize>().ok()),
+                name.strip_prefix("cl")
+                    .and_then(|i| i.parse::<usize>().ok()),
+            ) {
+                (Some(i), _) if (1..=self.opts.vms).contains(&i) => 10 + i as u32,
+                (_, Some(c)) if (2..2 + self.opts.extra_clients).contains(&c) => 99 + c as u32,
                 _ => bail!(
-                    "no lab member {name:?}: ctl, cli, host or vm1..vm{}",
+                    "no lab member {name:?}: ctl, cli, host, vm1..vm{} or the extra clients",
                     self.opts.vms
                 ),
             },

@@ -31,6 +31,7 @@ pub mod checker;
 pub mod faults;
 pub mod ha;
 pub mod haproxy;
+pub mod procstat;
 pub mod stress;
 pub mod writer;
 
@@ -103,6 +104,10 @@ pub struct LabOptions {
     /// Start and enroll one agent per VM (otherwise only the coordinator runs).
     pub enroll: bool,
     pub heartbeat_interval_ms: u64,
+    /// More client namespaces besides `cli`: `cl2`, `cl3`, ... at
+    /// 10.231.K.101, .102, ... (clients with addresses of their own, for
+    /// allowlists).
+    pub extra_clients: usize,
 }
 
 impl Default for LabOptions {
@@ -111,6 +116,7 @@ impl Default for LabOptions {
             vms: 3,
             enroll: true,
             heartbeat_interval_ms: 1000,
+            extra_clients: 0,
         }
     }
 }
@@ -308,6 +314,10 @@ impl Lab {
         let mut hosts = vec![("ctl".to_string(), 1u32), ("cli".to_string(), 100)];
         for i in 1..=self.opts.vms {
             hosts.push((format!("vm{i}"), 10 + i as u32));
+        }
+        // After the VMs, so their veth numbers stay vm + 1 (see faults.rs).
+        for c in 0..self.opts.extra_clients {
+            hosts.push((format!("cl{}", c + 2), 101 + c as u32));
         }
         for (idx, (name, host)) in hosts.iter().enumerate() {
             let ns = self.ns(name);
