@@ -855,12 +855,27 @@ async fn matches_detects_allowlist_drift() {
         ],
         &["add", "set", "inet", TABLE, "extra", "{ type ipv4_addr; }"],
     ];
-    for edit in edits {
+    for (i, edit) in edits.iter().enumerate() {
         ns.nft(edit);
         assert!(!fw.matches(&rules).await.unwrap(), "after nft {edit:?}");
+        // The cheap check sees a new set, not changed elements.
+        let shape_same = fw.matches_shape(&rules).await.unwrap();
+        assert_eq!(shape_same, i < 5, "matches_shape after nft {edit:?}");
         fw.apply(&rules).await.unwrap();
         assert!(fw.matches(&rules).await.unwrap(), "apply repairs {edit:?}");
     }
+    assert!(fw.matches_shape(&rules).await.unwrap());
+    ns.nft(&[
+        "delete",
+        "rule",
+        "inet",
+        TABLE,
+        "input",
+        "handle",
+        &first_handle(&ns),
+    ]);
+    assert!(!fw.matches_shape(&rules).await.unwrap(), "a rule deleted");
+    fw.apply(&rules).await.unwrap();
 
     // A range that covers exactly the listed addresses is the same set.
     ns.nft(&["flush", "set", "inet", TABLE, "always4"]);
@@ -876,6 +891,17 @@ async fn matches_detects_allowlist_drift() {
 
     ns.nft(&["delete", "table", "inet", TABLE]);
     assert!(!fw.matches(&rules).await.unwrap(), "deleted by hand");
+    assert!(!fw.matches_shape(&rules).await.unwrap(), "deleted by hand");
+}
+
+/// The handle of the first rule of our input chain.
+fn first_handle(ns: &Netns) -> String {
+    let listed = ns.nft(&["-a", "list", "chain", "inet", TABLE, "input"]);
+    let line = listed
+        .lines()
+        .find(|l| l.contains("tcp dport") && l.contains("# handle "))
+        .expect("a rule");
+    line.rsplit("# handle ").next().unwrap().trim().to_string()
 }
 
 #[tokio::test]

@@ -95,8 +95,11 @@ pub struct ClusterState {
     /// The cluster's IP allowlist (empty: open) and its version, and the
     /// addresses always allowed (the cluster's nodes): applied at agent start
     /// from here, before the coordinator is heard from.
+    ///
+    /// Shared (`Arc`): the stored state is cloned many times a second, and
+    /// a list may hold 10,000 entries.
     #[serde(default)]
-    pub allowlist: Vec<String>,
+    pub allowlist: std::sync::Arc<Vec<String>>,
     #[serde(default)]
     pub allowlist_version: u64,
     #[serde(default)]
@@ -118,7 +121,7 @@ impl Default for ClusterState {
             lease_ms: default_lease_ms(),
             heartbeat_ms: default_heartbeat_ms(),
             peers: Default::default(),
-            allowlist: Vec::new(),
+            allowlist: Default::default(),
             allowlist_version: 0,
             always_allowed: Vec::new(),
         }
@@ -442,6 +445,9 @@ pub struct Engine {
     allowlist_applied: std::sync::atomic::AtomicU64,
     /// The coordinator's addresses: always allowed to reach the engine.
     coordinator_ips: Vec<std::net::IpAddr>,
+    /// The stored allowlist, parsed: (the list it was parsed from, the
+    /// networks), so a long list is parsed once, not at every guardian turn.
+    allow_parsed: Mutex<(Arc<Vec<String>>, Vec<ipnet::IpNet>)>,
     /// Whether the fence is up, readable without waiting (for status).
     fenced_now: std::sync::atomic::AtomicBool,
     /// Wakes the guardian at once (a lease revoked, a role changed).
@@ -487,6 +493,7 @@ impl Engine {
             last_check: Mutex::new(None),
             allowlist_applied: std::sync::atomic::AtomicU64::new(0),
             coordinator_ips,
+            allow_parsed: Mutex::new(Default::default()),
             guard_wake: tokio::sync::Notify::new(),
             heartbeat_wake: tokio::sync::Notify::new(),
         })

@@ -40,8 +40,11 @@ pub struct FenceState {
 }
 
 /// How often the guardian checks the firewall for drift (someone deleting
-/// or flushing the agent's table by hand).
+/// or flushing the agent's table by hand): its shape (table, chains, rules,
+/// sets declared) every 5 s, the sets' elements too every 30 s (listing a
+/// 10,000-entry allowlist costs nft about 30 ms).
 const DRIFT_CHECK_EVERY: Duration = Duration::from_secs(5);
+const DRIFT_FULL_CHECK_EVERY: Duration = Duration::from_secs(30);
 
 /// How long a new primary waits for its first lease before answering the
 /// coordinator (it asks with an immediate heartbeat).
@@ -161,8 +164,10 @@ impl Engine {
             // confirmations the day it is promoted).
             // The list is left out once this node reported applying its
             // version: keep the stored one.
+            if !a.allowlist_omitted && *c.allowlist != a.allowlist {
+                c.allowlist = std::sync::Arc::new(a.allowlist.clone());
+            }
             if !a.allowlist_omitted {
-                c.allowlist = a.allowlist.clone();
                 c.allowlist_version = a.allowlist_version;
             }
             c.always_allowed = a.always_allowed.clone();
@@ -532,8 +537,9 @@ impl Engine {
         }
     }
 
-    /// Re-applies the table when someone changed or deleted it by hand.
-    async fn repair_drift(&self) {
+    /// Re-applies the table when someone changed or deleted it by hand;
+    /// `elements`: compare the sets' elements too.
+    async fn repair_drift(&self, elements: bool) {
         // Held throughout: a fence applied meanwhile would otherwise be
         // taken for drift and undone.
         let mut applied = self.fence.lock().await;
@@ -543,7 +549,12 @@ impl Engine {
         if want.rules.engine_port.is_none() {
             return;
         }
-        match self.firewall.matches(&want.rules).await {
+        let same = if elements {
+            self.firewall.matches(&want.rules).await
+        } else {
+            self.firewall.matches_shape(&want.rules).await
+        };
+        match same {
             Ok(true) => {}
             Ok(false) => match self.firewall.apply(&want.rules).await {
                 Ok(()) => self.events.push(
@@ -567,11 +578,16 @@ impl Engine {
     /// when woken, and at least every 250 ms.
     pub async fn guard(self: std::sync::Arc<Self>) {
         let mut last_drift_check = Instant::now();
+        let mut last_full_check = Instant::now();
         loop {
             self.enforce().await;
             if last_drift_check.elapsed() > DRIFT_CHECK_EVERY {
                 last_drift_check = Instant::now();
-                self.repair_drift().await;
+                let full = last_full_check.elapsed() > DRIFT_FULL_CHECK_EVERY;
+                if full {
+                    last_full_check = Instant::now();
+                }
+                self.repair_drift(full).await;
             }
             let next = self.next_deadline().min(Duration::from_millis(250));
             tokio::select! {
@@ -620,15 +636,20 @@ impl Engine {
                 allowlist_version: 0,
             };
         };
-        let parse_net = |e: &String| e.parse::<ipnet::IpNet>().ok();
-        let allow = s
-            .cluster
-            .allowlist
-            .iter()
-            .filter_map(|e| {
-                parse_net(e).or_else(|| e.parse::<std::net::IpAddr>().ok().map(Into::into))
-            })
-            .collect();
+        let allow = {
+            let mut parsed = self.allow_parsed.lock().unwrap_or_else(|p| p.into_inner());
+            if !std::sync::Arc::ptr_eq(&parsed.0, &s.cluster.allowlist) {
+                // The coordinator sends canonical entries: a network, or an
+                // address alone for a /32 or /128.
+                let nets = s.cluster.allowlist.iter().filter_map(|e| {
+                    let net = e.parse::<ipnet::IpNet>();
+                    net.ok()
+                        .or_else(|| e.parse::<std::net::IpAddr>().ok().map(Into::into))
+                });
+                *parsed = (s.cluster.allowlist.clone(), nets.collect());
+            }
+            parsed.1.clone()
+        };
         let mut always: Vec<std::net::IpAddr> = s
             .cluster
             .always_allowed
