@@ -54,6 +54,21 @@ fn connect_latencies(uri: &str, n: usize) -> Vec<f64> {
     })
 }
 
+/// Latencies (ms) of `n` bare TCP connects (handshake only) to `addr`.
+fn tcp_latencies(addr: &str, n: usize) -> Vec<f64> {
+    let addr: std::net::SocketAddr = addr.parse().expect("host:port");
+    (0..n)
+        .map(|_| {
+            let began = Instant::now();
+            let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+                .expect("TCP connect to the engine");
+            let ms = began.elapsed().as_secs_f64() * 1000.0;
+            drop(s);
+            ms
+        })
+        .collect()
+}
+
 fn stats(mut v: Vec<f64>) -> String {
     v.sort_by(|a, b| a.total_cmp(b));
     let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
@@ -81,8 +96,10 @@ fn main() {
         .pids_in_vm(1, "corral-agent")
         .first()
         .expect("agent pid");
+    let tcp_addr = format!("{}:5432", lab.vm_ip(1));
     connect_latencies(&uri, 20); // warm up
     let open = connect_latencies(&uri, conns);
+    let open_tcp = tcp_latencies(&tcp_addr, 10 * conns);
     let (open_cpu, open_rss) = agent_footprint(agent, window);
 
     // The list: this host and the CLI's namespace, and addresses from the
@@ -143,6 +160,7 @@ fn main() {
         })
         .unwrap_or(0);
     let filtered = connect_latencies(&uri, conns);
+    let filtered_tcp = tcp_latencies(&tcp_addr, 10 * conns);
     let (list_cpu, list_rss) = agent_footprint(agent, window);
 
     println!(
@@ -154,6 +172,9 @@ fn main() {
     println!("new connections + login + SELECT 1 ({conns} each):");
     println!("  no allowlist       {}", stats(open));
     println!("  {entries:>6}-entry list  {}", stats(filtered));
+    println!("bare TCP handshakes ({} each):", 10 * conns);
+    println!("  no allowlist       {}", stats(open_tcp));
+    println!("  {entries:>6}-entry list  {}", stats(filtered_tcp));
     println!(
         "agent over {} s (heartbeat 500 ms, drift check every 5 s, nft runs included):",
         window.as_secs()
