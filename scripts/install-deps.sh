@@ -9,6 +9,7 @@ PACKAGES=(
     curl                            # the demo reads the health endpoints
     nftables                        # per-node IP allowlists
     postgresql-15 postgresql-client-15
+    mariadb-server mariadb-client mariadb-backup   # the MariaDB engine
     haproxy                         # failover tests route clients through it
     stress-ng                       # failover tests under CPU load
 )
@@ -34,8 +35,10 @@ if ((${#missing[@]})); then
     apt-get install -y -q --no-install-recommends "${missing[@]}"
     if [[ -d /run/systemd/system ]]; then
         systemctl disable --now postgresql >/dev/null 2>&1 || true
-        # Likewise the packaged HAProxy service: tests run their own.
+        # Likewise the packaged HAProxy and MariaDB services: tests and
+        # agents run their own.
         systemctl disable --now haproxy >/dev/null 2>&1 || true
+        systemctl disable --now mariadb >/dev/null 2>&1 || true
     fi
 fi
 

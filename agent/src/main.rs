@@ -130,11 +130,12 @@ async fn run(args: Args) -> Result<()> {
     tracing::info!(node = %identity.info.node_id, coordinator = %config.coordinator, "agent starting");
 
     let events = Arc::new(events::Events::new());
-    let driver = Arc::new(engine::postgres::Postgres::new(
+    let postgres: Arc<dyn engine::Driver> = Arc::new(engine::postgres::Postgres::new(
         config.pg_bin_dir.clone(),
         &config.state_dir,
         &identity.info.node_id,
     ));
+    let drivers: engine::Drivers = vec![("postgres", postgres)];
     // The coordinator's addresses are always allowed to reach the engine,
     // whatever the cluster's allowlist says.
     let coordinator_ips: Vec<std::net::IpAddr> = tokio::net::lookup_host(&config.coordinator)
@@ -146,7 +147,7 @@ async fn run(args: Args) -> Result<()> {
         });
     let engine = engine::Engine::new(
         config.state_dir.clone(),
-        driver,
+        drivers,
         events.clone(),
         firewall::Firewall::new(),
         coordinator_ips,

@@ -69,8 +69,11 @@ pub struct ClusterView {
     pub sync: bool,
     pub lease: Duration,
     pub margin: Duration,
-    /// Async mode: the most a promotion may lose, in bytes of WAL.
-    pub max_lag_bytes: u64,
+    /// Async mode: the most a promotion may lose, in the engine's position
+    /// unit (bytes of WAL, transactions).
+    pub max_lag: u64,
+    /// That unit, for messages: "bytes" or "transactions".
+    pub unit: &'static str,
     pub primary: NodeView,
     pub replicas: Vec<NodeView>,
     /// Sync mode: replicas that may hold acknowledged commits (None: any).
@@ -113,9 +116,10 @@ pub enum Decision {
     Failover {
         old: String,
         candidate: String,
-        /// Async mode: WAL the candidate lacks of the primary's last known
-        /// position (writes that may be lost).
-        behind_bytes: u64,
+        /// Async mode: how far the candidate is behind the primary's last
+        /// known position (writes that may be lost), in `unit`.
+        behind: u64,
+        unit: &'static str,
         /// When the old primary's lease ended (by the coordinator's clock).
         lease_ended: Instant,
     },
@@ -189,14 +193,15 @@ impl fmt::Display for Decision {
             Decision::Failover {
                 old,
                 candidate,
-                behind_bytes,
+                behind,
+                unit,
                 ..
             } => {
                 write!(f, "primary {old} is lost: promoting {candidate}")?;
-                if *behind_bytes > 0 {
+                if *behind > 0 {
                     write!(
                         f,
-                        " ({behind_bytes} bytes behind {old}'s last report: writes acknowledged after that are lost)"
+                        " ({behind} {unit} behind {old}'s last report: writes acknowledged after that are lost)"
                     )?;
                 }
                 Ok(())
@@ -382,21 +387,23 @@ pub fn decide(view: &ClusterView, now: Instant) -> Decision {
     } else {
         primary_at.saturating_sub(c.received)
     };
-    if behind > view.max_lag_bytes {
+    let unit = view.unit;
+    if behind > view.max_lag {
         return Decision::Blocked {
             primary,
             reason: format!(
-                "every replica lags past the limit: the best, {}, is {behind} bytes behind the \
-                 primary's last known position (limit {} bytes); promoting it would lose the \
+                "every replica lags past the limit: the best, {}, is {behind} {unit} behind the \
+                 primary's last known position (limit {} {unit}); promoting it would lose the \
                  writes in between",
-                c.id, view.max_lag_bytes
+                c.id, view.max_lag
             ),
         };
     }
     Decision::Failover {
         old: primary,
         candidate: c.id.clone(),
-        behind_bytes: behind,
+        behind,
+        unit,
         lease_ended: lease_end,
     }
 }
@@ -469,7 +476,8 @@ mod tests {
             sync: false,
             lease: LEASE,
             margin: MARGIN,
-            max_lag_bytes: 1 << 20,
+            max_lag: 1 << 20,
+            unit: "bytes",
             primary: p,
             replicas: vec![node(t0, "vm2", 1000, 0), node(t0, "vm3", 1000, 0)],
             ackers: None,

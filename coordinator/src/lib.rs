@@ -22,6 +22,7 @@
 pub mod agents;
 pub mod allowlist;
 pub mod cli;
+pub mod engines;
 pub mod failover;
 pub mod fleet;
 pub mod monitor;

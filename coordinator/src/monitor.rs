@@ -96,9 +96,6 @@ impl Judgements {
 const FAILOVER_EVERY: Duration = Duration::from_millis(100);
 /// A node whose rejoin failed is not retried before this.
 const REJOIN_RETRY: Duration = Duration::from_secs(30);
-/// Async mode: the most WAL a failover may lose (Patroni's
-/// maximum_lag_on_failover default); beyond it nothing is promoted.
-pub const FAILOVER_MAX_LAG_BYTES: u64 = 1 << 20;
 
 /// The failover monitor: every 100 ms, judges each replicated cluster with
 /// [`failover::decide`] and acts on the outcome: a failover operation, an
@@ -222,9 +219,10 @@ fn judge(
         Decision::Failover {
             old,
             candidate,
-            behind_bytes,
+            behind,
+            unit,
             lease_ended,
-        } => start_failover(coord, c, &old, &candidate, behind_bytes, lease_ended, now),
+        } => start_failover(coord, c, &old, &candidate, (behind, unit), lease_ended, now),
         Decision::Healthy { primary } if op.is_none() => {
             rejoin_strays(coord, c, &nodes, &primary, rejoins)
         }
@@ -285,7 +283,10 @@ fn view_of(
         sync: c.sync,
         lease,
         margin: corral_proto::lease::margin(lease),
-        max_lag_bytes: FAILOVER_MAX_LAG_BYTES,
+        // Async mode: the most a failover may lose (1 MiB of WAL, Patroni's
+        // maximum_lag_on_failover default); beyond it nothing is promoted.
+        max_lag: crate::engines::failover_max_lag(&c.engine),
+        unit: crate::engines::position_unit(&c.engine),
         primary: node_view(primary),
         replicas: nodes
             .iter()
@@ -311,7 +312,7 @@ fn start_failover(
     c: &store::ClusterRow,
     old: &str,
     candidate: &str,
-    behind_bytes: u64,
+    (behind, unit): (u64, &str),
     lease_ended: Instant,
     now: Instant,
 ) -> anyhow::Result<()> {
@@ -353,7 +354,8 @@ fn start_failover(
                 "term": term,
                 "detected_at_ms": detected,
                 "lease_ended_at_ms": lease_ended_ms,
-                "behind_bytes": behind_bytes,
+                "behind": behind,
+                "behind_unit": unit,
             })
             .to_string(),
             requested_by: ops::AUTO_FAILOVER.into(),
@@ -376,8 +378,8 @@ fn start_failover(
             &id,
             &format!(
                 "term raised to {term}; candidate {candidate}{}",
-                if behind_bytes > 0 {
-                    format!(" ({behind_bytes} bytes behind {old}'s last report)")
+                if behind > 0 {
+                    format!(" ({behind} {unit} behind {old}'s last report)")
                 } else {
                     " (the most advanced replica)".into()
                 }

@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 pub struct OperatorApi(pub Arc<Coordinator>);
 
 /// The engines this build can run, and the modes it supports.
-pub const ENGINES: &[&str] = &["postgres"];
+pub use crate::engines::ENGINES;
 pub const MODES: &[&str] = &["single", "primary-replica"];
 
 /// A planned switchover is refused (without --force) to a replica further
@@ -360,7 +360,7 @@ impl OperatorApi {
                     engine: req.engine.clone(),
                     mode: mode.into(),
                     state: "creating".into(),
-                    port: 5432,
+                    port: u32::from(crate::engines::default_port(&req.engine)),
                     database: "defaultdb".into(),
                     admin_user: "admin".into(),
                     admin_password_enc: sealed.clone(),
@@ -1129,20 +1129,13 @@ impl pb::operator_server::Operator for OperatorApi {
                     .filter(|n| n.role != "primary")
                     .map(|n| bracket(host_of(&n.address))),
             );
-            let uri = if hosts.len() == 1 {
-                format!(
-                    "postgresql://{}:{}@{}/{}",
-                    row.admin_user, password, hosts[0], row.database
-                )
-            } else {
-                format!(
-                    "postgresql://{}:{}@{}/{}?target_session_attrs=read-write",
-                    row.admin_user,
-                    password,
-                    hosts.join(","),
-                    row.database
-                )
-            };
+            let uri = crate::engines::uri(
+                &row.engine,
+                &row.admin_user,
+                &password,
+                &hosts,
+                &row.database,
+            );
             Ok(Response::new(pb::Credentials {
                 user: row.admin_user,
                 password,

@@ -835,7 +835,7 @@ impl Ctx<'_> {
             loop {
                 let s = self.status(target).await?;
                 let replayed = s.replication.as_ref().map(|r| r.lsn).unwrap_or(0);
-                if replayed > ckpt {
+                if crate::engines::caught_up(&cluster.engine, replayed, ckpt) {
                     self.log(&format!(
                         "{target} has replayed every write ({} > checkpoint {})",
                         lsn(replayed),

@@ -17,6 +17,7 @@
 //! mid-way (or restarts) does not cancel a clone half-way; its retried call
 //! waits for the running step and then finds the work done.
 
+pub mod mariadb;
 pub mod postgres;
 mod safety;
 
@@ -152,6 +153,9 @@ pub struct Secrets {
 
 /// Engines this agent can run.
 pub const SUPPORTED_ENGINES: &[&str] = &["postgres"];
+
+/// The drivers of an agent, by engine name (one driver may serve several).
+pub type Drivers = Vec<(&'static str, Arc<dyn Driver>)>;
 pub const ROLES: &[&str] = &["primary", "replica"];
 
 /// A ConfigureEngine request, checked.
@@ -420,7 +424,11 @@ pub trait Driver: Send + Sync + 'static {
 /// The engine of this node: spec, live status, and the supervisor task.
 pub struct Engine {
     state_dir: PathBuf,
-    driver: Arc<dyn Driver>,
+    /// Every engine this agent can run, by name.
+    drivers: Drivers,
+    /// The driver of the engine this node runs (or will): chosen by the
+    /// spec at start and at each configure.
+    driver: Mutex<Arc<dyn Driver>>,
     events: Arc<Events>,
     status: Mutex<pb::EngineStatus>,
     stored: Mutex<Option<Stored>>,
@@ -465,17 +473,25 @@ const READY_TIMEOUT: Duration = Duration::from_secs(90);
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 impl Engine {
+    /// `drivers` must not be empty; the first is used until a spec names
+    /// another.
     pub fn new(
         state_dir: PathBuf,
-        driver: Arc<dyn Driver>,
+        drivers: Drivers,
         events: Arc<Events>,
         firewall: Firewall,
         coordinator_ips: Vec<std::net::IpAddr>,
     ) -> Arc<Engine> {
         let lease = lease::load(&state_dir);
+        let first = drivers
+            .first()
+            .expect("at least one engine driver")
+            .1
+            .clone();
         Arc::new(Engine {
             state_dir,
-            driver,
+            drivers,
+            driver: Mutex::new(first),
             events,
             status: Mutex::new(pb::EngineStatus {
                 state: EngineState::None as i32,
@@ -587,12 +603,34 @@ impl Engine {
         Ok(Some(next))
     }
 
+    /// The driver of the engine this node runs.
+    fn driver(&self) -> Arc<dyn Driver> {
+        self.driver
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Switches to the driver of `engine`.
+    fn select_driver(&self, engine: &str) -> Result<()> {
+        let Some((_, d)) = self.drivers.iter().find(|(name, _)| *name == engine) else {
+            let names: Vec<&str> = self.drivers.iter().map(|(n, _)| *n).collect();
+            bail!(
+                "this agent cannot run engine {engine:?}: it runs {}",
+                names.join(", ")
+            );
+        };
+        *self.driver.lock().unwrap_or_else(|p| p.into_inner()) = d.clone();
+        Ok(())
+    }
+
     /// At agent start: resume supervising the engine recorded in engine.json.
     pub async fn resume(self: &Arc<Self>) -> Result<()> {
         let Some(stored) = Stored::load(&self.state_dir)? else {
             return Ok(());
         };
         let spec = stored.spec.clone();
+        self.select_driver(&spec.engine)?;
         tracing::info!(cluster = %spec.cluster, engine = %spec.engine, role = %spec.role, "resuming the engine recorded in engine.json");
         let stopped = stored.stopped;
         self.assume_recent_confirmation(&stored);
@@ -605,7 +643,7 @@ impl Engine {
             });
             return Ok(());
         }
-        if let Err(e) = self.driver.prepare(&spec).await {
+        if let Err(e) = self.driver().prepare(&spec).await {
             self.fail(&format!("preparing {}: {e:#}", spec.engine));
             return Err(e);
         }
@@ -655,10 +693,13 @@ impl Engine {
             }
         }
         self.check_term(req.term, "configure")?;
+        // The engine cannot change while a cluster is stored (refused
+        // above), so this only ever picks the driver of a new node.
+        self.select_driver(&spec.engine)?;
         let mut cluster = self.stored().map(|c| c.cluster).unwrap_or_default();
         cluster.term = cluster.term.max(req.term);
         cluster.set_timing(req.lease_ms, req.heartbeat_ms);
-        self.driver.save_secrets(&req.secrets)?;
+        self.driver().save_secrets(&req.secrets)?;
         let last_resync = current
             .as_ref()
             .map(|c| c.last_resync.clone())
@@ -674,7 +715,7 @@ impl Engine {
                     .clone()
                     .context("a replica needs an upstream")?;
                 let resync = !req.resync_id.is_empty() && req.resync_id != last_resync;
-                if resync && self.driver.has_data() {
+                if resync && self.driver().has_data() {
                     self.events.push(
                         "resync_started",
                         format!(
@@ -683,17 +724,17 @@ impl Engine {
                         ),
                     );
                     self.stop_locked().await?;
-                    self.driver.wipe().await.context("erasing the data")?;
+                    self.driver().wipe().await.context("erasing the data")?;
                 }
                 // A replica holds no lease (a former primary's is void).
                 self.drop_lease();
                 let repointed = current
                     .as_ref()
                     .is_some_and(|c| c.spec.upstream.as_ref() != Some(&upstream));
-                if !self.driver.has_data() {
+                if !self.driver().has_data() {
                     self.stop_locked().await?;
                     self.clone_data(&spec, &upstream).await?;
-                } else if !self.driver.data_is_standby()? {
+                } else if !self.driver().data_is_standby()? {
                     self.events.push(
                         "rejoin_started",
                         format!(
@@ -731,7 +772,7 @@ impl Engine {
                     self.rewind_or_reclone(&spec, &upstream).await?;
                     self.prepare_and_run(&spec).await?;
                 }
-                self.driver
+                self.driver()
                     .converge_slots(&spec)
                     .await
                     .context("dropping replication slots on the replica")?;
@@ -754,7 +795,7 @@ impl Engine {
     /// fails, a fresh clone (the old data is kept until the clone is
     /// complete, so a failed clone leaves the node as it was).
     async fn rewind_or_reclone(&self, spec: &EngineSpec, upstream: &Upstream) -> Result<()> {
-        match self.driver.rejoin(spec, upstream).await {
+        match self.driver().rejoin(spec, upstream).await {
             Ok(()) => {
                 self.events
                     .push("rejoined", format!("rewound to follow {}", upstream.node));
@@ -800,7 +841,7 @@ impl Engine {
         cluster: ClusterState,
     ) -> Result<()> {
         let spec = &req.spec;
-        if !self.driver.has_data() {
+        if !self.driver().has_data() {
             if !req.initialize {
                 bail!(Conflict(
                     "this node has no data directory, so it cannot be a primary; only a new \
@@ -808,8 +849,8 @@ impl Engine {
                         .into()
                 ));
             }
-            self.driver.initialize().await?;
-        } else if self.driver.data_is_standby()? {
+            self.driver().initialize().await?;
+        } else if self.driver().data_is_standby()? {
             bail!(Conflict(
                 "this node is a replica; promote it (corralctl node promote) to make it the primary"
                     .into()
@@ -822,11 +863,11 @@ impl Engine {
             cluster,
         })?;
         self.prepare_and_run(spec).await?;
-        self.driver
+        self.driver()
             .bootstrap(spec, &req.secrets)
             .await
             .context("creating the admin and replication roles and the database")?;
-        self.driver
+        self.driver()
             .converge_slots(spec)
             .await
             .context("creating the replicas' replication slots")?;
@@ -835,7 +876,7 @@ impl Engine {
     }
 
     async fn prepare_and_run(self: &Arc<Self>, spec: &EngineSpec) -> Result<()> {
-        if let Err(e) = self.driver.prepare(spec).await {
+        if let Err(e) = self.driver().prepare(spec).await {
             self.fail(&format!("preparing {}: {e:#}", spec.engine));
             return Err(e);
         }
@@ -865,7 +906,7 @@ impl Engine {
         };
         progress(0, 0);
         let began = Instant::now();
-        let r = self.driver.clone_data(spec, upstream, &progress).await;
+        let r = self.driver().clone_data(spec, upstream, &progress).await;
         let last = self.status().task.unwrap_or_default();
         self.set_task(None);
         match r {
@@ -904,7 +945,7 @@ impl Engine {
                     READY_TIMEOUT.as_secs(),
                     EngineState::try_from(s.state).unwrap_or_default().label(),
                     s.message,
-                    self.driver.log_path().display()
+                    self.driver().log_path().display()
                 );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -927,7 +968,7 @@ impl Engine {
         if self.status().state != EngineState::Running as i32 {
             return;
         }
-        if let Ok(h) = self.driver.check(&spec).await {
+        if let Ok(h) = self.driver().check(&spec).await {
             self.checked(h);
         }
     }
@@ -943,7 +984,7 @@ impl Engine {
         stored.stopped = true;
         self.set_stored(stored)?;
         self.stop_locked().await?;
-        let (checkpoint_lsn, cluster_state) = self.driver.stopped_position().await?;
+        let (checkpoint_lsn, cluster_state) = self.driver().stopped_position().await?;
         Ok(pb::StopEngineResponse {
             checkpoint_lsn,
             cluster_state,
@@ -961,9 +1002,9 @@ impl Engine {
             h.abort();
             let _ = h.await;
         }
-        if let Some(pid) = self.driver.find_running() {
+        if let Some(pid) = self.driver().find_running() {
             let began = Instant::now();
-            self.driver.stop(pid).await?;
+            self.driver().stop(pid).await?;
             self.events.push(
                 "engine_stopped",
                 format!(
@@ -992,7 +1033,7 @@ impl Engine {
         stored.stopped = false;
         let spec = stored.spec.clone();
         self.set_stored(stored)?;
-        self.driver.prepare(&spec).await?;
+        self.driver().prepare(&spec).await?;
         self.ensure_supervised();
         self.wait_running().await?;
         self.refresh().await;
@@ -1026,8 +1067,8 @@ impl Engine {
             last_resync: stored.last_resync.clone(),
             cluster,
         };
-        if self.driver.data_is_standby()? {
-            if stored.stopped || self.driver.find_running().is_none() {
+        if self.driver().data_is_standby()? {
+            if stored.stopped || self.driver().find_running().is_none() {
                 bail!(Conflict(
                     "this replica's engine is not running; it cannot be promoted".into()
                 ));
@@ -1041,8 +1082,8 @@ impl Engine {
                 // the primary's configuration (synchronous_standby_names)
                 // is in force from its first commit.
                 self.set_stored(record.clone())?;
-                self.driver.prepare(&spec).await?;
-                self.driver.promote(&spec).await
+                self.driver().prepare(&spec).await?;
+                self.driver().promote(&spec).await
             }
             .await;
             self.end_promotion();
@@ -1057,11 +1098,11 @@ impl Engine {
             );
         } else {
             self.set_stored(record)?;
-            self.driver.prepare(&spec).await?;
+            self.driver().prepare(&spec).await?;
         }
         self.ensure_supervised();
         self.wait_running().await?;
-        self.driver
+        self.driver()
             .converge_slots(&spec)
             .await
             .context("creating the replicas' replication slots")?;
@@ -1085,8 +1126,8 @@ impl Engine {
             Some(_) => {}
         }
         self.stop_locked().await?;
-        self.driver.wipe().await?;
-        self.driver.forget_secrets()?;
+        self.driver().wipe().await?;
+        self.driver().forget_secrets()?;
         match std::fs::remove_file(spec_path(&self.state_dir)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -1124,12 +1165,12 @@ impl Engine {
         let mut restarts: u64 = 0;
         loop {
             let Some(spec) = self.spec() else { return };
-            let mut process = match self.driver.find_running() {
+            let mut process = match self.driver().find_running() {
                 Some(pid) => {
                     tracing::info!(pid, "adopting the running {} process", spec.engine);
                     Process::Adopted(pid)
                 }
-                None => match self.driver.start(&spec).await {
+                None => match self.driver().start(&spec).await {
                     Ok(child) => Process::Child(child),
                     Err(e) => {
                         let msg = format!("starting {}: {e:#}", spec.engine);
@@ -1192,7 +1233,7 @@ impl Engine {
                 how = &mut exited => return how,
                 _ = tokio::time::sleep(pause) => {}
             }
-            match self.driver.check(spec).await {
+            match self.driver().check(spec).await {
                 Ok(health) => {
                     if !ready {
                         ready = true;

@@ -459,11 +459,11 @@ impl Engine {
             (Some(s), true) => {
                 // The firewall first: it is atomic and immediate.
                 let fw = self.firewall.apply(&want.rules).await;
-                let ro = self.driver.set_fenced(&s.spec, true).await;
+                let ro = self.driver().set_fenced(&s.spec, true).await;
                 fw.and(ro)
             }
             (Some(s), false) if was_fenced || applied.is_none() => {
-                let ro = self.driver.set_fenced(&s.spec, false).await;
+                let ro = self.driver().set_fenced(&s.spec, false).await;
                 let fw = self.firewall.apply(&want.rules).await;
                 ro.and(fw)
             }

@@ -1,0 +1,137 @@
+//! What the coordinator needs to know of each engine: names, default port,
+//! connection strings, and how replication positions compare.
+//!
+//! Positions are u64 in every engine, reported by the agents: PostgreSQL's
+//! are WAL byte positions (LSNs); MariaDB's are GTID sequence numbers of
+//! the cluster's replication domain 0 (strict GTID mode makes them
+//! increase across the whole cluster, so they compare like LSNs, but count
+//! transactions, not bytes).
+
+/// The engines this build can run. (MariaDB's family is described below
+/// while its agent driver is written; it joins this list with it.)
+pub const ENGINES: &[&str] = &["postgres"];
+
+/// The family an engine name belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Postgres,
+    Mysql,
+}
+
+pub fn family(engine: &str) -> Family {
+    match engine {
+        "mariadb" | "mysql" => Family::Mysql,
+        _ => Family::Postgres,
+    }
+}
+
+/// The port a new cluster's engine listens on.
+pub fn default_port(engine: &str) -> u16 {
+    match family(engine) {
+        Family::Postgres => 5432,
+        Family::Mysql => 3306,
+    }
+}
+
+/// What a position counts, for messages.
+pub fn position_unit(engine: &str) -> &'static str {
+    match family(engine) {
+        Family::Postgres => "bytes",
+        Family::Mysql => "transactions",
+    }
+}
+
+/// Async mode: the most an automatic failover may leave behind, in the
+/// engine's position unit (1 MiB of WAL; 1,000 transactions).
+pub fn failover_max_lag(engine: &str) -> u64 {
+    match family(engine) {
+        Family::Postgres => 1 << 20,
+        Family::Mysql => 1_000,
+    }
+}
+
+/// Whether a replica that replayed up to `replayed` holds every write of a
+/// primary stopped at `stopped`. PostgreSQL reports the shutdown
+/// checkpoint's position, a record written after the last commit, which a
+/// replica replays too: it must be passed. MariaDB reports the last
+/// transaction's sequence number: reaching it is enough.
+pub fn caught_up(engine: &str, replayed: u64, stopped: u64) -> bool {
+    match family(engine) {
+        Family::Postgres => replayed > stopped,
+        Family::Mysql => replayed >= stopped,
+    }
+}
+
+/// A connection URI for the admin user: every host, primary first. For
+/// PostgreSQL, libpq's multi-host form with target_session_attrs so
+/// clients find the primary; MySQL clients take one host, the primary.
+pub fn uri(engine: &str, user: &str, password: &str, hosts: &[String], database: &str) -> String {
+    let user = encode(user);
+    let password = encode(password);
+    match family(engine) {
+        Family::Postgres if hosts.len() > 1 => format!(
+            "postgresql://{user}:{password}@{}/{database}?target_session_attrs=read-write",
+            hosts.join(",")
+        ),
+        Family::Postgres => format!(
+            "postgresql://{user}:{password}@{}/{database}",
+            hosts.first().map(String::as_str).unwrap_or("")
+        ),
+        Family::Mysql => format!(
+            "mysql://{user}:{password}@{}/{database}",
+            hosts.first().map(String::as_str).unwrap_or("")
+        ),
+    }
+}
+
+/// Percent-encodes what a URI's user or password may not hold as is.
+fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_ports_and_limits() {
+        assert_eq!(default_port("postgres"), 5432);
+        assert_eq!(default_port("mariadb"), 3306);
+        assert_eq!(default_port("mysql"), 3306);
+        assert_eq!(failover_max_lag("postgres"), 1 << 20);
+        assert_eq!(position_unit("mariadb"), "transactions");
+    }
+
+    #[test]
+    fn caught_up_passes_a_checkpoint_but_reaches_a_transaction() {
+        assert!(!caught_up("postgres", 100, 100));
+        assert!(caught_up("postgres", 101, 100));
+        assert!(caught_up("mariadb", 100, 100));
+        assert!(!caught_up("mariadb", 99, 100));
+    }
+
+    #[test]
+    fn uris() {
+        let hosts = vec!["10.0.0.1:5432".to_string(), "[fd31::2]:5432".to_string()];
+        assert_eq!(
+            uri("postgres", "admin", "pw", &hosts, "defaultdb"),
+            "postgresql://admin:pw@10.0.0.1:5432,[fd31::2]:5432/defaultdb?target_session_attrs=read-write"
+        );
+        assert_eq!(
+            uri("postgres", "admin", "pw", &hosts[..1], "defaultdb"),
+            "postgresql://admin:pw@10.0.0.1:5432/defaultdb"
+        );
+        assert_eq!(
+            uri("mariadb", "admin", "p@ss/w:rd", &hosts, "defaultdb"),
+            "mysql://admin:p%40ss%2Fw%3Ard@10.0.0.1:5432/defaultdb"
+        );
+    }
+}
