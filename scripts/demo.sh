@@ -102,6 +102,9 @@ ip netns exec cdemo-cli setsid haproxy -db -f "$DIR/haproxy.cfg" >"$DIR/haproxy.
 through=$(echo "$uri" | sed -E "s|@[^/]*/|@$NET.100:5000/|; s|\?.*||")
 for _ in $(seq 50); do psql -X -q "$through" -c 'SELECT 1' >/dev/null 2>&1 && break; sleep 0.2; done
 
+echo "==> IP allowlist: only this host ($NET.254) and HAProxy's namespace ($NET.100) reach PostgreSQL"
+ctl cluster allowlist set demo "$NET.254" "$NET.100"
+
 cat <<MSG
 
 The demo is running. Try:
@@ -145,6 +148,14 @@ The demo is running. Try:
 
   corralctl cluster set demo auto-failover=off   # then the coordinator only alerts
   corralctl cluster set demo lease=3s heartbeat=500ms
+
+  # the IP allowlist: every node enforces it in its nftables table
+  corralctl cluster allowlist show demo
+  ip netns exec cdemo-vm1 nft list table inet corral
+  corralctl cluster allowlist remove demo $NET.254   # refused: it would lock you out
+  corralctl cluster allowlist add demo 203.0.113.0/24 2001:db8::/48
+  corralctl cluster allowlist history demo
+  corralctl cluster allowlist set demo              # empty: open to every address
 
   corralctl operation list; corralctl audit list
 
