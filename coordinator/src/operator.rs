@@ -620,11 +620,15 @@ pub fn replica_view(
                 ("catchup", _) | ("startup", _) | ("backup", _) => "catching up".into(),
                 (other, _) => other.to_string(),
             },
-            // 0 until the standby's first feedback message: unknown.
-            lag_bytes: if s.replay_lsn == 0 {
-                -1
-            } else {
+            // 0 until the standby's first feedback message (PostgreSQL),
+            // or always (MariaDB's primary does not know its replicas'
+            // positions): the replica's own report, else unknown.
+            lag_bytes: if s.replay_lsn != 0 {
                 p.lsn.saturating_sub(s.replay_lsn) as i64
+            } else {
+                own.filter(|o| o.in_recovery && o.lsn > 0)
+                    .map(|o| p.lsn.saturating_sub(o.lsn) as i64)
+                    .unwrap_or(-1)
             },
             lag_ms: s.replay_lag_ms as i64,
         },
@@ -1473,6 +1477,14 @@ mod tests {
                 None,
                 "streaming",
                 -1,
+                7,
+            ),
+            // No position from the primary (MariaDB): its own.
+            (
+                Some(primary(vec![standby("r", "streaming", "async", 0)])),
+                Some(own.clone()),
+                "streaming",
+                600,
                 7,
             ),
             // The primary does not see it: lag from its own position.

@@ -38,7 +38,7 @@ pub const POSTGRES_PORT: u16 = 5432;
 /// `vmI`, as their node ids), listening on the client namespace's address.
 /// Its stats socket is `haproxy.sock` in the lab directory (see
 /// [`Lab::haproxy_servers`]).
-pub fn config(k: u32, vms: &[usize]) -> String {
+pub fn config(k: u32, vms: &[usize], engine_port: u16) -> String {
     let servers: Vec<(String, String)> = vms
         .iter()
         .map(|i| (format!("vm{i}"), format!("10.231.{k}.{}", 10 + i)))
@@ -47,13 +47,20 @@ pub fn config(k: u32, vms: &[usize]) -> String {
         &format!("10.231.{k}.100"),
         &servers,
         &format!("{ROOT}/lab-{k}/haproxy.sock"),
+        engine_port,
     )
 }
 
 /// The configuration itself: listening on `bind` (an address, or `*` for
 /// all), routing to `servers` (name, address) by their health endpoints on
-/// [`HEALTH_PORT`], with an admin stats socket at `stats_socket`.
-pub fn render(bind: &str, servers: &[(String, String)], stats_socket: &str) -> String {
+/// [`HEALTH_PORT`], with an admin stats socket at `stats_socket`; the
+/// servers' engines listen on `engine_port`.
+pub fn render(
+    bind: &str,
+    servers: &[(String, String)],
+    stats_socket: &str,
+    engine_port: u16,
+) -> String {
     let mut out = format!(
         "global
     stats socket {stats_socket} mode 600 level admin
@@ -81,9 +88,7 @@ defaults
             "    option httpchk GET {path}\n    http-check expect status 200\n"
         ));
         for (server, addr) in servers {
-            out.push_str(&format!(
-                "    server {server} {addr}:{POSTGRES_PORT} check\n"
-            ));
+            out.push_str(&format!("    server {server} {addr}:{engine_port} check\n"));
         }
     }
     out
@@ -111,9 +116,14 @@ impl Lab {
     /// the primary frontend's `host:port` once HAProxy listens on it and has
     /// checked every server once.
     pub fn start_haproxy(&mut self, vms: &[usize]) -> Result<String> {
+        self.start_haproxy_port(vms, POSTGRES_PORT)
+    }
+
+    /// [`Lab::start_haproxy`] for engines listening on `engine_port`.
+    pub fn start_haproxy_port(&mut self, vms: &[usize], engine_port: u16) -> Result<String> {
         self.stop_haproxy()?;
         let cfg = self.dir().join("haproxy.cfg");
-        std::fs::write(&cfg, config(self.k, vms))
+        std::fs::write(&cfg, config(self.k, vms, engine_port))
             .with_context(|| format!("writing {}", cfg.display()))?;
         let cfg = cfg.to_string_lossy().into_owned();
         // A configuration error is clearer from `-c` than from a child that
@@ -183,8 +193,13 @@ impl Lab {
     }
 
     fn haproxy_uri_port(&self, creds: &serde_json::Value, port: u16) -> String {
+        // The engine's scheme, from the cluster's own URI.
+        let scheme = creds["uri"]
+            .as_str()
+            .and_then(|u| u.split_once("://"))
+            .map_or("postgresql", |(scheme, _)| scheme);
         format!(
-            "postgresql://{}:{}@10.231.{}.100:{port}/{}",
+            "{scheme}://{}:{}@10.231.{}.100:{port}/{}",
             creds["user"].as_str().unwrap_or_default(),
             creds["password"].as_str().unwrap_or_default(),
             self.k,
@@ -269,13 +284,13 @@ mod tests {
         let servers: Vec<(String, String)> = (1..=3)
             .map(|i| (format!("db-{i}"), format!("10.0.0.{}", 10 + i)))
             .collect();
-        let tested = render("*", &servers, "/run/haproxy/admin.sock");
+        let tested = render("*", &servers, "/run/haproxy/admin.sock", POSTGRES_PORT);
         assert_eq!(directives(&docs), directives(&tested), "{}", path.display());
     }
 
     #[test]
     fn lab_config_routes_to_the_named_vms() {
-        let c = config(7, &[1, 3]);
+        let c = config(7, &[1, 3], POSTGRES_PORT);
         assert!(c.contains("bind 10.231.7.100:5000"), "{c}");
         assert!(c.contains("bind 10.231.7.100:5001"), "{c}");
         assert!(c.contains("server vm1 10.231.7.11:5432 check"), "{c}");

@@ -4,7 +4,8 @@
 //!
 //! It connects with the cluster's multi-host connection string
 //! (`target_session_attrs=read-write`), as an application would, so after a
-//! switchover it finds the new primary by itself. An insert that fails is not
+//! switchover it finds the new primary by itself; a `mysql://` URI (one
+//! host: HAProxy's, for MariaDB) is written to with mysql_async. An insert that fails is not
 //! counted as acknowledged (its outcome is unknown to the client); the next
 //! one uses a new id.
 
@@ -96,23 +97,66 @@ async fn connect(uri: &str) -> Result<tokio_postgres::Client> {
     Ok(client)
 }
 
+/// A connection to either engine: the URI's scheme says which.
+enum Client {
+    Postgres(tokio_postgres::Client),
+    Mysql(mysql_async::Conn),
+}
+
+impl Client {
+    async fn connect(uri: &str) -> Result<Client> {
+        if uri.starts_with("mysql://") {
+            let opts = mysql_async::Opts::from_url(uri)?;
+            let conn = tokio::time::timeout(Duration::from_secs(2), mysql_async::Conn::new(opts))
+                .await
+                .map_err(|_| anyhow::anyhow!("connect timed out"))??;
+            Ok(Client::Mysql(conn))
+        } else {
+            Ok(Client::Postgres(connect(uri).await?))
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        match self {
+            Client::Postgres(c) => c.is_closed(),
+            Client::Mysql(_) => false,
+        }
+    }
+
+    /// Inserts `(id, now())` into `table`; Ok once the server acknowledged
+    /// the commit.
+    async fn insert(&mut self, table: &str, id: i64) -> Result<()> {
+        match self {
+            Client::Postgres(c) => {
+                let sql = format!("INSERT INTO {table} (id, at) VALUES ($1, now())");
+                c.execute(&sql, &[&id]).await?;
+            }
+            Client::Mysql(c) => {
+                use mysql_async::prelude::Queryable;
+                let sql = format!("INSERT INTO {table} (id, at) VALUES (?, now())");
+                c.exec_drop(sql, (id,)).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
 async fn run(uri: &str, table: &str, every: Duration, stop: &AtomicBool, report: &Mutex<Report>) {
-    let sql = format!("INSERT INTO {table} (id, at) VALUES ($1, now())");
-    let mut client: Option<tokio_postgres::Client> = None;
+    let mut client: Option<Client> = None;
     let mut next_id: i64 = 1;
     let mut last_ack: Option<Instant> = None;
     while !stop.load(Ordering::SeqCst) {
         let began = Instant::now();
         let outcome = async {
             if client.as_ref().is_none_or(|c| c.is_closed()) {
-                client = Some(connect(uri).await?);
+                client = Some(Client::connect(uri).await?);
             }
             let c = client
-                .as_ref()
+                .as_mut()
                 .ok_or_else(|| anyhow::anyhow!("no client"))?;
             let id = next_id;
             next_id += 1;
-            tokio::time::timeout(Duration::from_secs(5), c.execute(&sql, &[&id]))
+            tokio::time::timeout(Duration::from_secs(5), c.insert(table, id))
                 .await
                 .map_err(|_| anyhow::anyhow!("insert timed out"))??;
             Ok::<i64, anyhow::Error>(id)
