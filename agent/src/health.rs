@@ -5,9 +5,10 @@
 //!   serves no replicas) and answers queries as a primary; 503 otherwise.
 //!   A balancer that sends writes only to a node answering 200 here never
 //!   sends them to a fenced former primary.
-//! - `GET /replica` (optionally `?lag=BYTES`, default 16 MiB): 200 on a
-//!   streaming replica whose replay is within `lag` bytes of what it has
-//!   received; 503 otherwise.
+//! - `GET /replica` (optionally `?lag=N`): 200 on a streaming replica whose
+//!   replay is within `lag` of what it has received, in the engine's
+//!   position unit (PostgreSQL: bytes of WAL, default 16 MiB; MariaDB:
+//!   transactions, default 1,000); 503 otherwise.
 //! - `GET /health`: 200 when the engine runs and answers.
 //!
 //! Every answer carries a small JSON body with the node's role, state, term
@@ -23,8 +24,19 @@ use corral_proto::pb::{self, EngineState};
 use serde::Deserialize;
 use std::sync::Arc;
 
-/// Default lag limit of `/replica`.
+/// Default lag limit of `/replica` for PostgreSQL, in bytes of WAL.
 pub const DEFAULT_MAX_LAG_BYTES: u64 = 16 << 20;
+/// Default lag limit of `/replica` for MariaDB, in transactions (GTID
+/// sequence numbers).
+pub const DEFAULT_MAX_LAG_TRANSACTIONS: u64 = 1_000;
+
+/// The default lag limit of `/replica` for `engine`.
+fn default_max_lag(engine: &str) -> u64 {
+    match engine {
+        "mariadb" | "mysql" => DEFAULT_MAX_LAG_TRANSACTIONS,
+        _ => DEFAULT_MAX_LAG_BYTES,
+    }
+}
 
 #[derive(Deserialize)]
 struct LagParam {
@@ -80,7 +92,7 @@ async fn primary(State(engine): State<Arc<Engine>>) -> Answer {
 
 async fn replica(State(engine): State<Arc<Engine>>, Query(q): Query<LagParam>) -> Answer {
     let s = engine.status();
-    let limit = q.lag.unwrap_or(DEFAULT_MAX_LAG_BYTES);
+    let limit = q.lag.unwrap_or_else(|| default_max_lag(&s.engine));
     let ok = s.role == "replica"
         && running(&s)
         && s.replication.as_ref().is_some_and(|r| {

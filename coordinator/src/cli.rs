@@ -112,6 +112,7 @@ enum ClusterCmd {
     Create {
         #[arg(long)]
         name: String,
+        /// postgres, mariadb (or mysql: MariaDB's driver speaking MySQL 8).
         #[arg(long)]
         engine: String,
         /// Nodes to run on, comma-separated or repeated; the first is the

@@ -62,6 +62,31 @@ pub fn caught_up(engine: &str, replayed: u64, stopped: u64) -> bool {
     }
 }
 
+/// How a replica is cloned, for operation logs (`slot`: the replica's
+/// replication slot, PostgreSQL only).
+pub fn clone_method(engine: &str, slot: &str) -> String {
+    match family(engine) {
+        Family::Postgres => format!("pg_basebackup through slot {slot}"),
+        Family::Mysql => "a consistent mariadb-dump at a known GTID position".into(),
+    }
+}
+
+/// How a former primary rejoins, for operation logs.
+pub fn rejoin_method(engine: &str) -> &'static str {
+    match family(engine) {
+        Family::Postgres => "pg_rewind, else a fresh clone",
+        Family::Mysql => "by GTID after a check for errant transactions, else a fresh clone",
+    }
+}
+
+/// What a clean stop of the primary does, for operation logs.
+pub fn clean_stop(engine: &str) -> &'static str {
+    match family(engine) {
+        Family::Postgres => "fast shutdown: sessions end, the last WAL is sent to the replicas",
+        Family::Mysql => "sessions end, the replicas receive the last binlog events",
+    }
+}
+
 /// A connection URI for the admin user: every host, primary first. For
 /// PostgreSQL, libpq's multi-host form with target_session_attrs so
 /// clients find the primary; MySQL clients take one host, the primary.

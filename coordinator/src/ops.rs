@@ -561,8 +561,8 @@ impl Ctx<'_> {
         let primary_row = self.node_row(&primary)?;
         for replica in &nodes {
             self.log(&format!(
-                "cloning {replica} from {primary} (pg_basebackup through slot {})",
-                slot_label(replica)
+                "cloning {replica} from {primary} ({})",
+                crate::engines::clone_method(&cluster.engine, &slot_label(replica))
             ));
             self.configure(replica, self.replica_request(&cluster, &primary_row, "")?)
                 .await?;
@@ -586,19 +586,22 @@ impl Ctx<'_> {
         let node = self.param_str("node")?;
         let cluster = self.cluster()?;
         let m = self.members()?;
-        self.log(&format!(
-            "creating replication slot {} on the primary {}",
-            slot_label(&node),
-            m.primary.id
-        ));
+        if crate::engines::family(&cluster.engine) == crate::engines::Family::Postgres {
+            self.log(&format!(
+                "creating replication slot {} on the primary {}",
+                slot_label(&node),
+                m.primary.id
+            ));
+        }
         self.configure(
             &m.primary.id,
             self.primary_request(&cluster, m.replica_ids(), cluster.sync, false)?,
         )
         .await?;
         self.log(&format!(
-            "cloning {node} from {} (pg_basebackup through its slot)",
-            m.primary.id
+            "cloning {node} from {} ({})",
+            m.primary.id,
+            crate::engines::clone_method(&cluster.engine, &slot_label(&node))
         ));
         self.configure(&node, self.replica_request(&cluster, &m.primary, "")?)
             .await?;
@@ -786,9 +789,9 @@ impl Ctx<'_> {
         force: bool,
     ) -> Result<bool> {
         self.log(&format!(
-            "stopping the primary {} (fast shutdown: sessions end, the last WAL is sent to the replicas); \
-             writes pause from here",
-            old.id
+            "stopping the primary {} ({}); writes pause from here",
+            old.id,
+            crate::engines::clean_stop(&cluster.engine)
         ));
         let paused = Instant::now();
         let term = cluster.term;
@@ -924,7 +927,8 @@ impl Ctx<'_> {
         }
         let done = corral_proto::now_ms();
         self.log(&format!(
-            "{old} will rejoin as a replica of {candidate} (pg_rewind, else a fresh clone) when it comes back"
+            "{old} will rejoin as a replica of {candidate} ({}) when it comes back",
+            crate::engines::rejoin_method(&cluster.engine)
         ));
         let timeline = format!(
             "failover of {} from {old} to {candidate} in term {}: detected at {}, {old}'s lease ended at {} \
