@@ -10,6 +10,7 @@ PACKAGES=(
     nftables                        # per-node IP allowlists
     postgresql-15 postgresql-client-15
     mariadb-server mariadb-client mariadb-backup   # the MariaDB engine
+    redis-server redis-tools        # the Redis engine
     haproxy                         # failover tests route clients through it
     stress-ng                       # failover tests under CPU load
 )
@@ -39,6 +40,7 @@ if ((${#missing[@]})); then
         # agents run their own.
         systemctl disable --now haproxy >/dev/null 2>&1 || true
         systemctl disable --now mariadb >/dev/null 2>&1 || true
+        systemctl disable --now redis-server >/dev/null 2>&1 || true
     fi
 fi
 

@@ -19,6 +19,7 @@
 
 pub mod mariadb;
 pub mod postgres;
+pub mod redis;
 mod safety;
 
 pub use safety::{FenceState, Round};
