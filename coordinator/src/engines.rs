@@ -5,7 +5,8 @@
 //! are WAL byte positions (LSNs); MariaDB's are GTID sequence numbers of
 //! the cluster's replication domain 0 (strict GTID mode makes them
 //! increase across the whole cluster, so they compare like LSNs, but count
-//! transactions, not bytes).
+//! transactions, not bytes); Redis's are replication offsets (bytes of
+//! the replication stream).
 
 /// The engines this build can run. (MariaDB's family is described below
 /// while its agent driver is written; it joins this list with it.)
@@ -16,11 +17,13 @@ pub const ENGINES: &[&str] = &["postgres"];
 pub enum Family {
     Postgres,
     Mysql,
+    Redis,
 }
 
 pub fn family(engine: &str) -> Family {
     match engine {
         "mariadb" | "mysql" => Family::Mysql,
+        "redis" | "valkey" | "keydb" => Family::Redis,
         _ => Family::Postgres,
     }
 }
@@ -30,13 +33,14 @@ pub fn default_port(engine: &str) -> u16 {
     match family(engine) {
         Family::Postgres => 5432,
         Family::Mysql => 3306,
+        Family::Redis => 6379,
     }
 }
 
 /// What a position counts, for messages.
 pub fn position_unit(engine: &str) -> &'static str {
     match family(engine) {
-        Family::Postgres => "bytes",
+        Family::Postgres | Family::Redis => "bytes",
         Family::Mysql => "transactions",
     }
 }
@@ -45,7 +49,7 @@ pub fn position_unit(engine: &str) -> &'static str {
 /// engine's position unit (1 MiB of WAL; 1,000 transactions).
 pub fn failover_max_lag(engine: &str) -> u64 {
     match family(engine) {
-        Family::Postgres => 1 << 20,
+        Family::Postgres | Family::Redis => 1 << 20,
         Family::Mysql => 1_000,
     }
 }
@@ -54,11 +58,12 @@ pub fn failover_max_lag(engine: &str) -> u64 {
 /// primary stopped at `stopped`. PostgreSQL reports the shutdown
 /// checkpoint's position, a record written after the last commit, which a
 /// replica replays too: it must be passed. MariaDB reports the last
-/// transaction's sequence number: reaching it is enough.
+/// transaction's sequence number, Redis its replication offset: reaching
+/// it is enough.
 pub fn caught_up(engine: &str, replayed: u64, stopped: u64) -> bool {
     match family(engine) {
         Family::Postgres => replayed > stopped,
-        Family::Mysql => replayed >= stopped,
+        Family::Mysql | Family::Redis => replayed >= stopped,
     }
 }
 
@@ -68,6 +73,7 @@ pub fn clone_method(engine: &str, slot: &str) -> String {
     match family(engine) {
         Family::Postgres => format!("pg_basebackup through slot {slot}"),
         Family::Mysql => "a consistent mariadb-dump at a known GTID position".into(),
+        Family::Redis => "a full synchronisation from the primary (REPLICAOF)".into(),
     }
 }
 
@@ -76,6 +82,7 @@ pub fn rejoin_method(engine: &str) -> &'static str {
     match family(engine) {
         Family::Postgres => "pg_rewind, else a fresh clone",
         Family::Mysql => "by GTID after a check for errant transactions, else a fresh clone",
+        Family::Redis => "REPLICAOF: a partial or full resynchronisation",
     }
 }
 
@@ -84,6 +91,7 @@ pub fn clean_stop(engine: &str) -> &'static str {
     match family(engine) {
         Family::Postgres => "fast shutdown: sessions end, the last WAL is sent to the replicas",
         Family::Mysql => "sessions end, the replicas receive the last binlog events",
+        Family::Redis => "clients disconnected, the replicas receive the last writes",
     }
 }
 
@@ -104,6 +112,11 @@ pub fn uri(engine: &str, user: &str, password: &str, hosts: &[String], database:
         ),
         Family::Mysql => format!(
             "mysql://{user}:{password}@{}/{database}",
+            hosts.first().map(String::as_str).unwrap_or("")
+        ),
+        // Redis has numbered databases, not named ones: 0.
+        Family::Redis => format!(
+            "redis://{user}:{password}@{}/0",
             hosts.first().map(String::as_str).unwrap_or("")
         ),
     }
@@ -131,6 +144,7 @@ mod tests {
         assert_eq!(default_port("postgres"), 5432);
         assert_eq!(default_port("mariadb"), 3306);
         assert_eq!(default_port("mysql"), 3306);
+        assert_eq!(default_port("valkey"), 6379);
         assert_eq!(failover_max_lag("postgres"), 1 << 20);
         assert_eq!(position_unit("mariadb"), "transactions");
     }
@@ -141,6 +155,7 @@ mod tests {
         assert!(caught_up("postgres", 101, 100));
         assert!(caught_up("mariadb", 100, 100));
         assert!(!caught_up("mariadb", 99, 100));
+        assert!(caught_up("redis", 100, 100));
     }
 
     #[test]

@@ -28,7 +28,7 @@
 //! [`Lab::isolate`]: crate::Lab::isolate
 //! [`Lab::cut`]: crate::Lab::cut
 
-use anyhow::{anyhow, Result};
+use crate::client::{Client, Failure};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -203,7 +203,7 @@ impl WriteChecker {
     ) -> WriteChecker {
         let stop = Arc::new(AtomicBool::new(false));
         let report = Arc::new(Mutex::new(CheckReport::default()));
-        let sql = format!("INSERT INTO {table} (node, at) VALUES ($1, now())");
+        let table = table.to_string();
         let (s, r) = (stop.clone(), report.clone());
         // Its own thread and current-thread runtime, as the writer: the
         // tests themselves are synchronous.
@@ -219,7 +219,7 @@ impl WriteChecker {
                 .enable_all()
                 .build()
                 .expect("a tokio runtime");
-            rt.block_on(run(uris, sql, s, r));
+            rt.block_on(run(uris, table, s, r));
         });
         WriteChecker {
             stop,
@@ -253,33 +253,18 @@ impl Drop for WriteChecker {
     }
 }
 
-async fn connect(uri: &str) -> Result<tokio_postgres::Client> {
-    let mut config: tokio_postgres::Config = uri.parse()?;
-    config.connect_timeout(CONNECT_TIMEOUT);
-    // connect_timeout bounds each TCP connect; this bounds authentication
-    // too (a node that accepts but never answers).
-    let (client, conn) =
-        tokio::time::timeout(CONNECT_TIMEOUT, config.connect(tokio_postgres::NoTls))
-            .await
-            .map_err(|_| anyhow!("connect timed out after {CONNECT_TIMEOUT:?}"))??;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(client)
-}
-
 /// One probe of one node: reconnects if needed, inserts, and hands back the
 /// connection if it is still good.
 async fn probe(
     node: String,
     uri: &str,
-    sql: &str,
-    client: Option<tokio_postgres::Client>,
+    table: &str,
+    client: Option<Client>,
     round: u64,
-) -> (Option<tokio_postgres::Client>, Probe, Option<String>) {
-    let client = match client.filter(|c| !c.is_closed()) {
+) -> (Option<Client>, Probe, Option<String>) {
+    let mut client = match client.filter(|c| !c.is_closed()) {
         Some(c) => c,
-        None => match connect(uri).await {
+        None => match Client::connect(uri, CONNECT_TIMEOUT).await {
             Ok(c) => c,
             Err(e) => {
                 let now = Instant::now();
@@ -295,14 +280,18 @@ async fn probe(
         },
     };
     let start = Instant::now();
-    let outcome = tokio::time::timeout(STATEMENT_TIMEOUT, client.execute(sql, &[&node])).await;
+    let outcome = tokio::time::timeout(
+        STATEMENT_TIMEOUT,
+        client.insert_now(table, "node", node.clone()),
+    )
+    .await;
     let end = Instant::now();
     let (keep, error) = match outcome {
-        Ok(Ok(_)) => (true, None),
+        Ok(Ok(())) => (true, None),
         // The server refused (a replica is read-only): the connection is
         // fine, keep it so the next probe costs no authentication.
-        Ok(Err(e)) if e.as_db_error().is_some() && !client.is_closed() => (true, Some(describe(e))),
-        Ok(Err(e)) => (false, Some(describe(e))),
+        Ok(Err(Failure::Refused(e))) => (true, Some(e)),
+        Ok(Err(Failure::Broken(e))) => (false, Some(e)),
         // The insert may still be running, or commit later: drop the
         // connection rather than queue the next probe behind it.
         Err(_) => (
@@ -320,15 +309,9 @@ async fn probe(
     (keep.then_some(client), p, error)
 }
 
-/// The error with its causes: tokio-postgres' own message is only "db
-/// error", the server's reason is in the source.
-fn describe(e: tokio_postgres::Error) -> String {
-    format!("{:#}", anyhow::Error::from(e))
-}
-
 async fn run(
     uris: Vec<(String, String)>,
-    sql: String,
+    table: String,
     stop: Arc<AtomicBool>,
     report: Arc<Mutex<CheckReport>>,
 ) {
@@ -340,7 +323,7 @@ async fn run(
     let t0 = tokio::time::Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for (node, uri) in uris {
-        let (sql, stop, report) = (sql.clone(), stop.clone(), report.clone());
+        let (table, stop, report) = (table.clone(), stop.clone(), report.clone());
         tasks.spawn(async move {
             let mut ticks = tokio::time::interval_at(t0, ROUND);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -351,7 +334,8 @@ async fn run(
                     break;
                 }
                 let round = ((tick - t0).as_nanos() / ROUND.as_nanos()) as u64;
-                let (kept, p, error) = probe(node.clone(), &uri, &sql, client.take(), round).await;
+                let (kept, p, error) =
+                    probe(node.clone(), &uri, &table, client.take(), round).await;
                 client = kept;
                 report
                     .lock()

@@ -193,13 +193,9 @@ impl Lab {
     }
 
     fn haproxy_uri_port(&self, creds: &serde_json::Value, port: u16) -> String {
-        // The engine's scheme, from the cluster's own URI.
-        let scheme = creds["uri"]
-            .as_str()
-            .and_then(|u| u.split_once("://"))
-            .map_or("postgresql", |(scheme, _)| scheme);
         format!(
-            "{scheme}://{}:{}@10.231.{}.100:{port}/{}",
+            "{}://{}:{}@10.231.{}.100:{port}/{}",
+            crate::uri_scheme(creds),
             creds["user"].as_str().unwrap_or_default(),
             creds["password"].as_str().unwrap_or_default(),
             self.k,

@@ -28,6 +28,7 @@
 //! - [`stress`]: CPU load with stress-ng.
 
 pub mod checker;
+pub mod client;
 pub mod faults;
 pub mod ha;
 pub mod haproxy;
@@ -46,6 +47,15 @@ pub const AGENT_PORT: u16 = 7401;
 /// The agents' plain-HTTP health endpoints (`/primary`, `/replica`,
 /// `/health`), which HAProxy and [`Lab::health`] ask.
 pub const HEALTH_PORT: u16 = 7402;
+
+/// The scheme of a cluster's connection URI (`postgresql`, `mysql`), from
+/// `corralctl --output json cluster credentials`.
+pub fn uri_scheme(creds: &serde_json::Value) -> &str {
+    creds["uri"]
+        .as_str()
+        .and_then(|u| u.split_once("://"))
+        .map_or("postgresql", |(scheme, _)| scheme)
+}
 
 /// Where the binaries under test are: `CORRAL_BIN_DIR`, else target/debug.
 pub fn bin(name: &str) -> PathBuf {
@@ -732,12 +742,16 @@ impl Lab {
 
     /// A connection string for node `i` alone, with the credentials of
     /// `corralctl --output json cluster credentials`.
+    /// The cluster's engine decides the scheme and port (from its own
+    /// URI and port).
     pub fn node_uri(&self, creds: &serde_json::Value, i: usize) -> String {
         format!(
-            "postgresql://{}:{}@{}:5432/{}",
+            "{}://{}:{}@{}:{}/{}",
+            uri_scheme(creds),
             creds["user"].as_str().unwrap_or_default(),
             creds["password"].as_str().unwrap_or_default(),
             self.vm_ip(i),
+            creds["port"].as_u64().unwrap_or(5432),
             creds["database"].as_str().unwrap_or_default()
         )
     }

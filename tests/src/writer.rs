@@ -9,7 +9,7 @@
 //! counted as acknowledged (its outcome is unknown to the client); the next
 //! one uses a new id.
 
-use anyhow::Result;
+use crate::client::Client;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -87,60 +87,6 @@ impl Drop for Writer {
     }
 }
 
-async fn connect(uri: &str) -> Result<tokio_postgres::Client> {
-    let mut config: tokio_postgres::Config = uri.parse()?;
-    config.connect_timeout(Duration::from_secs(2));
-    let (client, conn) = config.connect(tokio_postgres::NoTls).await?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(client)
-}
-
-/// A connection to either engine: the URI's scheme says which.
-enum Client {
-    Postgres(tokio_postgres::Client),
-    Mysql(mysql_async::Conn),
-}
-
-impl Client {
-    async fn connect(uri: &str) -> Result<Client> {
-        if uri.starts_with("mysql://") {
-            let opts = mysql_async::Opts::from_url(uri)?;
-            let conn = tokio::time::timeout(Duration::from_secs(2), mysql_async::Conn::new(opts))
-                .await
-                .map_err(|_| anyhow::anyhow!("connect timed out"))??;
-            Ok(Client::Mysql(conn))
-        } else {
-            Ok(Client::Postgres(connect(uri).await?))
-        }
-    }
-
-    fn is_closed(&self) -> bool {
-        match self {
-            Client::Postgres(c) => c.is_closed(),
-            Client::Mysql(_) => false,
-        }
-    }
-
-    /// Inserts `(id, now())` into `table`; Ok once the server acknowledged
-    /// the commit.
-    async fn insert(&mut self, table: &str, id: i64) -> Result<()> {
-        match self {
-            Client::Postgres(c) => {
-                let sql = format!("INSERT INTO {table} (id, at) VALUES ($1, now())");
-                c.execute(&sql, &[&id]).await?;
-            }
-            Client::Mysql(c) => {
-                use mysql_async::prelude::Queryable;
-                let sql = format!("INSERT INTO {table} (id, at) VALUES (?, now())");
-                c.exec_drop(sql, (id,)).await?;
-            }
-        }
-        Ok(())
-    }
-}
-
 async fn run(uri: &str, table: &str, every: Duration, stop: &AtomicBool, report: &Mutex<Report>) {
     let mut client: Option<Client> = None;
     let mut next_id: i64 = 1;
@@ -149,16 +95,17 @@ async fn run(uri: &str, table: &str, every: Duration, stop: &AtomicBool, report:
         let began = Instant::now();
         let outcome = async {
             if client.as_ref().is_none_or(|c| c.is_closed()) {
-                client = Some(Client::connect(uri).await?);
+                client = Some(Client::connect(uri, Duration::from_secs(2)).await?);
             }
             let c = client
                 .as_mut()
                 .ok_or_else(|| anyhow::anyhow!("no client"))?;
             let id = next_id;
             next_id += 1;
-            tokio::time::timeout(Duration::from_secs(5), c.insert(table, id))
+            tokio::time::timeout(Duration::from_secs(5), c.insert_now(table, "id", id))
                 .await
-                .map_err(|_| anyhow::anyhow!("insert timed out"))??;
+                .map_err(|_| anyhow::anyhow!("insert timed out"))?
+                .map_err(|f| anyhow::anyhow!("{}", f.message()))?;
             Ok::<i64, anyhow::Error>(id)
         }
         .await;
