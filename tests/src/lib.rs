@@ -723,13 +723,24 @@ impl Lab {
         nodes: &str,
         extra: &[&str],
     ) -> Result<serde_json::Value> {
+        self.create_engine_cluster(name, "postgres", nodes, extra)
+    }
+
+    /// [`Lab::create_replicated`] for any engine.
+    pub fn create_engine_cluster(
+        &self,
+        name: &str,
+        engine: &str,
+        nodes: &str,
+        extra: &[&str],
+    ) -> Result<serde_json::Value> {
         let mut args = vec![
             "cluster",
             "create",
             "--name",
             name,
             "--engine",
-            "postgres",
+            engine,
             "--mode",
             "primary-replica",
             "--nodes",
