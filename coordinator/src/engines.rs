@@ -10,7 +10,7 @@
 
 /// The engines this build can run. (MariaDB's family is described below
 /// while its agent driver is written; it joins this list with it.)
-pub const ENGINES: &[&str] = &["postgres"];
+pub const ENGINES: &[&str] = &["postgres", "redis"];
 
 /// The family an engine name belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +34,15 @@ pub fn default_port(engine: &str) -> u16 {
         Family::Postgres => 5432,
         Family::Mysql => 3306,
         Family::Redis => 6379,
+    }
+}
+
+/// The database a new cluster's admin user gets: named for the SQL
+/// engines, Redis's database 0.
+pub fn default_database(engine: &str) -> &'static str {
+    match family(engine) {
+        Family::Postgres | Family::Mysql => "defaultdb",
+        Family::Redis => "0",
     }
 }
 
@@ -114,9 +123,9 @@ pub fn uri(engine: &str, user: &str, password: &str, hosts: &[String], database:
             "mysql://{user}:{password}@{}/{database}",
             hosts.first().map(String::as_str).unwrap_or("")
         ),
-        // Redis has numbered databases, not named ones: 0.
+        // Redis has numbered databases, not named ones.
         Family::Redis => format!(
-            "redis://{user}:{password}@{}/0",
+            "redis://{user}:{password}@{}/{database}",
             hosts.first().map(String::as_str).unwrap_or("")
         ),
     }

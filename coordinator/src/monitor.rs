@@ -277,10 +277,14 @@ fn view_of(
     };
     let primary = nodes.iter().find(|n| n.role == "primary")?;
     let lease = c.lease();
+    // Redis's `sync` (min-replicas-to-write) acknowledges nothing
+    // synchronously: no replica is known to hold every acknowledged write,
+    // so candidates are chosen as in async mode (position, lag limit).
+    let sync = c.sync && crate::engines::family(&c.engine) != crate::engines::Family::Redis;
     Some(ClusterView {
         cluster: c.name.clone(),
         auto_failover: c.auto_failover,
-        sync: c.sync,
+        sync,
         lease,
         margin: corral_proto::lease::margin(lease),
         // Async mode: the most a failover may lose (1 MiB of WAL, Patroni's
@@ -293,7 +297,7 @@ fn view_of(
             .filter(|n| n.role == "replica")
             .map(node_view)
             .collect(),
-        ackers: if c.sync {
+        ackers: if sync {
             coord
                 .fleet
                 .ackers(&c.name, c.term)

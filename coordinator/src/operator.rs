@@ -361,7 +361,7 @@ impl OperatorApi {
                     mode: mode.into(),
                     state: "creating".into(),
                     port: u32::from(crate::engines::default_port(&req.engine)),
-                    database: "defaultdb".into(),
+                    database: crate::engines::default_database(&req.engine).into(),
                     admin_user: "admin".into(),
                     admin_password_enc: sealed.clone(),
                     created_at_ms: now,

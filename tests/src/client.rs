@@ -1,6 +1,8 @@
-//! One SQL client for the harness's writer and checker, whichever engine
-//! the cluster runs: the URI's scheme says which (`postgresql://` through
-//! tokio-postgres, `mysql://` through mysql_async).
+//! One client for the harness's writer and checker, whichever engine the
+//! cluster runs: the URI's scheme says which (`postgresql://` through
+//! tokio-postgres, `mysql://` through mysql_async, `redis://` through the
+//! redis crate). A "row" in Redis is an element pushed onto a list named
+//! after the table.
 
 use anyhow::{anyhow, Result};
 use std::time::Duration;
@@ -8,6 +10,9 @@ use std::time::Duration;
 pub enum Client {
     Postgres(tokio_postgres::Client),
     Mysql(mysql_async::Conn),
+    /// With the number of replicas each write waits for (`WAIT n`, from
+    /// a `?wait=n` at the end of the URI; 0: none).
+    Redis(redis::aio::MultiplexedConnection, u32),
 }
 
 /// How a statement failed.
@@ -22,6 +27,17 @@ pub enum Failure {
 impl Client {
     /// Connects (TCP and authentication) within `timeout`.
     pub async fn connect(uri: &str, timeout: Duration) -> Result<Client> {
+        if uri.starts_with("redis://") {
+            let (uri, wait) = match uri.rsplit_once("?wait=") {
+                Some((u, n)) => (u, n.parse()?),
+                None => (uri, 0),
+            };
+            let client = redis::Client::open(uri)?;
+            let conn = tokio::time::timeout(timeout, client.get_multiplexed_async_connection())
+                .await
+                .map_err(|_| anyhow!("connect timed out after {timeout:?}"))??;
+            return Ok(Client::Redis(conn, wait));
+        }
         if uri.starts_with("mysql://") {
             let opts = mysql_async::Opts::from_url(uri)?;
             let conn = tokio::time::timeout(timeout, mysql_async::Conn::new(opts))
@@ -46,13 +62,14 @@ impl Client {
     pub fn is_closed(&self) -> bool {
         match self {
             Client::Postgres(c) => c.is_closed(),
-            // mysql_async notices on the next statement.
-            Client::Mysql(_) => false,
+            // mysql_async and redis notice on the next statement.
+            Client::Mysql(_) | Client::Redis(..) => false,
         }
     }
 
-    /// Inserts one row `(key_column = value, at = now())` into `table`;
-    /// Ok once the server acknowledged the commit.
+    /// Inserts one row `(key_column = value, at = now())` into `table`
+    /// (Redis: pushes `value` onto the list `table`); Ok once the server
+    /// acknowledged the write.
     pub async fn insert_now<T>(
         &mut self,
         table: &str,
@@ -60,7 +77,11 @@ impl Client {
         value: T,
     ) -> Result<(), Failure>
     where
-        T: tokio_postgres::types::ToSql + Sync + Into<mysql_async::Value>,
+        T: tokio_postgres::types::ToSql
+            + Sync
+            + Send
+            + Into<mysql_async::Value>
+            + redis::ToRedisArgs,
     {
         match self {
             Client::Postgres(c) => {
@@ -74,6 +95,38 @@ impl Client {
                         Err(Failure::Refused(format!("{:#}", anyhow::Error::from(e))))
                     }
                     Err(e) => Err(Failure::Broken(format!("{:#}", anyhow::Error::from(e)))),
+                }
+            }
+            Client::Redis(c, wait) => {
+                let pushed: redis::RedisResult<i64> = redis::cmd("RPUSH")
+                    .arg(table)
+                    .arg(value)
+                    .query_async(c)
+                    .await;
+                // WAIT: the write counts only once `wait` replicas have it.
+                let pushed = match pushed {
+                    Ok(_) if *wait > 0 => {
+                        let got: redis::RedisResult<u32> =
+                            redis::cmd("WAIT").arg(*wait).arg(1000).query_async(c).await;
+                        match got {
+                            Ok(n) if n >= *wait => Ok(0),
+                            Ok(n) => {
+                                return Err(Failure::Refused(format!(
+                                    "WAIT: {n} of {wait} replicas have the write"
+                                )))
+                            }
+                            Err(e) => Err(e),
+                        }
+                    }
+                    other => other,
+                };
+                match pushed {
+                    Ok(_) => Ok(()),
+                    Err(e) if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() => {
+                        Err(Failure::Broken(e.to_string()))
+                    }
+                    // READONLY, NOREPLICAS, NOAUTH...: the server answered.
+                    Err(e) => Err(Failure::Refused(e.to_string())),
                 }
             }
             Client::Mysql(c) => {

@@ -153,7 +153,7 @@ pub struct Secrets {
 }
 
 /// Engines this agent can run.
-pub const SUPPORTED_ENGINES: &[&str] = &["postgres"];
+pub const SUPPORTED_ENGINES: &[&str] = &["postgres", "redis"];
 
 /// The drivers of an agent, by engine name (one driver may serve several).
 pub type Drivers = Vec<(&'static str, Arc<dyn Driver>)>;
@@ -190,8 +190,17 @@ impl EngineSpec {
             ));
         }
         let port = valid_port(req.port)?;
-        for (what, v) in [("admin user", &req.admin_user), ("database", &req.database)] {
-            sql_identifier(what, v)?;
+        sql_identifier("admin user", &req.admin_user)?;
+        if req.engine == "redis" {
+            // Redis numbers its databases.
+            if req.database.parse::<u8>().is_err() {
+                return Err(format!(
+                    "invalid database {:?} for redis: a database number such as 0",
+                    req.database
+                ));
+            }
+        } else {
+            sql_identifier("database", &req.database)?;
         }
         if req.admin_password.len() < 16 {
             return Err("admin password is missing or shorter than 16 characters".into());

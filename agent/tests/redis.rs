@@ -1,0 +1,626 @@
+//! The Redis driver against real `redis-server` processes, driven as the
+//! agent drives it: a primary, a replica cloned from it, writes refused on
+//! the replica and (with `sync`) on a primary without replicas, a
+//! switchover with the old primary rejoining, the fence, and wipe.
+//!
+//! Each node keeps its state under `/tmp/corral-redis-test-<pid>-<n>`,
+//! removed at the end (also on a panic; leftovers of a killed run are swept
+//! by the next one). The servers listen on every address, on free ports;
+//! the test talks to them on 127.0.0.1. Needs root (the servers run as the
+//! `redis` user) and redis-server.
+
+use corral_agent::engine::redis::Redis;
+use corral_agent::engine::{Driver, EngineSpec, Health, Secrets, Upstream};
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// With a space, quotes and a backslash: redis.conf must quote it right.
+const ADMIN_PASSWORD: &str = "admin pass \"quoted\" \\ 0123456789";
+const REPLICATION_PASSWORD: &str = "replication-pass-0123456789";
+const DIR_PREFIX: &str = "corral-redis-test-";
+
+/// Retries `$body` (an expression yielding `Result<T, String>`, awaited
+/// inside) every 20 ms until Ok, panicking with the last error after
+/// `$secs` seconds.
+macro_rules! eventually {
+    ($what:expr, $secs:expr, $body:expr) => {{
+        let deadline = Instant::now() + Duration::from_secs($secs);
+        loop {
+            let r: Result<_, String> = async { $body }.await;
+            match r {
+                Ok(v) => break v,
+                Err(e) if Instant::now() > deadline => {
+                    panic!("{} did not happen within {}s: {}", $what, $secs, e)
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }};
+}
+
+/// The state directories of this run: servers killed and directories
+/// removed when dropped, whether the test passed or panicked.
+struct Dirs(Vec<PathBuf>);
+
+impl Drop for Dirs {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            kill_servers_in(d);
+            // CORRAL_TEST_KEEP=1 keeps them (the servers' logs) to look at.
+            if std::env::var_os("CORRAL_TEST_KEEP").is_none() {
+                let _ = std::fs::remove_dir_all(d);
+            }
+        }
+    }
+}
+
+/// SIGKILLs any redis-server whose pid file lies under `dir`.
+fn kill_servers_in(dir: &Path) {
+    for name in ["redis.pid", "clone.pid"] {
+        let pidfile = dir.join("redis/run").join(name);
+        let Some(pid) = std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() == "redis-server" {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// Removes the directories (and servers) of earlier runs whose process is gone.
+fn sweep_stale() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(rest) = name.strip_prefix(DIR_PREFIX) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            kill_servers_in(&e.path());
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+fn free_port(taken: &[u16]) -> u16 {
+    loop {
+        let l = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        let p = l.local_addr().unwrap().port();
+        if !taken.contains(&p) {
+            return p;
+        }
+    }
+}
+
+struct Node {
+    id: &'static str,
+    dir: PathBuf,
+    port: u16,
+    driver: Redis,
+    /// The server we started (reaped when it stops).
+    child: Option<tokio::process::Child>,
+}
+
+impl Node {
+    fn new(id: &'static str, dir: PathBuf, port: u16) -> Node {
+        std::fs::create_dir_all(&dir).unwrap();
+        Node {
+            id,
+            driver: Redis::new(&dir, id),
+            dir,
+            port,
+            child: None,
+        }
+    }
+
+    fn base(&self) -> PathBuf {
+        self.dir.join("redis")
+    }
+
+    fn upstream(&self) -> Upstream {
+        Upstream {
+            node: self.id.into(),
+            host: "127.0.0.1".into(),
+            port: self.port,
+        }
+    }
+
+    fn primary(&self, sync: bool, replicas: &[&str]) -> EngineSpec {
+        EngineSpec {
+            cluster: "cache".into(),
+            engine: "redis".into(),
+            role: "primary".into(),
+            port: self.port,
+            admin_user: "admin".into(),
+            database: "defaultdb".into(),
+            replicas: replicas.iter().map(|r| r.to_string()).collect(),
+            sync,
+            upstream: None,
+        }
+    }
+
+    fn replica_of(&self, up: &Node) -> EngineSpec {
+        EngineSpec {
+            role: "replica".into(),
+            replicas: vec![],
+            sync: false,
+            upstream: Some(up.upstream()),
+            ..self.primary(false, &[])
+        }
+    }
+
+    fn secrets() -> Secrets {
+        Secrets {
+            admin_password: ADMIN_PASSWORD.into(),
+            replication_password: REPLICATION_PASSWORD.into(),
+        }
+    }
+
+    async fn start(&mut self, spec: &EngineSpec) {
+        assert!(
+            self.driver.find_running().is_none(),
+            "{} already runs",
+            self.id
+        );
+        self.child = Some(self.driver.start(spec).await.unwrap());
+        eventually!(format!("{} answering", self.id), 20, {
+            self.driver
+                .check(spec)
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("{e:#}"))
+        });
+        assert!(
+            self.driver.find_running().is_some(),
+            "{} has no pid file",
+            self.id
+        );
+    }
+
+    /// Stops the server as the agent does; returns its stopped position.
+    async fn stop(&mut self) -> (u64, String) {
+        let pid = self
+            .driver
+            .find_running()
+            .unwrap_or_else(|| panic!("{} is not running", self.id));
+        self.driver.stop(pid).await.unwrap();
+        assert!(self.driver.find_running().is_none());
+        if let Some(mut c) = self.child.take() {
+            let status = c.wait().await.unwrap();
+            assert!(status.success(), "{} exited with {status}", self.id);
+        }
+        self.driver.stopped_position().await.unwrap()
+    }
+
+    async fn health(&self, spec: &EngineSpec) -> Result<Health, String> {
+        self.driver.check(spec).await.map_err(|e| format!("{e:#}"))
+    }
+
+    /// A TCP client session, as the admin user.
+    async fn admin(&self) -> MultiplexedConnection {
+        connect(self.port, Some("admin"), Some(ADMIN_PASSWORD))
+            .await
+            .unwrap()
+    }
+}
+
+async fn connect(
+    port: u16,
+    user: Option<&str>,
+    password: Option<&str>,
+) -> redis::RedisResult<MultiplexedConnection> {
+    let mut settings = RedisConnectionInfo::default();
+    if let Some(u) = user {
+        settings = settings.set_username(u);
+    }
+    if let Some(p) = password {
+        settings = settings.set_password(p);
+    }
+    let info = ConnectionAddr::Tcp("127.0.0.1".into(), port)
+        .into_connection_info()?
+        .set_redis_settings(settings);
+    redis::Client::open(info)?
+        .get_multiplexed_async_connection_with_config(
+            &AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(5)))
+                .set_response_timeout(Some(Duration::from_secs(5))),
+        )
+        .await
+}
+
+async fn set(c: &mut MultiplexedConnection, k: &str, v: &str) -> Result<(), String> {
+    redis::cmd("SET")
+        .arg(k)
+        .arg(v)
+        .query_async::<()>(c)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn get(c: &mut MultiplexedConnection, k: &str) -> Result<Option<String>, String> {
+    redis::cmd("GET")
+        .arg(k)
+        .query_async::<Option<String>>(c)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Waits until `node` holds `k` = `v` (read over a fresh session each time).
+async fn wait_for_key(node: &Node, k: &str, v: &str) {
+    eventually!(format!("{k} on {}", node.id), 20, {
+        match connect(node.port, Some("admin"), Some(ADMIN_PASSWORD)).await {
+            Ok(mut c) => match get(&mut c, k).await {
+                Ok(Some(got)) if got == v => Ok(()),
+                other => Err(format!("{other:?}")),
+            },
+            Err(e) => Err(e.to_string()),
+        }
+    });
+}
+
+/// Whether an error (as the redis crate prints it: "NoPerm: ...",
+/// "NOREPLICAS: ...") carries the server's error `code`.
+fn refused(err: &str, code: &str) -> bool {
+    err.to_ascii_uppercase().contains(code)
+}
+
+fn mode_and_owner(p: &Path) -> (u32, u32) {
+    let m = std::fs::metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    (m.permissions().mode() & 0o777, m.uid())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_replica_switchover_fence_and_wipe() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test starts redis-server as the redis user: run it as root"
+    );
+    let redis_uid = nix::unistd::User::from_name("redis")
+        .unwrap()
+        .expect("a `redis` user (apt install redis-server)")
+        .uid
+        .as_raw();
+    sweep_stale();
+    let dirs: Vec<PathBuf> = (1..=2)
+        .map(|n| std::env::temp_dir().join(format!("{DIR_PREFIX}{}-{n}", std::process::id())))
+        .collect();
+    let _cleanup = Dirs(dirs.clone());
+    let pa = free_port(&[]);
+    let pb = free_port(&[pa]);
+    let mut a = Node::new("node-a", dirs[0].clone(), pa);
+    let mut b = Node::new("node-b", dirs[1].clone(), pb);
+    let began = Instant::now();
+
+    // --- Primary A, as ConfigureEngine(initialize) does it.
+    let a_primary = a.primary(false, &["node-b"]);
+    assert!(!a.driver.has_data());
+    a.driver.save_secrets(&Node::secrets()).unwrap();
+    a.driver.initialize().await.unwrap();
+    assert!(a.driver.has_data());
+    assert!(!a.driver.data_is_standby().unwrap());
+    a.driver.prepare(&a_primary).await.unwrap();
+    a.start(&a_primary).await;
+    a.driver
+        .bootstrap(&a_primary, &Node::secrets())
+        .await
+        .unwrap();
+    a.driver.converge_slots(&a_primary).await.unwrap();
+    let h = a.health(&a_primary).await.unwrap();
+    assert!(
+        h.version.starts_with(|c: char| c.is_ascii_digit()),
+        "{}",
+        h.version
+    );
+    assert!(!h.replication.in_recovery);
+    assert_eq!(h.replication.synchronous_standby_names, "");
+
+    // Files: the server's own, private; the passwords root's.
+    assert_eq!(mode_and_owner(&a.base().join("data")), (0o700, redis_uid));
+    assert_eq!(mode_and_owner(&a.base().join("run")), (0o700, redis_uid));
+    assert_eq!(
+        mode_and_owner(&a.base().join("redis.conf")),
+        (0o600, redis_uid)
+    );
+    assert_eq!(mode_and_owner(&a.base().join("secrets.json")), (0o600, 0));
+    assert!(a.base().join("data/appendonlydir").is_dir(), "AOF is on");
+    let pid = a.driver.find_running().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(
+        uid_line
+            .split_whitespace()
+            .skip(1)
+            .all(|u| u == redis_uid.to_string()),
+        "the server must run as redis: {uid_line}"
+    );
+
+    // Clients: a password is needed, the admin user and the password alone
+    // both work, the replication user can only replicate.
+    let mut anon = connect(pa, None, None).await.unwrap();
+    let err = get(&mut anon, "k").await.unwrap_err();
+    assert!(refused(&err, "NOAUTH"), "{err}");
+    assert!(connect(pa, Some("admin"), Some("wrong-password"))
+        .await
+        .is_err());
+    let mut ca = a.admin().await;
+    for i in 0..100 {
+        set(&mut ca, &format!("k{i}"), &format!("v{i}"))
+            .await
+            .unwrap();
+    }
+    let mut by_password = connect(pa, None, Some(ADMIN_PASSWORD)).await.unwrap();
+    assert_eq!(
+        get(&mut by_password, "k7").await.unwrap().as_deref(),
+        Some("v7")
+    );
+    let mut repl = connect(pa, Some("corral_replication"), Some(REPLICATION_PASSWORD))
+        .await
+        .unwrap();
+    let err = get(&mut repl, "k7").await.unwrap_err();
+    assert!(refused(&err, "NOPERM"), "{err}");
+
+    // --- Replica B: cloned from A, then started as its replica.
+    let b_replica = b.replica_of(&a);
+    b.driver.save_secrets(&Node::secrets()).unwrap();
+    assert!(!b.driver.has_data());
+    let reports: Mutex<Vec<(u64, u64)>> = Mutex::new(Vec::new());
+    let progress = |done: u64, total: u64| reports.lock().unwrap().push((done, total));
+    b.driver
+        .clone_data(&b_replica, &a.upstream(), &progress)
+        .await
+        .unwrap();
+    let last = *reports
+        .lock()
+        .unwrap()
+        .last()
+        .expect("clone progress reported");
+    assert!(last.0 > 0 && last.0 == last.1, "final progress {last:?}");
+    assert!(b.driver.has_data());
+    assert!(b.driver.data_is_standby().unwrap());
+    assert!(!b.base().join("data.clone").exists());
+    assert!(
+        b.driver.find_running().is_none(),
+        "the clone's server is stopped"
+    );
+    b.driver.prepare(&b_replica).await.unwrap();
+    b.start(&b_replica).await;
+    let hb = eventually!("B streaming from A", 20, {
+        let h = b.health(&b_replica).await?;
+        let r = &h.replication;
+        if r.in_recovery && r.streaming && r.upstream_host == "127.0.0.1" {
+            Ok(h)
+        } else {
+            Err(format!("{r:?}"))
+        }
+    });
+    let mut cb = b.admin().await;
+    assert_eq!(get(&mut cb, "k99").await.unwrap().as_deref(), Some("v99"));
+    // A lists B under its node id.
+    let ha = eventually!("A listing node-b as streaming", 20, {
+        let h = a.health(&a_primary).await?;
+        if h.replication
+            .standbys
+            .iter()
+            .any(|s| s.name == "node-b" && s.state == "streaming")
+        {
+            Ok(h)
+        } else {
+            Err(format!("{:?}", h.replication.standbys))
+        }
+    });
+    assert_eq!(
+        ha.replication.system_identifier,
+        hb.replication.system_identifier
+    );
+    assert!(!ha.replication.system_identifier.is_empty());
+
+    // Writes reach B; B refuses writes of its own.
+    set(&mut ca, "after-clone", "1").await.unwrap();
+    wait_for_key(&b, "after-clone", "1").await;
+    let err = set(&mut cb, "on-replica", "1").await.unwrap_err();
+    assert!(refused(&err, "READONLY"), "{err}");
+
+    // Positions: the replica is never ahead, and catches up.
+    let b_lsn = b.health(&b_replica).await.unwrap().replication.lsn;
+    let a_lsn = a.health(&a_primary).await.unwrap().replication.lsn;
+    assert!(a_lsn >= b_lsn && a_lsn > 0, "A {a_lsn} B {b_lsn}");
+    eventually!("B reaching A's offset", 20, {
+        let h = b.health(&b_replica).await?;
+        if h.replication.lsn >= a_lsn {
+            Ok(())
+        } else {
+            Err(format!("B at {} of {a_lsn}", h.replication.lsn))
+        }
+    });
+
+    // --- sync: a primary without a replica refuses writes.
+    let a_sync = a.primary(true, &["node-b"]);
+    a.driver.prepare(&a_sync).await.unwrap();
+    a.driver.converge_slots(&a_sync).await.unwrap();
+    let h = a.health(&a_sync).await.unwrap();
+    assert_eq!(
+        h.replication.synchronous_standby_names,
+        "min-replicas-to-write 1"
+    );
+    set(&mut ca, "sync-1", "1").await.unwrap();
+    let (b_stopped, state) = b.stop().await;
+    assert_eq!(state, "shut down");
+    assert!(b_stopped >= a_lsn);
+    eventually!("A refusing writes without B", 10, {
+        match set(&mut ca, "sync-2", "1").await {
+            Err(e) if refused(&e, "NOREPLICAS") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    b.driver.prepare(&b_replica).await.unwrap();
+    b.start(&b_replica).await;
+    eventually!("A accepting writes with B back", 20, {
+        set(&mut ca, "sync-3", "1").await
+    });
+    a.driver.prepare(&a_primary).await.unwrap();
+    a.driver.converge_slots(&a_primary).await.unwrap();
+    assert_eq!(
+        a.health(&a_primary)
+            .await
+            .unwrap()
+            .replication
+            .synchronous_standby_names,
+        ""
+    );
+
+    // --- Switchover: stop A, B catches up, B promoted, A rejoins B.
+    set(&mut ca, "before-switchover", "1").await.unwrap();
+    let (stopped_at, _) = a.stop().await;
+    assert!(stopped_at > a_lsn, "{stopped_at} after {a_lsn}");
+    eventually!("B replaying A's last write", 20, {
+        let h = b.health(&b_replica).await?;
+        if h.replication.lsn >= stopped_at {
+            Ok(())
+        } else {
+            Err(format!("B at {} of {stopped_at}", h.replication.lsn))
+        }
+    });
+    let mut cb = b.admin().await;
+    assert_eq!(
+        get(&mut cb, "before-switchover").await.unwrap().as_deref(),
+        Some("1")
+    );
+    let b_primary = b.primary(false, &["node-a"]);
+    let promoting = Instant::now();
+    b.driver.prepare(&b_primary).await.unwrap();
+    assert!(
+        b.driver.data_is_standby().unwrap(),
+        "prepare never promotes"
+    );
+    let h = b.health(&b_primary).await.unwrap();
+    assert!(
+        h.replication.in_recovery,
+        "nor does a health check with a primary's spec"
+    );
+    b.driver.promote(&b_primary).await.unwrap();
+    let promote_ms = promoting.elapsed().as_millis();
+    assert!(!b.driver.data_is_standby().unwrap());
+    b.driver.converge_slots(&b_primary).await.unwrap();
+    assert!(!b.health(&b_primary).await.unwrap().replication.in_recovery);
+    set(&mut cb, "on-new-primary", "1").await.unwrap();
+
+    let a_replica = a.replica_of(&b);
+    a.driver.rejoin(&a_replica, &b.upstream()).await.unwrap();
+    assert!(a.driver.data_is_standby().unwrap());
+    a.driver.prepare(&a_replica).await.unwrap();
+    a.start(&a_replica).await;
+    eventually!("A streaming from B", 20, {
+        let h = a.health(&a_replica).await?;
+        let r = &h.replication;
+        if r.in_recovery && r.streaming {
+            Ok(())
+        } else {
+            Err(format!("{r:?}"))
+        }
+    });
+    set(&mut cb, "after-switchover", "1").await.unwrap();
+    wait_for_key(&a, "after-switchover", "1").await;
+    wait_for_key(&a, "on-new-primary", "1").await;
+    eventually!("B listing node-a", 20, {
+        let h = b.health(&b_primary).await?;
+        if h.replication.standbys.iter().any(|s| s.name == "node-a") {
+            Ok(())
+        } else {
+            Err(format!("{:?}", h.replication.standbys))
+        }
+    });
+
+    // A health check puts back a replica repointed by hand.
+    let mut ca = a.admin().await;
+    redis::cmd("REPLICAOF")
+        .arg("NO")
+        .arg("ONE")
+        .query_async::<()>(&mut ca)
+        .await
+        .unwrap();
+    let role: String = redis::cmd("INFO")
+        .arg("replication")
+        .query_async(&mut ca)
+        .await
+        .unwrap();
+    assert!(role.contains("role:master"), "{role}");
+    eventually!("A following B again", 20, {
+        let h = a.health(&a_replica).await?;
+        if h.replication.in_recovery && h.replication.streaming {
+            Ok(())
+        } else {
+            Err(format!("{:?}", h.replication))
+        }
+    });
+
+    // A clone over existing data replaces it only when complete.
+    a.stop().await;
+    set(&mut cb, "before-reclone", "1").await.unwrap();
+    b.driver.prepare(&b_primary).await.unwrap();
+    a.driver
+        .clone_data(&a_replica, &b.upstream(), &|_, _| {})
+        .await
+        .unwrap();
+    assert!(!a.base().join("data.old").exists());
+    assert!(a.driver.data_is_standby().unwrap());
+    a.start(&a_replica).await;
+    wait_for_key(&a, "before-reclone", "1").await;
+
+    // --- Fence the primary B: sessions end, writes refused, also after a
+    // restart; unfenced, writes work again.
+    let mut session = b.admin().await;
+    set(&mut session, "pre-fence", "1").await.unwrap();
+    b.driver.set_fenced(&b_primary, true).await.unwrap();
+    let ended = redis::cmd("PING").query_async::<String>(&mut session).await;
+    assert!(ended.is_err(), "the open session must be ended: {ended:?}");
+    let mut fresh = b.admin().await;
+    let err = set(&mut fresh, "fenced", "1").await.unwrap_err();
+    assert!(refused(&err, "NOREPLICAS"), "{err}");
+    b.stop().await;
+    b.driver.prepare(&b_primary).await.unwrap();
+    b.start(&b_primary).await;
+    let mut fresh = b.admin().await;
+    let err = set(&mut fresh, "fenced-after-restart", "1")
+        .await
+        .unwrap_err();
+    assert!(refused(&err, "NOREPLICAS"), "{err}");
+    b.driver.set_fenced(&b_primary, false).await.unwrap();
+    set(&mut fresh, "unfenced", "1").await.unwrap();
+    wait_for_key(&a, "unfenced", "1").await;
+
+    // --- Wipe: only the log is left, and the passwords until forgotten.
+    a.stop().await;
+    b.stop().await;
+    for n in [&a, &b] {
+        n.driver.wipe().await.unwrap();
+        assert!(!n.driver.has_data());
+        assert!(!n.driver.data_is_standby().unwrap());
+        n.driver.forget_secrets().unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(n.base())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["server.log"], "{} after wipe", n.id);
+    }
+    println!(
+        "redis driver scenario: {} ms (promotion {promote_ms} ms)",
+        began.elapsed().as_millis()
+    );
+}

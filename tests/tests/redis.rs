@@ -1,0 +1,175 @@
+//! Redis primary/replica clusters end to end, in namespaces: creation with
+//! replicas fully synchronised from the primary, keys reaching every
+//! replica, read-only replicas, a planned switchover, and a failover after
+//! killing the primary's VM under a writer through HAProxy, with the
+//! split-brain checker probing every node.
+
+use corral_tests::checker::WriteChecker;
+use corral_tests::ha::{self, vm_index, wait_acks};
+use corral_tests::writer::Writer;
+use corral_tests::{wait_until, Lab};
+use serde_json::Value;
+use std::time::Duration;
+
+/// `redis-cli` from the client namespace against VM `vm` as the admin
+/// user; its output, trimmed. redis-cli exits 0 on a server error, so an
+/// answer starting with an error code is returned as an error.
+fn cli(lab: &Lab, creds: &Value, vm: usize, args: &[&str]) -> anyhow::Result<String> {
+    let host = lab.vm_ip(vm);
+    let mut all = vec![
+        "-h",
+        &host,
+        "-p",
+        "6379",
+        "--user",
+        creds["user"].as_str().unwrap(),
+        "--pass",
+        creds["password"].as_str().unwrap(),
+        "--no-auth-warning",
+    ];
+    all.extend_from_slice(args);
+    let out = lab.in_ns("cli", "redis-cli", &all)?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if !out.status.success() || text.starts_with("READONLY") || text.starts_with("ERR") {
+        anyhow::bail!(
+            "redis-cli on vm{vm}: {text} {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(text)
+}
+
+fn create(lab: &Lab, name: &str, extra: &[&str]) -> Value {
+    lab.create_engine_cluster(name, "redis", "vm1,vm2,vm3", extra)
+        .unwrap()
+}
+
+#[test]
+fn three_node_redis_cluster_replicates_and_switches_over() {
+    let lab = Lab::start(3).unwrap();
+    let creds = create(&lab, "cache", &[]);
+    let uri = creds["uri"].as_str().unwrap();
+    assert!(uri.starts_with("redis://admin:"), "{uri}");
+    assert!(uri.ends_with(":6379/0"), "{uri}");
+    let c = lab.ctl_json(&["cluster", "show", "cache"]).unwrap();
+    assert_eq!(c["state"], "running", "{c}");
+    assert_eq!(c["engine"], "redis", "{c}");
+
+    for i in 0..200 {
+        cli(
+            &lab,
+            &creds,
+            1,
+            &["SET", &format!("k{i}"), &format!("v{i}")],
+        )
+        .unwrap();
+    }
+    for vm in [2, 3] {
+        lab.wait_streaming("cache", &format!("vm{vm}")).unwrap();
+        wait_until(Duration::from_secs(10), &format!("keys on vm{vm}"), || {
+            Ok(cli(&lab, &creds, vm, &["DBSIZE"])? == "200")
+        })
+        .unwrap();
+        assert_eq!(cli(&lab, &creds, vm, &["GET", "k199"]).unwrap(), "v199");
+        let err = cli(&lab, &creds, vm, &["SET", "x", "1"]).unwrap_err();
+        assert!(format!("{err}").contains("READONLY"), "{err}");
+    }
+
+    // Planned switchover to vm2: vm1 follows it.
+    lab.ctl_ok(&["node", "promote", "cache", "vm2", "--confirm", "vm2"])
+        .unwrap();
+    assert_eq!(
+        lab.wait_until_primary("cache", Duration::from_secs(10))
+            .unwrap(),
+        "vm2"
+    );
+    cli(&lab, &creds, 2, &["SET", "after", "switchover"]).unwrap();
+    for vm in [1, 3] {
+        wait_until(
+            Duration::from_secs(10),
+            &format!("the new key on vm{vm}"),
+            || Ok(cli(&lab, &creds, vm, &["GET", "after"])? == "switchover"),
+        )
+        .unwrap();
+    }
+    lab.wait_streaming("cache", "vm1").unwrap();
+    let err = cli(&lab, &creds, 1, &["SET", "x", "1"]).unwrap_err();
+    assert!(format!("{err}").contains("READONLY"), "{err}");
+}
+
+/// Ids in the writer's list on VM `vm`, sorted.
+fn ids_on(lab: &Lab, creds: &Value, vm: usize) -> Vec<i64> {
+    let out = cli(lab, creds, vm, &["LRANGE", ha::WRITES, "0", "-1"]).unwrap();
+    let mut ids: Vec<i64> = out.lines().map(|l| l.trim().parse().unwrap()).collect();
+    ids.sort_unstable();
+    ids
+}
+
+fn missing_on(lab: &Lab, creds: &Value, vm: usize, acked: &[i64]) -> Vec<i64> {
+    let have = ids_on(lab, creds, vm);
+    acked
+        .iter()
+        .filter(|id| have.binary_search(id).is_err())
+        .copied()
+        .collect()
+}
+
+#[test]
+fn failover_after_killing_the_primary_vm_under_a_writer() {
+    let mut lab = Lab::start(3).unwrap();
+    let creds = create(&lab, "ha", &["--sync"]);
+    for vm in ["vm2", "vm3"] {
+        lab.wait_streaming("ha", vm).unwrap();
+    }
+    lab.start_haproxy_port(&[1, 2, 3], 6379).unwrap();
+    // Zero-loss mode as the README describes it: each write is counted
+    // only once a replica has it (WAIT 1).
+    let through = format!("{}?wait=1", lab.haproxy_uri(&creds));
+    let writer = Writer::start(&through, ha::WRITES, Duration::from_millis(10));
+    let check = WriteChecker::start(
+        (1..=3)
+            .map(|i| (format!("vm{i}"), lab.node_uri(&creds, i)))
+            .collect(),
+        ha::PROBES,
+    );
+    wait_acks(&writer, 50, Duration::from_secs(15)).unwrap();
+    assert_eq!(lab.health(1, "/primary").unwrap(), 200);
+    assert_eq!(lab.health(2, "/primary").unwrap(), 503);
+
+    writer.take_longest_gap();
+    lab.kill_vm(1);
+    let new = ha::wait_new_primary(&lab, "ha", "vm1", Duration::from_secs(30)).unwrap();
+    wait_acks(&writer, 50, Duration::from_secs(30)).unwrap();
+    eprintln!(
+        "failover to {new}: writes paused {} ms",
+        writer.take_longest_gap().as_millis()
+    );
+    lab.restart_vm(1).unwrap();
+    assert_eq!(
+        ha::wait_settled(&lab, "ha", 3, Duration::from_secs(60)).unwrap(),
+        new
+    );
+    wait_acks(&writer, 20, Duration::from_secs(10)).unwrap();
+    let report = writer.finish();
+    let checked = check.finish();
+    let v = checked.violations();
+    assert!(v.is_empty(), "two nodes took writes at once: {v:?}");
+    assert!(report.acked.len() > 100, "{report:?}");
+
+    // Every write a replica had acknowledged (WAIT 1) survived.
+    let missing = missing_on(&lab, &creds, vm_index(&new), &report.acked);
+    eprintln!(
+        "{} writes acknowledged, {} lost",
+        report.acked.len(),
+        missing.len()
+    );
+    assert!(missing.is_empty(), "acknowledged writes lost: {missing:?}");
+    for vm in 1..=3 {
+        wait_until(
+            Duration::from_secs(15),
+            &format!("vm{vm} to hold every acknowledged write"),
+            || Ok(missing_on(&lab, &creds, vm, &report.acked).is_empty()),
+        )
+        .unwrap();
+    }
+}
