@@ -142,6 +142,66 @@ impl Client {
     }
 }
 
+impl Client {
+    /// The ids in `table` (Redis: the list `table`), sorted.
+    pub async fn ids(&mut self, table: &str) -> Result<Vec<i64>> {
+        let mut ids: Vec<i64> = match self {
+            Client::Postgres(c) => c
+                .query(&format!("SELECT id FROM {table}"), &[])
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect(),
+            Client::Mysql(c) => {
+                use mysql_async::prelude::Queryable;
+                c.query(format!("SELECT id FROM {table}")).await?
+            }
+            Client::Redis(c, _) => {
+                redis::cmd("LRANGE")
+                    .arg(table)
+                    .arg(0)
+                    .arg(-1)
+                    .query_async(c)
+                    .await?
+            }
+        };
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    /// Runs `statement` (SQL, or a Redis command line split on spaces).
+    pub async fn execute(&mut self, statement: &str) -> Result<()> {
+        match self {
+            Client::Postgres(c) => c.batch_execute(statement).await?,
+            Client::Mysql(c) => {
+                use mysql_async::prelude::Queryable;
+                c.query_drop(statement).await?
+            }
+            Client::Redis(c, _) => {
+                let mut words = statement.split_whitespace();
+                let mut cmd = redis::cmd(words.next().unwrap_or("PING"));
+                for w in words {
+                    cmd.arg(w);
+                }
+                cmd.query_async::<redis::Value>(c).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs `f` with a client of `uri` on a runtime of its own (the tests are
+/// synchronous).
+pub fn with_client<T>(uri: &str, f: impl AsyncFnOnce(&mut Client) -> Result<T>) -> Result<T> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut c = Client::connect(uri, Duration::from_secs(3)).await?;
+        f(&mut c).await
+    })
+}
+
 impl Failure {
     pub fn message(&self) -> &str {
         match self {

@@ -4,6 +4,7 @@
 //! reads their assertions need.
 
 use crate::checker::WriteChecker;
+use crate::client::with_client;
 use crate::writer::Writer;
 use crate::{wait_until, Lab};
 use anyhow::{anyhow, Result};
@@ -18,27 +19,47 @@ pub const PROBES: &str = "probe";
 /// `cluster create` flags, the writer's and checker's tables, and HAProxy
 /// routing to its primary; returns the credentials.
 pub fn cluster(lab: &mut Lab, name: &str, extra: &[&str]) -> Result<Value> {
-    let creds = lab.create_replicated(name, "vm1,vm2,vm3", extra)?;
-    let uri = creds["uri"]
-        .as_str()
-        .ok_or_else(|| anyhow!("no uri in {creds}"))?
-        .to_string();
-    lab.psql(
-        &uri,
-        &format!(
-            "CREATE TABLE {WRITES} (id bigint PRIMARY KEY, at timestamptz NOT NULL); \
-             CREATE TABLE {PROBES} (node text NOT NULL, at timestamptz NOT NULL)"
-        ),
-    )?;
+    cluster_of(lab, name, "postgres", extra)
+}
+
+/// [`cluster`] of any engine (Redis needs no tables: the writer and the
+/// checker push onto lists).
+pub fn cluster_of(lab: &mut Lab, name: &str, engine: &str, extra: &[&str]) -> Result<Value> {
+    let creds = lab.create_engine_cluster(name, engine, "vm1,vm2,vm3", extra)?;
+    let tables: &[String] = match crate::uri_scheme(&creds) {
+        "redis" => &[],
+        "mysql" => &[
+            format!("CREATE TABLE {WRITES} (id bigint PRIMARY KEY, at datetime(6) NOT NULL)"),
+            format!("CREATE TABLE {PROBES} (node varchar(64) NOT NULL, at datetime(6) NOT NULL)"),
+        ],
+        _ => &[
+            format!("CREATE TABLE {WRITES} (id bigint PRIMARY KEY, at timestamptz NOT NULL)"),
+            format!("CREATE TABLE {PROBES} (node text NOT NULL, at timestamptz NOT NULL)"),
+        ],
+    };
+    with_client(&lab.node_uri(&creds, 1), async |c| {
+        for t in tables {
+            c.execute(t).await?;
+        }
+        Ok(())
+    })?;
     for vm in ["vm2", "vm3"] {
         lab.wait_streaming(name, vm)?;
     }
-    lab.start_haproxy(&[1, 2, 3])?;
+    let port = creds["port"]
+        .as_u64()
+        .ok_or_else(|| anyhow!("no port in {creds}"))?;
+    lab.start_haproxy_port(&[1, 2, 3], port as u16)?;
     let through = lab.haproxy_uri(&creds);
+    let ping = if crate::uri_scheme(&creds) == "redis" {
+        "PING"
+    } else {
+        "SELECT 1"
+    };
     wait_until(
         Duration::from_secs(15),
         "HAProxy to route to the primary",
-        || Ok(lab.psql(&through, "SELECT 1").is_ok()),
+        || Ok(with_client(&through, async |c| c.execute(ping).await).is_ok()),
     )?;
     Ok(creds)
 }
@@ -70,12 +91,9 @@ pub fn local_checker(lab: &Lab, creds: &Value, i: usize) -> WriteChecker {
     )
 }
 
-/// Ids in the writer's table on node `i`.
+/// Ids in the writer's table on node `i`, sorted (any engine).
 pub fn ids_on(lab: &Lab, creds: &Value, i: usize) -> Result<Vec<i64>> {
-    lab.column_on(creds, i, &format!("SELECT id FROM {WRITES} ORDER BY id"))?
-        .iter()
-        .map(|s| s.parse().map_err(|e| anyhow!("id {s:?}: {e}")))
-        .collect()
+    with_client(&lab.node_uri(creds, i), async |c| c.ids(WRITES).await)
 }
 
 /// "vm2" -> 2.

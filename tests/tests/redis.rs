@@ -4,7 +4,6 @@
 //! killing the primary's VM under a writer through HAProxy, with the
 //! split-brain checker probing every node.
 
-use corral_tests::checker::WriteChecker;
 use corral_tests::ha::{self, vm_index, wait_acks};
 use corral_tests::writer::Writer;
 use corral_tests::{wait_until, Lab};
@@ -97,41 +96,15 @@ fn three_node_redis_cluster_replicates_and_switches_over() {
     assert!(format!("{err}").contains("READONLY"), "{err}");
 }
 
-/// Ids in the writer's list on VM `vm`, sorted.
-fn ids_on(lab: &Lab, creds: &Value, vm: usize) -> Vec<i64> {
-    let out = cli(lab, creds, vm, &["LRANGE", ha::WRITES, "0", "-1"]).unwrap();
-    let mut ids: Vec<i64> = out.lines().map(|l| l.trim().parse().unwrap()).collect();
-    ids.sort_unstable();
-    ids
-}
-
-fn missing_on(lab: &Lab, creds: &Value, vm: usize, acked: &[i64]) -> Vec<i64> {
-    let have = ids_on(lab, creds, vm);
-    acked
-        .iter()
-        .filter(|id| have.binary_search(id).is_err())
-        .copied()
-        .collect()
-}
-
 #[test]
 fn failover_after_killing_the_primary_vm_under_a_writer() {
     let mut lab = Lab::start(3).unwrap();
-    let creds = create(&lab, "ha", &["--sync"]);
-    for vm in ["vm2", "vm3"] {
-        lab.wait_streaming("ha", vm).unwrap();
-    }
-    lab.start_haproxy_port(&[1, 2, 3], 6379).unwrap();
+    let creds = ha::cluster_of(&mut lab, "ha", "redis", &["--sync"]).unwrap();
     // Zero-loss mode as the README describes it: each write is counted
     // only once a replica has it (WAIT 1).
     let through = format!("{}?wait=1", lab.haproxy_uri(&creds));
     let writer = Writer::start(&through, ha::WRITES, Duration::from_millis(10));
-    let check = WriteChecker::start(
-        (1..=3)
-            .map(|i| (format!("vm{i}"), lab.node_uri(&creds, i)))
-            .collect(),
-        ha::PROBES,
-    );
+    let check = ha::checker(&lab, &creds, 3);
     wait_acks(&writer, 50, Duration::from_secs(15)).unwrap();
     assert_eq!(lab.health(1, "/primary").unwrap(), 200);
     assert_eq!(lab.health(2, "/primary").unwrap(), 503);
@@ -157,7 +130,7 @@ fn failover_after_killing_the_primary_vm_under_a_writer() {
     assert!(report.acked.len() > 100, "{report:?}");
 
     // Every write a replica had acknowledged (WAIT 1) survived.
-    let missing = missing_on(&lab, &creds, vm_index(&new), &report.acked);
+    let missing = ha::missing_on(&lab, &creds, vm_index(&new), &report.acked).unwrap();
     eprintln!(
         "{} writes acknowledged, {} lost",
         report.acked.len(),
@@ -168,7 +141,7 @@ fn failover_after_killing_the_primary_vm_under_a_writer() {
         wait_until(
             Duration::from_secs(15),
             &format!("vm{vm} to hold every acknowledged write"),
-            || Ok(missing_on(&lab, &creds, vm, &report.acked).is_empty()),
+            || Ok(ha::missing_on(&lab, &creds, vm, &report.acked)?.is_empty()),
         )
         .unwrap();
     }
