@@ -139,7 +139,16 @@ async fn run(args: Args) -> Result<()> {
         &config.state_dir,
         &identity.info.node_id,
     ));
-    let drivers: engine::Drivers = vec![("postgres", postgres), ("redis", redis)];
+    let mariadb: Arc<dyn engine::Driver> = Arc::new(engine::mariadb::Mariadb::new(
+        &config.state_dir,
+        &identity.info.node_id,
+    ));
+    let drivers: engine::Drivers = vec![
+        ("postgres", postgres),
+        ("mariadb", mariadb.clone()),
+        ("mysql", mariadb),
+        ("redis", redis),
+    ];
     // The coordinator's addresses are always allowed to reach the engine,
     // whatever the cluster's allowlist says.
     let coordinator_ips: Vec<std::net::IpAddr> = tokio::net::lookup_host(&config.coordinator)

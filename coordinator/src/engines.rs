@@ -8,9 +8,9 @@
 //! transactions, not bytes); Redis's are replication offsets (bytes of
 //! the replication stream).
 
-/// The engines this build can run. (MariaDB's family is described below
-/// while its agent driver is written; it joins this list with it.)
-pub const ENGINES: &[&str] = &["postgres", "redis"];
+/// The engines this build can run. `mysql` is MariaDB's driver speaking
+/// MySQL 8's syntax where it differs (the agent detects the server).
+pub const ENGINES: &[&str] = &["postgres", "mariadb", "mysql", "redis"];
 
 /// The family an engine name belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

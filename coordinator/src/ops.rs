@@ -498,14 +498,16 @@ impl Ctx<'_> {
                 .as_ref()
                 .and_then(|r| r.standbys.iter().find(|s| s.name == replica));
             if let Some(st) = standby.filter(|s| s.state == "streaming") {
-                let behind = s
-                    .replication
-                    .as_ref()
-                    .map(|r| r.lsn.saturating_sub(st.replay_lsn))
-                    .unwrap_or(0);
+                // 0: the primary does not know the replica's position
+                // (MariaDB never does; PostgreSQL before its first feedback).
+                let behind = match s.replication.as_ref() {
+                    Some(r) if st.replay_lsn > 0 => {
+                        format!("{} behind", mb(r.lsn.saturating_sub(st.replay_lsn)))
+                    }
+                    _ => "the primary does not know its position".into(),
+                };
                 self.log(&format!(
-                    "{replica} is streaming from {primary} ({} behind, {})",
-                    mb(behind),
+                    "{replica} is streaming from {primary} ({behind}, {})",
                     st.sync_state
                 ));
                 return Ok(());

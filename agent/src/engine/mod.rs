@@ -152,8 +152,9 @@ pub struct Secrets {
     pub replication_password: String,
 }
 
-/// Engines this agent can run.
-pub const SUPPORTED_ENGINES: &[&str] = &["postgres", "redis"];
+/// Engines this agent can run (`mysql`: the MariaDB driver, which speaks
+/// MySQL 8's syntax where it differs).
+pub const SUPPORTED_ENGINES: &[&str] = &["postgres", "mariadb", "mysql", "redis"];
 
 /// The drivers of an agent, by engine name (one driver may serve several).
 pub type Drivers = Vec<(&'static str, Arc<dyn Driver>)>;
@@ -785,7 +786,7 @@ impl Engine {
                 self.driver()
                     .converge_slots(&spec)
                     .await
-                    .context("dropping replication slots on the replica")?;
+                    .context("converging the replica's replication settings")?;
             }
         }
         self.refresh().await;
@@ -808,14 +809,14 @@ impl Engine {
         match self.driver().rejoin(spec, upstream).await {
             Ok(()) => {
                 self.events
-                    .push("rejoined", format!("rewound to follow {}", upstream.node));
+                    .push("rejoined", format!("made to follow {}", upstream.node));
                 Ok(())
             }
             Err(e) => {
                 self.events.push(
                     "rewind_failed",
                     format!(
-                        "could not rewind to follow {}: {e:#}; cloning the data again",
+                        "could not make the data follow {}: {e:#}; cloning the data again",
                         upstream.node
                     ),
                 );
@@ -880,7 +881,7 @@ impl Engine {
         self.driver()
             .converge_slots(spec)
             .await
-            .context("creating the replicas' replication slots")?;
+            .context("converging replication (the replicas' slots, semi-sync)")?;
         self.await_first_lease().await;
         Ok(())
     }
@@ -1115,7 +1116,7 @@ impl Engine {
         self.driver()
             .converge_slots(&spec)
             .await
-            .context("creating the replicas' replication slots")?;
+            .context("converging replication (the replicas' slots, semi-sync)")?;
         self.await_first_lease().await;
         self.refresh().await;
         Ok(self.status())
@@ -1243,7 +1244,10 @@ impl Engine {
                 how = &mut exited => return how,
                 _ = tokio::time::sleep(pause) => {}
             }
-            match self.driver().check(spec).await {
+            // The spec as it is now: a promotion or a repoint changes it
+            // while the process keeps running.
+            let current = self.spec().unwrap_or_else(|| spec.clone());
+            match self.driver().check(&current).await {
                 Ok(health) => {
                     if !ready {
                         ready = true;

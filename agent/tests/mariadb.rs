@@ -1,0 +1,645 @@
+//! The MariaDB driver against real servers, driven as the agent drives it.
+//!
+//! Each node is a `Mariadb` driver with a state directory of its own,
+//! `/tmp/corral-mariadb-test-<pid>-<n>`, and a server on 127.0.0.1 at a free
+//! port. A node's servers are killed and its directory removed when the
+//! node is dropped, panic or not; a run that was killed leaves directories
+//! whose pid is gone, and the next run sweeps them (servers included).
+//! With `CORRAL_TEST_KEEP=1` the directories (server logs) stay until then.
+//! Needs root (servers run as the `mysql` user) and MariaDB installed.
+
+use corral_agent::engine::mariadb::Mariadb;
+use corral_agent::engine::{Driver, EngineSpec, Secrets, Upstream};
+use corral_proto::pb;
+use mysql_async::prelude::*;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, Once};
+use std::time::{Duration, Instant};
+
+const PREFIX: &str = "corral-mariadb-test-";
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Quotes and backslashes: the driver must quote them right everywhere
+/// (CHANGE MASTER, mariadb-dump's environment, the accounts).
+fn secrets() -> Secrets {
+    Secrets {
+        admin_password: "adm'in\\pass-0123456789".into(),
+        replication_password: "re'pl\\pass-0123456789".into(),
+    }
+}
+
+/// Kills the mariadbd processes whose pid files are under `dir`.
+fn kill_servers(dir: &Path) {
+    for name in ["mariadbd.pid", "temp.pid", "byhand.pid"] {
+        let path = dir.join("mariadb/run").join(name);
+        let Some(pid) = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // Only a server of this directory: a stale pid may be anybody's now.
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&*dir.to_string_lossy()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let began = Instant::now();
+            while Path::new(&format!("/proc/{pid}/comm")).exists()
+                && began.elapsed() < Duration::from_secs(5)
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+/// Removes the directories (and servers) of test runs that are gone.
+fn sweep_stale() {
+    let Ok(entries) = std::fs::read_dir("/tmp") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            continue;
+        };
+        let Some(Ok(pid)) = rest.split('-').next().map(str::parse::<u32>) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            kill_servers(&e.path());
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One node: a driver, its state directory, its port, its running server.
+struct Node {
+    id: String,
+    dir: PathBuf,
+    port: u16,
+    driver: Mariadb,
+    child: Option<tokio::process::Child>,
+}
+
+impl Node {
+    fn new(id: &str) -> Node {
+        static SWEEP: Once = Once::new();
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        SWEEP.call_once(sweep_stale);
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let dir = PathBuf::from(format!("/tmp/{PREFIX}{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Node {
+            id: id.into(),
+            driver: Mariadb::new(&dir, id),
+            dir,
+            port: free_port(),
+            child: None,
+        }
+    }
+
+    fn base(&self) -> PathBuf {
+        self.dir.join("mariadb")
+    }
+
+    fn upstream(&self) -> Upstream {
+        Upstream {
+            node: self.id.clone(),
+            host: "127.0.0.1".into(),
+            port: self.port,
+        }
+    }
+
+    fn primary_spec(&self, replicas: &[&str], sync: bool) -> EngineSpec {
+        EngineSpec {
+            cluster: "orders".into(),
+            engine: "mariadb".into(),
+            role: "primary".into(),
+            port: self.port,
+            admin_user: "admin".into(),
+            database: "app".into(),
+            replicas: replicas.iter().map(|r| r.to_string()).collect(),
+            sync,
+            upstream: None,
+        }
+    }
+
+    fn replica_spec(&self, upstream: &Node) -> EngineSpec {
+        EngineSpec {
+            role: "replica".into(),
+            replicas: vec![],
+            sync: false,
+            upstream: Some(upstream.upstream()),
+            ..self.primary_spec(&[], false)
+        }
+    }
+
+    fn log(&self) -> String {
+        let text = std::fs::read_to_string(self.driver.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(25)..].join("\n")
+    }
+
+    /// Starts the server and waits until a health check passes.
+    async fn start(&mut self, spec: &EngineSpec) -> pb::Replication {
+        assert!(
+            self.driver.find_running().is_none(),
+            "{} already runs",
+            self.id
+        );
+        self.child = Some(self.driver.start(spec).await.unwrap());
+        self.wait(spec, "answer health checks", |_| true).await
+    }
+
+    /// Stops the server cleanly; returns its stopped position.
+    async fn stop(&mut self) -> (u64, String) {
+        let pid = self
+            .driver
+            .find_running()
+            .unwrap_or_else(|| panic!("{} is not running", self.id));
+        self.driver.stop(pid).await.unwrap();
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait().await;
+        }
+        assert!(self.driver.find_running().is_none());
+        self.driver.stopped_position().await.unwrap()
+    }
+
+    /// Polls health checks (which converge replication) until `ok`.
+    async fn wait(
+        &self,
+        spec: &EngineSpec,
+        what: &str,
+        ok: impl Fn(&pb::Replication) -> bool,
+    ) -> pb::Replication {
+        let began = Instant::now();
+        loop {
+            let last = match self.driver.check(spec).await {
+                Ok(h) if ok(&h.replication) => {
+                    assert!(h.version.contains("MariaDB"), "version {}", h.version);
+                    return h.replication;
+                }
+                Ok(h) => format!("{:?}", h.replication),
+                Err(e) => format!("{e:#}"),
+            };
+            if began.elapsed() > WAIT {
+                panic!(
+                    "{} did not {what} within {} s; last: {last}\nserver log:\n{}",
+                    self.id,
+                    WAIT.as_secs(),
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// A client session over TCP as the cluster's admin user.
+    async fn client(&self) -> mysql_async::Conn {
+        let opts = mysql_async::OptsBuilder::default()
+            .ip_or_hostname("127.0.0.1")
+            .tcp_port(self.port)
+            .user(Some("admin"))
+            .pass(Some(secrets().admin_password))
+            .db_name(Some("app"))
+            .prefer_socket(false);
+        mysql_async::Conn::new(opts)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {} as admin: {e}", self.id))
+    }
+
+    async fn insert(&self, id: u32, note: &str) -> Result<(), mysql_async::Error> {
+        let mut c = self.client().await;
+        let r = c
+            .exec_drop("INSERT INTO t (id, note) VALUES (?, ?)", (id, note))
+            .await;
+        let _ = c.disconnect().await;
+        r
+    }
+
+    async fn has_row(&self, id: u32) -> bool {
+        let mut c = self.client().await;
+        let n: Option<i64> = c
+            .exec_first("SELECT COUNT(*) FROM t WHERE id = ?", (id,))
+            .await
+            .unwrap();
+        let _ = c.disconnect().await;
+        n == Some(1)
+    }
+
+    /// Waits until row `id` is there.
+    async fn wait_row(&self, id: u32) {
+        let began = Instant::now();
+        while !self.has_row(id).await {
+            if began.elapsed() > WAIT {
+                panic!(
+                    "row {id} did not reach {} within {} s\nserver log:\n{}",
+                    self.id,
+                    WAIT.as_secs(),
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Starts the stopped data by hand as a writable standalone server,
+    /// commits one row as root over its socket, and stops it: an errant
+    /// transaction, as a partitioned old primary would have.
+    async fn write_errant_row(&self, id: u32) {
+        let mysql = nix::unistd::User::from_name("mysql").unwrap().unwrap();
+        let run = self.base().join("run");
+        let socket = run.join("byhand.sock");
+        let mut server = tokio::process::Command::new("/usr/sbin/mariadbd")
+            .arg(format!(
+                "--defaults-file={}",
+                self.base().join("my.cnf").display()
+            ))
+            .arg(format!("--socket={}", socket.display()))
+            .arg(format!("--pid-file={}", run.join("byhand.pid").display()))
+            .args(["--skip-networking", "--read-only=OFF"])
+            .uid(mysql.uid.as_raw())
+            .gid(mysql.gid.as_raw())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let opts = mysql_async::OptsBuilder::default()
+            .socket(Some(socket.to_string_lossy().into_owned()))
+            .user(Some("root"));
+        let began = Instant::now();
+        let mut c = loop {
+            if let Ok(c) = mysql_async::Conn::new(opts.clone()).await {
+                break c;
+            }
+            assert!(
+                began.elapsed() < WAIT,
+                "the hand-started server did not answer"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        };
+        c.exec_drop("INSERT INTO app.t (id, note) VALUES (?, 'errant')", (id,))
+            .await
+            .unwrap();
+        let _ = c.query_drop("SHUTDOWN").await;
+        let status = tokio::time::timeout(WAIT, server.wait()).await.unwrap();
+        assert!(status.unwrap().success());
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        kill_servers(&self.dir);
+        if std::env::var_os("CORRAL_TEST_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn is_read_only_refusal(e: &mysql_async::Error) -> bool {
+    // ER_OPTION_PREVENTS_STATEMENT: "running with the --read-only option".
+    matches!(e, mysql_async::Error::Server(s) if s.code == 1290)
+}
+
+fn standby<'a>(r: &'a pb::Replication, name: &str) -> Option<&'a pb::Standby> {
+    r.standbys.iter().find(|s| s.name == name)
+}
+
+/// Primary A, replica B cloned from it; semi-sync; replica C; switchover to
+/// B, C repointed to B while running; A rejoins B; A's errant transaction
+/// makes a rejoin fail; a clone repairs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicate_switch_over_and_refuse_errant_transactions() {
+    let secrets = secrets();
+    let mut a = Node::new("vm-a");
+    let mut b = Node::new("vm-b");
+    let mut c3 = Node::new("vm-c");
+
+    // Primary A, as a new cluster's first node.
+    a.driver.save_secrets(&secrets).unwrap();
+    a.driver.initialize().await.unwrap();
+    assert!(a.driver.has_data());
+    assert!(!a.driver.data_is_standby().unwrap());
+    let a_spec = a.primary_spec(&[], false);
+    a.driver.prepare(&a_spec).await.unwrap();
+    let r = a.start(&a_spec).await;
+    assert!(!r.in_recovery);
+    a.driver.bootstrap(&a_spec, &secrets).await.unwrap();
+    // Idempotent: a retried configure runs it again.
+    a.driver.bootstrap(&a_spec, &secrets).await.unwrap();
+    a.driver.converge_slots(&a_spec).await.unwrap();
+    let mut c = a.client().await;
+    c.query_drop("CREATE TABLE t (id INT PRIMARY KEY, note VARCHAR(100))")
+        .await
+        .unwrap();
+    for id in 1..=3 {
+        a.insert(id, "before the clone").await.unwrap();
+    }
+
+    // Replica B, cloned from A.
+    b.driver.save_secrets(&secrets).unwrap();
+    let b_spec = b.replica_spec(&a);
+    let reports = Mutex::new(Vec::new());
+    b.driver
+        .clone_data(&b_spec, &a.upstream(), &|done, total| {
+            reports.lock().unwrap().push((done, total))
+        })
+        .await
+        .unwrap();
+    let reports = reports.into_inner().unwrap();
+    assert!(
+        reports
+            .iter()
+            .any(|(done, total)| *done > 0 && *total >= *done),
+        "clone progress was not reported: {reports:?}"
+    );
+    assert!(b.driver.has_data());
+    assert!(b.driver.data_is_standby().unwrap());
+    b.driver.prepare(&b_spec).await.unwrap();
+    b.start(&b_spec).await;
+    let r = b
+        .wait(&b_spec, "stream from A", |r| {
+            r.in_recovery && r.streaming && r.upstream_host == "127.0.0.1"
+        })
+        .await;
+    assert!(r.receive_lsn >= r.lsn && r.lsn > 0, "{r:?}");
+    a.wait(&a_spec, "list B as a streaming standby", |r| {
+        standby(r, "vm-b").is_some_and(|s| s.state == "streaming" && s.sync_state == "async")
+    })
+    .await;
+    for id in 1..=3 {
+        assert!(b.has_row(id).await, "row {id} was not cloned");
+    }
+    a.insert(4, "streamed").await.unwrap();
+    b.wait_row(4).await;
+    // The replica is read-only, for the admin user too.
+    let refused = b.insert(50, "on a replica").await.unwrap_err();
+    assert!(is_read_only_refusal(&refused), "{refused}");
+
+    // Synchronous mode: commits wait for B.
+    let a_sync = a.primary_spec(&["vm-b"], true);
+    a.driver.prepare(&a_sync).await.unwrap();
+    a.driver.converge_slots(&a_sync).await.unwrap();
+    b.driver.converge_slots(&b_spec).await.unwrap();
+    a.wait(&a_sync, "wait for B's acknowledgements", |r| {
+        r.synchronous_standby_names == "semi-sync"
+            && standby(r, "vm-b").is_some_and(|s| s.sync_state == "quorum")
+    })
+    .await;
+    tokio::time::timeout(Duration::from_secs(10), a.insert(5, "acknowledged"))
+        .await
+        .expect("a commit with B streaming waits for nothing")
+        .unwrap();
+    b.stop().await;
+    let a_port = a.port;
+    let admin_password = secrets.admin_password.clone();
+    let pending = tokio::spawn(async move {
+        let opts = mysql_async::OptsBuilder::default()
+            .ip_or_hostname("127.0.0.1")
+            .tcp_port(a_port)
+            .user(Some("admin"))
+            .pass(Some(admin_password))
+            .db_name(Some("app"))
+            .prefer_socket(false);
+        let mut c = mysql_async::Conn::new(opts).await?;
+        c.query_drop("INSERT INTO t (id, note) VALUES (6, 'waited for B')")
+            .await
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !pending.is_finished(),
+        "a commit completed with its only synchronous replica down"
+    );
+    b.start(&b_spec).await;
+    b.wait(&b_spec, "stream from A again", |r| r.streaming)
+        .await;
+    tokio::time::timeout(WAIT, pending)
+        .await
+        .expect("the commit did not complete once B was back")
+        .unwrap()
+        .unwrap();
+    b.wait_row(6).await;
+
+    // Replica C, also from A.
+    c3.driver.save_secrets(&secrets).unwrap();
+    let c_spec = c3.replica_spec(&a);
+    c3.driver
+        .clone_data(&c_spec, &a.upstream(), &|_, _| {})
+        .await
+        .unwrap();
+    c3.driver.prepare(&c_spec).await.unwrap();
+    c3.start(&c_spec).await;
+    c3.wait(&c_spec, "stream from A", |r| r.streaming).await;
+    c3.wait_row(6).await;
+
+    // Switchover: stop A, B catches up, B is promoted, A follows B.
+    let a_at = a.wait(&a_sync, "report its position", |_| true).await.lsn;
+    let (a_stopped, state) = a.stop().await;
+    assert_eq!(state, "shut down");
+    assert_eq!(
+        a_stopped, a_at,
+        "the stopped position is the last transaction"
+    );
+    b.wait(&b_spec, "replay everything A wrote", |r| r.lsn >= a_stopped)
+        .await;
+    c3.wait(&c_spec, "replay everything A wrote", |r| r.lsn >= a_stopped)
+        .await;
+    let b_primary = b.primary_spec(&[], false);
+    b.driver.prepare(&b_primary).await.unwrap();
+    let began = Instant::now();
+    b.driver.promote(&b_primary).await.unwrap();
+    let promote_ms = began.elapsed().as_millis();
+    assert!(promote_ms < 5000, "promotion took {promote_ms} ms");
+    assert!(!b.driver.data_is_standby().unwrap());
+    b.driver.converge_slots(&b_primary).await.unwrap();
+    let r = b
+        .wait(&b_primary, "report as a primary", |r| !r.in_recovery)
+        .await;
+    assert!(r.lsn >= a_stopped);
+    // C follows B from here, without a restart.
+    let c_from_b = c3.replica_spec(&b);
+    c3.driver.prepare(&c_from_b).await.unwrap();
+    c3.wait(&c_from_b, "stream from B", |r| r.streaming).await;
+    b.insert(7, "written on B").await.unwrap();
+    // A is down: only B can have sent it.
+    c3.wait_row(7).await;
+    let r = b.wait(&b_primary, "count B's write", |_| true).await;
+    assert!(
+        r.lsn > a_stopped,
+        "B's own transactions continue A's sequence ({} after {a_stopped})",
+        r.lsn
+    );
+
+    let a_replica = a.replica_spec(&b);
+    a.driver.rejoin(&a_replica, &b.upstream()).await.unwrap();
+    assert!(a.driver.data_is_standby().unwrap());
+    a.driver.prepare(&a_replica).await.unwrap();
+    a.start(&a_replica).await;
+    a.wait(&a_replica, "stream from B", |r| {
+        r.in_recovery && r.streaming
+    })
+    .await;
+    a.wait_row(7).await;
+    b.insert(8, "streamed to A").await.unwrap();
+    a.wait_row(8).await;
+    b.wait(&b_primary, "list A as a standby", |r| {
+        standby(r, "vm-a").is_some()
+    })
+    .await;
+
+    // An errant transaction on A: a rejoin must refuse it, ahead of B...
+    let (_, state) = a.stop().await;
+    assert_eq!(state, "shut down in recovery");
+    a.write_errant_row(100).await;
+    let err = a
+        .driver
+        .rejoin(&a_replica, &b.upstream())
+        .await
+        .expect_err("rejoined with an errant transaction");
+    assert!(err.to_string().starts_with("diverged:"), "{err:#}");
+    // ...and behind B, once B wrote more (same sequence numbers, another server).
+    b.insert(9, "after the errant one").await.unwrap();
+    b.insert(10, "after the errant one").await.unwrap();
+    let err = a
+        .driver
+        .rejoin(&a_replica, &b.upstream())
+        .await
+        .expect_err("rejoined with an errant transaction behind the upstream");
+    assert!(err.to_string().starts_with("diverged:"), "{err:#}");
+    // What the agent does then: clone again.
+    a.driver
+        .clone_data(&a_replica, &b.upstream(), &|_, _| {})
+        .await
+        .unwrap();
+    a.driver.prepare(&a_replica).await.unwrap();
+    a.start(&a_replica).await;
+    a.wait(&a_replica, "stream from B after the clone", |r| r.streaming)
+        .await;
+    a.wait_row(10).await;
+    assert!(!a.has_row(100).await, "the errant row survived the clone");
+    // The copy's binary log continues at the dump's position (so its own
+    // transactions, after a promotion, would continue the sequence).
+    let b_at = b
+        .wait(&b_primary, "report its position", |_| true)
+        .await
+        .lsn;
+    let (a_at, _) = a.stop().await;
+    assert_eq!(
+        a_at, b_at,
+        "the clone's binary log does not start at its position"
+    );
+    a.start(&a_replica).await;
+    b.insert(11, "after the clone").await.unwrap();
+    a.wait_row(11).await;
+
+    b.wait(&b_primary, "list both replicas", |r| {
+        standby(r, "vm-a").is_some() && standby(r, "vm-c").is_some()
+    })
+    .await;
+    a.stop().await;
+    c3.stop().await;
+    b.stop().await;
+}
+
+/// A fenced primary: sessions ended, writes refused, across a restart;
+/// unfenced, writable again. Then wipe leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fence_survives_a_restart_and_wipe_erases() {
+    let secrets = secrets();
+
+    // Data that is not MariaDB's is never touched.
+    let foreign = Node::new("vm-f");
+    std::fs::create_dir_all(foreign.base().join("data")).unwrap();
+    std::fs::write(foreign.base().join("data/precious"), "keep").unwrap();
+    let err = foreign.driver.initialize().await.unwrap_err();
+    assert!(format!("{err:#}").contains("refusing"), "{err:#}");
+    assert!(foreign.base().join("data/precious").exists());
+
+    let mut n = Node::new("vm-c");
+    n.driver.save_secrets(&secrets).unwrap();
+    let secrets_file = n.base().join("secrets.json");
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&secrets_file).unwrap();
+    assert_eq!((meta.mode() & 0o777, meta.uid()), (0o600, 0));
+    n.driver.initialize().await.unwrap();
+    let meta = std::fs::metadata(n.base().join("data")).unwrap();
+    let mysql = nix::unistd::User::from_name("mysql").unwrap().unwrap();
+    assert_eq!(
+        (meta.mode() & 0o777, meta.uid()),
+        (0o700, mysql.uid.as_raw())
+    );
+    let spec = n.primary_spec(&[], false);
+    n.driver.prepare(&spec).await.unwrap();
+    n.start(&spec).await;
+    n.driver.bootstrap(&spec, &secrets).await.unwrap();
+    n.driver.converge_slots(&spec).await.unwrap();
+
+    // A second driver on the same state adopts the running server.
+    let again = Mariadb::new(&n.dir, "vm-c");
+    assert_eq!(again.find_running(), n.driver.find_running());
+    assert!(again.check(&spec).await.is_ok());
+
+    let mut session = n.client().await;
+    session
+        .query_drop("CREATE TABLE t (id INT PRIMARY KEY, note VARCHAR(100))")
+        .await
+        .unwrap();
+    n.insert(1, "before the fence").await.unwrap();
+
+    n.driver.set_fenced(&spec, true).await.unwrap();
+    assert!(
+        session.query_drop("SELECT 1").await.is_err(),
+        "a session opened before the fence survived it"
+    );
+    let refused = n.insert(2, "fenced").await.unwrap_err();
+    assert!(is_read_only_refusal(&refused), "{refused}");
+    // Health checks leave the fence alone.
+    n.wait(&spec, "answer while fenced", |r| !r.in_recovery)
+        .await;
+    let refused = n.insert(2, "fenced").await.unwrap_err();
+    assert!(is_read_only_refusal(&refused), "{refused}");
+
+    // Across a restart.
+    let (_, state) = n.stop().await;
+    assert_eq!(state, "shut down");
+    n.start(&spec).await;
+    let refused = n.insert(2, "fenced, restarted").await.unwrap_err();
+    assert!(is_read_only_refusal(&refused), "{refused}");
+
+    n.driver.set_fenced(&spec, false).await.unwrap();
+    n.insert(2, "unfenced").await.unwrap();
+    assert!(n.has_row(2).await);
+
+    // Fencing a stopped server works too, and holds at its start.
+    n.stop().await;
+    n.driver.set_fenced(&spec, true).await.unwrap();
+    n.start(&spec).await;
+    let refused = n.insert(3, "fenced while stopped").await.unwrap_err();
+    assert!(is_read_only_refusal(&refused), "{refused}");
+    n.driver.set_fenced(&spec, false).await.unwrap();
+    n.insert(3, "unfenced").await.unwrap();
+
+    n.stop().await;
+    n.driver.wipe().await.unwrap();
+    n.driver.forget_secrets().unwrap();
+    assert!(!n.driver.has_data());
+    let left: Vec<String> = std::fs::read_dir(n.base())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, ["server.log"], "wipe left files behind");
+}

@@ -1,0 +1,155 @@
+//! MariaDB primary/replica clusters end to end, in namespaces: creation
+//! with replicas cloned from the primary, rows reaching every replica,
+//! read-only replicas, a planned switchover, and a failover after killing
+//! the primary's VM under a writer through HAProxy in semi-sync mode.
+//! (MySQL 8 cannot be installed on Debian 12; its statements are
+//! unit-tested in the agent.)
+
+use corral_tests::ha::{self, vm_index, wait_acks};
+use corral_tests::{wait_until, Lab};
+use serde_json::Value;
+use std::time::Duration;
+
+/// Runs `sql` with the `mariadb` client from the client namespace against
+/// VM `vm`, as the cluster's admin user; the rows, tab-separated.
+fn sql_on(lab: &Lab, creds: &Value, vm: usize, sql: &str) -> anyhow::Result<String> {
+    let out = lab.in_ns(
+        "cli",
+        "mariadb",
+        &[
+            "--batch",
+            "--skip-column-names",
+            "--connect-timeout=3",
+            "-h",
+            &lab.vm_ip(vm),
+            "-P",
+            "3306",
+            "-u",
+            creds["user"].as_str().unwrap(),
+            &format!("-p{}", creds["password"].as_str().unwrap()),
+            creds["database"].as_str().unwrap(),
+            "-e",
+            sql,
+        ],
+    )?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "mariadb on vm{vm}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn create(lab: &Lab, name: &str, nodes: &str, extra: &[&str]) -> Value {
+    lab.create_engine_cluster(name, "mariadb", nodes, extra)
+        .unwrap()
+}
+
+fn wait_rows(lab: &Lab, creds: &Value, vm: usize, want: &str) {
+    wait_until(
+        Duration::from_secs(15),
+        &format!("{want} rows on vm{vm}"),
+        || Ok(sql_on(lab, creds, vm, "SELECT count(*) FROM t")? == want),
+    )
+    .unwrap();
+}
+
+#[test]
+fn three_node_mariadb_cluster_replicates_and_switches_over() {
+    let lab = Lab::start(3).unwrap();
+    let creds = create(&lab, "shop", "vm1,vm2,vm3", &[]);
+    let uri = creds["uri"].as_str().unwrap();
+    assert!(uri.starts_with("mysql://admin:"), "{uri}");
+    assert_eq!(creds["port"], 3306, "{creds}");
+    let c = lab.ctl_json(&["cluster", "show", "shop"]).unwrap();
+    assert_eq!(c["state"], "running", "{c}");
+    assert_eq!(c["engine"], "mariadb", "{c}");
+
+    // Rows written on the primary reach both replicas.
+    sql_on(
+        &lab,
+        &creds,
+        1,
+        "CREATE TABLE t (id int PRIMARY KEY, v text); \
+         INSERT INTO t SELECT seq, concat('row ', seq) FROM seq_1_to_500",
+    )
+    .unwrap();
+    for vm in [2, 3] {
+        wait_rows(&lab, &creds, vm, "500");
+        lab.wait_streaming("shop", &format!("vm{vm}")).unwrap();
+    }
+    // Replicas are read-only, even for the admin user.
+    let err = sql_on(&lab, &creds, 2, "INSERT INTO t VALUES (501, 'no')").unwrap_err();
+    assert!(format!("{err}").contains("read-only"), "{err}");
+
+    // Planned switchover to vm2: the old primary follows it.
+    lab.ctl_ok(&["node", "promote", "shop", "vm2", "--confirm", "vm2"])
+        .unwrap();
+    assert_eq!(
+        lab.wait_until_primary("shop", Duration::from_secs(10))
+            .unwrap(),
+        "vm2"
+    );
+    sql_on(&lab, &creds, 2, "INSERT INTO t VALUES (501, 'after')").unwrap();
+    for vm in [1, 3] {
+        wait_rows(&lab, &creds, vm, "501");
+    }
+    lab.wait_streaming("shop", "vm1").unwrap();
+    let err = sql_on(&lab, &creds, 1, "INSERT INTO t VALUES (502, 'no')").unwrap_err();
+    assert!(format!("{err}").contains("read-only"), "{err}");
+}
+
+#[test]
+fn semi_sync_switchover_and_failover_lose_no_acknowledged_write() {
+    let mut lab = Lab::start(3).unwrap();
+    let creds = ha::cluster_of(&mut lab, "ha", "mariadb", &["--sync"]).unwrap();
+    let writer = ha::writer(&lab, &creds);
+    let check = ha::checker(&lab, &creds, 3);
+    wait_acks(&writer, 50, Duration::from_secs(15)).unwrap();
+    assert_eq!(lab.health(1, "/primary").unwrap(), 200);
+    assert_eq!(lab.health(2, "/primary").unwrap(), 503);
+
+    // Planned switchover under the writer.
+    writer.take_longest_gap();
+    lab.ctl_ok(&["node", "promote", "ha", "vm2", "--confirm", "vm2"])
+        .unwrap();
+    wait_acks(&writer, 50, Duration::from_secs(15)).unwrap();
+    eprintln!(
+        "switchover: writes paused {} ms",
+        writer.take_longest_gap().as_millis()
+    );
+
+    // Failover: the primary's VM dies.
+    lab.kill_vm(2);
+    let new = ha::wait_new_primary(&lab, "ha", "vm2", Duration::from_secs(30)).unwrap();
+    wait_acks(&writer, 50, Duration::from_secs(30)).unwrap();
+    eprintln!(
+        "failover to {new}: writes paused {} ms",
+        writer.take_longest_gap().as_millis()
+    );
+    // The old primary comes back and follows the new one.
+    lab.restart_vm(2).unwrap();
+    assert_eq!(
+        ha::wait_settled(&lab, "ha", 3, Duration::from_secs(60)).unwrap(),
+        new
+    );
+    wait_acks(&writer, 20, Duration::from_secs(10)).unwrap();
+    let report = writer.finish();
+    assert!(report.acked.len() > 100, "{report:?}");
+    let v = check.finish().violations();
+    assert!(v.is_empty(), "two nodes took writes at once: {v:?}");
+
+    // Semi-sync: every acknowledged write is on the new primary, and then
+    // on every node.
+    let missing = ha::missing_on(&lab, &creds, vm_index(&new), &report.acked).unwrap();
+    assert!(missing.is_empty(), "acknowledged writes lost: {missing:?}");
+    for vm in 1..=3 {
+        wait_until(
+            Duration::from_secs(15),
+            &format!("vm{vm} to hold every acknowledged row"),
+            || Ok(ha::missing_on(&lab, &creds, vm, &report.acked)?.is_empty()),
+        )
+        .unwrap();
+    }
+}
