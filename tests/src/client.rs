@@ -147,11 +147,11 @@ impl Client {
     pub async fn ids(&mut self, table: &str) -> Result<Vec<i64>> {
         let mut ids: Vec<i64> = match self {
             Client::Postgres(c) => c
-                .query(&format!("SELECT id FROM {table}"), &[])
+                .query(&format!("SELECT id::bigint FROM {table}"), &[])
                 .await?
                 .iter()
-                .map(|r| r.get(0))
-                .collect(),
+                .map(|r| r.try_get(0))
+                .collect::<Result<_, _>>()?,
             Client::Mysql(c) => {
                 use mysql_async::prelude::Queryable;
                 c.query(format!("SELECT id FROM {table}")).await?

@@ -5,6 +5,7 @@
 //! they were. A second operation on a cluster is refused while one runs,
 //! naming the running one.
 
+use corral_tests::client::with_client;
 use corral_tests::{wait_until, Lab};
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -110,9 +111,12 @@ fn refused(lab: &Lab, args: &[&str], expected: &[&str]) -> String {
 }
 
 fn create(lab: &Lab, name: &str, mode: &str, nodes: &str) {
+    create_engine(lab, name, "postgres", mode, nodes);
+}
+
+fn create_engine(lab: &Lab, name: &str, engine: &str, mode: &str, nodes: &str) {
     lab.ctl_ok(&[
-        "cluster", "create", "--name", name, "--engine", "postgres", "--mode", mode, "--nodes",
-        nodes,
+        "cluster", "create", "--name", name, "--engine", engine, "--mode", mode, "--nodes", nodes,
     ])
     .unwrap();
     let c = lab.ctl_json(&["cluster", "show", name]).unwrap();
@@ -133,15 +137,58 @@ fn cluster_field(lab: &Lab, cluster: &str, field: &str) -> Value {
 
 #[test]
 fn refused_lifecycle_commands_change_nothing() {
+    lifecycle_refusals("postgres");
+}
+
+#[test]
+fn refused_lifecycle_commands_change_nothing_on_mariadb() {
+    lifecycle_refusals("mariadb");
+}
+
+#[test]
+fn refused_lifecycle_commands_change_nothing_on_redis() {
+    lifecycle_refusals("redis");
+}
+
+/// 100 marker rows (Redis: list elements) on cluster c1's primary.
+fn write_marker(lab: &Lab, creds: &Value) {
+    let statements: Vec<String> = match corral_tests::uri_scheme(creds) {
+        "redis" => {
+            let ids: Vec<String> = (1..=100).map(|i| i.to_string()).collect();
+            vec![format!("RPUSH marker {}", ids.join(" "))]
+        }
+        "mysql" => vec![
+            "CREATE TABLE marker (id int PRIMARY KEY)".into(),
+            "INSERT INTO marker SELECT seq FROM seq_1_to_100".into(),
+        ],
+        _ => vec![
+            "CREATE TABLE marker (id int PRIMARY KEY)".into(),
+            "INSERT INTO marker SELECT generate_series(1, 100)".into(),
+        ],
+    };
+    with_client(&lab.node_uri(creds, 1), async |c| {
+        for st in &statements {
+            c.execute(st).await?;
+        }
+        Ok(())
+    })
+    .unwrap();
+}
+
+fn marker_count(lab: &Lab, creds: &Value) -> usize {
+    with_client(&lab.node_uri(creds, 1), async |c| c.ids("marker").await)
+        .unwrap()
+        .len()
+}
+
+/// Every refusal of the lifecycle commands on a cluster of `engine`.
+fn lifecycle_refusals(engine: &str) {
     let lab = Lab::start(5).unwrap();
-    create(&lab, "c1", "primary-replica", "vm1,vm2,vm3");
-    create(&lab, "s1", "single", "vm4");
+    create_engine(&lab, "c1", engine, "primary-replica", "vm1,vm2,vm3");
+    create_engine(&lab, "s1", engine, "single", "vm4");
     // vm5 stays free.
-    let c1 = uri(&lab, "c1");
-    lab.psql(&c1, "CREATE TABLE marker (id int PRIMARY KEY)")
-        .unwrap();
-    lab.psql(&c1, "INSERT INTO marker SELECT generate_series(1, 100)")
-        .unwrap();
+    let creds = lab.ctl_json(&["cluster", "credentials", "c1"]).unwrap();
+    write_marker(&lab, &creds);
     for n in ["vm2", "vm3"] {
         lab.wait_streaming("c1", n).unwrap();
     }
@@ -391,7 +438,7 @@ fn refused_lifecycle_commands_change_nothing() {
     // settings and operations as before the first refusal.
     assert_eq!(snapshot(&lab), start);
     // And the data and the replication are untouched.
-    assert_eq!(lab.psql(&c1, "SELECT count(*) FROM marker").unwrap(), "100");
+    assert_eq!(marker_count(&lab, &creds), 100);
     for n in ["vm2", "vm3"] {
         lab.wait_streaming("c1", n).unwrap();
     }
