@@ -13,9 +13,15 @@
 //!    `pg_basebackup -X stream -c fast` of the same data between the same
 //!    namespaces. Three runs each, median reported.
 //!
+//! `CORRAL_BENCH_ENGINE=mariadb|redis` measures part 1 on that engine
+//! instead (the writer goes through HAProxy, which routes by the agents'
+//! health endpoints; `CORRAL_BENCH_SYNC=1` for semi-sync), and skips part
+//! 2, which compares with PostgreSQL's own tool.
+//!
 //! Run with `make bench` (release binaries). Prints figures; asserts only
 //! that no acknowledged write was lost.
 
+use corral_tests::ha;
 use corral_tests::writer::Writer;
 use corral_tests::{wait_until, Lab};
 use std::time::{Duration, Instant};
@@ -46,15 +52,29 @@ fn reported_pause(lab: &Lab, cluster: &str) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-fn switchovers(lab: &Lab, n: usize) {
-    let creds = lab.create_replicated("bench", "vm1,vm2,vm3", &[]).unwrap();
-    let uri = creds["uri"].as_str().unwrap().to_string();
-    lab.psql(
-        &uri,
-        "CREATE TABLE w (id bigint PRIMARY KEY, at timestamptz)",
-    )
-    .unwrap();
-    let writer = Writer::start(&uri, "w", Duration::from_millis(10));
+fn switchovers(lab: &mut Lab, n: usize, engine: &str, sync: bool) {
+    let flags: &[&str] = if sync { &["--sync"] } else { &[] };
+    let (creds, uri) = if engine == "postgres" {
+        // Through the multi-host connection string, as an application.
+        let creds = lab
+            .create_replicated("bench", "vm1,vm2,vm3", flags)
+            .unwrap();
+        let uri = creds["uri"].as_str().unwrap().to_string();
+        lab.psql(
+            &uri,
+            &format!(
+                "CREATE TABLE {} (id bigint PRIMARY KEY, at timestamptz)",
+                ha::WRITES
+            ),
+        )
+        .unwrap();
+        (creds, uri)
+    } else {
+        let creds = ha::cluster_of(lab, "bench", engine, flags).unwrap();
+        let uri = lab.haproxy_uri(&creds);
+        (creds, uri)
+    };
+    let writer = Writer::start(&uri, ha::WRITES, Duration::from_millis(10));
     let mut client = Vec::new();
     let mut coordinator = Vec::new();
     let mut primary = 1;
@@ -86,22 +106,15 @@ fn switchovers(lab: &Lab, n: usize) {
         primary = target;
     }
     let report = writer.finish();
-    let on_primary: Vec<i64> = lab
-        .column_on(&creds, primary, "SELECT id FROM w ORDER BY id")
+    let lost = ha::missing_on(lab, &creds, primary, &report.acked)
         .unwrap()
-        .iter()
-        .map(|l| l.parse().unwrap())
-        .collect();
-    let lost = report
-        .acked
-        .iter()
-        .filter(|id| on_primary.binary_search(id).is_err())
-        .count();
+        .len();
     let (a, b, c) = stats(client);
     let (d, e, f) = stats(coordinator);
     println!();
     println!(
-        "switchover write unavailability over {n} switchovers (writer inserting every 10 ms):"
+        "{engine}{}: switchover write unavailability over {n} switchovers (writer inserting every 10 ms):",
+        if sync { " (sync)" } else { "" }
     );
     println!("  client-observed   min {a:6.0} ms   median {b:6.0} ms   max {c:6.0} ms");
     println!("  coordinator pause min {d:6.0} ms   median {e:6.0} ms   max {f:6.0} ms");
@@ -230,7 +243,11 @@ fn bootstrap(lab: &Lab, mb: u64) {
 fn main() {
     let n = env_num("CORRAL_BENCH_SWITCHOVERS", 10) as usize;
     let mb = env_num("CORRAL_BENCH_MB", 256);
-    let lab = Lab::start(3).unwrap();
-    switchovers(&lab, n);
-    bootstrap(&lab, mb);
+    let engine = std::env::var("CORRAL_BENCH_ENGINE").unwrap_or_else(|_| "postgres".into());
+    let sync = env_num("CORRAL_BENCH_SYNC", 0) == 1;
+    let mut lab = Lab::start(3).unwrap();
+    switchovers(&mut lab, n, &engine, sync);
+    if engine == "postgres" {
+        bootstrap(&lab, mb);
+    }
 }
