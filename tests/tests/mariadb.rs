@@ -153,3 +153,77 @@ fn semi_sync_switchover_and_failover_lose_no_acknowledged_write() {
         .unwrap();
     }
 }
+
+#[test]
+fn a_replica_with_an_errant_transaction_is_resynced_to_the_primarys_data() {
+    let lab = Lab::start(2).unwrap();
+    let creds = create(&lab, "errant", "vm1,vm2", &[]);
+    sql_on(
+        &lab,
+        &creds,
+        1,
+        "CREATE TABLE t (id int PRIMARY KEY, v text); \
+         INSERT INTO t SELECT seq, concat('row ', seq) FROM seq_1_to_100",
+    )
+    .unwrap();
+    wait_rows(&lab, &creds, 2, "100");
+
+    // By hand on the replica, as root over its socket (root is not held
+    // back by read_only): a transaction the primary never had.
+    let socket = lab.state_dir(2).join("mariadb/run/mariadbd.sock");
+    let out = lab
+        .in_ns(
+            "vm2",
+            "mariadb",
+            &[
+                "-S",
+                &socket.to_string_lossy(),
+                "-u",
+                "root",
+                "-e",
+                "INSERT INTO defaultdb.t VALUES (1000, 'errant'); \
+                 UPDATE defaultdb.t SET v = 'changed' WHERE id = 1",
+            ],
+        )
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        sql_on(&lab, &creds, 2, "SELECT count(*) FROM t").unwrap(),
+        "101"
+    );
+    // The primary goes on writing.
+    sql_on(&lab, &creds, 1, "INSERT INTO t VALUES (101, 'row 101')").unwrap();
+
+    lab.ctl_ok(&[
+        "cluster",
+        "resync",
+        "errant",
+        "--node",
+        "vm2",
+        "--confirm",
+        "errant",
+    ])
+    .unwrap();
+    lab.wait_streaming("errant", "vm2").unwrap();
+    // Exactly the primary's data: same rows, same values, no errant row.
+    let all = "SET SESSION group_concat_max_len = 1000000; \
+               SELECT group_concat(id, ':', v ORDER BY id SEPARATOR ',') FROM t";
+    let primary = sql_on(&lab, &creds, 1, all).unwrap();
+    wait_until(
+        Duration::from_secs(15),
+        "vm2 to hold the primary's rows",
+        || Ok(sql_on(&lab, &creds, 2, all)? == primary),
+    )
+    .unwrap();
+    assert!(
+        !primary.contains("errant") && primary.contains("1:row 1,"),
+        "{primary}"
+    );
+    // And it follows the primary again.
+    sql_on(&lab, &creds, 1, "INSERT INTO t VALUES (102, 'row 102')").unwrap();
+    wait_rows(&lab, &creds, 2, "102");
+}
