@@ -82,14 +82,16 @@
 //! process handling, the clone and the rejoin are MariaDB's, and only the
 //! MariaDB path runs end to end.
 
+use super::os::{
+    self, log_tail, mkdir_owned, remove_dir, remove_file, run, tail, write_owned, write_readable,
+    Account, TAIL_LINES,
+};
 use super::{Driver, EngineSpec, Health, ProgressFn, Secrets, Upstream};
 use anyhow::{anyhow, bail, Context, Result};
 use corral_proto::pb;
 use mysql_async::prelude::*;
-use nix::unistd::{chown, Gid, Uid, User};
 use std::collections::BTreeMap;
-use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::fs::PermissionsExt;
+use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -140,141 +142,18 @@ struct Admin {
     version: String,
 }
 
-/// The OS account the server runs as.
-struct Account {
-    uid: Uid,
-    gid: Gid,
-}
-
+/// The OS account the server runs as: `mysql`.
 fn account() -> Result<Account> {
-    let user = User::from_name("mysql")
-        .context("looking up the mysql user")?
-        .ok_or_else(|| {
-            anyhow!(
-                "there is no `mysql` user on this machine: install MariaDB (apt install mariadb-server)"
-            )
-        })?;
-    if user.uid.is_root() {
-        bail!("the `mysql` user has uid 0; the server must not run as root");
-    }
-    Ok(Account {
-        uid: user.uid,
-        gid: user.gid,
-    })
+    Account::lookup("mysql", "install MariaDB (apt install mariadb-server)")
 }
 
 /// A MariaDB program, from the usual places.
 fn binary(name: &str) -> Result<PathBuf> {
-    for dir in ["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"] {
-        let p = Path::new(dir).join(name);
-        if p.exists() {
-            return Ok(p);
-        }
-    }
-    bail!(
-        "{name} not found in /usr/sbin, /usr/bin or /usr/local: install MariaDB's server and \
-         client (apt install mariadb-server mariadb-client)"
+    os::find_program(
+        name,
+        &["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"],
+        "install MariaDB's server and client (apt install mariadb-server mariadb-client)",
     )
-}
-
-/// Writes `contents` to `path` as the mysql user's file (0600), only if it
-/// changed; returns whether it did.
-fn write_owned(path: &Path, contents: &str, acct: &Account) -> Result<bool> {
-    if std::fs::read_to_string(path).ok().as_deref() == Some(contents) {
-        return Ok(false);
-    }
-    corral_proto::pki::write_private(path, contents)?;
-    chown(path, Some(acct.uid), Some(acct.gid))
-        .with_context(|| format!("chown {}", path.display()))?;
-    Ok(true)
-}
-
-/// Writes a root-owned file the server may read (0644), only if it changed.
-fn write_readable(path: &Path, contents: &str) -> Result<bool> {
-    if std::fs::read_to_string(path).ok().as_deref() == Some(contents) {
-        return Ok(false);
-    }
-    corral_proto::pki::write_public(path, contents)?;
-    Ok(true)
-}
-
-fn mkdir_owned(path: &Path, mode: u32, acct: &Account) -> Result<()> {
-    std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
-    chown(path, Some(acct.uid), Some(acct.gid))
-        .with_context(|| format!("chown {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("chmod {}", path.display()))
-}
-
-fn remove_file(path: &Path) -> Result<bool> {
-    match std::fs::remove_file(path) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
-    }
-}
-
-fn remove_dir(path: &Path) -> Result<()> {
-    match std::fs::remove_dir_all(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
-    }
-}
-
-/// The last `n` lines of a text.
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// What a failed tool printed that says why: its error lines (MariaDB's
-/// tools print them first, then pages of advice), then its last lines.
-fn failure_summary(text: &str) -> String {
-    let errors: Vec<&str> = text
-        .lines()
-        .filter(|l| l.contains("ERROR") || l.contains("error:"))
-        .take(10)
-        .collect();
-    if errors.is_empty() {
-        tail(text, 15)
-    } else {
-        format!("{}\n...\n{}", errors.join("\n"), tail(text, 5))
-    }
-}
-
-/// The last `n` lines of a log file (its last 16 KiB at most).
-fn log_tail(path: &Path, n: usize) -> String {
-    let Ok(mut f) = std::fs::File::open(path) else {
-        return String::new();
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let _ = f.seek(SeekFrom::Start(len.saturating_sub(16 * 1024)));
-    let mut buf = Vec::new();
-    let _ = f.read_to_end(&mut buf);
-    tail(&String::from_utf8_lossy(&buf), n)
-}
-
-/// Runs a command and fails with its output when it does not succeed.
-async fn run(cmd: &mut tokio::process::Command, what: &str) -> Result<()> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .with_context(|| format!("running {what}"))?;
-    if !out.status.success() {
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        bail!(
-            "{what} failed ({}):\n{}",
-            out.status,
-            failure_summary(&text)
-        );
-    }
-    Ok(())
 }
 
 /// A path spliced into my.cnf: option files have no quoting that `!include`
@@ -1300,7 +1179,7 @@ impl TempServer {
             Ok(Ok(status)) => bail!(
                 "the temporary server exited with {status}; see {}:\n{}",
                 self.log.display(),
-                log_tail(&self.log, 15)
+                log_tail(&self.log, TAIL_LINES)
             ),
             Ok(Err(e)) => Err(e).context("waiting for the temporary server"),
             Err(_) => bail!(
@@ -1415,9 +1294,7 @@ impl Mariadb {
 
     /// The base directory (root's, 0755) and the run directory.
     fn ensure_dirs(&self, acct: &Account) -> Result<()> {
-        std::fs::create_dir_all(&self.base)
-            .with_context(|| format!("creating {}", self.base.display()))?;
-        std::fs::set_permissions(&self.base, std::fs::Permissions::from_mode(0o755))?;
+        os::mkdir(&self.base, 0o755)?;
         check_cnf_path(&self.base)?;
         // A Unix socket path holds at most 107 bytes.
         if self.socket_path().as_os_str().len() > 100 {
@@ -1430,19 +1307,17 @@ impl Mariadb {
         mkdir_owned(&self.tmp_dir(), 0o700, acct)
     }
 
+    /// A MariaDB program, run in the base directory as the mysql user
+    /// (`acct`), or as the agent when None.
     fn command(&self, program: &str, acct: Option<&Account>) -> Result<tokio::process::Command> {
-        let mut cmd = tokio::process::Command::new(binary(program)?);
-        if let Some(acct) = acct {
-            cmd.uid(acct.uid.as_raw())
-                // (std also drops root's supplementary groups when it sets the uid.)
-                .gid(acct.gid.as_raw());
-        }
-        cmd.env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .env("LANG", "C.UTF-8")
-            // mariadb-install-db's bootstrap server takes its tmpdir from here.
-            .env("TMPDIR", self.tmp_dir())
-            .current_dir(&self.base);
+        let mut cmd = os::command(
+            &binary(program)?,
+            acct,
+            "/usr/sbin:/usr/bin:/sbin:/bin",
+            &self.base,
+        );
+        // mariadb-install-db's bootstrap server takes its tmpdir from here.
+        cmd.env("TMPDIR", self.tmp_dir());
         Ok(cmd)
     }
 
@@ -1641,16 +1516,9 @@ impl Mariadb {
 
     /// Stops a temporary server a crashed agent left running.
     async fn stop_stale_temp(&self) {
-        let Some(pid) = std::fs::read_to_string(self.temp_pid())
-            .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok())
-        else {
+        let Some(pid) = os::running_pid(&self.temp_pid(), "mariadbd") else {
             return;
         };
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if comm.trim() != "mariadbd" || !super::process_alive(pid) {
-            return;
-        }
         tracing::warn!(pid, "stopping a temporary server left running");
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),
@@ -1695,11 +1563,7 @@ impl Mariadb {
             }),
         )?;
         let log_path = self.log_path();
-        let mut log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .with_context(|| format!("opening {}", log_path.display()))?;
+        let mut log = os::open_log(&log_path)?;
         {
             use std::io::Write;
             let _ = writeln!(
@@ -1708,16 +1572,13 @@ impl Mariadb {
                 datadir.display()
             );
         }
-        let child = self
-            .command("mariadbd", Some(acct))?
-            .arg(format!("--defaults-file={}", cnf.display()))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting a temporary mariadbd")?;
+        let child = os::spawn_logged(
+            self.command("mariadbd", Some(acct))?
+                .arg(format!("--defaults-file={}", cnf.display()))
+                .kill_on_drop(true),
+            log,
+            "a temporary mariadbd",
+        )?;
         let mut temp = TempServer {
             child,
             socket,
@@ -1730,7 +1591,7 @@ impl Mariadb {
                     "the temporary server on {} exited at start ({status}); see {}:\n{}",
                     datadir.display(),
                     temp.log.display(),
-                    log_tail(&temp.log, 15)
+                    log_tail(&temp.log, TAIL_LINES)
                 );
             }
             if temp.socket.exists() && temp.connect().await.is_ok() {
@@ -1742,7 +1603,7 @@ impl Mariadb {
                     "the temporary server on {} did not answer within 90 s; see {}:\n{}",
                     datadir.display(),
                     temp.log.display(),
-                    log_tail(&temp.log, 15)
+                    log_tail(&temp.log, TAIL_LINES)
                 );
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
@@ -1900,7 +1761,7 @@ impl Mariadb {
         if !load_status.success() || broken.is_some() {
             bail!(
                 "loading the dump into the new data directory failed ({load_status}):\n{}",
-                tail(&load_err, 15)
+                tail(&load_err, TAIL_LINES)
             );
         }
         if !dump_status.success() {
@@ -1909,7 +1770,7 @@ impl Mariadb {
                 up.node,
                 up.host,
                 up.port,
-                tail(&dump_err, 15)
+                tail(&dump_err, TAIL_LINES)
             );
         }
         dump_position(&String::from_utf8_lossy(&end)).with_context(|| {
@@ -2176,13 +2037,7 @@ impl Driver for Mariadb {
     }
 
     fn find_running(&self) -> Option<u32> {
-        let pid: u32 = std::fs::read_to_string(self.pid_path())
-            .ok()?
-            .trim()
-            .parse()
-            .ok()?;
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-        (comm.trim() == "mariadbd" && super::process_alive(pid)).then_some(pid)
+        os::running_pid(&self.pid_path(), "mariadbd")
     }
 
     async fn start(&self, _spec: &EngineSpec) -> Result<tokio::process::Child> {
@@ -2195,23 +2050,14 @@ impl Driver for Mariadb {
             );
         }
         let log_path = self.log_path();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .with_context(|| format!("opening {}", log_path.display()))?;
+        let log = os::open_log(&log_path)?;
         *self.conn.lock().await = None;
-        let child = self
-            .command("mariadbd", Some(&acct))?
-            .arg(format!("--defaults-file={}", self.config_path().display()))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            // Its own process group: a Ctrl-C or SIGTERM aimed at the agent
-            // does not reach the database.
-            .process_group(0)
-            .spawn()
-            .context("starting mariadbd")?;
+        let child = os::spawn_logged(
+            self.command("mariadbd", Some(&acct))?
+                .arg(format!("--defaults-file={}", self.config_path().display())),
+            log,
+            "mariadbd",
+        )?;
         tracing::info!(pid = child.id(), log = %log_path.display(), "mariadbd started");
         Ok(child)
     }
@@ -2263,7 +2109,7 @@ impl Driver for Mariadb {
                     "mariadbd (pid {pid}) did not stop within {} s of a shutdown; see {}:\n{}",
                     STOP_TIMEOUT.as_secs(),
                     self.log_path().display(),
-                    log_tail(&self.log_path(), 15)
+                    log_tail(&self.log_path(), TAIL_LINES)
                 );
             }
             tokio::time::sleep(Duration::from_millis(5)).await;

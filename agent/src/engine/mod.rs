@@ -18,6 +18,7 @@
 //! waits for the running step and then finds the work done.
 
 pub mod mariadb;
+mod os;
 pub mod postgres;
 pub mod redis;
 mod safety;

@@ -19,11 +19,10 @@
 //! primary rejoins through `pg_rewind`, which is a no-op when it was shut
 //! down cleanly before its replica was promoted.
 
+use super::os::{self, mkdir_owned, run, tail, write_owned, Account};
 use super::{Driver, EngineSpec, Health, ProgressFn, Secrets, Upstream};
 use anyhow::{anyhow, bail, Context, Result};
 use corral_proto::pb;
-use nix::unistd::{chown, Gid, Uid, User};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -37,74 +36,14 @@ pub struct Postgres {
     conn: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
 }
 
-/// The OS account the server runs as.
-struct Account {
-    uid: Uid,
-    gid: Gid,
-}
-
+/// The OS account the server runs as: `postgres`.
 fn account() -> Result<Account> {
-    let user = User::from_name("postgres")
-        .context("looking up the postgres user")?
-        .ok_or_else(|| anyhow!("there is no `postgres` user on this machine: install PostgreSQL (apt install postgresql)"))?;
-    if user.uid.is_root() {
-        bail!("the `postgres` user has uid 0; the server must not run as root");
-    }
-    Ok(Account {
-        uid: user.uid,
-        gid: user.gid,
-    })
+    Account::lookup("postgres", "install PostgreSQL (apt install postgresql)")
 }
 
 /// A single-quoted postgresql.conf value.
 fn conf_quote(v: &str) -> String {
     format!("'{}'", v.replace('\\', "\\\\").replace('\'', "''"))
-}
-
-/// Runs a command and fails with its output when it does not succeed.
-async fn run(cmd: &mut tokio::process::Command, what: &str) -> Result<()> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .with_context(|| format!("running {what}"))?;
-    if !out.status.success() {
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let tail: Vec<&str> = text
-            .lines()
-            .rev()
-            .take(15)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
-        bail!("{what} failed ({}):\n{}", out.status, tail.join("\n"));
-    }
-    Ok(())
-}
-
-/// Writes `contents` to `path` as the postgres user's file (0600), only if
-/// it changed; returns whether it did.
-fn write_owned(path: &Path, contents: &str, acct: &Account) -> Result<bool> {
-    if std::fs::read_to_string(path).ok().as_deref() == Some(contents) {
-        return Ok(false);
-    }
-    corral_proto::pki::write_private(path, contents)?;
-    chown(path, Some(acct.uid), Some(acct.gid))
-        .with_context(|| format!("chown {}", path.display()))?;
-    Ok(true)
-}
-
-fn mkdir_owned(path: &Path, mode: u32, acct: &Account) -> Result<()> {
-    std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
-    chown(path, Some(acct.uid), Some(acct.gid))
-        .with_context(|| format!("chown {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("chmod {}", path.display()))
 }
 
 impl Postgres {
@@ -127,44 +66,34 @@ impl Postgres {
 
     /// The base directory (root's, 0755) and the socket directory.
     fn ensure_dirs(&self, acct: &Account) -> Result<()> {
-        std::fs::create_dir_all(&self.base)
-            .with_context(|| format!("creating {}", self.base.display()))?;
-        std::fs::set_permissions(&self.base, std::fs::Permissions::from_mode(0o755))?;
+        os::mkdir(&self.base, 0o755)?;
         mkdir_owned(&self.socket_dir(), 0o700, acct)
     }
 
     fn bin(&self, name: &str) -> Result<PathBuf> {
-        let p = self.bin_dir.join(name);
-        if !p.exists() {
-            bail!(
-                "{} not found: install PostgreSQL's server package (apt install postgresql) or point \
-                 --pg-bin-dir at the directory holding initdb and postgres",
-                p.display()
-            );
-        }
-        Ok(p)
+        os::find_program(
+            name,
+            &[&self.bin_dir],
+            "install PostgreSQL's server package (apt install postgresql) or point --pg-bin-dir \
+             at the directory holding initdb and postgres",
+        )
     }
 
+    /// A PostgreSQL program, run as the postgres user in the base directory.
     fn command(&self, name: &str, acct: &Account) -> Result<tokio::process::Command> {
-        let mut cmd = tokio::process::Command::new(self.bin(name)?);
-        cmd.uid(acct.uid.as_raw())
-            // (std also drops root's supplementary groups when it sets the uid.)
-            .gid(acct.gid.as_raw())
-            .env_clear()
-            .env("PATH", "/usr/bin:/bin")
-            .env("LANG", "C.UTF-8")
-            .current_dir(&self.base);
-        Ok(cmd)
+        Ok(os::command(
+            &self.bin(name)?,
+            Some(acct),
+            "/usr/bin:/bin",
+            &self.base,
+        ))
     }
 
     async fn initdb(&self, acct: &Account) -> Result<()> {
         // Into a scratch directory first, renamed into place when complete:
         // a crash half-way never leaves a data directory that looks usable.
         let scratch = self.base.join("data.initdb");
-        if scratch.exists() {
-            std::fs::remove_dir_all(&scratch)
-                .with_context(|| format!("removing {}", scratch.display()))?;
-        }
+        os::remove_dir(&scratch)?;
         mkdir_owned(&scratch, 0o700, acct)?;
         run(
             self.command("initdb", acct)?
@@ -442,12 +371,6 @@ fn pgpass_escape(v: &str) -> String {
     v.replace('\\', "\\\\").replace(':', "\\:")
 }
 
-/// Keeps the last lines of a command's output for an error message.
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
 #[tonic::async_trait]
 impl Driver for Postgres {
     fn has_data(&self) -> bool {
@@ -485,10 +408,7 @@ impl Driver for Postgres {
         }
         // Into a scratch directory renamed into place when complete, as initdb.
         let scratch = self.clone_dir();
-        if scratch.exists() {
-            std::fs::remove_dir_all(&scratch)
-                .with_context(|| format!("removing {}", scratch.display()))?;
-        }
+        os::remove_dir(&scratch)?;
         mkdir_owned(&scratch, 0o700, &acct)?;
         let mut child = self
             .command("pg_basebackup", &acct)?
@@ -525,16 +445,16 @@ impl Driver for Postgres {
         let status = child.wait().await.context("waiting for pg_basebackup")?;
         if !status.success() {
             let _ = std::fs::remove_dir_all(&scratch);
-            bail!("pg_basebackup failed ({status}):\n{}", tail(&text, 15));
+            bail!(
+                "pg_basebackup failed ({status}):\n{}",
+                tail(&text, os::TAIL_LINES)
+            );
         }
         // A re-clone replaces data that is still there (a rewind that
         // failed): the old copy goes only once the new one is complete.
         let old = self.base.join("data.old");
         if self.data_dir().exists() {
-            if old.exists() {
-                std::fs::remove_dir_all(&old)
-                    .with_context(|| format!("removing {}", old.display()))?;
-            }
+            os::remove_dir(&old)?;
             std::fs::rename(self.data_dir(), &old)
                 .context("moving the previous data directory aside")?;
         }
@@ -542,9 +462,7 @@ impl Driver for Postgres {
         std::fs::rename(&scratch, self.data_dir())
             .context("moving the cloned data directory into place")?;
         write_owned(&self.data_dir().join("standby.signal"), "", &acct)?;
-        if old.exists() {
-            std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
-        }
+        os::remove_dir(&old)?;
         Ok(())
     }
 
@@ -616,33 +534,22 @@ impl Driver for Postgres {
     }
 
     fn find_running(&self) -> Option<u32> {
-        let pidfile = std::fs::read_to_string(self.data_dir().join("postmaster.pid")).ok()?;
-        let pid: u32 = pidfile.lines().next()?.trim().parse().ok()?;
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-        (comm.trim() == "postgres" && super::process_alive(pid)).then_some(pid)
+        // postmaster.pid's first line is the pid.
+        os::running_pid(&self.data_dir().join("postmaster.pid"), "postgres")
     }
 
     async fn start(&self, _spec: &EngineSpec) -> Result<tokio::process::Child> {
         let acct = account()?;
         let log_path = self.log_path();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .with_context(|| format!("opening {}", log_path.display()))?;
+        let log = os::open_log(&log_path)?;
         *self.conn.lock().await = None;
-        let child = self
-            .command("postgres", &acct)?
-            .arg("-D")
-            .arg(self.data_dir())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            // Its own process group: a Ctrl-C or SIGTERM aimed at the agent
-            // does not reach the database.
-            .process_group(0)
-            .spawn()
-            .context("starting postgres")?;
+        let child = os::spawn_logged(
+            self.command("postgres", &acct)?
+                .arg("-D")
+                .arg(self.data_dir()),
+            log,
+            "postgres",
+        )?;
         tracing::info!(pid = child.id(), log = %log_path.display(), "postgres started");
         Ok(child)
     }
@@ -860,11 +767,7 @@ impl Driver for Postgres {
                 &acct,
             )?
         } else {
-            match std::fs::remove_file(&path) {
-                Ok(()) => true,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-                Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
-            }
+            os::remove_file(&path)?
         };
         let Some(pid) = self.find_running() else {
             return Ok(());
@@ -894,22 +797,14 @@ impl Driver for Postgres {
             self.clone_dir(),
             self.base.join("data.initdb"),
         ] {
-            match std::fs::remove_dir_all(&dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e).with_context(|| format!("removing {}", dir.display())),
-            }
+            os::remove_dir(&dir)?;
         }
         Ok(())
     }
 
     fn forget_secrets(&self) -> Result<()> {
-        match std::fs::remove_file(self.pgpass_path()) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(e).with_context(|| format!("removing {}", self.pgpass_path().display()))
-            }
-            _ => Ok(()),
-        }
+        os::remove_file(&self.pgpass_path())?;
+        Ok(())
     }
 
     fn log_path(&self) -> PathBuf {

@@ -89,16 +89,16 @@
 //! (and a restarted primary's replicas resync fully): correct, but a copy of
 //! the data set each time.
 
+use super::os::{
+    self, log_tail, mkdir_owned, remove_dir, remove_file, write_owned, Account, TAIL_LINES,
+};
 use super::{Driver, EngineSpec, Health, ProgressFn, Secrets, Upstream};
 use ::redis::aio::MultiplexedConnection;
 use ::redis::{AsyncConnectionConfig, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo};
 use anyhow::{anyhow, bail, Context, Result};
 use corral_proto::pb;
-use nix::unistd::{chown, Gid, Uid, User};
 use serde::{Deserialize, Serialize};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 /// The server binary. Valkey and KeyDB ship `valkey-server` and
@@ -150,83 +150,9 @@ pub struct Redis {
     role_lock: tokio::sync::Mutex<()>,
 }
 
-/// The OS account the server runs as.
-struct Account {
-    uid: Uid,
-    gid: Gid,
-}
-
+/// The OS account the server runs as: [`SERVER_USER`].
 fn account() -> Result<Account> {
-    let user = User::from_name(SERVER_USER)
-        .with_context(|| format!("looking up the {SERVER_USER} user"))?
-        .ok_or_else(|| {
-            anyhow!(
-                "there is no `{SERVER_USER}` user on this machine: install Redis (apt install redis-server)"
-            )
-        })?;
-    if user.uid.is_root() {
-        bail!("the `{SERVER_USER}` user has uid 0; the server must not run as root");
-    }
-    Ok(Account {
-        uid: user.uid,
-        gid: user.gid,
-    })
-}
-
-/// Writes `contents` to `path` as the server user's file (0600), only if
-/// it changed; returns whether it did.
-fn write_owned(path: &Path, contents: &str, acct: &Account) -> Result<bool> {
-    if std::fs::read_to_string(path).ok().as_deref() == Some(contents) {
-        return Ok(false);
-    }
-    corral_proto::pki::write_private(path, contents)?;
-    chown(path, Some(acct.uid), Some(acct.gid))
-        .with_context(|| format!("chown {}", path.display()))?;
-    Ok(true)
-}
-
-fn mkdir_owned(path: &Path, mode: u32, acct: &Account) -> Result<()> {
-    std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
-    chown(path, Some(acct.uid), Some(acct.gid))
-        .with_context(|| format!("chown {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("chmod {}", path.display()))
-}
-
-fn remove_file(path: &Path) -> Result<()> {
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(e).with_context(|| format!("removing {}", path.display()))
-        }
-        _ => Ok(()),
-    }
-}
-
-fn remove_dir(path: &Path) -> Result<()> {
-    match std::fs::remove_dir_all(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(e).with_context(|| format!("removing {}", path.display()))
-        }
-        _ => Ok(()),
-    }
-}
-
-/// The last `n` lines of the server's log (read from its last 64 KiB).
-fn log_tail(path: &Path, n: usize) -> String {
-    use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = std::fs::File::open(path) else {
-        return format!("({} cannot be read)", path.display());
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
-    let mut buf = Vec::new();
-    let _ = f.read_to_end(&mut buf);
-    last_lines(&String::from_utf8_lossy(&buf), n)
-}
-
-fn last_lines(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
+    Account::lookup(SERVER_USER, "install Redis (apt install redis-server)")
 }
 
 /// A redis.conf argument in double quotes, with the escapes Redis's
@@ -611,9 +537,7 @@ impl Redis {
 
     /// The base directory (root's, 0755) and the run directory.
     fn ensure_dirs(&self, acct: &Account) -> Result<()> {
-        std::fs::create_dir_all(&self.base)
-            .with_context(|| format!("creating {}", self.base.display()))?;
-        std::fs::set_permissions(&self.base, std::fs::Permissions::from_mode(0o755))?;
+        os::mkdir(&self.base, 0o755)?;
         let socket = self.socket_path();
         if socket.as_os_str().len() > MAX_SOCKET_PATH {
             bail!(
@@ -626,46 +550,18 @@ impl Redis {
     }
 
     fn binary(&self) -> Result<PathBuf> {
-        BIN_DIRS
-            .iter()
-            .map(|d| Path::new(d).join(self.bin))
-            .find(|p| p.exists())
-            .ok_or_else(|| {
-                anyhow!(
-                    "{} not found in {}: install it (apt install redis-server)",
-                    self.bin,
-                    BIN_DIRS.join(", ")
-                )
-            })
+        os::find_program(self.bin, BIN_DIRS, "install it (apt install redis-server)")
     }
 
     /// Spawns the server on `conf` as the server user, its own process
     /// group, output appended to server.log.
     fn spawn(&self, conf: &Path, acct: &Account) -> Result<tokio::process::Child> {
-        let log_path = self.log_path();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .with_context(|| format!("opening {}", log_path.display()))?;
-        let child = tokio::process::Command::new(self.binary()?)
-            .arg(conf)
-            .uid(acct.uid.as_raw())
-            // (std also drops root's supplementary groups when it sets the uid.)
-            .gid(acct.gid.as_raw())
-            .env_clear()
-            .env("PATH", "/usr/bin:/bin")
-            .env("LANG", "C.UTF-8")
-            .current_dir(&self.base)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            // Its own process group: a Ctrl-C or SIGTERM aimed at the agent
-            // does not reach the database.
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("starting {}", self.bin))?;
-        Ok(child)
+        let log = os::open_log(&self.log_path())?;
+        os::spawn_logged(
+            os::command(&self.binary()?, Some(acct), "/usr/bin:/bin", &self.base).arg(conf),
+            log,
+            self.bin,
+        )
     }
 
     fn load_secrets(&self) -> Result<StoredSecrets> {
@@ -1025,13 +921,7 @@ impl Redis {
 
     /// The pid of a live server started on `conf`, from `pidfile`.
     fn running_on(&self, pidfile: &Path, conf: &Path) -> Option<u32> {
-        let pid: u32 = std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-        // comm holds at most 15 bytes of the executable's name.
-        let name: String = self.bin.chars().take(15).collect();
-        if comm.trim() != name || !super::process_alive(pid) {
-            return None;
-        }
+        let pid = os::running_pid(pidfile, self.bin)?;
         // The process title names the config file (proc-title-template):
         // a server of another node on this machine is not ours.
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
@@ -1077,7 +967,7 @@ impl Redis {
                      its log ({}):\n{}",
                     self.bin,
                     self.log_path().display(),
-                    log_tail(&self.log_path(), 15)
+                    log_tail(&self.log_path(), TAIL_LINES)
                 );
             }
             if conn.is_none() {
@@ -1127,7 +1017,7 @@ impl Redis {
                     up.port,
                     CLONE_STALL.as_secs(),
                     self.log_path().display(),
-                    log_tail(&self.log_path(), 15)
+                    log_tail(&self.log_path(), TAIL_LINES)
                 );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1149,7 +1039,7 @@ impl Redis {
                 Ok(Ok(status)) => bail!(
                     "the temporary {} did not stop cleanly ({status}); the end of its log:\n{}",
                     self.bin,
-                    log_tail(&self.log_path(), 15)
+                    log_tail(&self.log_path(), TAIL_LINES)
                 ),
                 Ok(Err(e)) => return Err(e).context("waiting for the temporary server"),
                 Err(_) if began.elapsed() > STOP_TIMEOUT => {
@@ -1158,7 +1048,7 @@ impl Redis {
                         "the temporary {} did not stop within {}s; the end of its log:\n{}",
                         self.bin,
                         STOP_TIMEOUT.as_secs(),
-                        log_tail(&self.log_path(), 15)
+                        log_tail(&self.log_path(), TAIL_LINES)
                     )
                 }
                 Err(_) => {}
@@ -1269,7 +1159,7 @@ impl Driver for Redis {
                  log ({}):\n{}",
                 self.bin,
                 self.log_path().display(),
-                log_tail(&self.log_path(), 15)
+                log_tail(&self.log_path(), TAIL_LINES)
             );
         }
         let size = dir_size(&scratch);
@@ -1427,7 +1317,7 @@ impl Driver for Redis {
                         format!(" (it answered: {refusal})")
                     },
                     self.log_path().display(),
-                    log_tail(&self.log_path(), 15)
+                    log_tail(&self.log_path(), TAIL_LINES)
                 );
             }
             if next_ask.is_some_and(|t| Instant::now() >= t) {
@@ -1528,7 +1418,7 @@ impl Driver for Redis {
                 bail!(
                     "still a replica 60 s after REPLICAOF NO ONE; the end of the log ({}):\n{}",
                     self.log_path().display(),
-                    log_tail(&self.log_path(), 15)
+                    log_tail(&self.log_path(), TAIL_LINES)
                 );
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -1607,7 +1497,8 @@ impl Driver for Redis {
     }
 
     fn forget_secrets(&self) -> Result<()> {
-        remove_file(&self.secrets_path())
+        remove_file(&self.secrets_path())?;
+        Ok(())
     }
 
     fn log_path(&self) -> PathBuf {
@@ -1792,11 +1683,5 @@ mod tests {
             "no replica to wait for"
         );
         assert_eq!(min_replicas(&spec("replica"), false).0, 0);
-    }
-
-    #[test]
-    fn tail_of_a_log() {
-        assert_eq!(last_lines("a\nb\n\nc\n", 2), "b\nc");
-        assert_eq!(last_lines("a", 5), "a");
     }
 }
