@@ -686,6 +686,12 @@ fn engine_label(e: &Option<pb::EngineStatus>) -> String {
             if e.lease.as_ref().is_some_and(|l| l.fenced) {
                 s.push_str(", FENCED (no lease)");
             }
+            if let Some(n) = e.stats.get("connections") {
+                s.push_str(&format!(", {n:.0} conn"));
+            }
+            if let Some(n) = e.stats.get("keys") {
+                s.push_str(&format!(", {n:.0} keys"));
+            }
             s
         }
         _ => "-".into(),

@@ -79,6 +79,20 @@ fn three_node_mariadb_cluster_replicates_and_switches_over() {
         wait_rows(&lab, &creds, vm, "500");
         lab.wait_streaming("shop", &format!("vm{vm}")).unwrap();
     }
+    // The engine's figures reach `node list`: connections, the GTID
+    // sequence number, a replica's lag in seconds.
+    wait_until(Duration::from_secs(5), "engine stats", || {
+        let (p, r) = (
+            lab.node("vm1")?.unwrap_or_default(),
+            lab.node("vm2")?.unwrap_or_default(),
+        );
+        let (p, r) = (&p["engine"]["stats"], &r["engine"]["stats"]);
+        Ok(p["connections"].as_f64().unwrap_or(0.0) >= 1.0
+            && p["gtid_seq"].as_f64().unwrap_or(0.0) >= 2.0
+            && r["gtid_seq"] == p["gtid_seq"]
+            && r["lag_seconds"].is_number())
+    })
+    .unwrap();
     // Replicas are read-only, even for the admin user.
     let err = sql_on(&lab, &creds, 2, "INSERT INTO t VALUES (501, 'no')").unwrap_err();
     assert!(format!("{err}").contains("read-only"), "{err}");

@@ -73,6 +73,18 @@ fn three_node_redis_cluster_replicates_and_switches_over() {
         let err = cli(&lab, &creds, vm, &["SET", "x", "1"]).unwrap_err();
         assert!(format!("{err}").contains("READONLY"), "{err}");
     }
+    // The engine's figures reach `node list`: clients, memory, keys,
+    // offsets, a replica's lag.
+    wait_until(Duration::from_secs(5), "engine stats", || {
+        let n = lab.node("vm2")?.unwrap_or_default();
+        let st = &n["engine"]["stats"];
+        Ok(st["keys"] == 200.0
+            && st["connections"].as_f64().unwrap_or(0.0) >= 1.0
+            && st["used_memory_bytes"].as_f64().unwrap_or(0.0) > 0.0
+            && st["repl_offset_bytes"].as_f64().unwrap_or(0.0) > 0.0
+            && st["lag_seconds"].is_number())
+    })
+    .unwrap();
 
     // Planned switchover to vm2: vm1 follows it.
     lab.ctl_ok(&["node", "promote", "cache", "vm2", "--confirm", "vm2"])

@@ -73,6 +73,18 @@ fn three_node_cluster_streams_rows_to_both_replicas() {
         table.contains("REPLICATION") && table.contains("LAG"),
         "{table}"
     );
+    // The engine's own figures: client connections (the agent's own
+    // health connection at least), a replica's replay lag in seconds.
+    let (p, r) = (
+        lab.node("vm1").unwrap().unwrap(),
+        lab.node("vm2").unwrap().unwrap(),
+    );
+    assert!(
+        p["engine"]["stats"]["connections"].as_f64().unwrap_or(0.0) >= 1.0,
+        "{p}"
+    );
+    assert!(p["engine"]["stats"].get("lag_seconds").is_none(), "{p}");
+    assert!(r["engine"]["stats"]["lag_seconds"].is_number(), "{r}");
     assert!(table.contains("streaming"), "{table}");
 }
 

@@ -1073,6 +1073,28 @@ async fn replica_status(a: &mut Admin) -> Result<Option<ReplicaStatus>> {
     }))
 }
 
+/// Connections, and a replica's lag in seconds as the server measures it
+/// (Seconds_Behind_Master / _Source; absent while it is not replicating).
+async fn engine_stats(a: &mut Admin, replica: bool) -> Result<BTreeMap<String, f64>> {
+    let mut stats = BTreeMap::new();
+    let status = show(&mut a.conn, "SHOW GLOBAL STATUS LIKE 'Threads_connected'").await?;
+    if let Some(n) = status.get("threads_connected").and_then(|v| v.parse().ok()) {
+        stats.insert("connections".to_string(), n);
+    }
+    if replica {
+        let row: Option<mysql_async::Row> = a.conn.query_first(a.flavour.replica_status()).await?;
+        let behind = row.and_then(|r| {
+            ["Seconds_Behind_Master", "Seconds_Behind_Source"]
+                .iter()
+                .find_map(|c| text(&r, c).trim().parse::<f64>().ok())
+        });
+        if let Some(s) = behind {
+            stats.insert("lag_seconds".to_string(), s);
+        }
+    }
+    Ok(stats)
+}
+
 async fn observe(a: &mut Admin) -> Result<Observed> {
     let f = a.flavour;
     let (binlog_pos, applied_pos): (Option<String>, Option<String>) = a
@@ -2142,9 +2164,13 @@ impl Driver for Mariadb {
         let checked = tokio::time::timeout(QUERY_TIMEOUT, async {
             let a = self.admin(&mut slot).await?;
             let o = self.converge(a, &desired).await?;
+            let replication = replication_report(&o, self.standby());
+            let mut stats = engine_stats(a, o.replica.is_some()).await?;
+            stats.insert("gtid_seq".into(), replication.lsn as f64);
             anyhow::Ok(Health {
                 version: o.version.clone(),
-                replication: replication_report(&o, self.standby()),
+                replication,
+                stats,
             })
         })
         .await;

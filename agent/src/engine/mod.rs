@@ -373,6 +373,9 @@ pub fn process_alive(pid: u32) -> bool {
 pub struct Health {
     pub version: String,
     pub replication: pb::Replication,
+    /// The engine's own figures, named with their unit (see
+    /// `EngineStatus.stats` in the proto): connections, lag_seconds, ...
+    pub stats: std::collections::BTreeMap<String, f64>,
 }
 
 /// Reports bytes done / total of a long step.
@@ -971,6 +974,7 @@ impl Engine {
             s.healthy = true;
             s.version = h.version;
             s.replication = Some(h.replication);
+            s.stats = h.stats.into_iter().collect();
         });
     }
 

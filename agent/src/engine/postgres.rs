@@ -898,9 +898,26 @@ async fn health(client: &tokio_postgres::Client) -> Result<Health> {
             })
             .collect();
     }
+    let mut stats = std::collections::BTreeMap::new();
+    let figures = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')::float8, \
+             CASE WHEN pg_is_in_recovery() THEN \
+               coalesce(extract(epoch FROM now() - pg_last_xact_replay_timestamp()), 0)::float8 \
+             END",
+            &[],
+        )
+        .await?;
+    stats.insert("connections".into(), figures.get::<_, f64>(0));
+    if let Some(lag) = figures.get::<_, Option<f64>>(1) {
+        // Since the last replayed commit: an idle primary shows growing
+        // "lag" here, as in every PostgreSQL monitoring tool.
+        stats.insert("lag_seconds".into(), lag.max(0.0));
+    }
     Ok(Health {
         version: row.get(0),
         replication: r,
+        stats,
     })
 }
 

@@ -399,6 +399,42 @@ fn parse_standby(line: &str, master_offset: u64) -> Option<pb::Standby> {
     })
 }
 
+/// The figures `EngineStatus.stats` carries for Redis: connected clients,
+/// memory used, keys (every database), the replication offset, and on a
+/// replica the seconds since it last heard from its primary (Redis has no
+/// replay lag: it applies what it receives).
+fn stats_from_info(info: &Info) -> std::collections::BTreeMap<String, f64> {
+    let mut stats = std::collections::BTreeMap::new();
+    let num = |k: &str| info.get(k).and_then(|v| v.parse::<f64>().ok());
+    if let Some(n) = num("connected_clients") {
+        stats.insert("connections".to_string(), n);
+    }
+    if let Some(n) = num("used_memory") {
+        stats.insert("used_memory_bytes".to_string(), n);
+    }
+    let keys: f64 = (0..16)
+        .filter_map(|db| info.get(&format!("db{db}")))
+        .filter_map(|v| {
+            v.split(',')
+                .find_map(|kv| kv.strip_prefix("keys="))
+                .and_then(|n| n.parse::<f64>().ok())
+        })
+        .sum();
+    stats.insert("keys".to_string(), keys);
+    let offset = if info.get("role") == Some("slave") {
+        num("slave_repl_offset")
+    } else {
+        num("master_repl_offset")
+    };
+    if let Some(n) = offset {
+        stats.insert("repl_offset_bytes".to_string(), n);
+    }
+    if let Some(n) = num("master_last_io_seconds_ago").filter(|n| *n >= 0.0) {
+        stats.insert("lag_seconds".to_string(), n);
+    }
+    stats
+}
+
 /// The replication state from `INFO replication` and the running
 /// `min-replicas-to-write`.
 fn replication_from_info(info: &Info, min_replicas_to_write: u64) -> pb::Replication {
@@ -790,6 +826,9 @@ impl Redis {
                 .arg("server")
                 .arg("replication")
                 .arg("persistence")
+                .arg("clients")
+                .arg("memory")
+                .arg("keyspace")
                 .cmd("CONFIG")
                 .arg("GET")
                 .arg("min-replicas-to-write")
@@ -830,6 +869,7 @@ impl Redis {
         Ok(Health {
             version: info.version(),
             replication: replication_from_info(&info, u64::from(running_min.0)),
+            stats: stats_from_info(&info),
         })
     }
 
@@ -1508,6 +1548,29 @@ impl Driver for Redis {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn stats_from_info_reads_clients_memory_keys_and_offsets() {
+        let primary = Info::parse(
+            "# Clients\r\nconnected_clients:3\r\n# Memory\r\nused_memory:1048576\r\n\
+             # Replication\r\nrole:master\r\nmaster_repl_offset:4242\r\n\
+             # Keyspace\r\ndb0:keys=10,expires=0,avg_ttl=0\r\ndb3:keys=5,expires=1,avg_ttl=9\r\n",
+        );
+        let s = stats_from_info(&primary);
+        assert_eq!(s["connections"], 3.0);
+        assert_eq!(s["used_memory_bytes"], 1048576.0);
+        assert_eq!(s["keys"], 15.0);
+        assert_eq!(s["repl_offset_bytes"], 4242.0);
+        assert!(!s.contains_key("lag_seconds"));
+        let replica = Info::parse(
+            "role:slave\r\nslave_repl_offset:4000\r\nmaster_repl_offset:4242\r\n\
+             master_last_io_seconds_ago:1\r\n",
+        );
+        let s = stats_from_info(&replica);
+        assert_eq!(s["repl_offset_bytes"], 4000.0);
+        assert_eq!(s["lag_seconds"], 1.0);
+        assert_eq!(s["keys"], 0.0);
+    }
     use super::*;
 
     const PRIMARY_INFO: &str = "# Server\r\nredis_version:7.0.15\r\nredis_mode:standalone\r\n\r\n\
