@@ -49,6 +49,11 @@ struct Args {
         default_value = "/usr/lib/postgresql/15/bin"
     )]
     pg_bin_dir: PathBuf,
+    /// The server the redis, valkey and keydb engines run: a name looked
+    /// for in /usr/bin, /usr/local/bin, ... (redis-server, valkey-server,
+    /// keydb-server) or a path. They speak the same protocol.
+    #[arg(long, env = "CORRAL_REDIS_SERVER", default_value = "redis-server")]
+    redis_server: String,
 }
 
 /// Port of the health endpoints unless --health-listen says otherwise.
@@ -135,10 +140,10 @@ async fn run(args: Args) -> Result<()> {
         &config.state_dir,
         &identity.info.node_id,
     ));
-    let redis: Arc<dyn engine::Driver> = Arc::new(engine::redis::Redis::new(
-        &config.state_dir,
-        &identity.info.node_id,
-    ));
+    let redis: Arc<dyn engine::Driver> = Arc::new(
+        engine::redis::Redis::new(&config.state_dir, &identity.info.node_id)
+            .with_server(&args.redis_server),
+    );
     let mariadb: Arc<dyn engine::Driver> = Arc::new(engine::mariadb::Mariadb::new(
         &config.state_dir,
         &identity.info.node_id,
@@ -147,7 +152,9 @@ async fn run(args: Args) -> Result<()> {
         ("postgres", postgres),
         ("mariadb", mariadb.clone()),
         ("mysql", mariadb),
-        ("redis", redis),
+        ("redis", redis.clone()),
+        ("valkey", redis.clone()),
+        ("keydb", redis),
     ];
     // The coordinator's addresses are always allowed to reach the engine,
     // whatever the cluster's allowlist says.

@@ -112,7 +112,8 @@ enum ClusterCmd {
     Create {
         #[arg(long)]
         name: String,
-        /// postgres, mariadb (or mysql: MariaDB's driver speaking MySQL 8).
+        /// postgres, mariadb (or mysql: MariaDB's driver speaking MySQL 8),
+        /// redis (or valkey, keydb: the agents' --redis-server).
         #[arg(long)]
         engine: String,
         /// Nodes to run on, comma-separated or repeated; the first is the

@@ -9,8 +9,10 @@
 //! the replication stream).
 
 /// The engines this build can run. `mysql` is MariaDB's driver speaking
-/// MySQL 8's syntax where it differs (the agent detects the server).
-pub const ENGINES: &[&str] = &["postgres", "mariadb", "mysql", "redis"];
+/// MySQL 8's syntax where it differs (the agent detects the server);
+/// `valkey` and `keydb` are the Redis driver running the server binary the
+/// agent is configured with (`--redis-server`).
+pub const ENGINES: &[&str] = &["postgres", "mariadb", "mysql", "redis", "valkey", "keydb"];
 
 /// The family an engine name belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -158,3 +158,22 @@ fn failover_after_killing_the_primary_vm_under_a_writer() {
         .unwrap();
     }
 }
+
+#[test]
+fn valkey_and_keydb_are_the_same_protocol_on_the_configured_server() {
+    // The agents run their configured server (`--redis-server`, here
+    // Debian's redis-server) for every name of the protocol.
+    let lab = Lab::start(2).unwrap();
+    for (i, engine) in [(1, "valkey"), (2, "keydb")] {
+        let name = format!("c{engine}");
+        let creds = lab
+            .create_engine_cluster(&name, engine, &format!("vm{i}"), &[])
+            .unwrap();
+        let uri = creds["uri"].as_str().unwrap();
+        assert!(uri.starts_with("redis://admin:"), "{uri}");
+        cli(&lab, &creds, i, &["SET", "k", engine]).unwrap();
+        assert_eq!(cli(&lab, &creds, i, &["GET", "k"]).unwrap(), engine);
+        let c = lab.ctl_json(&["cluster", "show", &name]).unwrap();
+        assert_eq!(c["engine"], engine, "{c}");
+    }
+}

@@ -154,8 +154,10 @@ pub struct Secrets {
 }
 
 /// Engines this agent can run (`mysql`: the MariaDB driver, which speaks
-/// MySQL 8's syntax where it differs).
-pub const SUPPORTED_ENGINES: &[&str] = &["postgres", "mariadb", "mysql", "redis"];
+/// MySQL 8's syntax where it differs; `valkey` and `keydb`: the Redis
+/// driver with the agent's `--redis-server`).
+pub const SUPPORTED_ENGINES: &[&str] =
+    &["postgres", "mariadb", "mysql", "redis", "valkey", "keydb"];
 
 /// The drivers of an agent, by engine name (one driver may serve several).
 pub type Drivers = Vec<(&'static str, Arc<dyn Driver>)>;
@@ -193,7 +195,7 @@ impl EngineSpec {
         }
         let port = valid_port(req.port)?;
         sql_identifier("admin user", &req.admin_user)?;
-        if req.engine == "redis" {
+        if matches!(req.engine.as_str(), "redis" | "valkey" | "keydb") {
             // Redis numbers its databases.
             if req.database.parse::<u8>().is_err() {
                 return Err(format!(

@@ -138,9 +138,10 @@ pub struct Redis {
     /// This node's id: what it announces to its primary as its address, so
     /// the primary's replica list names it (see the module doc).
     node_id: String,
-    /// The server binary's name ([`SERVER_BIN`]), one place to change for
-    /// Valkey or KeyDB.
-    bin: &'static str,
+    /// The server binary's name ([`SERVER_BIN`] unless configured:
+    /// `valkey-server`, `keydb-server`), looked for in [`BIN_DIRS`], or a
+    /// path.
+    bin: String,
     /// The cached administrative connection (over the socket, as `default`).
     conn: tokio::sync::Mutex<Option<MultiplexedConnection>>,
     /// Held by every step that changes which node the server follows, or
@@ -512,10 +513,18 @@ impl Redis {
             // config file's absolute path.
             base: std::path::absolute(&base).unwrap_or(base),
             node_id: node_id.to_string(),
-            bin: SERVER_BIN,
+            bin: SERVER_BIN.to_string(),
             conn: tokio::sync::Mutex::new(None),
             role_lock: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// The same driver running `server` (a name looked for in the usual
+    /// directories, or a path): `valkey-server` or `keydb-server` speak the
+    /// same protocol and read the same configuration.
+    pub fn with_server(mut self, server: &str) -> Redis {
+        self.bin = server.to_string();
+        self
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -586,7 +595,10 @@ impl Redis {
     }
 
     fn binary(&self) -> Result<PathBuf> {
-        os::find_program(self.bin, BIN_DIRS, "install it (apt install redis-server)")
+        if self.bin.contains('/') {
+            return Ok(PathBuf::from(&self.bin));
+        }
+        os::find_program(&self.bin, BIN_DIRS, "install it (apt install redis-server)")
     }
 
     /// Spawns the server on `conf` as the server user, its own process
@@ -596,7 +608,7 @@ impl Redis {
         os::spawn_logged(
             os::command(&self.binary()?, Some(acct), "/usr/bin:/bin", &self.base).arg(conf),
             log,
-            self.bin,
+            &self.bin,
         )
     }
 
@@ -961,7 +973,11 @@ impl Redis {
 
     /// The pid of a live server started on `conf`, from `pidfile`.
     fn running_on(&self, pidfile: &Path, conf: &Path) -> Option<u32> {
-        let pid = os::running_pid(pidfile, self.bin)?;
+        let comm = Path::new(&self.bin)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| self.bin.clone());
+        let pid = os::running_pid(pidfile, &comm)?;
         // The process title names the config file (proc-title-template):
         // a server of another node on this machine is not ours.
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
