@@ -893,6 +893,9 @@ struct ReplicaStatus {
     last_io_error: String,
     last_sql_errno: u32,
     last_sql_error: String,
+    /// Seconds_Behind_Master (MySQL 8: _Source); empty (NULL) while the
+    /// replica is not replicating.
+    seconds_behind: String,
 }
 
 impl ReplicaStatus {
@@ -918,6 +921,8 @@ struct Observed {
     semi_wait_point: String,
     semi_timeout: String,
     semi_replica_enabled: bool,
+    /// Threads_connected: client connections, the agent's own included.
+    connections: Option<u64>,
 }
 
 /// The replication report of one observation; `standby`: the data is
@@ -1070,29 +1075,32 @@ async fn replica_status(a: &mut Admin) -> Result<Option<ReplicaStatus>> {
         last_io_error: text(&row, f.column(Column::LastIoError)),
         last_sql_errno: number(&row, f.column(Column::LastSqlErrno)),
         last_sql_error: text(&row, f.column(Column::LastSqlError)),
+        seconds_behind: ["Seconds_Behind_Master", "Seconds_Behind_Source"]
+            .iter()
+            .map(|c| text(&row, c))
+            .find(|v| !v.is_empty())
+            .unwrap_or_default(),
     }))
 }
 
-/// Connections, and a replica's lag in seconds as the server measures it
-/// (Seconds_Behind_Master / _Source; absent while it is not replicating).
-async fn engine_stats(a: &mut Admin, replica: bool) -> Result<BTreeMap<String, f64>> {
+/// The figures of one observation (from the queries `observe` already
+/// ran): connections, a replica's lag in seconds as the server measures
+/// it (absent while it is not replicating), and the GTID sequence number
+/// `lsn` of the replication report.
+fn engine_stats(o: &Observed, lsn: u64) -> BTreeMap<String, f64> {
     let mut stats = BTreeMap::new();
-    let status = show(&mut a.conn, "SHOW GLOBAL STATUS LIKE 'Threads_connected'").await?;
-    if let Some(n) = status.get("threads_connected").and_then(|v| v.parse().ok()) {
-        stats.insert("connections".to_string(), n);
+    if let Some(n) = o.connections {
+        stats.insert("connections".to_string(), n as f64);
     }
-    if replica {
-        let row: Option<mysql_async::Row> = a.conn.query_first(a.flavour.replica_status()).await?;
-        let behind = row.and_then(|r| {
-            ["Seconds_Behind_Master", "Seconds_Behind_Source"]
-                .iter()
-                .find_map(|c| text(&r, c).trim().parse::<f64>().ok())
-        });
-        if let Some(s) = behind {
-            stats.insert("lag_seconds".to_string(), s);
-        }
+    let behind = o
+        .replica
+        .as_ref()
+        .and_then(|r| r.seconds_behind.trim().parse().ok());
+    if let Some(s) = behind {
+        stats.insert("lag_seconds".to_string(), s);
     }
-    Ok(stats)
+    stats.insert("gtid_seq".to_string(), lsn as f64);
+    stats
 }
 
 async fn observe(a: &mut Admin) -> Result<Observed> {
@@ -1109,7 +1117,12 @@ async fn observe(a: &mut Admin) -> Result<Observed> {
     let replica = replica_status(a).await?;
     let hosts: Vec<mysql_async::Row> = a.conn.query(f.replica_hosts()).await?;
     let vars = show(&mut a.conn, "SHOW GLOBAL VARIABLES LIKE 'rpl_semi_sync%'").await?;
-    let status = show(&mut a.conn, "SHOW GLOBAL STATUS LIKE 'rpl_semi_sync%'").await?;
+    let status = show(
+        &mut a.conn,
+        "SHOW GLOBAL STATUS WHERE Variable_name LIKE 'rpl_semi_sync%' \
+         OR Variable_name = 'Threads_connected'",
+    )
+    .await?;
     let get = |m: &BTreeMap<String, String>, v: SemiSync| {
         m.get(&f.semi_sync(v).to_ascii_lowercase())
             .cloned()
@@ -1133,6 +1146,7 @@ async fn observe(a: &mut Admin) -> Result<Observed> {
         semi_wait_point: get(&vars, SemiSync::SourceWaitPoint),
         semi_timeout: get(&vars, SemiSync::SourceTimeout),
         semi_replica_enabled: get(&vars, SemiSync::ReplicaEnabled) == "ON",
+        connections: status.get("threads_connected").and_then(|v| v.parse().ok()),
     })
 }
 
@@ -2165,8 +2179,7 @@ impl Driver for Mariadb {
             let a = self.admin(&mut slot).await?;
             let o = self.converge(a, &desired).await?;
             let replication = replication_report(&o, self.standby());
-            let mut stats = engine_stats(a, o.replica.is_some()).await?;
-            stats.insert("gtid_seq".into(), replication.lsn as f64);
+            let stats = engine_stats(&o, replication.lsn);
             anyhow::Ok(Health {
                 version: o.version.clone(),
                 replication,
@@ -2773,6 +2786,29 @@ mod tests {
             gtid_mode: "Slave_Pos".into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn stats_come_from_the_observation() {
+        let replica = Observed {
+            connections: Some(4),
+            replica: Some(ReplicaStatus {
+                seconds_behind: "2".into(),
+                ..following("10.0.0.1")
+            }),
+            ..Default::default()
+        };
+        let s = engine_stats(&replica, 12);
+        assert_eq!(s["connections"], 4.0);
+        assert_eq!(s["lag_seconds"], 2.0);
+        assert_eq!(s["gtid_seq"], 12.0);
+        // Not replicating (NULL), or a primary: no lag figure.
+        let stopped = Observed {
+            replica: Some(following("10.0.0.1")),
+            ..Default::default()
+        };
+        assert!(!engine_stats(&stopped, 0).contains_key("lag_seconds"));
+        assert!(!engine_stats(&Observed::default(), 0).contains_key("connections"));
     }
 
     #[test]
