@@ -199,6 +199,13 @@ impl Fleet {
         self.lock().get(node).cloned()
     }
 
+    /// A node's agent address and the address its heartbeats come from,
+    /// without copying the rest of what it reported (every heartbeat asks
+    /// this of every member of its cluster).
+    pub fn contact(&self, node: &str) -> Option<(String, Option<std::net::IpAddr>)> {
+        self.lock().get(node).map(|l| (l.address.clone(), l.source))
+    }
+
     /// Replaces a node's engine status with a fresher one (an agent's answer
     /// to a command), so views do not lag until the next heartbeat.
     pub fn set_engine(&self, node: &str, engine: pb::EngineStatus) {

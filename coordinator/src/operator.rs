@@ -374,7 +374,6 @@ impl OperatorApi {
                     heartbeat_ms: corral_proto::lease::DEFAULT_HEARTBEAT_MS,
                     prev_lease_ms: 0,
                     lease_changed_at_ms: 0,
-                    allowlist: Vec::new(),
                     allowlist_version: 0,
                 },
             )?;
@@ -1297,7 +1296,7 @@ impl pb::operator_server::Operator for OperatorApi {
                         r.cluster
                     )));
                 };
-                let current = allowlist::from_stored(&row.allowlist);
+                let current = allowlist::from_stored(&store::allowlist_of(tx, &r.cluster)?);
                 let next =
                     or_refuse!(allowlist::change(&current, how, &entries)
                         .map_err(Status::invalid_argument));
@@ -1378,15 +1377,20 @@ impl pb::operator_server::Operator for OperatorApi {
 impl OperatorApi {
     /// `row`'s allowlist and where each of its nodes stands.
     fn allowlist_pb(&self, row: &ClusterRow, message: String) -> Result<pb::Allowlist, Status> {
-        let nodes = self
+        let (nodes, entries) = self
             .0
             .store
-            .read(|c| store::nodes_of_cluster(c, &row.name))
+            .read(|c| {
+                Ok((
+                    store::nodes_of_cluster(c, &row.name)?,
+                    store::allowlist_of(c, &row.name)?,
+                ))
+            })
             .map_err(internal)?;
         let now = Instant::now();
         Ok(pb::Allowlist {
             cluster: row.name.clone(),
-            entries: row.allowlist.clone(),
+            entries,
             version: row.allowlist_version,
             nodes: nodes
                 .iter()

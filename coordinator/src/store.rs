@@ -187,9 +187,10 @@ pub struct ClusterRow {
     /// restarted meanwhile must not assume the new, shorter one).
     pub prev_lease_ms: u32,
     pub lease_changed_at_ms: i64,
-    /// The IP allowlist (canonical entries, see [`crate::allowlist`]; empty:
-    /// open) and its version, raised at every change.
-    pub allowlist: Vec<String>,
+    /// The version of the IP allowlist, raised at every change. The entries
+    /// themselves (possibly 10,000) are read only where they are needed,
+    /// with [`allowlist_of`]: clusters are read at every heartbeat and every
+    /// failover judgement.
     pub allowlist_version: u64,
 }
 
@@ -316,14 +317,13 @@ fn cluster_from_row(r: &rusqlite::Row) -> rusqlite::Result<ClusterRow> {
         heartbeat_ms: r.get(15)?,
         prev_lease_ms: r.get(16)?,
         lease_changed_at_ms: r.get(17)?,
-        allowlist: serde_json::from_str(&r.get::<_, String>(18)?).unwrap_or_default(),
-        allowlist_version: r.get::<_, i64>(19)? as u64,
+        allowlist_version: r.get::<_, i64>(18)? as u64,
     })
 }
 
 const CLUSTER_COLS: &str = "name, engine, mode, state, port, database, admin_user, \
      admin_password_enc, created_at_ms, sync, termination_protection, replication_password_enc, \
-     term, auto_failover, lease_ms, heartbeat_ms, prev_lease_ms, lease_changed_at_ms, allowlist, \
+     term, auto_failover, lease_ms, heartbeat_ms, prev_lease_ms, lease_changed_at_ms, \
      allowlist_version";
 
 pub fn get_cluster(c: &Connection, name: &str) -> Result<Option<ClusterRow>> {
@@ -350,7 +350,7 @@ pub fn insert_cluster(c: &Connection, row: &ClusterRow) -> Result<()> {
         &format!(
             "INSERT INTO clusters ({CLUSTER_COLS}) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
-             ?19, ?20)"
+             ?19)"
         ),
         params![
             row.name,
@@ -371,7 +371,6 @@ pub fn insert_cluster(c: &Connection, row: &ClusterRow) -> Result<()> {
             row.heartbeat_ms,
             row.prev_lease_ms,
             row.lease_changed_at_ms,
-            serde_json::to_string(&row.allowlist)?,
             row.allowlist_version as i64
         ],
     )?;
@@ -400,6 +399,22 @@ pub fn update_cluster(c: &Connection, row: &ClusterRow) -> Result<()> {
         ],
     )?;
     Ok(())
+}
+
+/// The cluster's allowlist entries (canonical; empty: open, or no such
+/// cluster).
+pub fn allowlist_of(c: &Connection, cluster: &str) -> Result<Vec<String>> {
+    let text: Option<String> = c
+        .query_row(
+            "SELECT allowlist FROM clusters WHERE name = ?1",
+            [cluster],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(match text {
+        Some(t) => serde_json::from_str(&t).context("reading a stored allowlist")?,
+        None => Vec::new(),
+    })
 }
 
 /// Replaces the cluster's allowlist, raising its version, and records the

@@ -206,11 +206,11 @@ fn assign(
             return Ok(None);
         };
         let members = store::nodes_of_cluster(conn, cluster)?;
-        let live: Vec<Option<Live>> = members.iter().map(|m| coord.fleet.get(&m.id)).collect();
+        let contacts: Vec<_> = members.iter().map(|m| coord.fleet.contact(&m.id)).collect();
         let address = |i: usize| {
-            live[i]
+            contacts[i]
                 .as_ref()
-                .map(|l| l.address.clone())
+                .map(|(a, _)| a.clone())
                 .unwrap_or_else(|| members[i].address.clone())
         };
         let applied_allowlist =
@@ -225,14 +225,14 @@ fn assign(
             allowlist: if applied_allowlist {
                 Vec::new()
             } else {
-                c.allowlist.clone()
+                store::allowlist_of(conn, &c.name)?
             },
             allowlist_omitted: applied_allowlist,
             allowlist_version: c.allowlist_version,
             // The cluster's own nodes reach each other's engines whatever
             // the allowlist says (replication, clones, pg_rewind).
             always_allowed: (0..members.len())
-                .filter_map(|i| member_ip(&address(i), live[i].as_ref()))
+                .filter_map(|i| member_ip(&address(i), contacts[i].as_ref().and_then(|c| c.1)))
                 .map(|ip| ip.to_string())
                 .collect(),
             ..Default::default()
@@ -323,10 +323,10 @@ fn enroll(coord: &Coordinator, req: &pb::EnrollRequest) -> anyhow::Result<String
 /// address; for a host name, the address its heartbeats come from (the
 /// agent resolves nothing on the fence's path, and a name may not resolve
 /// on the node the way it does here).
-fn member_ip(address: &str, live: Option<&Live>) -> Option<std::net::IpAddr> {
+fn member_ip(address: &str, source: Option<std::net::IpAddr>) -> Option<std::net::IpAddr> {
     match host_of(address).parse::<std::net::IpAddr>() {
         Ok(ip) => Some(ip.to_canonical()),
-        Err(_) => live.and_then(|l| l.source),
+        Err(_) => source,
     }
 }
 
@@ -334,37 +334,17 @@ fn member_ip(address: &str, live: Option<&Live>) -> Option<std::net::IpAddr> {
 mod tests {
     use super::*;
 
-    fn live(source: Option<&str>) -> Live {
-        Live {
-            last_seen: Instant::now(),
-            last_seen_ms: 0,
-            interval: Duration::from_secs(1),
-            address: String::new(),
-            source: source.map(|s| s.parse().unwrap()),
-            metrics: Default::default(),
-            engine: Default::default(),
-            engine_at: Instant::now(),
-        }
-    }
-
     #[test]
     fn member_ip_prefers_the_registered_address_and_falls_back_to_the_source() {
-        let from = live(Some("10.9.9.9"));
-        let ip = |a: &str, l: Option<&Live>| member_ip(a, l).map(|ip| ip.to_string());
-        assert_eq!(
-            ip("10.231.1.2:7400", Some(&from)).as_deref(),
-            Some("10.231.1.2")
-        );
+        let from: Option<std::net::IpAddr> = Some("10.9.9.9".parse().unwrap());
+        let ip = |a: &str, s| member_ip(a, s).map(|ip| ip.to_string());
+        assert_eq!(ip("10.231.1.2:7400", from).as_deref(), Some("10.231.1.2"));
         assert_eq!(ip("[fd31::1:2]:7400", None).as_deref(), Some("fd31::1:2"));
         assert_eq!(
             ip("[::ffff:10.0.0.5]:7400", None).as_deref(),
             Some("10.0.0.5")
         );
-        assert_eq!(
-            ip("db1.internal:7400", Some(&from)).as_deref(),
-            Some("10.9.9.9")
-        );
-        assert_eq!(ip("db1.internal:7400", Some(&live(None))), None);
+        assert_eq!(ip("db1.internal:7400", from).as_deref(), Some("10.9.9.9"));
         assert_eq!(ip("db1.internal:7400", None), None);
     }
 }
