@@ -362,9 +362,19 @@ fn a_former_primary_that_cannot_be_rewound_is_cloned_again() {
     let killed_at = corral_proto::now_ms();
     lab.kill_vm(1);
     let new = ha::wait_new_primary(&lab, "reclone", "vm1", Duration::from_secs(30)).unwrap();
-    lab.psql(
-        &uri,
-        "INSERT INTO w SELECT g, now() FROM generate_series(1001, 1500) g",
+    // The store names the candidate before its promotion completes: wait
+    // until it takes writes (a refused insert committed nothing).
+    wait_until(
+        Duration::from_secs(10),
+        "the new primary to take writes",
+        || {
+            Ok(lab
+                .psql(
+                    &uri,
+                    "INSERT INTO w SELECT g, now() FROM generate_series(1001, 1500) g",
+                )
+                .is_ok())
+        },
     )
     .unwrap();
     // vm1's control file is gone: pg_rewind cannot work on it.
