@@ -13,6 +13,8 @@ PACKAGES=(
     redis-server redis-tools        # the Redis engine
     haproxy                         # failover tests route clients through it
     stress-ng                       # failover tests under CPU load
+    prometheus-alertmanager         # alert tests deliver to a real Alertmanager
+    python3-aiosmtpd                # alert tests deliver email to a real SMTP server
 )
 
 if [[ $(id -u) != 0 ]]; then
@@ -41,6 +43,7 @@ if ((${#missing[@]})); then
         systemctl disable --now haproxy >/dev/null 2>&1 || true
         systemctl disable --now mariadb >/dev/null 2>&1 || true
         systemctl disable --now redis-server >/dev/null 2>&1 || true
+        systemctl disable --now prometheus-alertmanager >/dev/null 2>&1 || true
     fi
 fi
 
