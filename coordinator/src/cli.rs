@@ -61,6 +61,9 @@ enum Command {
     /// Events observed on nodes (engine restarts, nodes down/up).
     #[command(subcommand)]
     Event(EventCmd),
+    /// Alerts firing now, their history, and the notification channels.
+    #[command(subcommand)]
+    Alerts(AlertsCmd),
     /// Show who the configured certificate says you are.
     Whoami,
 }
@@ -347,6 +350,28 @@ enum NodeCmd {
         #[arg(long)]
         no_wait: bool,
     },
+    /// A node's CPU, memory, disk, network and engine figures over time:
+    /// every heartbeat for the last hour, 5-minute buckets up to 7 days.
+    Metrics {
+        cluster: String,
+        node: String,
+        /// How far back, e.g. 10m, 1h, 24h, 7d.
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        since: Duration,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AlertsCmd {
+    /// Alerts firing now, and how each notification channel is doing.
+    List,
+    /// Alerts that fired (and resolved) and one-shot notices, newest last.
+    History {
+        #[arg(long)]
+        cluster: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -435,17 +460,7 @@ fn settings_line(c: &pb::Cluster) -> String {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("invalid duration {s:?}: use a number with s, m, h or d, e.g. 30m or 1h");
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?);
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86400,
-        _ => return Err(bad()),
-    };
-    Ok(Duration::from_secs(secs))
+    crate::config::parse_duration(s)
 }
 
 /// The connection settings file written by `pki init`.
@@ -1342,14 +1357,304 @@ async fn run(api: &mut OperatorClient<Channel>, command: Command, json: bool) ->
             }
             println!("{t}");
         }
+        Command::Node(NodeCmd::Metrics {
+            cluster,
+            node,
+            since,
+        }) => {
+            let r = api
+                .get_node_metrics(pb::GetNodeMetricsRequest {
+                    cluster,
+                    node,
+                    since_ms: corral_proto::now_ms() - since.as_millis() as i64,
+                })
+                .await?
+                .into_inner();
+            if json {
+                return print_json(&r);
+            }
+            print!("{}", render_metrics(&r, 60));
+        }
+        Command::Alerts(AlertsCmd::List) => {
+            let r = api
+                .list_alerts(pb::ListAlertsRequest {})
+                .await?
+                .into_inner();
+            if json {
+                return print_json(&r);
+            }
+            if r.alerts.is_empty() {
+                println!("no alerts firing");
+            } else {
+                println!("{}", alerts_table(&r.alerts, false));
+            }
+            if r.channels.is_empty() {
+                println!("no notification channels configured ([notify] in the coordinator's configuration file)");
+            } else {
+                let mut t = table(&[
+                    "CHANNEL",
+                    "KIND",
+                    "DELIVERED",
+                    "FAILED ATTEMPTS",
+                    "DROPPED",
+                    "QUEUED",
+                    "LAST SUCCESS",
+                    "LAST ERROR",
+                ]);
+                for c in &r.channels {
+                    t.add_row(vec![
+                        c.name.clone(),
+                        c.kind.clone(),
+                        c.delivered.to_string(),
+                        c.failed_attempts.to_string(),
+                        c.dropped.to_string(),
+                        c.queued.to_string(),
+                        ago(c.last_success_ms),
+                        c.last_error.clone(),
+                    ]);
+                }
+                println!("{t}");
+            }
+        }
+        Command::Alerts(AlertsCmd::History { cluster, limit }) => {
+            let r = api
+                .list_alert_history(pb::ListAlertHistoryRequest {
+                    cluster: cluster.unwrap_or_default(),
+                    limit,
+                })
+                .await?
+                .into_inner();
+            if json {
+                return print_json(&r);
+            }
+            println!("{}", alerts_table(&r.alerts, true));
+        }
     }
     Ok(())
+}
+
+fn alerts_table(alerts: &[pb::AlertInfo], with_state: bool) -> Table {
+    let mut header = vec!["SINCE", "SEVERITY", "ALERT", "CLUSTER", "NODE", "SUMMARY"];
+    if with_state {
+        header.insert(1, "STATE");
+        header.insert(2, "ENDED");
+    }
+    let mut t = table(&header);
+    for a in alerts {
+        let label = |k: &str| a.labels.get(k).cloned().unwrap_or_default();
+        let mut row = vec![
+            ago(a.started_at_ms),
+            a.severity.clone(),
+            a.name.clone(),
+            label("cluster"),
+            label("node"),
+            a.summary.clone(),
+        ];
+        if with_state {
+            row.insert(1, a.state.clone());
+            row.insert(
+                2,
+                if a.state == "firing" {
+                    String::new()
+                } else {
+                    ago(a.ended_at_ms)
+                },
+            );
+        }
+        t.add_row(row);
+    }
+    t
+}
+
+/// A node's history as one sparkline per figure, `width` columns wide
+/// (each column averages the points it covers), with min, average, max
+/// and the last value.
+pub fn render_metrics(m: &pb::NodeMetrics, width: usize) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let Some((first, last)) = m.points.first().zip(m.points.last()) else {
+        let _ = writeln!(
+            out,
+            "no figures recorded for node {} in this window (nodes report with every heartbeat)",
+            m.node
+        );
+        return out;
+    };
+    let res = if m.resolution_ms == 0 {
+        "every heartbeat".to_string()
+    } else {
+        format!("{}-minute averages", m.resolution_ms / 60_000)
+    };
+    let _ = writeln!(
+        out,
+        "node {} of cluster {}: {} points from {} to {} ({res})",
+        m.node,
+        m.cluster,
+        m.points.len(),
+        clock(first.at_ms),
+        clock(last.at_ms)
+    );
+    type Get = fn(&pb::MetricsPoint) -> f64;
+    type Fmt = fn(f64) -> String;
+    fn pct(used: f64, total: f64) -> f64 {
+        if total > 0.0 {
+            used * 100.0 / total
+        } else {
+            0.0
+        }
+    }
+    // Percentages are drawn on 0-100, the rest on 0-max.
+    let series: [(&str, Get, Fmt, Option<f64>); 8] = [
+        (
+            "cpu",
+            |p| p.cpu_percent,
+            |v| format!("{v:.0}%"),
+            Some(100.0),
+        ),
+        (
+            "memory",
+            |p| pct(p.memory_used_bytes, p.memory_total_bytes),
+            |v| format!("{v:.0}%"),
+            Some(100.0),
+        ),
+        (
+            "disk",
+            |p| pct(p.disk_used_bytes, p.disk_total_bytes),
+            |v| format!("{v:.1}%"),
+            Some(100.0),
+        ),
+        ("net rx", |p| p.net_rx_bytes_per_sec, rate, None),
+        ("net tx", |p| p.net_tx_bytes_per_sec, rate, None),
+        ("load1", |p| p.load1, |v| format!("{v:.2}"), None),
+        (
+            "connections",
+            |p| p.connections,
+            |v| format!("{v:.0}"),
+            None,
+        ),
+        ("lag", |p| p.lag_seconds, |v| format!("{v:.1}s"), None),
+    ];
+    for (name, get, fmt, top) in series {
+        let values: Vec<f64> = m.points.iter().map(get).collect();
+        let (min, max) = values
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(a, b), v| (a.min(*v), b.max(*v)));
+        let avg = values.iter().sum::<f64>() / values.len() as f64;
+        let _ = writeln!(
+            out,
+            "{name:<12} {}  min {} avg {} max {} last {}",
+            sparkline(&values, width, top),
+            fmt(min),
+            fmt(avg),
+            fmt(max),
+            fmt(*values.last().unwrap_or(&0.0))
+        );
+    }
+    out
+}
+
+fn rate(v: f64) -> String {
+    if v >= 1e6 {
+        format!("{:.1}MB/s", v / 1e6)
+    } else if v >= 1e3 {
+        format!("{:.1}kB/s", v / 1e3)
+    } else {
+        format!("{v:.0}B/s")
+    }
+}
+
+fn clock(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .map(|t| {
+            format!(
+                "{}-{:02}-{:02} {:02}:{:02}:{:02}",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second()
+            )
+        })
+        .unwrap_or_else(|_| ms.to_string())
+}
+
+/// Values as block characters on a scale from 0 to `top` (default: the
+/// largest value); at most `width` columns.
+pub fn sparkline(values: &[f64], width: usize, top: Option<f64>) -> String {
+    const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+    if values.is_empty() || width == 0 {
+        return String::new();
+    }
+    let cols = values.len().min(width);
+    let avg: Vec<f64> = (0..cols)
+        .map(|c| {
+            let (a, b) = (c * values.len() / cols, (c + 1) * values.len() / cols);
+            values[a..b.max(a + 1)].iter().sum::<f64>() / (b.max(a + 1) - a) as f64
+        })
+        .collect();
+    let lo = 0f64;
+    let hi = top.unwrap_or_else(|| avg.iter().cloned().fold(0f64, f64::max));
+    avg.iter()
+        .map(|v| {
+            if hi <= lo {
+                BARS[0]
+            } else {
+                BARS[(((v - lo) / (hi - lo)) * 7.0).round().clamp(0.0, 7.0) as usize]
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::parse_duration;
+    use corral_proto::pb;
     use std::time::Duration;
+
+    #[test]
+    fn sparklines() {
+        use super::sparkline;
+        assert_eq!(sparkline(&[0.0, 50.0, 100.0], 60, Some(100.0)), "▁▅█");
+        assert_eq!(sparkline(&[0.0, 50.0, 100.0], 60, Some(200.0)), "▁▃▅");
+        assert_eq!(sparkline(&[3.0, 3.0], 60, None), "██");
+        assert_eq!(sparkline(&[0.0, 0.0], 60, None), "▁▁");
+        assert_eq!(sparkline(&[], 60, None), "");
+        // 120 points in 60 columns: pairs averaged.
+        let v: Vec<f64> = (0..120).map(|i| if i < 60 { 0.0 } else { 10.0 }).collect();
+        let line = sparkline(&v, 60, None);
+        assert_eq!(line.chars().count(), 60);
+        assert!(line.starts_with('▁') && line.ends_with('█'));
+    }
+
+    #[test]
+    fn metrics_render() {
+        let p = |at_ms, cpu| pb::MetricsPoint {
+            at_ms,
+            cpu_percent: cpu,
+            memory_used_bytes: 1.0,
+            memory_total_bytes: 4.0,
+            ..Default::default()
+        };
+        let m = pb::NodeMetrics {
+            cluster: "c1".into(),
+            node: "vm1".into(),
+            resolution_ms: 0,
+            points: vec![p(0, 10.0), p(1000, 30.0)],
+        };
+        let text = super::render_metrics(&m, 60);
+        assert!(text.contains("2 points"), "{text}");
+        assert!(
+            text.contains("cpu          ▂▃  min 10% avg 20% max 30% last 30%"),
+            "{text}"
+        );
+        assert!(text.contains("memory       ▃▃  min 25%"), "{text}");
+        let empty = pb::NodeMetrics {
+            points: vec![],
+            ..m
+        };
+        assert!(super::render_metrics(&empty, 60).contains("no figures"));
+    }
 
     #[test]
     fn durations() {

@@ -17,15 +17,25 @@
 //!   rejoins).
 //! - [`failover`]: the failover decision, a pure function of the observed
 //!   cluster and the time.
+//! - [`config`]: the configuration file: alert rules and notification channels.
+//! - [`history`]: each node's metrics over the last hour and 7 days.
+//! - [`alerts`]: alert rules over the live fleet, and notices of events.
+//! - [`notify`]: delivery to Alertmanager, webhooks and email.
+//! - [`http`]: `/metrics` for Prometheus; the coordinator's own counters.
 //! - [`cli`]: `corralctl`, the operator CLI.
 
 pub mod agents;
+pub mod alerts;
 pub mod allowlist;
 pub mod cli;
+pub mod config;
 pub mod engines;
 pub mod failover;
 pub mod fleet;
+pub mod history;
+pub mod http;
 pub mod monitor;
+pub mod notify;
 pub mod operator;
 pub mod ops;
 pub mod secrets;
@@ -47,6 +57,10 @@ pub struct Config {
     /// What `corralctl pki init` wrote: the CA and the coordinator's certificate.
     pub pki_dir: PathBuf,
     pub listen: SocketAddr,
+    /// Where `/metrics` is served (plain HTTP); None: not served.
+    pub http_listen: Option<SocketAddr>,
+    /// The configuration file (alert rules, notification channels).
+    pub file: config::FileConfig,
 }
 
 /// Shared state of a running coordinator; every service holds an `Arc` of it.
@@ -59,9 +73,16 @@ pub struct Coordinator {
     pub agents: agents::AgentClients,
     pub ops: ops::Runner,
     pub judgements: monitor::Judgements,
+    pub history: Arc<history::History>,
+    pub alerts: alerts::Alerts,
+    pub counters: http::Counters,
+    /// The CA's and the coordinator's certificates, with their expiry.
+    pub certificates: Vec<(String, i64)>,
 }
 
 impl Coordinator {
+    /// Opens the store and starts the notification channels (inside a
+    /// tokio runtime).
     pub fn open(config: &Config) -> Result<Arc<Coordinator>> {
         std::fs::create_dir_all(&config.state_dir)
             .with_context(|| format!("creating {}", config.state_dir.display()))?;
@@ -78,6 +99,19 @@ impl Coordinator {
         };
         let store = store::Store::open(&config.state_dir.join("corral.db"))?;
         let secrets = secrets::SecretBox::load_or_create(&config.state_dir.join("secret.key"))?;
+        let history = history::History::open(&config.state_dir.join("metrics.db"))?;
+        let notifier = notify::Notifier::start(&config.file.notify)
+            .context("starting the notification channels ([notify] in the configuration file)")?;
+        let mut certificates = Vec::new();
+        for (what, pem) in [
+            ("the CA certificate", ca.cert_pem()),
+            ("the coordinator's certificate", me.cert_pem.as_str()),
+        ] {
+            match pki::not_after_ms(pem) {
+                Ok(at) => certificates.push((what.to_string(), at)),
+                Err(e) => tracing::warn!("reading the expiry of {what}: {e:#}"),
+            }
+        }
         Ok(Arc::new(Coordinator {
             store,
             fleet: fleet::Fleet::new(),
@@ -87,6 +121,10 @@ impl Coordinator {
             ca,
             ops: ops::Runner::default(),
             judgements: monitor::Judgements::default(),
+            history: Arc::new(history),
+            alerts: alerts::Alerts::new(config.file.alerts.clone(), notifier),
+            counters: http::Counters::default(),
+            certificates,
         }))
     }
 }
@@ -106,6 +144,21 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     ops::resume_unfinished(&coord);
     let monitor = tokio::spawn(monitor::run(coord.clone()));
     let failover = tokio::spawn(monitor::run_failover(coord.clone()));
+    let history = tokio::spawn(history::run(coord.history.clone()));
+    let alerts = tokio::spawn(alerts::run(coord.clone()));
+    let http = match config.http_listen {
+        Some(listen) => {
+            let c = coord.clone();
+            // Bound before serving agents: a taken port is a start-up error.
+            let listener = http::bind(listen).await?;
+            Some(tokio::spawn(async move {
+                if let Err(e) = http::serve(c, listener).await {
+                    tracing::error!("{e:#}");
+                }
+            }))
+        }
+        None => None,
+    };
 
     tracing::info!(listen = %config.listen, state_dir = %config.state_dir.display(), "coordinator serving");
     let result = tonic::transport::Server::builder()
@@ -120,5 +173,19 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         .with_context(|| format!("serving on {}", config.listen));
     monitor.abort();
     failover.abort();
+    alerts.abort();
+    history.abort();
+    if let Some(h) = http {
+        h.abort();
+    }
+    // The open minutes of metrics history are kept for the next start.
+    let h = coord.history.clone();
+    if let Err(e) = tokio::task::spawn_blocking(move || h.flush(true))
+        .await
+        .map_err(anyhow::Error::from)
+        .and_then(|r| r)
+    {
+        tracing::error!("writing the metrics history at shutdown: {e:#}");
+    }
     result
 }

@@ -588,6 +588,21 @@ fn require_running(row: &ClusterRow) -> Result<(), Status> {
     }
 }
 
+fn alert_pb(a: crate::notify::Alert, state: &str) -> pb::AlertInfo {
+    pb::AlertInfo {
+        name: a.name,
+        fingerprint: a.fingerprint,
+        state: state.to_string(),
+        severity: a.severity.as_str().to_string(),
+        labels: a.labels.into_iter().collect(),
+        summary: a.summary,
+        description: a.description,
+        started_at_ms: a.starts_at_ms,
+        ended_at_ms: a.ends_at_ms.unwrap_or_default(),
+        repeats: a.repeat,
+    }
+}
+
 fn member<'a>(nodes: &'a [NodeRow], cluster: &str, node: &str) -> Result<&'a NodeRow, Status> {
     names::validate("node", node).map_err(Status::invalid_argument)?;
     nodes.iter().find(|n| n.id == node).ok_or_else(|| {
@@ -1254,6 +1269,131 @@ impl pb::operator_server::Operator for OperatorApi {
                     message: e.message,
                 })
                 .collect(),
+        }))
+    }
+
+    async fn get_node_metrics(
+        &self,
+        req: Request<pb::GetNodeMetricsRequest>,
+    ) -> Result<Response<pb::NodeMetrics>, Status> {
+        authorize(&req, Role::Viewer)?;
+        let r = req.into_inner();
+        self.get_cluster_row(&r.cluster)?;
+        let nodes = self
+            .0
+            .store
+            .read(|c| store::nodes_of_cluster(c, &r.cluster))
+            .map_err(internal)?;
+        member(&nodes, &r.cluster, &r.node)?;
+        let now = corral_proto::now_ms();
+        let since = if r.since_ms == 0 {
+            now - 3_600_000
+        } else {
+            r.since_ms
+        };
+        if since < now - crate::history::AGG_KEEP_MS {
+            return Err(Status::invalid_argument(format!(
+                "history goes back 7 days; ask for --since 7d or less (asked for {}h)",
+                (now - since) / 3_600_000
+            )));
+        }
+        let history = self.0.history.clone();
+        let node = r.node.clone();
+        let series = tokio::task::spawn_blocking(move || history.query(&node, since, now))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(internal)?;
+        let points = series
+            .points
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let v = |k: usize| f64::from(p.v[k]);
+                let max = series.max.get(i);
+                pb::MetricsPoint {
+                    at_ms: p.at_ms,
+                    cpu_percent: v(0),
+                    memory_used_bytes: v(1),
+                    memory_total_bytes: v(2),
+                    disk_used_bytes: v(3),
+                    disk_total_bytes: v(4),
+                    net_rx_bytes_per_sec: v(5),
+                    net_tx_bytes_per_sec: v(6),
+                    load1: v(7),
+                    connections: v(8),
+                    lag_seconds: v(9),
+                    max_cpu_percent: max.map_or(v(0), |m| f64::from(m[0])),
+                    max_lag_seconds: max.map_or(v(9), |m| f64::from(m[9])),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::NodeMetrics {
+            cluster: r.cluster,
+            node: r.node,
+            resolution_ms: series.resolution_ms,
+            points,
+        }))
+    }
+
+    async fn list_alerts(
+        &self,
+        req: Request<pb::ListAlertsRequest>,
+    ) -> Result<Response<pb::ListAlertsResponse>, Status> {
+        authorize(&req, Role::Viewer)?;
+        Ok(Response::new(pb::ListAlertsResponse {
+            alerts: self
+                .0
+                .alerts
+                .active()
+                .into_iter()
+                .map(|a| alert_pb(a, "firing"))
+                .collect(),
+            channels: self
+                .0
+                .alerts
+                .notifier
+                .stats()
+                .into_iter()
+                .map(|c| pb::ChannelInfo {
+                    name: c.name,
+                    kind: c.kind.to_string(),
+                    queued: c.queued as u64,
+                    delivered: c.delivered,
+                    failed_attempts: c.failed_attempts,
+                    dropped: c.dropped,
+                    last_error: c.last_error.unwrap_or_default(),
+                    last_success_ms: c.last_success_ms.unwrap_or_default(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn list_alert_history(
+        &self,
+        req: Request<pb::ListAlertHistoryRequest>,
+    ) -> Result<Response<pb::ListAlertsResponse>, Status> {
+        authorize(&req, Role::Viewer)?;
+        let r = req.get_ref();
+        let cluster = Some(r.cluster.as_str()).filter(|s| !s.is_empty());
+        if let Some(c) = cluster {
+            self.get_cluster_row(c)?;
+        }
+        let limit = if r.limit == 0 {
+            100
+        } else {
+            r.limit.min(10_000)
+        };
+        let rows = self
+            .0
+            .store
+            .read(|c| store::alert_history(c, cluster, limit))
+            .map_err(internal)?;
+        Ok(Response::new(pb::ListAlertsResponse {
+            alerts: rows
+                .into_iter()
+                .map(|r| alert_pb(r.alert, &r.state))
+                .collect(),
+            channels: Vec::new(),
         }))
     }
 

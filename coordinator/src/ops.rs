@@ -166,24 +166,76 @@ async fn run(coord: &Arc<Coordinator>, id: &str) -> Result<()> {
         other => Err(anyhow!("unknown operation kind {other:?}")),
     };
     coord.ops.set_progress(id, None);
+    let took = format!(
+        "{:.1}s",
+        (corral_proto::now_ms() - op.created_at_ms).max(0) as f64 / 1000.0
+    );
+    let node = op_node(&op);
     match outcome {
-        Ok(()) => coord.store.tx(|tx| {
-            store::log_operation(tx, id, "done")?;
-            store::set_operation_state(tx, id, op_state::SUCCEEDED, "")
-        }),
+        Ok(()) => {
+            coord.counters.operation_finished(&op.kind, "succeeded");
+            if op.kind == FAILOVER {
+                coord
+                    .counters
+                    .failovers
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            coord.store.tx(|tx| {
+                store::log_operation(tx, id, "done")?;
+                store::set_operation_state(tx, id, op_state::SUCCEEDED, "")?;
+                // The seed's "notify you when the request is finished".
+                if crate::alerts::ANNOUNCED_OPERATIONS.contains(&op.kind.as_str()) {
+                    store::insert_event(
+                        tx,
+                        corral_proto::now_ms(),
+                        &node,
+                        &op.cluster,
+                        "operation_completed",
+                        &format!(
+                            "{} {id} (requested by {}) completed in {took}",
+                            op.kind, op.requested_by
+                        ),
+                        None,
+                    )?;
+                }
+                Ok(())
+            })
+        }
         Err(e) => {
             let msg = format!("{e:#}");
             tracing::warn!(op = %id, error = %msg, "operation failed");
+            coord.counters.operation_finished(&op.kind, "failed");
             coord.store.tx(|tx| {
                 store::log_operation(tx, id, &format!("failed: {msg}"))?;
                 store::set_operation_state(tx, id, op_state::FAILED, &msg)?;
                 if op.kind == CREATE_CLUSTER {
                     store::set_cluster_state(tx, &op.cluster, "failed")?;
                 }
+                store::insert_event(
+                    tx,
+                    corral_proto::now_ms(),
+                    &node,
+                    &op.cluster,
+                    "operation_failed",
+                    &format!(
+                        "{} {id} (requested by {}) failed after {took}: {msg} \
+                         (`corralctl operation show {id}` has its log)",
+                        op.kind, op.requested_by
+                    ),
+                    None,
+                )?;
                 Ok(())
             })
         }
     }
+}
+
+/// The node an operation is about, when it names one.
+fn op_node(op: &OperationRow) -> String {
+    serde_json::from_str::<serde_json::Value>(&op.params)
+        .ok()
+        .and_then(|p| p.get("node").and_then(|n| n.as_str()).map(str::to_string))
+        .unwrap_or_default()
 }
 
 /// One running operation and what its steps share.

@@ -98,6 +98,21 @@ CREATE TABLE IF NOT EXISTS events (
     agent_seq INTEGER,
     UNIQUE (node, agent_seq)
 );
+CREATE TABLE IF NOT EXISTS alerts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    fingerprint TEXT NOT NULL,
+    name TEXT NOT NULL,
+    severity TEXT NOT NULL,
+    -- firing, resolved, or notice (a one-shot event)
+    state TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    summary TEXT NOT NULL,
+    description TEXT NOT NULL,
+    started_at_ms INTEGER NOT NULL,
+    ended_at_ms INTEGER,
+    repeats INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS alerts_firing ON alerts(state, fingerprint);
 "#;
 
 /// Columns added after the first release: (table, column, definition).
@@ -127,6 +142,7 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
         "allowlist_version",
         "INTEGER NOT NULL DEFAULT 0",
     ),
+    ("nodes", "cert_not_after_ms", "INTEGER NOT NULL DEFAULT 0"),
 ];
 
 fn migrate(conn: &Connection) -> Result<()> {
@@ -216,6 +232,9 @@ pub struct NodeRow {
     pub cluster: Option<String>,
     pub role: String,
     pub enrolled_at_ms: i64,
+    /// When the agent's certificate expires (0: enrolled before this was
+    /// recorded).
+    pub cert_not_after_ms: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -532,10 +551,11 @@ fn node_from_row(r: &rusqlite::Row) -> rusqlite::Result<NodeRow> {
         cluster: r.get(2)?,
         role: r.get(3)?,
         enrolled_at_ms: r.get(4)?,
+        cert_not_after_ms: r.get(5)?,
     })
 }
 
-const NODE_COLS: &str = "id, address, cluster, role, enrolled_at_ms";
+const NODE_COLS: &str = "id, address, cluster, role, enrolled_at_ms, cert_not_after_ms";
 
 pub fn get_node(c: &Connection, id: &str) -> Result<Option<NodeRow>> {
     Ok(c.query_row(
@@ -564,10 +584,16 @@ pub fn nodes_of_cluster(c: &Connection, cluster: &str) -> Result<Vec<NodeRow>> {
     Ok(rows)
 }
 
-pub fn insert_node(c: &Connection, id: &str, fingerprint: &str) -> Result<()> {
+pub fn insert_node(
+    c: &Connection,
+    id: &str,
+    fingerprint: &str,
+    cert_not_after_ms: i64,
+) -> Result<()> {
     c.execute(
-        "INSERT INTO nodes (id, enrolled_at_ms, cert_fingerprint) VALUES (?1, ?2, ?3)",
-        params![id, now_ms(), fingerprint],
+        "INSERT INTO nodes (id, enrolled_at_ms, cert_fingerprint, cert_not_after_ms) \
+         VALUES (?1, ?2, ?3, ?4)",
+        params![id, now_ms(), fingerprint, cert_not_after_ms],
     )?;
     Ok(())
 }
@@ -830,6 +856,136 @@ pub fn list_events(
     Ok(rows)
 }
 
+// -------------------------------------------------------------------- alerts
+
+/// Records an alert that fired (`firing`) or a one-shot notice (`notice`).
+pub fn insert_alert(c: &Connection, a: &crate::notify::Alert, state: &str) -> Result<()> {
+    c.execute(
+        "INSERT INTO alerts (fingerprint, name, severity, state, labels, summary, description, \
+         started_at_ms, ended_at_ms, repeats) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        params![
+            a.fingerprint,
+            a.name,
+            a.severity.as_str(),
+            state,
+            serde_json::to_string(&a.labels)?,
+            a.summary,
+            a.description,
+            a.starts_at_ms,
+            a.ends_at_ms,
+            a.repeat
+        ],
+    )?;
+    Ok(())
+}
+
+pub fn alert_repeated(c: &Connection, fingerprint: &str, repeats: u32) -> Result<()> {
+    c.execute(
+        "UPDATE alerts SET repeats = ?2 WHERE state = 'firing' AND fingerprint = ?1",
+        params![fingerprint, repeats],
+    )?;
+    Ok(())
+}
+
+pub fn alert_resolved(c: &Connection, fingerprint: &str, at_ms: i64) -> Result<()> {
+    c.execute(
+        "UPDATE alerts SET state = 'resolved', ended_at_ms = ?2 \
+         WHERE state = 'firing' AND fingerprint = ?1",
+        params![fingerprint, at_ms],
+    )?;
+    Ok(())
+}
+
+/// A row of the alert history.
+#[derive(Debug, Clone)]
+pub struct AlertRow {
+    pub alert: crate::notify::Alert,
+    pub state: String,
+}
+
+fn alert_from_row(r: &rusqlite::Row) -> rusqlite::Result<AlertRow> {
+    use crate::notify::{Severity, Status};
+    let state: String = r.get(3)?;
+    let labels: String = r.get(4)?;
+    let severity = match r.get::<_, String>(2)?.as_str() {
+        "critical" => Severity::Critical,
+        "warning" => Severity::Warning,
+        _ => Severity::Info,
+    };
+    Ok(AlertRow {
+        alert: crate::notify::Alert {
+            fingerprint: r.get(0)?,
+            name: r.get(1)?,
+            severity,
+            status: if state == "firing" {
+                Status::Firing
+            } else {
+                Status::Resolved
+            },
+            labels: serde_json::from_str(&labels).unwrap_or_default(),
+            summary: r.get(5)?,
+            description: r.get(6)?,
+            starts_at_ms: r.get(7)?,
+            ends_at_ms: r.get(8)?,
+            repeat: r.get(9)?,
+        },
+        state,
+    })
+}
+
+const ALERT_COLS: &str = "fingerprint, name, severity, state, labels, summary, description, \
+                          started_at_ms, ended_at_ms, repeats";
+
+/// The alerts firing when the coordinator last stopped.
+pub fn firing_alerts(c: &Connection) -> Result<Vec<crate::notify::Alert>> {
+    let mut st = c.prepare(&format!(
+        "SELECT {ALERT_COLS} FROM alerts WHERE state = 'firing' ORDER BY id"
+    ))?;
+    let rows = st
+        .query_map([], alert_from_row)?
+        .map(|r| r.map(|a| a.alert))
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(rows)
+}
+
+/// The newest `limit` alerts and notices (of `cluster`), oldest first.
+pub fn alert_history(c: &Connection, cluster: Option<&str>, limit: u32) -> Result<Vec<AlertRow>> {
+    let mut st = c.prepare(&format!(
+        "SELECT {ALERT_COLS} FROM (SELECT * FROM alerts \
+         WHERE ?1 IS NULL OR json_extract(labels, '$.cluster') = ?1 \
+         ORDER BY id DESC LIMIT ?2) ORDER BY id"
+    ))?;
+    let rows = st
+        .query_map(params![cluster, limit], alert_from_row)?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(rows)
+}
+
+pub fn last_event_id(c: &Connection) -> Result<i64> {
+    Ok(c.query_row("SELECT coalesce(max(id), 0) FROM events", [], |r| r.get(0))?)
+}
+
+/// Events after id `after`, oldest first, at most `limit`.
+pub fn events_after(c: &Connection, after: i64, limit: u32) -> Result<Vec<EventRow>> {
+    let mut st = c.prepare_cached(
+        "SELECT id, at_ms, node, cluster, kind, message FROM events WHERE id > ?1 \
+         ORDER BY id LIMIT ?2",
+    )?;
+    let rows = st
+        .query_map(params![after, limit], |r| {
+            Ok(EventRow {
+                id: r.get(0)?,
+                at_ms: r.get(1)?,
+                node: r.get(2)?,
+                cluster: r.get(3)?,
+                kind: r.get(4)?,
+                message: r.get(5)?,
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(rows)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -845,7 +1001,7 @@ mod tests {
     fn a_failed_transaction_leaves_nothing() {
         let (s, dir) = store();
         let r: Result<()> = s.tx(|tx| {
-            insert_node(tx, "vm1", "fp")?;
+            insert_node(tx, "vm1", "fp", 0)?;
             anyhow::bail!("refused halfway")
         });
         assert!(r.is_err());
@@ -904,7 +1060,7 @@ mod tests {
     fn reopening_keeps_everything() {
         let (s, dir) = store();
         s.tx(|tx| {
-            insert_node(tx, "vm1", "fp")?;
+            insert_node(tx, "vm1", "fp", 0)?;
             insert_audit(tx, "alice", "node.enroll", "vm1", "ok")
         })
         .unwrap();

@@ -90,94 +90,114 @@ impl pb::agent_upcalls_server::AgentUpcalls for Upcalls {
         &self,
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let coord = &self.0;
-        let node = match peer_identity(&req) {
-            Ok(Identity::Node(id)) => id,
-            Ok(other) => {
-                let status = Status::permission_denied(format!(
-                    "heartbeats come from node agents; certificate {other} is not a node certificate"
-                ));
-                tracing::warn!(peer = %other, "heartbeat refused: {}", status.message());
-                return Err(status);
-            }
-            Err(status) => {
-                tracing::warn!("heartbeat refused: {}", status.message());
-                return Err(status);
-            }
-        };
-        let received = Instant::now();
-        let source = req.remote_addr().map(|a| a.ip().to_canonical());
-        let hb = req.into_inner();
-        let previous = coord.fleet.get(&node);
-        // The store is consulted only when something durable changes: the
-        // first heartbeat after a start (is this node still enrolled?), a new
-        // address, or events to record. A steady heartbeat writes nothing.
-        let known_address = previous.as_ref().map(|p| p.address.as_str());
-        if known_address != Some(hb.agent_address.as_str()) {
-            let row = coord
-                .store
-                .read(|c| store::get_node(c, &node))
-                .map_err(|e| Status::internal(format!("{e:#}")))?
-                .ok_or_else(|| {
-                    Status::permission_denied(format!("node {node} is not enrolled here"))
-                })?;
-            if row.address != hb.agent_address {
-                coord
-                    .store
-                    .read(|c| store::set_node_address(c, &node, &hb.agent_address))
-                    .map_err(|e| Status::internal(format!("{e:#}")))?;
-            }
+        use std::sync::atomic::Ordering::Relaxed;
+        let result = heartbeat(&self.0, req);
+        let counters = &self.0.counters;
+        counters.heartbeats.fetch_add(1, Relaxed);
+        if result.is_err() {
+            counters.heartbeat_errors.fetch_add(1, Relaxed);
         }
-        let mut acked = 0;
-        if !hb.events.is_empty() {
-            acked = coord
-                .store
-                .tx(|tx| {
-                    let cluster = store::get_node(tx, &node)?
-                        .and_then(|n| n.cluster)
-                        .unwrap_or_default();
-                    let mut max = 0;
-                    for ev in &hb.events {
-                        store::insert_event(
-                            tx,
-                            ev.at_ms,
-                            &node,
-                            &cluster,
-                            &ev.kind,
-                            &ev.message,
-                            Some(ev.seq),
-                        )?;
-                        max = max.max(ev.seq);
-                    }
-                    Ok(max)
-                })
-                .map_err(|e| Status::internal(format!("recording events: {e:#}")))?;
-            for ev in &hb.events {
-                tracing::info!(node = %node, kind = %ev.kind, "agent event: {}", ev.message);
-            }
-        }
-        let interval = Duration::from_millis(u64::from(hb.interval_ms.clamp(50, 60_000)));
-        let engine = hb.engine.unwrap_or_default();
-        let assignment = assign(coord, &node, &engine, received)
-            .map_err(|e| Status::internal(format!("reading the node's assignment: {e:#}")))?;
-        coord.fleet.record(
-            &node,
-            Live {
-                last_seen: received,
-                last_seen_ms: now_ms(),
-                interval,
-                address: hb.agent_address,
-                source,
-                metrics: hb.metrics.unwrap_or_default(),
-                engine,
-                engine_at: received,
-            },
-        );
-        Ok(Response::new(pb::HeartbeatResponse {
-            acked_event_seq: acked,
-            assignment,
-        }))
+        result
     }
+}
+
+/// Records a heartbeat (liveness, metrics history, agent events) and
+/// answers with the node's assignment.
+fn heartbeat(
+    coord: &Arc<Coordinator>,
+    req: Request<pb::HeartbeatRequest>,
+) -> Result<Response<pb::HeartbeatResponse>, Status> {
+    let node = match peer_identity(&req) {
+        Ok(Identity::Node(id)) => id,
+        Ok(other) => {
+            let status = Status::permission_denied(format!(
+                "heartbeats come from node agents; certificate {other} is not a node certificate"
+            ));
+            tracing::warn!(peer = %other, "heartbeat refused: {}", status.message());
+            return Err(status);
+        }
+        Err(status) => {
+            tracing::warn!("heartbeat refused: {}", status.message());
+            return Err(status);
+        }
+    };
+    let received = Instant::now();
+    let source = req.remote_addr().map(|a| a.ip().to_canonical());
+    let hb = req.into_inner();
+    let previous = coord.fleet.get(&node);
+    // The store is consulted only when something durable changes: the
+    // first heartbeat after a start (is this node still enrolled?), a new
+    // address, or events to record. A steady heartbeat writes nothing.
+    let known_address = previous.as_ref().map(|p| p.address.as_str());
+    if known_address != Some(hb.agent_address.as_str()) {
+        let row = coord
+            .store
+            .read(|c| store::get_node(c, &node))
+            .map_err(|e| Status::internal(format!("{e:#}")))?
+            .ok_or_else(|| {
+                Status::permission_denied(format!("node {node} is not enrolled here"))
+            })?;
+        if row.address != hb.agent_address {
+            coord
+                .store
+                .read(|c| store::set_node_address(c, &node, &hb.agent_address))
+                .map_err(|e| Status::internal(format!("{e:#}")))?;
+        }
+    }
+    let mut acked = 0;
+    if !hb.events.is_empty() {
+        acked = coord
+            .store
+            .tx(|tx| {
+                let cluster = store::get_node(tx, &node)?
+                    .and_then(|n| n.cluster)
+                    .unwrap_or_default();
+                let mut max = 0;
+                for ev in &hb.events {
+                    store::insert_event(
+                        tx,
+                        ev.at_ms,
+                        &node,
+                        &cluster,
+                        &ev.kind,
+                        &ev.message,
+                        Some(ev.seq),
+                    )?;
+                    max = max.max(ev.seq);
+                }
+                Ok(max)
+            })
+            .map_err(|e| Status::internal(format!("recording events: {e:#}")))?;
+        for ev in &hb.events {
+            tracing::info!(node = %node, kind = %ev.kind, "agent event: {}", ev.message);
+        }
+    }
+    let interval = Duration::from_millis(u64::from(hb.interval_ms.clamp(50, 60_000)));
+    let engine = hb.engine.unwrap_or_default();
+    let assignment = assign(coord, &node, &engine, received)
+        .map_err(|e| Status::internal(format!("reading the node's assignment: {e:#}")))?;
+    let at_ms = now_ms();
+    let metrics = hb.metrics.unwrap_or_default();
+    coord
+        .history
+        .record(&node, crate::history::Sample::of(at_ms, &metrics, &engine));
+    coord.fleet.record(
+        &node,
+        Live {
+            last_seen: received,
+            last_seen_ms: at_ms,
+            interval,
+            address: hb.agent_address,
+            source,
+            metrics,
+            engine,
+            engine_at: received,
+        },
+    );
+    Ok(Response::new(pb::HeartbeatResponse {
+        acked_event_seq: acked,
+        assignment,
+    }))
 }
 
 /// What the coordinator tells a node of a cluster in answer to a heartbeat
@@ -312,7 +332,8 @@ fn enroll(coord: &Coordinator, req: &pb::EnrollRequest) -> anyhow::Result<String
             .sign_node_csr(&req.csr_pem, &req.node_id)
             .map_err(|e| EnrollRefusal::Malformed(format!("{e:#}")))?;
         let fp = corral_proto::pki::fingerprint_pem(&cert).map_err(|e| anyhow!("{e:#}"))?;
-        store::insert_node(tx, &req.node_id, &fp)?;
+        let not_after = corral_proto::pki::not_after_ms(&cert).map_err(|e| anyhow!("{e:#}"))?;
+        store::insert_node(tx, &req.node_id, &fp, not_after)?;
         store::use_token(tx, &hash, &req.node_id)?;
         Ok(cert)
     })

@@ -9,7 +9,9 @@
 //! - [`token`]: join tokens, which also pin the CA's fingerprint.
 //! - [`tls`]: tonic TLS configuration and the pinned first contact of a new agent.
 //! - [`names`]: validation of cluster and node names, shared by every entry point.
+//! - [`exposition`]: Prometheus/OpenMetrics text for the agent's and coordinator's `/metrics`.
 
+pub mod exposition;
 pub mod identity;
 pub mod lease;
 pub mod names;

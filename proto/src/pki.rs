@@ -193,6 +193,16 @@ fn random_serial() -> Result<SerialNumber> {
 }
 
 /// SHA-256 of the first certificate in `pem`, lowercase hex.
+/// When the certificate in `pem` expires, in Unix milliseconds.
+pub fn not_after_ms(pem: &str) -> Result<i64> {
+    let (_, block) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .map_err(|e| anyhow!("reading a PEM certificate: {e}"))?;
+    let cert = block
+        .parse_x509()
+        .map_err(|e| anyhow!("parsing a certificate: {e}"))?;
+    Ok(cert.validity().not_after.timestamp() * 1000)
+}
+
 pub fn fingerprint_pem(pem: &str) -> Result<String> {
     let der = first_cert_der(pem)?;
     Ok(fingerprint_der(&der))
@@ -268,6 +278,20 @@ mod tests {
             Identity::from_cert_der(&der).unwrap(),
             Identity::Node("vm1".into())
         );
+    }
+
+    #[test]
+    fn expiry_is_read_from_the_certificate() {
+        let ca = CertAuthority::generate("t").unwrap();
+        let (csr, _) = new_csr("vm1").unwrap();
+        let leaf = ca.sign_node_csr(&csr, "vm1").unwrap();
+        let day = 86_400_000;
+        let now = crate::now_ms();
+        let leaf_days = (not_after_ms(&leaf).unwrap() - now) / day;
+        let ca_days = (not_after_ms(ca.cert_pem()).unwrap() - now) / day;
+        assert!((363..=365).contains(&leaf_days), "{leaf_days}");
+        assert!((3648..=3650).contains(&ca_days), "{ca_days}");
+        assert!(not_after_ms("not a certificate").is_err());
     }
 
     #[test]

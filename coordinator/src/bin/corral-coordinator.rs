@@ -19,7 +19,18 @@ struct Args {
     /// Address for agents and operators (mutual TLS).
     #[arg(long, env = "CORRAL_LISTEN", default_value = "0.0.0.0:7400")]
     listen: SocketAddr,
+    /// Plain-HTTP address of /metrics (Prometheus) and /healthz; "off" to
+    /// serve none. Metrics name clusters and nodes: keep it on loopback or
+    /// a monitoring network.
+    #[arg(long, env = "CORRAL_HTTP_LISTEN", default_value = "127.0.0.1:7403")]
+    http_listen: String,
+    /// Alert rules and notification channels (TOML). Default: this file
+    /// when it exists.
+    #[arg(long, env = "CORRAL_CONFIG")]
+    config: Option<PathBuf>,
 }
+
+const DEFAULT_CONFIG: &str = "/etc/corral/coordinator.toml";
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
@@ -32,10 +43,41 @@ async fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    let http_listen = match args.http_listen.as_str() {
+        "off" | "" => None,
+        a => {
+            match a.parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    eprintln!("error: --http-listen {a:?}: {e}: use HOST:PORT, e.g. 127.0.0.1:7403, or off");
+                    return std::process::ExitCode::FAILURE;
+                }
+            }
+        }
+    };
+    let config_path = args.config.or_else(|| {
+        let p = PathBuf::from(DEFAULT_CONFIG);
+        p.exists().then_some(p)
+    });
+    let file = match &config_path {
+        Some(p) => match corral_coordinator::config::FileConfig::load(p) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return std::process::ExitCode::FAILURE;
+            }
+        },
+        None => Default::default(),
+    };
+    if let Some(p) = &config_path {
+        tracing::info!(config = %p.display(), "configuration loaded");
+    }
     let config = corral_coordinator::Config {
         state_dir: args.state_dir,
         pki_dir: args.pki_dir,
         listen: args.listen,
+        http_listen,
+        file,
     };
     match corral_coordinator::run(config, shutdown_signal()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,0 +1,329 @@
+//! The coordinator's configuration file (TOML, `--config`): alert rules
+//! with their per-cluster overrides, and the notification channels.
+//!
+//! ```toml
+//! [alerts]
+//! evaluation_interval = "2s"   # how often rules are checked
+//! repeat_interval = "4h"       # reminders while an alert holds
+//!
+//! [alerts.rules]               # defaults for every cluster
+//! cpu_percent = 90
+//! cpu_for = "5m"
+//! disk_warning_percent = 85
+//!
+//! [alerts.cluster.orders]      # overrides for cluster "orders"
+//! disk_warning_percent = 70
+//!
+//! [[notify.alertmanager]]
+//! name = "am"
+//! url = "http://alertmanager:9093"
+//! ```
+//!
+//! Unknown keys are refused (a misspelt threshold must not silently keep
+//! its default), and every error names the file and the key.
+
+use crate::notify::NotifyConfig;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Deserializer};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub alerts: AlertsConfig,
+    #[serde(default)]
+    pub notify: NotifyConfig,
+}
+
+impl FileConfig {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<FileConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the configuration file {}", path.display()))?;
+        FileConfig::parse(&text).with_context(|| format!("in {}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<FileConfig> {
+        let config: FileConfig = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        config.alerts.validate()?;
+        Ok(config)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// How often the rules are evaluated.
+    #[serde(deserialize_with = "duration")]
+    pub evaluation_interval: Duration,
+    /// How often a reminder goes out while an alert holds (0: never).
+    #[serde(deserialize_with = "duration")]
+    pub repeat_interval: Duration,
+    /// How often firing alerts are re-sent to Alertmanager, which resolves
+    /// an alert it has not heard of for its `resolve_timeout` (5 minutes by
+    /// default).
+    #[serde(deserialize_with = "duration")]
+    pub alertmanager_refresh: Duration,
+    /// The defaults of every cluster.
+    pub rules: Rules,
+    /// Per-cluster overrides of [`AlertsConfig::rules`].
+    pub cluster: BTreeMap<String, RulesOverride>,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig {
+            evaluation_interval: Duration::from_secs(2),
+            repeat_interval: Duration::from_secs(4 * 3600),
+            alertmanager_refresh: Duration::from_secs(60),
+            rules: Rules::default(),
+            cluster: BTreeMap::new(),
+        }
+    }
+}
+
+impl AlertsConfig {
+    /// The rules of `cluster`: its overrides on top of the defaults.
+    pub fn rules_for(&self, cluster: &str) -> Rules {
+        match self.cluster.get(cluster) {
+            Some(o) => o.apply(&self.rules),
+            None => self.rules.clone(),
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.evaluation_interval < Duration::from_millis(100) {
+            bail!("alerts.evaluation_interval must be at least 100ms");
+        }
+        if !self.alertmanager_refresh.is_zero()
+            && self.alertmanager_refresh < Duration::from_secs(1)
+        {
+            bail!("alerts.alertmanager_refresh must be at least 1s");
+        }
+        self.rules.validate("alerts.rules")?;
+        for (name, o) in &self.cluster {
+            o.apply(&self.rules)
+                .validate(&format!("alerts.cluster.{name}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Thresholds of the alert rules. A percentage of 0 turns its rule off.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Rules {
+    /// How long a node's heartbeats must be missing (beyond the three
+    /// intervals that make it down) before `node_down` fires.
+    #[serde(deserialize_with = "duration")]
+    pub node_down_for: Duration,
+    /// How long a node that is up must report its engine stopped or not
+    /// answering before `engine_down` fires.
+    #[serde(deserialize_with = "duration")]
+    pub engine_down_for: Duration,
+    pub cpu_percent: f64,
+    #[serde(deserialize_with = "duration")]
+    pub cpu_for: Duration,
+    pub memory_percent: f64,
+    #[serde(deserialize_with = "duration")]
+    pub memory_for: Duration,
+    pub disk_warning_percent: f64,
+    pub disk_critical_percent: f64,
+    /// A replica further behind than this many seconds (0: off).
+    pub replication_lag_seconds: f64,
+    #[serde(deserialize_with = "duration")]
+    pub replication_lag_for: Duration,
+    /// Certificates expiring within this many days.
+    pub certificate_expiry_days: u32,
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Rules {
+            node_down_for: Duration::ZERO,
+            engine_down_for: Duration::from_secs(5),
+            cpu_percent: 90.0,
+            cpu_for: Duration::from_secs(5 * 60),
+            memory_percent: 90.0,
+            memory_for: Duration::from_secs(2 * 60),
+            disk_warning_percent: 85.0,
+            disk_critical_percent: 95.0,
+            replication_lag_seconds: 30.0,
+            replication_lag_for: Duration::from_secs(60),
+            certificate_expiry_days: 30,
+        }
+    }
+}
+
+impl Rules {
+    fn validate(&self, at: &str) -> Result<()> {
+        for (key, v) in [
+            ("cpu_percent", self.cpu_percent),
+            ("memory_percent", self.memory_percent),
+            ("disk_warning_percent", self.disk_warning_percent),
+            ("disk_critical_percent", self.disk_critical_percent),
+        ] {
+            if !(0.0..=100.0).contains(&v) {
+                bail!("{at}.{key} = {v}: a percentage from 0 (rule off) to 100");
+            }
+        }
+        if self.replication_lag_seconds < 0.0 || !self.replication_lag_seconds.is_finite() {
+            bail!("{at}.replication_lag_seconds must be 0 (off) or more");
+        }
+        if self.disk_critical_percent > 0.0
+            && self.disk_warning_percent > 0.0
+            && self.disk_warning_percent >= self.disk_critical_percent
+        {
+            bail!(
+                "{at}: disk_warning_percent ({}) must be below disk_critical_percent ({})",
+                self.disk_warning_percent,
+                self.disk_critical_percent
+            );
+        }
+        Ok(())
+    }
+}
+
+/// [`Rules`] with every key optional: what a cluster overrides.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RulesOverride {
+    #[serde(deserialize_with = "opt_duration")]
+    pub node_down_for: Option<Duration>,
+    #[serde(deserialize_with = "opt_duration")]
+    pub engine_down_for: Option<Duration>,
+    pub cpu_percent: Option<f64>,
+    #[serde(deserialize_with = "opt_duration")]
+    pub cpu_for: Option<Duration>,
+    pub memory_percent: Option<f64>,
+    #[serde(deserialize_with = "opt_duration")]
+    pub memory_for: Option<Duration>,
+    pub disk_warning_percent: Option<f64>,
+    pub disk_critical_percent: Option<f64>,
+    pub replication_lag_seconds: Option<f64>,
+    #[serde(deserialize_with = "opt_duration")]
+    pub replication_lag_for: Option<Duration>,
+    pub certificate_expiry_days: Option<u32>,
+}
+
+impl RulesOverride {
+    pub fn apply(&self, base: &Rules) -> Rules {
+        Rules {
+            node_down_for: self.node_down_for.unwrap_or(base.node_down_for),
+            engine_down_for: self.engine_down_for.unwrap_or(base.engine_down_for),
+            cpu_percent: self.cpu_percent.unwrap_or(base.cpu_percent),
+            cpu_for: self.cpu_for.unwrap_or(base.cpu_for),
+            memory_percent: self.memory_percent.unwrap_or(base.memory_percent),
+            memory_for: self.memory_for.unwrap_or(base.memory_for),
+            disk_warning_percent: self
+                .disk_warning_percent
+                .unwrap_or(base.disk_warning_percent),
+            disk_critical_percent: self
+                .disk_critical_percent
+                .unwrap_or(base.disk_critical_percent),
+            replication_lag_seconds: self
+                .replication_lag_seconds
+                .unwrap_or(base.replication_lag_seconds),
+            replication_lag_for: self.replication_lag_for.unwrap_or(base.replication_lag_for),
+            certificate_expiry_days: self
+                .certificate_expiry_days
+                .unwrap_or(base.certificate_expiry_days),
+        }
+    }
+}
+
+/// A duration as people write it: `90s`, `5m`, `4h`, `7d`, `250ms`, `0`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || {
+        format!("invalid duration {s:?}: use a number with ms, s, m, h or d, e.g. 30s, 5m or 4h")
+    };
+    let s = s.trim();
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let ms = match unit {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        "d" => n.checked_mul(86_400_000),
+        _ => return Err(bad()),
+    };
+    ms.map(Duration::from_millis).ok_or_else(bad)
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c = FileConfig::parse(
+            r#"
+            [alerts]
+            repeat_interval = "30m"
+            [alerts.rules]
+            cpu_percent = 80
+            cpu_for = "90s"
+            [alerts.cluster.orders]
+            disk_warning_percent = 70
+            cpu_for = "10s"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.alerts.repeat_interval, Duration::from_secs(1800));
+        assert_eq!(c.alerts.evaluation_interval, Duration::from_secs(2));
+        let d = c.alerts.rules_for("other");
+        assert_eq!(d.cpu_percent, 80.0);
+        assert_eq!(d.cpu_for, Duration::from_secs(90));
+        assert_eq!(d.disk_warning_percent, 85.0);
+        let o = c.alerts.rules_for("orders");
+        assert_eq!(o.disk_warning_percent, 70.0);
+        assert_eq!(o.cpu_for, Duration::from_secs(10));
+        assert_eq!(o.cpu_percent, 80.0);
+        assert_eq!(
+            FileConfig::parse("").unwrap().alerts.rules,
+            Rules::default()
+        );
+    }
+
+    #[test]
+    fn mistakes_are_refused_naming_the_key() {
+        let err = |t: &str| format!("{:#}", FileConfig::parse(t).unwrap_err());
+        assert!(err("[alerts.rules]\ncpu_percnt = 5").contains("cpu_percnt"));
+        assert!(err("[alerts.rules]\ncpu_percent = 150").contains("alerts.rules.cpu_percent"));
+        assert!(err("[alerts.rules]\ncpu_for = \"5 minutes\"").contains("invalid duration"));
+        let e = err("[alerts.cluster.c1]\ndisk_warning_percent = 97");
+        assert!(
+            e.contains("alerts.cluster.c1") && e.contains("below"),
+            "{e}"
+        );
+        assert!(err("[alerts]\nevaluation_interval = \"1ms\"").contains("at least 100ms"));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2d").unwrap(), Duration::from_secs(172800));
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        for bad in ["", "5", "m", "5x", "-1s", "99999999999999999999d"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+}
