@@ -17,6 +17,7 @@
 //!   rejoins).
 //! - [`failover`]: the failover decision, a pure function of the observed
 //!   cluster and the time.
+//! - [`notify`]: notification channels: Alertmanager, signed webhook, email.
 //! - [`cli`]: `corralctl`, the operator CLI.
 
 pub mod agents;
@@ -26,6 +27,7 @@ pub mod engines;
 pub mod failover;
 pub mod fleet;
 pub mod monitor;
+pub mod notify;
 pub mod operator;
 pub mod ops;
 pub mod secrets;
