@@ -963,7 +963,11 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     let mut source = e.source();
     while let Some(cause) = source {
         let c = cause.to_string();
-        if !s.contains(&c) {
+        // Some errors repeat their cause in their own message, some the
+        // other way round: keep each piece once.
+        if c.contains(&s) {
+            s = c;
+        } else if !s.contains(&c) {
             s.push_str(": ");
             s.push_str(&c);
         }
