@@ -17,6 +17,7 @@
 //!   rejoins).
 //! - [`failover`]: the failover decision, a pure function of the observed
 //!   cluster and the time.
+//! - [`logs`]: `corralctl logs`: a node's log relayed from its agent.
 //! - [`cli`]: `corralctl`, the operator CLI.
 
 pub mod agents;
@@ -25,6 +26,7 @@ pub mod cli;
 pub mod engines;
 pub mod failover;
 pub mod fleet;
+pub mod logs;
 pub mod monitor;
 pub mod operator;
 pub mod ops;
