@@ -17,6 +17,8 @@
 //! - [`server`]: the agent's gRPC API (only the coordinator may call it)
 //!   and the peer API (only other nodes may call it).
 //! - [`health`]: plain-HTTP health endpoints for load balancers.
+//! - [`logs`]: the agent's own log file, and reading it and the engine's
+//!   log for `corralctl logs`.
 
 pub mod engine;
 pub mod enroll;
@@ -25,6 +27,7 @@ pub mod firewall;
 pub mod health;
 pub mod heartbeat;
 pub mod lease;
+pub mod logs;
 pub mod metrics;
 pub mod peers;
 pub mod server;

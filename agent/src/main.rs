@@ -1,7 +1,7 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use corral_agent::{
-    engine, enroll, events, firewall, health, heartbeat, metrics, peers, server, Config,
+    engine, enroll, events, firewall, health, heartbeat, logs, metrics, peers, server, Config,
 };
 use corral_proto::pb;
 use std::net::SocketAddr;
@@ -62,14 +62,8 @@ const DEFAULT_HEALTH_PORT: u16 = 7402;
 #[tokio::main]
 async fn main() -> ExitCode {
     corral_proto::tls::install_crypto_provider();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CORRAL_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
+    init_tracing(&args.state_dir);
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -80,6 +74,36 @@ async fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
+    }
+}
+
+/// Logs to stderr (journald under systemd) and to
+/// `<state_dir>/log/agent.log` (see [`logs::writer`]), both stamped with
+/// RFC 3339 UTC times. Without the file (say, a read-only state directory)
+/// the agent still runs, logging to stderr alone.
+fn init_tracing(state_dir: &std::path::Path) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let path = logs::writer::agent_log(state_dir);
+    let (file, file_error) =
+        match logs::writer::RotatingFile::open(path.clone(), logs::writer::MAX_BYTES) {
+            Ok(f) => (Some(f), None),
+            Err(e) => (None, Some(e)),
+        };
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::EnvFilter::try_from_env("CORRAL_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(file.map(|f| {
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(f)
+        }))
+        .init();
+    if let Some(e) = file_error {
+        tracing::warn!("not logging to {}: {e}", path.display());
     }
 }
 
@@ -213,6 +237,7 @@ async fn run(args: Args) -> Result<()> {
     let result = tonic::transport::Server::builder()
         .add_service(pb::agent_server::AgentServer::new(server::AgentApi {
             engine: engine.clone(),
+            agent_log: logs::writer::agent_log(&config.state_dir),
         }))
         .add_service(pb::peer_server::PeerServer::new(server::PeerApi { engine }))
         .serve_with_incoming_shutdown(incoming, shutdown_signal())

@@ -8,6 +8,7 @@
 //! waits for it and then finds the work done instead of doing it twice.
 
 use crate::engine::{Conflict, Engine, EngineSpec, Promotion};
+use crate::logs::{self, read::Query, stamp::Family};
 use corral_proto::identity::{peer_identity, Identity};
 use corral_proto::pb;
 use std::future::Future;
@@ -16,6 +17,8 @@ use tonic::{Request, Response, Status};
 
 pub struct AgentApi {
     pub engine: Arc<Engine>,
+    /// The agent's own log file ([`crate::logs::writer::agent_log`]).
+    pub agent_log: std::path::PathBuf,
 }
 
 fn require_coordinator<T>(req: &Request<T>) -> Result<(), Status> {
@@ -53,6 +56,8 @@ async fn detached<T: Send + 'static>(
 
 #[tonic::async_trait]
 impl pb::agent_server::Agent for AgentApi {
+    type StreamLogsStream = logs::LogStream;
+
     async fn configure_engine(
         &self,
         req: Request<pb::ConfigureEngineRequest>,
@@ -131,6 +136,45 @@ impl pb::agent_server::Agent for AgentApi {
             Ok(pb::DecommissionResponse {})
         })
         .await
+    }
+
+    async fn stream_logs(
+        &self,
+        req: Request<pb::StreamLogsRequest>,
+    ) -> Result<Response<Self::StreamLogsStream>, Status> {
+        require_coordinator(&req)?;
+        let r = req.into_inner();
+        let (path, family) = match pb::LogSource::try_from(r.source) {
+            Ok(pb::LogSource::Agent) => (self.agent_log.clone(), Family::Agent),
+            Ok(pb::LogSource::Engine | pb::LogSource::Unspecified) => {
+                let Some((engine, path)) = self.engine.log_file() else {
+                    return Err(Status::failed_precondition(
+                        "this node runs no engine yet, so it has no engine log; \
+                         --agent shows the agent's own log",
+                    ));
+                };
+                let family = Family::of_engine(&engine).ok_or_else(|| {
+                    Status::internal(format!("no log format known for engine {engine:?}"))
+                })?;
+                (path, family)
+            }
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown log source {}",
+                    r.source
+                )))
+            }
+        };
+        if r.since_ms < 0 {
+            return Err(Status::invalid_argument("since_ms must not be negative"));
+        }
+        tracing::debug!(log = %path.display(), since_ms = r.since_ms, tail = r.tail, follow = r.follow, "stream logs");
+        let q = Query {
+            since_ms: r.since_ms,
+            tail: r.tail,
+            follow: r.follow,
+        };
+        Ok(Response::new(logs::serve(path, family, q)))
     }
 }
 

@@ -66,6 +66,29 @@ enum Command {
     Alerts(AlertsCmd),
     /// Show who the configured certificate says you are.
     Whoami,
+    /// A node's engine log (default) or agent log, from its VM.
+    ///
+    /// The last 100 lines unless --since or --tail says otherwise; with
+    /// --follow, then new lines as they are written, until Ctrl-C.
+    Logs {
+        cluster: String,
+        node: String,
+        /// The engine's server log (the default).
+        #[arg(long, conflicts_with = "agent")]
+        engine: bool,
+        /// The agent's own log instead.
+        #[arg(long)]
+        agent: bool,
+        /// Only lines written in this last while: 30s, 10m, 2h, 1d.
+        #[arg(long, value_parser = parse_duration)]
+        since: Option<Duration>,
+        /// The last N lines (of those since --since, if given).
+        #[arg(long)]
+        tail: Option<u32>,
+        /// Keep printing new lines as they are written.
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -1429,6 +1452,40 @@ async fn run(api: &mut OperatorClient<Channel>, command: Command, json: bool) ->
             }
             println!("{}", alerts_table(&r.alerts, true));
         }
+        Command::Logs {
+            cluster,
+            node,
+            engine: _,
+            agent,
+            since,
+            tail,
+            follow,
+        } => {
+            let source = if agent {
+                pb::LogSource::Agent
+            } else {
+                pb::LogSource::Engine
+            };
+            let since_ms = match since {
+                Some(d) => corral_proto::now_ms()
+                    .saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+                    .max(1),
+                None => 0,
+            };
+            let stream = api
+                .logs(pb::LogsRequest {
+                    cluster,
+                    node: node.clone(),
+                    source: source as i32,
+                    since_ms,
+                    tail: tail.unwrap_or(0),
+                    follow,
+                })
+                .await?
+                .into_inner();
+            let source = if agent { "agent" } else { "engine" };
+            print_logs(stream, &node, source, json).await?;
+        }
     }
     Ok(())
 }
@@ -1606,6 +1663,68 @@ pub fn sparkline(values: &[f64], width: usize, top: Option<f64>) -> String {
         .collect()
 }
 
+/// Prints log chunks as they arrive, each flushed at once; ends at the end
+/// of the stream, on Ctrl-C (a follow's normal end) or when stdout is
+/// closed (`| head`).
+async fn print_logs(
+    mut stream: tonic::Streaming<pb::LogLines>,
+    node: &str,
+    source: &str,
+    json: bool,
+) -> Result<()> {
+    use std::io::Write;
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    loop {
+        let chunk = tokio::select! {
+            chunk = stream.message() => chunk?,
+            _ = &mut ctrl_c => None,
+        };
+        let Some(chunk) = chunk else { break };
+        let mut write = || -> std::io::Result<()> {
+            for line in &chunk.lines {
+                if json {
+                    let at = (line.at_ms > 0).then(|| rfc3339_ms(line.at_ms));
+                    let v = serde_json::json!({
+                        "at": at,
+                        "node": node,
+                        "source": source,
+                        "text": line.text,
+                    });
+                    writeln!(out, "{v}")?;
+                } else {
+                    writeln!(out, "{}", line.text)?;
+                }
+            }
+            out.flush()
+        };
+        match write() {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(e) => return Err(e).context("writing to stdout"),
+        }
+    }
+    Ok(())
+}
+
+/// Unix milliseconds as RFC 3339 UTC, e.g. `2026-11-26T01:32:42.123Z`.
+fn rfc3339_ms(ms: i64) -> String {
+    match time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000) {
+        Ok(t) => format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second(),
+            t.millisecond()
+        ),
+        Err(_) => ms.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::parse_duration;
@@ -1659,10 +1778,23 @@ mod tests {
     #[test]
     fn durations() {
         assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
         assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
         assert_eq!(parse_duration("2d").unwrap(), Duration::from_secs(172800));
         for bad in ["", "h", "10", "5w", "-1h"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
+    }
+}
+
+#[cfg(test)]
+mod log_tests {
+    #[test]
+    fn log_times_print_as_rfc3339() {
+        assert_eq!(
+            super::rfc3339_ms(1_795_656_762_123),
+            "2026-11-26T01:32:42.123Z"
+        );
+        assert_eq!(super::rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
     }
 }

@@ -22,6 +22,7 @@
 //! - [`alerts`]: alert rules over the live fleet, and notices of events.
 //! - [`notify`]: delivery to Alertmanager, webhooks and email.
 //! - [`http`]: `/metrics` for Prometheus; the coordinator's own counters.
+//! - [`logs`]: `corralctl logs`: a node's log relayed from its agent.
 //! - [`cli`]: `corralctl`, the operator CLI.
 
 pub mod agents;
@@ -34,6 +35,7 @@ pub mod failover;
 pub mod fleet;
 pub mod history;
 pub mod http;
+pub mod logs;
 pub mod monitor;
 pub mod notify;
 pub mod operator;

@@ -2,7 +2,9 @@
 //!
 //! Every request is authorised by the role in the caller's certificate
 //! (viewer < operator < admin). Every mutating request, and every read of a
-//! secret, leaves an audit row with its result, refusals included.
+//! secret, leaves an audit row with its result, refusals included. Reading
+//! a node's logs counts as a read of a secret: a failed statement is logged
+//! with its text, values (and passwords) included.
 
 use crate::fleet::Liveness;
 use crate::store::{self, ClusterRow, NodeRow, OperationRow};
@@ -669,6 +671,8 @@ pub fn host_of(address: &str) -> &str {
 
 #[tonic::async_trait]
 impl pb::operator_server::Operator for OperatorApi {
+    type LogsStream = crate::logs::LogsStream;
+
     async fn who_am_i(
         &self,
         req: Request<pb::WhoAmIRequest>,
@@ -1511,6 +1515,24 @@ impl pb::operator_server::Operator for OperatorApi {
                 })
                 .collect(),
         }))
+    }
+
+    async fn logs(
+        &self,
+        req: Request<pb::LogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
+        let r = req.get_ref().clone();
+        let source = match pb::LogSource::try_from(r.source) {
+            Ok(pb::LogSource::Agent) => "agent",
+            _ => "engine",
+        };
+        let target = format!("cluster {} node {} {source} log", r.cluster, r.node);
+        let who = self.authorize_audited(&req, Role::Operator, "node.logs", &target)?;
+        let outcome = crate::logs::relay(&self.0, r).await;
+        // One row per request, when the stream opens (or is refused), not
+        // when it ends: a follow may last hours.
+        self.audited(&who, "node.logs", &target, || outcome)
+            .map(Response::new)
     }
 }
 

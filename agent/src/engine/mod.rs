@@ -434,7 +434,8 @@ pub trait Driver: Send + Sync + 'static {
     async fn wipe(&self) -> Result<()>;
     /// Removes what [`Driver::save_secrets`] wrote (leaving the cluster).
     fn forget_secrets(&self) -> Result<()>;
-    /// Where the engine's own log goes, for error messages.
+    /// Where the engine's own log goes, for error messages and for
+    /// `corralctl logs`.
     fn log_path(&self) -> PathBuf;
 }
 
@@ -626,6 +627,13 @@ impl Engine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// The engine this node runs (by name) and where its server log is;
+    /// None before the coordinator configured one.
+    pub fn log_file(&self) -> Option<(String, PathBuf)> {
+        let spec = self.spec()?;
+        Some((spec.engine, self.driver().log_path()))
     }
 
     /// Switches to the driver of `engine`.

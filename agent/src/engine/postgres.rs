@@ -132,7 +132,10 @@ impl Postgres {
              password_encryption = 'scram-sha-256'\n\
              cluster_name = {cluster}\n\
              logging_collector = off\n\
+             # Every line stamped to the millisecond, in UTC: `corralctl logs`\n\
+             # reads these stamps (logs::stamp).\n\
              log_line_prefix = '%m [%p] %q%u@%d '\n\
+             log_timezone = 'UTC'\n\
              log_connections = on\n\
              # Replication.\n\
              wal_level = replica\n\
