@@ -15,6 +15,7 @@ PACKAGES=(
     stress-ng                       # failover tests under CPU load
     prometheus-alertmanager         # alert tests deliver to a real Alertmanager
     python3-aiosmtpd                # alert tests deliver email to a real SMTP server
+    python3-prometheus-client       # tests parse /metrics with an independent parser
 )
 
 if [[ $(id -u) != 0 ]]; then

@@ -20,6 +20,10 @@ for br in $(ip -o link show type bridge | awk -F': ' '{print $2}' | grep -E '^cr
     for veth in $(ip -o link show | awk -F': ' '{print $2}' | cut -d@ -f1 | grep -E "^crl${k}h" || true); do
         ip link del "$veth" 2>/dev/null || true
     done
+    # Filesystems a test mounted for a VM's data (small disks).
+    for m in $(awk -v d="/tmp/corral-tests/lab-$k/" 'index($2, d) == 1 {print $2}' /proc/mounts); do
+        umount -l "$m" 2>/dev/null || true
+    done
     ip link del "$br" 2>/dev/null || true
     rm -f "$pidfile"
 done

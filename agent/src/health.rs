@@ -10,6 +10,10 @@
 //!   position unit (PostgreSQL: bytes of WAL, default 16 MiB; MariaDB:
 //!   transactions, default 1,000); 503 otherwise.
 //! - `GET /health`: 200 when the engine runs and answers.
+//! - `GET /metrics`: this node's resource and engine figures for
+//!   Prometheus (OpenMetrics text; the same `corral_node_*` and
+//!   `corral_engine_*` names as the coordinator's `/metrics`), and the
+//!   agent's heartbeat counters.
 //!
 //! Every answer carries a small JSON body with the node's role, state, term
 //! and lease, for people reading it with curl. The endpoints reveal no
@@ -114,14 +118,75 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .with_state(engine)
 }
 
+/// What `/metrics` reads.
+#[derive(Clone)]
+pub struct Exporter {
+    pub engine: Arc<Engine>,
+    pub telemetry: Arc<crate::metrics::Telemetry>,
+    pub node: String,
+}
+
+impl Exporter {
+    pub fn render(&self) -> String {
+        use corral_proto::exposition::{node_and_engine, Exposition, NodeSeries};
+        use std::sync::atomic::Ordering::Relaxed;
+        let status = self.engine.status();
+        let metrics = self.telemetry.last();
+        let mut e = Exposition::default();
+        node_and_engine(
+            &mut e,
+            &[NodeSeries {
+                labels: [
+                    ("cluster", status.cluster.as_str()),
+                    ("node", self.node.as_str()),
+                    ("role", status.role.as_str()),
+                    ("engine", status.engine.as_str()),
+                ],
+                metrics: metrics.as_ref(),
+                engine: Some(&status),
+            }],
+        );
+        e.counter(
+            "corral_agent_heartbeats",
+            "Heartbeats the coordinator answered since the agent started.",
+        )
+        .add(&[], self.telemetry.heartbeats_ok.load(Relaxed) as f64);
+        e.counter(
+            "corral_agent_heartbeat_failures",
+            "Heartbeats refused or unanswered since the agent started.",
+        )
+        .add(&[], self.telemetry.heartbeats_failed.load(Relaxed) as f64);
+        e.render()
+    }
+}
+
+async fn metrics(State(x): State<Exporter>) -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            corral_proto::exposition::CONTENT_TYPE,
+        )],
+        x.render(),
+    )
+}
+
 /// Serves the endpoints on `addr` until the process ends.
-pub async fn serve(addr: std::net::SocketAddr, engine: Arc<Engine>) -> anyhow::Result<()> {
+pub async fn serve(
+    addr: std::net::SocketAddr,
+    engine: Arc<Engine>,
+    exporter: Exporter,
+) -> anyhow::Result<()> {
     use anyhow::Context;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("listening for health checks on {addr}"))?;
-    tracing::info!(%addr, "health endpoints: /primary /replica /health");
-    axum::serve(listener, router(engine))
+    tracing::info!(%addr, "health endpoints: /primary /replica /health /metrics");
+    let app = router(engine).merge(
+        Router::new()
+            .route("/metrics", get(metrics))
+            .with_state(exporter),
+    );
+    axum::serve(listener, app)
         .await
         .context("serving the health endpoints")
 }

@@ -31,6 +31,7 @@ pub struct Heartbeat {
     /// host:port advertised for the agent's API.
     pub address: String,
     pub sampler: Sampler,
+    pub telemetry: Arc<crate::metrics::Telemetry>,
     pub engine: Arc<Engine>,
     pub events: Arc<Events>,
 }
@@ -59,19 +60,22 @@ impl Heartbeat {
             next = tokio::time::Instant::now() + interval;
             let asked_at = BootTime::now();
             let _ = tokio::time::timeout(REFRESH_TIMEOUT, self.engine.refresh()).await;
+            let sample = self.sampler.sample();
+            self.telemetry.sampled(sample);
             let request = pb::HeartbeatRequest {
                 agent_address: self.address.clone(),
                 interval_ms: interval.as_millis() as u32,
-                metrics: Some(self.sampler.sample()),
+                metrics: Some(sample),
                 engine: Some(self.engine.status()),
                 events: self.events.pending(),
                 agent_version: env!("CARGO_PKG_VERSION").to_string(),
             };
             let mut client = self.client.clone();
-            let (engine, events, failing) = (
+            let (engine, events, failing, telemetry) = (
                 self.engine.clone(),
                 self.events.clone(),
                 failing_since.clone(),
+                self.telemetry.clone(),
             );
             // An answer later than the lease is of no use; a stuck call
             // must not pile up.
@@ -85,6 +89,11 @@ impl Heartbeat {
                         engine.on_assignment(a, asked_at);
                     }
                 }
+                let counter = match &answer {
+                    Ok(Ok(_)) => &telemetry.heartbeats_ok,
+                    _ => &telemetry.heartbeats_failed,
+                };
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let mut failing = failing.lock().unwrap_or_else(|p| p.into_inner());
                 match answer {
                     Ok(Ok(_)) => {

@@ -208,11 +208,13 @@ async fn run(args: Args) -> Result<()> {
         corral_proto::pki::COORDINATOR_DNS,
     );
     let channel = corral_proto::tls::channel(&config.coordinator, tls, Duration::from_secs(5))?;
+    let telemetry = Arc::new(metrics::Telemetry::default());
     let heartbeat = heartbeat::Heartbeat {
         client: pb::agent_upcalls_client::AgentUpcallsClient::new(channel),
         interval: config.heartbeat_interval,
         address: config.listen.to_string(),
         sampler: metrics::Sampler::new(config.state_dir.clone())?,
+        telemetry: telemetry.clone(),
         engine: engine.clone(),
         events,
     };
@@ -224,9 +226,14 @@ async fn run(args: Args) -> Result<()> {
     ));
     let rounds = tokio::spawn(peers.run(engine.clone()));
     let health_addr = config.health_listen;
+    let exporter = health::Exporter {
+        engine: engine.clone(),
+        telemetry,
+        node: identity.info.node_id.clone(),
+    };
     let health_engine = engine.clone();
     let health = tokio::spawn(async move {
-        if let Err(e) = health::serve(health_addr, health_engine).await {
+        if let Err(e) = health::serve(health_addr, health_engine, exporter).await {
             tracing::error!("{e:#}");
         }
     });

@@ -2,8 +2,29 @@
 
 use corral_proto::pb::Metrics;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::Mutex;
 use std::time::Instant;
 use sysinfo::{Networks, System};
+
+/// What the agent's `/metrics` shows besides the engine's status: the last
+/// sample sent with a heartbeat, and how heartbeats fare.
+#[derive(Default)]
+pub struct Telemetry {
+    last: Mutex<Option<Metrics>>,
+    pub heartbeats_ok: AtomicU64,
+    pub heartbeats_failed: AtomicU64,
+}
+
+impl Telemetry {
+    pub fn sampled(&self, m: Metrics) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(m);
+    }
+
+    pub fn last(&self) -> Option<Metrics> {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
 
 /// Keeps what rates need between samples: CPU times and network counters.
 pub struct Sampler {

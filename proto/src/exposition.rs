@@ -13,6 +13,8 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+use crate::pb;
+
 /// The Content-Type of [`Exposition::render`]'s text.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -111,6 +113,142 @@ impl Collector for Families {
             }
         }
         Ok(())
+    }
+}
+
+/// One node's series: its labels (cluster, node, role, engine) and what it
+/// last reported.
+pub struct NodeSeries<'a> {
+    pub labels: [(&'static str, &'a str); 4],
+    pub metrics: Option<&'a pb::Metrics>,
+    pub engine: Option<&'a pb::EngineStatus>,
+}
+
+/// The node (`corral_node_*`) and engine (`corral_engine_*`) families, the
+/// same on the agent's `/metrics` (its own node) and the coordinator's
+/// (every node).
+pub fn node_and_engine(e: &mut Exposition, rows: &[NodeSeries]) {
+    type Get = fn(&pb::Metrics) -> f64;
+    let gauges: [(&str, &str, Get); 10] = [
+        ("corral_node_cpu_usage_ratio", "CPU in use, 0 to 1.", |m| {
+            m.cpu_percent / 100.0
+        }),
+        ("corral_node_memory_used_bytes", "Memory in use.", |m| {
+            m.memory_used_bytes as f64
+        }),
+        ("corral_node_memory_total_bytes", "Memory installed.", |m| {
+            m.memory_total_bytes as f64
+        }),
+        (
+            "corral_node_disk_used_bytes",
+            "Used space of the filesystem holding the engine's data.",
+            |m| m.disk_used_bytes as f64,
+        ),
+        (
+            "corral_node_disk_total_bytes",
+            "Size of the filesystem holding the engine's data.",
+            |m| m.disk_total_bytes as f64,
+        ),
+        (
+            "corral_node_network_receive_bytes_per_second",
+            "Bytes received per second over the last heartbeat interval (all interfaces but lo).",
+            |m| m.net_rx_bytes_per_sec,
+        ),
+        (
+            "corral_node_network_transmit_bytes_per_second",
+            "Bytes sent per second over the last heartbeat interval (all interfaces but lo).",
+            |m| m.net_tx_bytes_per_sec,
+        ),
+        ("corral_node_load1", "Load average over 1 minute.", |m| {
+            m.load1
+        }),
+        ("corral_node_load5", "Load average over 5 minutes.", |m| {
+            m.load5
+        }),
+        ("corral_node_load15", "Load average over 15 minutes.", |m| {
+            m.load15
+        }),
+    ];
+    for (name, help, get) in gauges {
+        let f = e.gauge(name, help);
+        for r in rows {
+            if let Some(m) = r.metrics {
+                f.add(&r.labels, get(m));
+            }
+        }
+    }
+    let engine_rows: Vec<(&NodeSeries, &pb::EngineStatus)> = rows
+        .iter()
+        .filter_map(|r| {
+            r.engine
+                .filter(|s| !s.engine.is_empty() && s.state != pb::EngineState::None as i32)
+                .map(|s| (r, s))
+        })
+        .collect();
+    let f = e.gauge(
+        "corral_engine_up",
+        "1 while the engine runs and answers its health query.",
+    );
+    for (r, s) in &engine_rows {
+        let up = s.state == pb::EngineState::Running as i32 && s.healthy;
+        f.add(&r.labels, if up { 1.0 } else { 0.0 });
+    }
+    let f = e.gauge(
+        "corral_engine_info",
+        "The engine's version and the role it reports itself (1).",
+    );
+    for (r, s) in &engine_rows {
+        let state = pb::EngineState::try_from(s.state).map_or("unknown", pb::EngineState::label);
+        let mut labels = r.labels.to_vec();
+        labels.extend([
+            ("version", s.version.as_str()),
+            ("reported_role", s.role.as_str()),
+            ("state", state),
+        ]);
+        f.add(&labels, 1.0);
+    }
+    let f = e.counter(
+        "corral_engine_restarts",
+        "Times the agent's supervisor restarted the engine since the agent started.",
+    );
+    for (r, s) in &engine_rows {
+        f.add(&r.labels, s.restarts as f64);
+    }
+    let stats: [(&str, &str, &str); 6] = [
+        (
+            "connections",
+            "corral_engine_connections",
+            "Client connections open.",
+        ),
+        (
+            "lag_seconds",
+            "corral_engine_replication_lag_seconds",
+            "How far a replica's replay is behind its primary.",
+        ),
+        (
+            "used_memory_bytes",
+            "corral_engine_memory_used_bytes",
+            "Memory the engine reports in use (Redis).",
+        ),
+        ("keys", "corral_engine_keys", "Keys stored (Redis)."),
+        (
+            "repl_offset_bytes",
+            "corral_engine_replication_offset_bytes",
+            "Replication offset (Redis).",
+        ),
+        (
+            "gtid_seq",
+            "corral_engine_gtid_sequence",
+            "Sequence number of the last GTID (MariaDB).",
+        ),
+    ];
+    for (key, name, help) in stats {
+        let f = e.gauge(name, help);
+        for (r, s) in &engine_rows {
+            if let Some(v) = s.stats.get(key) {
+                f.add(&r.labels, *v);
+            }
+        }
     }
 }
 

@@ -25,8 +25,11 @@
 //!   health endpoints ([`Lab::start_haproxy`]);
 //! - [`checker`]: a split-brain detector writing to every node at once;
 //! - [`writer`]: a client writing through the multi-host connection string;
-//! - [`stress`]: CPU load with stress-ng.
+//! - [`stress`]: CPU load with stress-ng;
+//! - [`alerting`]: Alertmanager, a webhook receiver, a hung endpoint and an
+//!   OpenMetrics parser, for the alert tests.
 
+pub mod alerting;
 pub mod checker;
 pub mod client;
 pub mod faults;
@@ -47,6 +50,9 @@ pub const AGENT_PORT: u16 = 7401;
 /// The agents' plain-HTTP health endpoints (`/primary`, `/replica`,
 /// `/health`), which HAProxy and [`Lab::health`] ask.
 pub const HEALTH_PORT: u16 = 7402;
+/// The coordinator's plain-HTTP port (`/metrics`), on all its addresses in
+/// the lab.
+pub const COORDINATOR_HTTP_PORT: u16 = 7403;
 
 /// The scheme of a cluster's connection URI (`postgresql`, `mysql`), from
 /// `corralctl --output json cluster credentials`.
@@ -118,6 +124,12 @@ pub struct LabOptions {
     /// 10.231.K.101, .102, ... (clients with addresses of their own, for
     /// allowlists).
     pub extra_clients: usize,
+    /// The coordinator's configuration file (TOML: alert rules,
+    /// notification channels), passed with `--config`.
+    pub coordinator_config: Option<String>,
+    /// (VM, MiB): VM's state directory (the engine's data) on a tmpfs of
+    /// that size, for disk-full alerts. Unmounted by the teardown.
+    pub small_disk: Option<(usize, u64)>,
 }
 
 impl Default for LabOptions {
@@ -127,6 +139,8 @@ impl Default for LabOptions {
             enroll: true,
             heartbeat_interval_ms: 1000,
             extra_clients: 0,
+            coordinator_config: None,
+            small_disk: None,
         }
     }
 }
@@ -193,6 +207,7 @@ pub fn teardown(k: u32) {
         kill_ns_processes(&ns);
         let _ = sh("ip", &["netns", "del", &ns]);
     }
+    unmount_under(&format!("{ROOT}/lab-{k}/"));
     if let Ok(links) = sh("ip", &["-o", "link", "show"]) {
         let prefix = format!("crl{k}h");
         for line in links.lines() {
@@ -209,6 +224,17 @@ pub fn teardown(k: u32) {
     }
     let _ = std::fs::remove_file(pid_file(k));
     let _ = sh("ip", &["link", "del", &format!("crlb{k}")]);
+}
+
+/// Unmounts the filesystems mounted under `dir` (LabOptions::small_disk).
+fn unmount_under(dir: &str) {
+    if let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") {
+        for m in mounts.lines().filter_map(|l| l.split_whitespace().nth(1)) {
+            if m.starts_with(dir) {
+                let _ = sh("umount", &["-l", m]);
+            }
+        }
+    }
 }
 
 fn pid_alive(pid: i32) -> bool {
@@ -380,6 +406,21 @@ impl Lab {
                 &self.ctl_addr(),
             ],
         )?;
+        if let Some((i, mib)) = self.opts.small_disk {
+            let dir = self.state_dir(i);
+            std::fs::create_dir_all(&dir)?;
+            sh(
+                "mount",
+                &[
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &format!("size={mib}m,mode=0755"),
+                    "tmpfs",
+                    &dir.to_string_lossy(),
+                ],
+            )?;
+        }
         self.start_coordinator()?;
         if self.opts.enroll {
             for i in 1..=self.opts.vms {
@@ -404,6 +445,11 @@ impl Lab {
     }
     pub fn state_dir(&self, i: usize) -> PathBuf {
         self.dir.join(format!("vm{i}"))
+    }
+    /// The host's address on the lab's bridge: services a test runs on the
+    /// host (Alertmanager, webhook receivers) listen there.
+    pub fn host_ip(&self) -> String {
+        format!("10.231.{}.254", self.k)
     }
     pub fn ctl_addr(&self) -> String {
         format!("10.231.{}.1:{COORDINATOR_PORT}", self.k)
@@ -458,6 +504,9 @@ impl Lab {
     /// Starts the coordinator with extra environment (e.g. the test-only
     /// `CORRAL_FAILPOINTS`).
     pub fn start_coordinator_env(&mut self, env: &[(&str, &str)]) -> Result<()> {
+        if let Some(config) = &self.opts.coordinator_config {
+            std::fs::write(self.dir.join("coordinator.toml"), config)?;
+        }
         let args = [
             "--state-dir".to_string(),
             self.dir.join("coordinator").to_string_lossy().into_owned(),
@@ -465,7 +514,27 @@ impl Lab {
             self.pki_dir().to_string_lossy().into_owned(),
             "--listen".into(),
             self.ctl_addr(),
-        ];
+            "--http-listen".into(),
+            format!("0.0.0.0:{COORDINATOR_HTTP_PORT}"),
+        ]
+        .into_iter()
+        .chain(
+            self.opts
+                .coordinator_config
+                .as_ref()
+                .map(|_| {
+                    [
+                        "--config".to_string(),
+                        self.dir
+                            .join("coordinator.toml")
+                            .to_string_lossy()
+                            .into_owned(),
+                    ]
+                })
+                .into_iter()
+                .flatten(),
+        )
+        .collect::<Vec<_>>();
         self.coordinator = Some(self.spawn_in_env(
             "ctl",
             &bin("corral-coordinator"),
@@ -816,6 +885,21 @@ impl Lab {
         )
     }
 
+    /// The coordinator's `/metrics` text, fetched from the test process.
+    pub fn coordinator_metrics(&self) -> Result<String> {
+        let addr = format!("10.231.{}.1:{COORDINATOR_HTTP_PORT}", self.k);
+        http_get(&addr, "/metrics", Duration::from_secs(5))
+    }
+
+    /// Agent `i`'s `/metrics` text.
+    pub fn agent_metrics(&self, i: usize) -> Result<String> {
+        http_get(
+            &format!("{}:{HEALTH_PORT}", self.vm_ip(i)),
+            "/metrics",
+            Duration::from_secs(5),
+        )
+    }
+
     /// Waits until the primary reports `node` of `cluster` streaming (or a
     /// sync standby) and less than 16 MiB behind: eligible for promotion.
     pub fn wait_streaming(&self, cluster: &str, node: &str) -> Result<()> {
@@ -931,6 +1015,30 @@ pub fn http_status(addr: &str, path: &str, timeout: Duration) -> Result<u16> {
     }
 }
 
+/// `GET /<path>` on `addr`: the body of a 200 answer.
+pub fn http_get(addr: &str, path: &str, timeout: Duration) -> Result<String> {
+    use std::io::{Read, Write};
+    let sock: std::net::SocketAddr = addr.parse().with_context(|| format!("address {addr}"))?;
+    let mut stream = std::net::TcpStream::connect_timeout(&sock, timeout)
+        .with_context(|| format!("connecting to {addr}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    let path = path.trim_start_matches('/');
+    write!(stream, "GET /{path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut answer = Vec::new();
+    stream
+        .read_to_end(&mut answer)
+        .with_context(|| format!("reading the answer of {addr}/{path}"))?;
+    let answer = String::from_utf8_lossy(&answer);
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("no HTTP answer from {addr}/{path}"))?;
+    let status = head.lines().next().unwrap_or_default();
+    if status.split_whitespace().nth(1) != Some("200") {
+        bail!("{addr}/{path}: {status}: {body}");
+    }
+    Ok(body.to_string())
+}
+
 fn stop_child(c: &mut Child) -> Result<()> {
     unsafe_kill(c.id() as i32, 15);
     let started = Instant::now();
@@ -967,6 +1075,7 @@ impl Drop for Lab {
         for ns in ns_names(self.k) {
             kill_ns_processes(&ns);
         }
+        unmount_under(&format!("{}/", self.dir.display()));
         // CORRAL_KEEP_LABS=1 keeps every lab's logs, for reading after a
         // benchmark or a passing test.
         let keep = std::env::var_os("CORRAL_KEEP_LABS").is_some_and(|v| v == "1");
