@@ -69,9 +69,30 @@ echo "==> PKI: CA, coordinator certificate and an admin certificate in $DIR/pki"
 export CORRAL_CONFIG=$DIR/pki/corralctl.toml
 ctl() { "$BIN/corralctl" "$@"; }
 
-echo "==> coordinator in cdemo-ctl on $NET.1:7400 (log: $DIR/coordinator.log)"
+ALERTMANAGER=/usr/bin/prometheus-alertmanager
+if [[ -x $ALERTMANAGER ]]; then
+    echo "==> Alertmanager in cdemo-ctl on $NET.1:9093: the coordinator sends its alerts there"
+    mkdir -p "$DIR/alertmanager"
+    printf 'route:\n  receiver: on-call\nreceivers:\n  - name: on-call\n' >"$DIR/alertmanager/alertmanager.yml"
+    ip netns exec cdemo-ctl setsid "$ALERTMANAGER" --config.file="$DIR/alertmanager/alertmanager.yml" \
+        --storage.path="$DIR/alertmanager" --web.listen-address="$NET.1:9093" --cluster.listen-address= \
+        >"$DIR/alertmanager.log" 2>&1 < /dev/null &
+    cat >"$DIR/coordinator.toml" <<TOML
+# Alert rules (defaults shown in README "Alerts") and where alerts go.
+[alerts]
+repeat_interval = "1h"
+[[notify.alertmanager]]
+name = "alertmanager"
+url = "http://$NET.1:9093"
+TOML
+else
+    : >"$DIR/coordinator.toml"
+fi
+
+echo "==> coordinator in cdemo-ctl on $NET.1:7400, metrics on $NET.1:7403 (log: $DIR/coordinator.log)"
 ip netns exec cdemo-ctl setsid "$BIN/corral-coordinator" --state-dir "$DIR/coordinator" \
-    --pki-dir "$DIR/pki" --listen "$NET.1:7400" >"$DIR/coordinator.log" 2>&1 < /dev/null &
+    --pki-dir "$DIR/pki" --listen "$NET.1:7400" --http-listen "$NET.1:7403" \
+    --config "$DIR/coordinator.toml" >"$DIR/coordinator.log" 2>&1 < /dev/null &
 for _ in $(seq 100); do ctl whoami >/dev/null 2>&1 && break; sleep 0.2; done
 ctl whoami >/dev/null
 
@@ -158,6 +179,21 @@ The demo is running. Try:
   corralctl cluster allowlist set demo              # empty: open to every address
 
   corralctl operation list; corralctl audit list
+
+  # monitoring: each node's history (every heartbeat for an hour, 7 days
+  # downsampled), Prometheus metrics of the coordinator and of each agent,
+  # and the logs of an engine or an agent, streamed from its VM:
+  corralctl node metrics demo vm1 --since 10m
+  curl -s $NET.1:7403/metrics | grep -E '^corral_(node_up|engine_up|alerts_firing)'
+  curl -s $NET.11:7402/metrics | grep corral_node_cpu
+  corralctl logs demo vm1 --since 10m
+  corralctl logs demo vm2 --agent --follow      # Ctrl-C to stop
+
+  # alerts: stop vm2's PostgreSQL from answering for a few seconds, watch
+  # engine_down fire and resolve (Alertmanager's UI: http://$NET.1:9093):
+  pids=\$(ip netns pids cdemo-vm2 | xargs -r ps -o pid= -o comm= -p | awk '\$2=="postgres"{print \$1}')
+  kill -STOP \$pids; sleep 10; corralctl alerts list; kill -CONT \$pids
+  sleep 5; corralctl alerts history
 
 Logs: $DIR/*.log.  Stop and remove everything: make demo-stop
 MSG

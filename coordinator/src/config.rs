@@ -303,6 +303,17 @@ mod tests {
     }
 
     #[test]
+    fn the_packaged_example_parses_and_shows_the_defaults() {
+        let c =
+            FileConfig::parse(include_str!("../../packaging/coordinator.toml.example")).unwrap();
+        let d = AlertsConfig::default();
+        assert_eq!(c.alerts.rules, d.rules);
+        assert_eq!(c.alerts.evaluation_interval, d.evaluation_interval);
+        assert_eq!(c.alerts.repeat_interval, d.repeat_interval);
+        assert_eq!(c.alerts.alertmanager_refresh, d.alertmanager_refresh);
+    }
+
+    #[test]
     fn mistakes_are_refused_naming_the_key() {
         let err = |t: &str| format!("{:#}", FileConfig::parse(t).unwrap_err());
         assert!(err("[alerts.rules]\ncpu_percnt = 5").contains("cpu_percnt"));
