@@ -29,6 +29,9 @@ use std::time::{Duration, Instant};
 /// completed, an operation that failed) before it counts as resolved.
 const NOTICE_MS: i64 = 5 * 60 * 1000;
 
+/// How long `corralctl alerts history` remembers alerts that ended.
+pub const HISTORY_KEEP_MS: i64 = 90 * 24 * 3600 * 1000;
+
 /// Long operations whose completion is announced (the seed's "notify you
 /// when the request is finished").
 pub const ANNOUNCED_OPERATIONS: &[&str] = &[
@@ -60,8 +63,8 @@ pub struct NodeView {
 pub struct Snapshot {
     pub now_ms: i64,
     pub nodes: Vec<NodeView>,
-    /// Clusters with an operation running: their engines may be stopped
-    /// on purpose.
+    /// Where an operation runs, so engines may be stopped on purpose:
+    /// `cluster` for the whole cluster, `cluster/node` for one node.
     pub busy: HashSet<String>,
     /// The coordinator's own certificates: (what, expiry).
     pub certificates: Vec<(String, i64)>,
@@ -178,7 +181,9 @@ pub fn conditions(s: &Snapshot, config: &AlertsConfig) -> (Vec<Condition>, HashS
         if let Some(st) = &n.status {
             let running = st.state == pb::EngineState::Running as i32;
             if st.cluster == n.cluster && !(running && st.healthy) {
-                if s.busy.contains(&n.cluster) {
+                if s.busy.contains(&n.cluster)
+                    || s.busy.contains(&format!("{}/{}", n.cluster, n.id))
+                {
                     keep.insert(fingerprint("engine_down", &labels));
                 } else {
                     let state = pb::EngineState::try_from(st.state)
@@ -690,9 +695,30 @@ pub fn snapshot(coord: &Coordinator) -> Result<Snapshot> {
     Ok(Snapshot {
         now_ms: corral_proto::now_ms(),
         nodes: views,
-        busy: unfinished.into_iter().map(|o| o.cluster).collect(),
+        busy: unfinished.iter().flat_map(busy_keys).collect(),
         certificates: coord.certificates.clone(),
     })
+}
+
+/// What an unfinished operation may stop: its nodes for the operations on
+/// nodes, else the whole cluster (a failover, a switchover, a deletion).
+fn busy_keys(op: &store::OperationRow) -> Vec<String> {
+    use crate::ops::{ADD_NODE, REBOOT, REJOIN, REMOVE_NODE, RESYNC};
+    let params: serde_json::Value = serde_json::from_str(&op.params).unwrap_or_default();
+    let mut nodes: Vec<&str> = params["nodes"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|n| n.as_str()).collect())
+        .unwrap_or_default();
+    nodes.extend(params["node"].as_str());
+    let on_nodes = [ADD_NODE, REMOVE_NODE, REBOOT, RESYNC, REJOIN].contains(&op.kind.as_str());
+    if on_nodes && !nodes.is_empty() {
+        nodes
+            .into_iter()
+            .map(|n| format!("{}/{n}", op.cluster))
+            .collect()
+    } else {
+        vec![op.cluster.clone()]
+    }
 }
 
 /// Evaluates the rules every `evaluation_interval`, until dropped.
@@ -702,12 +728,28 @@ pub async fn run(coord: Arc<Coordinator>) {
     }
     let mut tick = tokio::time::interval(coord.alerts.config.evaluation_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pruned = Instant::now() - Duration::from_secs(3600);
     loop {
         tick.tick().await;
+        let prune = pruned.elapsed() >= Duration::from_secs(3600);
+        if prune {
+            pruned = Instant::now();
+        }
         let c = coord.clone();
-        match tokio::task::spawn_blocking(move || c.alerts.evaluate(&c)).await {
+        let result = tokio::task::spawn_blocking(move || {
+            if prune {
+                let before = corral_proto::now_ms() - HISTORY_KEEP_MS;
+                c.store.read(|s| store::prune_alert_history(s, before))?;
+            }
+            c.alerts.evaluate(&c)
+        })
+        .await;
+        match result {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "alerts: evaluation"),
+            Ok(Err(e)) => {
+                coord.counters.error("alerts");
+                tracing::error!(error = %format!("{e:#}"), "alerts: evaluation");
+            }
             Err(e) => tracing::error!(error = %e, "alerts: evaluation task"),
         }
     }
@@ -843,9 +885,45 @@ mod tests {
         n.status.as_mut().unwrap().state = pb::EngineState::Stopped as i32;
         let mut s = snap(vec![n]);
         assert_eq!(names(&s, &c), ["engine_down"]);
-        s.busy.insert("c1".into());
-        let (conds, keep) = conditions(&s, &c);
-        assert!(conds.is_empty() && keep.contains("engine_down/c1/vm1"));
+        s.busy.insert("c1/vm2".into());
+        assert_eq!(names(&s, &c), ["engine_down"], "another node's operation");
+        for key in ["c1", "c1/vm1"] {
+            s.busy = HashSet::from([key.to_string()]);
+            let (conds, keep) = conditions(&s, &c);
+            assert!(conds.is_empty() && keep.contains("engine_down/c1/vm1"));
+        }
+    }
+
+    #[test]
+    fn operations_make_their_nodes_or_their_cluster_busy() {
+        let op = |kind: &str, params: &str| store::OperationRow {
+            id: "op".into(),
+            cluster: "c1".into(),
+            kind: kind.into(),
+            state: "running".into(),
+            params: params.into(),
+            requested_by: "t".into(),
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            error: String::new(),
+        };
+        assert_eq!(
+            busy_keys(&op("reboot", r#"{"node":"vm2","force":false}"#)),
+            ["c1/vm2"]
+        );
+        assert_eq!(
+            busy_keys(&op("resync", r#"{"nodes":["vm2","vm3"]}"#)),
+            ["c1/vm2", "c1/vm3"]
+        );
+        assert_eq!(
+            busy_keys(&op("failover", r#"{"old":"vm1","candidate":"vm2"}"#)),
+            ["c1"]
+        );
+        assert_eq!(busy_keys(&op("promote", r#"{"node":"vm2"}"#)), ["c1"]);
+        assert_eq!(
+            busy_keys(&op("create_cluster", r#"{"nodes":["vm1"]}"#)),
+            ["c1"]
+        );
     }
 
     #[test]

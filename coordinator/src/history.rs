@@ -417,7 +417,9 @@ pub async fn run(history: std::sync::Arc<History>) {
         .await;
         match result {
             Ok(Ok(p)) => last_prune = p,
-            Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "metrics history: writing"),
+            Ok(Err(e)) => {
+                tracing::error!(error = %format!("{e:#}"), "metrics history: writing")
+            }
             Err(e) => tracing::error!(error = %e, "metrics history: writer task"),
         }
     }

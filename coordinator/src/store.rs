@@ -961,6 +961,15 @@ pub fn alert_history(c: &Connection, cluster: Option<&str>, limit: u32) -> Resul
     Ok(rows)
 }
 
+/// Forgets alerts that ended, and notices, before `before_ms`; firing
+/// alerts stay whatever their age.
+pub fn prune_alert_history(c: &Connection, before_ms: i64) -> Result<usize> {
+    Ok(c.execute(
+        "DELETE FROM alerts WHERE state != 'firing' AND coalesce(ended_at_ms, started_at_ms) < ?1",
+        [before_ms],
+    )?)
+}
+
 pub fn last_event_id(c: &Connection) -> Result<i64> {
     Ok(c.query_row("SELECT coalesce(max(id), 0) FROM events", [], |r| r.get(0))?)
 }
@@ -1006,6 +1015,52 @@ mod tests {
         });
         assert!(r.is_err());
         assert!(s.read(|c| get_node(c, "vm1")).unwrap().is_none());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn alerts_fire_repeat_resolve_and_are_pruned() {
+        use crate::notify::{Alert, Severity, Status};
+        let (s, dir) = store();
+        let alert = |name: &str, cluster: &str, at: i64| Alert {
+            name: name.into(),
+            fingerprint: format!("{name}/{cluster}/vm1"),
+            status: Status::Firing,
+            severity: Severity::Critical,
+            labels: [("cluster".to_string(), cluster.to_string())].into(),
+            summary: "s".into(),
+            description: "d".into(),
+            starts_at_ms: at,
+            ends_at_ms: None,
+            repeat: 0,
+        };
+        s.tx(|tx| {
+            insert_alert(tx, &alert("engine_down", "c1", 10), "firing")?;
+            insert_alert(tx, &alert("disk_usage_warning", "c2", 20), "firing")?;
+            insert_alert(tx, &alert("operation_completed", "c1", 30), "notice")?;
+            alert_repeated(tx, "engine_down/c1/vm1", 2)?;
+            alert_resolved(tx, "disk_usage_warning/c2/vm1", 40)
+        })
+        .unwrap();
+        let firing = s.read(firing_alerts).unwrap();
+        assert_eq!(firing.len(), 1);
+        assert_eq!(firing[0].repeat, 2);
+        assert_eq!(firing[0].labels["cluster"], "c1");
+        assert_eq!(firing[0].severity, Severity::Critical);
+        let c1 = s.read(|c| alert_history(c, Some("c1"), 10)).unwrap();
+        let names: Vec<_> = c1
+            .iter()
+            .map(|r| (r.alert.name.as_str(), r.state.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            [("engine_down", "firing"), ("operation_completed", "notice")]
+        );
+        let all = s.read(|c| alert_history(c, None, 10)).unwrap();
+        assert_eq!(all[1].alert.ends_at_ms, Some(40));
+        // Pruning keeps what fires, whatever its age.
+        assert_eq!(s.read(|c| prune_alert_history(c, 1_000)).unwrap(), 2);
+        assert_eq!(s.read(|c| alert_history(c, None, 10)).unwrap().len(), 1);
         std::fs::remove_dir_all(dir).unwrap();
     }
 
