@@ -433,3 +433,51 @@ to = ["oncall@example.com"]
         "a surviving node's heartbeat aged {worst_age}s"
     );
 }
+
+#[test]
+fn a_configuration_with_a_mistake_is_refused_naming_it() {
+    let dir = std::env::temp_dir().join(format!("corral-config-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let check = |text: &str| {
+        let file = dir.join("coordinator.toml");
+        std::fs::write(&file, text).unwrap();
+        let out = std::process::Command::new(corral_tests::bin("corral-coordinator"))
+            .args(["--check-config", "--config", &file.to_string_lossy()])
+            .env_remove("CORRAL_WEBHOOK_SECRET")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    for (text, says) in [
+        ("[alerts.rules]\ncpu_percnt = 5\n", "cpu_percnt"),
+        ("[alerts.rules]\ndisk_critical_percent = 101\n", "alerts.rules.disk_critical_percent"),
+        ("[alerts.cluster.c1]\ncpu_for = \"ten minutes\"\n", "invalid duration"),
+        (
+            "[[notify.webhook]]\nname = \"hook\"\nurl = \"http://10.0.0.1/x\"\nsecret_env = \"CORRAL_WEBHOOK_SECRET\"\n",
+            "CORRAL_WEBHOOK_SECRET",
+        ),
+        (
+            "[[notify.email]]\nname = \"mail\"\nsmtp_host = \"smtp\"\nfrom = \"a@b.c\"\nto = []\n",
+            "to",
+        ),
+    ] {
+        let (ok, out) = check(text);
+        assert!(!ok, "accepted:\n{text}");
+        assert!(out.contains(says), "{text} -> {out}");
+    }
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../packaging/coordinator.toml.example"
+    );
+    let (ok, out) = check(&std::fs::read_to_string(example).unwrap());
+    assert!(ok, "{out}");
+    assert!(out.contains("valid"), "{out}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

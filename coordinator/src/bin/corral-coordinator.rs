@@ -28,6 +28,9 @@ struct Args {
     /// when it exists.
     #[arg(long, env = "CORRAL_CONFIG")]
     config: Option<PathBuf>,
+    /// Only read the configuration file, say whether it is valid, and exit.
+    #[arg(long)]
+    check_config: bool,
 }
 
 const DEFAULT_CONFIG: &str = "/etc/corral/coordinator.toml";
@@ -69,6 +72,21 @@ async fn main() -> std::process::ExitCode {
         },
         None => Default::default(),
     };
+    if args.check_config {
+        // The channels check their keys (secrets in the environment, CA
+        // files) as they start; started here only to be checked.
+        if let Err(e) = corral_coordinator::notify::Notifier::start(&file.notify) {
+            eprintln!("error: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+        match &config_path {
+            Some(p) => println!("{}: valid", p.display()),
+            None => {
+                println!("no configuration file ({DEFAULT_CONFIG} does not exist): defaults apply")
+            }
+        }
+        return std::process::ExitCode::SUCCESS;
+    }
     if let Some(p) = &config_path {
         tracing::info!(config = %p.display(), "configuration loaded");
     }
