@@ -143,24 +143,25 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let incoming =
         corral_proto::tls::serve_tls(config.listen, &me, coord.ca.cert_pem(), true).await?;
 
+    // Bound before anything starts: a taken port is a start-up error.
+    let http_listener = match config.http_listen {
+        Some(listen) => Some(http::bind(listen).await?),
+        None => None,
+    };
+
     ops::resume_unfinished(&coord);
     let monitor = tokio::spawn(monitor::run(coord.clone()));
     let failover = tokio::spawn(monitor::run_failover(coord.clone()));
     let history = tokio::spawn(history::run(coord.history.clone()));
     let alerts = tokio::spawn(alerts::run(coord.clone()));
-    let http = match config.http_listen {
-        Some(listen) => {
-            let c = coord.clone();
-            // Bound before serving agents: a taken port is a start-up error.
-            let listener = http::bind(listen).await?;
-            Some(tokio::spawn(async move {
-                if let Err(e) = http::serve(c, listener).await {
-                    tracing::error!("{e:#}");
-                }
-            }))
-        }
-        None => None,
-    };
+    let http = http_listener.map(|listener| {
+        let c = coord.clone();
+        tokio::spawn(async move {
+            if let Err(e) = http::serve(c, listener).await {
+                tracing::error!("{e:#}");
+            }
+        })
+    });
 
     tracing::info!(listen = %config.listen, state_dir = %config.state_dir.display(), "coordinator serving");
     let result = tonic::transport::Server::builder()

@@ -1,5 +1,6 @@
 #!/usr/bin/python3
-"""A test SMTP server that requires STARTTLS, for coordinator/tests/notify.rs.
+"""A test SMTP server that requires STARTTLS, for coordinator/tests/notify.rs
+and tests/tests/alerts.rs.
 
 Runs Debian's aiosmtpd (python3-aiosmtpd; use /usr/bin/python3, which has
 it). Every message received is saved in --out-dir as NNNN.json: the
@@ -53,6 +54,7 @@ class SaveToDir:
 
 def main():
     p = argparse.ArgumentParser()
+    p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--cert", required=True)
     p.add_argument("--key", required=True)
@@ -78,7 +80,7 @@ def main():
 
     controller = Controller(
         SaveToDir(args.out_dir),
-        hostname="127.0.0.1",
+        hostname=args.host,
         port=args.port,
         tls_context=ctx,
         require_starttls=True,

@@ -164,6 +164,75 @@ fn serve(mut s: TcpStream, keep: &Mutex<Vec<Request>>) -> Result<()> {
     }
 }
 
+/// Debian's aiosmtpd requiring STARTTLS (tests/scripts/smtp_server.py),
+/// with a self-signed certificate for `ip`; each message it receives is
+/// saved as JSON (subject, body, whether the session was TLS).
+pub struct SmtpServer {
+    pub ip: String,
+    pub port: u16,
+    /// The certificate to trust (`ca_file`).
+    pub ca_file: PathBuf,
+    out: PathBuf,
+    child: Child,
+}
+
+impl SmtpServer {
+    pub fn start(ip: &str, dir: &Path) -> Result<SmtpServer> {
+        let dir = dir.join("smtp");
+        let out = dir.join("mail");
+        std::fs::create_dir_all(&out)?;
+        let cert = rcgen::generate_simple_self_signed(vec![ip.to_string()])?;
+        let ca_file = dir.join("cert.pem");
+        let key_file = dir.join("key.pem");
+        std::fs::write(&ca_file, cert.cert.pem())?;
+        std::fs::write(&key_file, cert.signing_key.serialize_pem())?;
+        let port = free_port(ip)?;
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/smtp_server.py");
+        let child = Command::new(PYTHON)
+            .arg(&script)
+            .arg(format!("--host={ip}"))
+            .arg(format!("--port={port}"))
+            .arg(format!("--cert={}", ca_file.display()))
+            .arg(format!("--key={}", key_file.display()))
+            .arg(format!("--out-dir={}", out.display()))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("smtp.log"))?)
+            .spawn()
+            .context("starting tests/scripts/smtp_server.py (needs python3-aiosmtpd)")?;
+        let server = SmtpServer {
+            ip: ip.to_string(),
+            port,
+            ca_file,
+            out,
+            child,
+        };
+        crate::wait_until(Duration::from_secs(15), "the SMTP server to listen", || {
+            Ok(TcpStream::connect((server.ip.as_str(), port)).is_ok())
+        })?;
+        Ok(server)
+    }
+
+    /// The messages received so far, oldest first.
+    pub fn messages(&self) -> Vec<serde_json::Value> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.out)
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        files.retain(|p| p.extension().is_some_and(|e| e == "json"));
+        files.sort();
+        files
+            .iter()
+            .filter_map(|p| serde_json::from_slice(&std::fs::read(p).ok()?).ok())
+            .collect()
+    }
+}
+
+impl Drop for SmtpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Accepts connections and never answers (a hung endpoint); holds them.
 pub struct BlackHole {
     pub addr: String,

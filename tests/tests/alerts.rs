@@ -6,7 +6,7 @@
 //! heartbeats nor a failover.
 
 use corral_tests::alerting::{
-    parse_openmetrics, signal, wait_for, Alertmanager, BlackHole, Receiver,
+    parse_openmetrics, signal, wait_for, Alertmanager, BlackHole, Receiver, SmtpServer,
 };
 use corral_tests::{Lab, LabOptions};
 use hmac::{Hmac, Mac};
@@ -80,7 +80,7 @@ fn grow(file: &std::path::Path, by: u64) {
     f.sync_all().unwrap();
 }
 
-fn config(am: &str, hook: &str) -> String {
+fn config(am: &str, hook: &str, smtp: &SmtpServer) -> String {
     format!(
         r#"
 [alerts]
@@ -95,7 +95,17 @@ url = "{am}"
 name = "hook"
 url = "{hook}"
 secret = "{SECRET}"
-"#
+[[notify.email]]
+name = "mail"
+smtp_host = "{}"
+smtp_port = {}
+ca_file = "{}"
+from = "Corral <corral@example.net>"
+to = ["oncall@example.net"]
+"#,
+        smtp.ip,
+        smtp.port,
+        smtp.ca_file.display()
     )
 }
 
@@ -109,7 +119,12 @@ fn alerts_reach_alertmanager_and_webhooks_and_metrics_parse() {
     .unwrap();
     let am = Alertmanager::start(&lab.host_ip(), lab.dir()).unwrap();
     let hook = Receiver::start(&lab.host_ip()).unwrap();
-    lab.opts.coordinator_config = Some(config(&am.url(), &format!("http://{}/corral", hook.addr)));
+    let smtp = SmtpServer::start(&lab.host_ip(), lab.dir()).unwrap();
+    lab.opts.coordinator_config = Some(config(
+        &am.url(),
+        &format!("http://{}/corral", hook.addr),
+        &smtp,
+    ));
     lab.stop_coordinator().unwrap();
     lab.start_coordinator().unwrap();
     lab.wait_node_state("vm1", "up", Duration::from_secs(20))
@@ -221,6 +236,28 @@ fn alerts_reach_alertmanager_and_webhooks_and_metrics_parse() {
         "{warning}"
     );
     assert_eq!(firing(&lab, "disk_usage_warning").len(), 1);
+    // The on-call email, over STARTTLS.
+    let mail = wait_for(Duration::from_secs(20), "the warning's email", || {
+        Ok(smtp.messages().into_iter().find(|m| {
+            m["subject"]
+                .as_str()
+                .is_some_and(|s| s.contains("disk_usage_warning"))
+        }))
+    })
+    .unwrap();
+    assert_eq!(mail["tls"], true, "{mail}");
+    assert!(
+        mail["subject"]
+            .as_str()
+            .unwrap()
+            .starts_with("[FIRING warning] disk_usage_warning"),
+        "{mail}"
+    );
+    assert!(
+        mail["body"].as_str().unwrap().contains("node = vm1"),
+        "{mail}"
+    );
+    assert_eq!(mail["rcpt_tos"][0], "oncall@example.net");
     // The history: every heartbeat of the last minutes, the disk's climb
     // included; kept across a restart of the coordinator, which neither
     // forgets the firing alert nor fires it again.
@@ -323,7 +360,7 @@ fn alerts_reach_alertmanager_and_webhooks_and_metrics_parse() {
     assert_eq!(state_of("engine_down"), ["resolved"]);
     assert!(state_of("operation_completed").contains(&"notice".to_string()));
     let channels = lab.ctl_json(&["alerts", "list"]).unwrap()["channels"].clone();
-    assert_eq!(channels.as_array().unwrap().len(), 2, "{channels}");
+    assert_eq!(channels.as_array().unwrap().len(), 3, "{channels}");
 }
 
 #[test]
