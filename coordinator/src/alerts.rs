@@ -111,6 +111,7 @@ const NODE_RULES: &[&str] = &[
     "disk_usage_warning",
     "disk_usage_critical",
     "replication_lag_high",
+    "replication_stopped",
 ];
 
 /// What holds now, and the fingerprints that cannot be judged (kept as
@@ -180,6 +181,8 @@ pub fn conditions(s: &Snapshot, config: &AlertsConfig) -> (Vec<Condition>, HashS
         }
         if let Some(st) = &n.status {
             let running = st.state == pb::EngineState::Running as i32;
+            let busy =
+                s.busy.contains(&n.cluster) || s.busy.contains(&format!("{}/{}", n.cluster, n.id));
             if st.cluster == n.cluster && !(running && st.healthy) {
                 if s.busy.contains(&n.cluster)
                     || s.busy.contains(&format!("{}/{}", n.cluster, n.id))
@@ -208,6 +211,30 @@ pub fn conditions(s: &Snapshot, config: &AlertsConfig) -> (Vec<Condition>, HashS
                         rules.engine_down_for,
                     ));
                 }
+            }
+            let stopped = n.role == "replica"
+                && st.cluster == n.cluster
+                && running
+                && st.healthy
+                && st.replication.as_ref().is_some_and(|r| !r.streaming);
+            if stopped && busy {
+                keep.insert(fingerprint("replication_stopped", &labels));
+            } else if stopped && rules.replication_lag_seconds > 0.0 {
+                // Its lag figure stops growing once it has replayed what it
+                // received: this is what shows it falling behind.
+                out.push(cond(
+                    "replication_stopped",
+                    Severity::Warning,
+                    format!(
+                        "replica {} of cluster {} does not stream from its primary",
+                        n.id, n.cluster
+                    ),
+                    "The replica is up but receives nothing: it falls behind and cannot take \
+                     over without losing writes. `corralctl cluster show` shows its state; \
+                     `corralctl cluster resync` rebuilds it."
+                        .into(),
+                    rules.replication_lag_for,
+                ));
             }
             if n.role == "replica" && rules.replication_lag_seconds > 0.0 {
                 if let Some(lag) = st.stats.get("lag_seconds").copied() {
@@ -840,6 +867,42 @@ mod tests {
         // Lag counts on replicas only.
         n.role = "primary".into();
         assert!(!names(&snap(vec![n]), &c).contains(&"replication_lag_high"));
+    }
+
+    #[test]
+    fn a_replica_that_stopped_streaming() {
+        let c = AlertsConfig::default();
+        let mut n = view("vm2", Liveness::Up);
+        n.status.as_mut().unwrap().replication = Some(pb::Replication {
+            in_recovery: true,
+            streaming: false,
+            ..Default::default()
+        });
+        let mut s = snap(vec![n.clone()]);
+        assert_eq!(names(&s, &c), ["replication_stopped"]);
+        s.busy.insert("c1/vm2".into());
+        let (conds, keep) = conditions(&s, &c);
+        assert!(conds.is_empty() && keep.contains("replication_stopped/c1/vm2"));
+        n.status
+            .as_mut()
+            .unwrap()
+            .replication
+            .as_mut()
+            .unwrap()
+            .streaming = true;
+        assert!(names(&snap(vec![n.clone()]), &c).is_empty());
+        n.role = "primary".into();
+        n.status
+            .as_mut()
+            .unwrap()
+            .replication
+            .as_mut()
+            .unwrap()
+            .streaming = false;
+        assert!(
+            names(&snap(vec![n]), &c).is_empty(),
+            "a primary streams from no one"
+        );
     }
 
     #[test]

@@ -397,6 +397,19 @@ to = ["oncall@example.com"]
     lab.create_replicated("c1", "vm1,vm2,vm3", &[]).unwrap();
     lab.wait_streaming("c1", "vm2").unwrap();
     lab.wait_streaming("c1", "vm3").unwrap();
+    // Idle replicas that replayed everything are not "behind", however
+    // long ago the last commit was (no replication_lag_high on an idle
+    // cluster).
+    std::thread::sleep(Duration::from_secs(4));
+    let m = parse_openmetrics(&lab.coordinator_metrics().unwrap(), lab.dir()).unwrap();
+    let lags = m["corral_engine_replication_lag_seconds"]["samples"].clone();
+    assert_eq!(lags.as_array().unwrap().len(), 2, "{lags}");
+    for s in lags.as_array().unwrap() {
+        assert!(
+            s["value"].as_f64().unwrap() < 1.0,
+            "an idle replica lags: {lags}"
+        );
+    }
 
     // Every notification of the failover (node down, failover started and
     // completed, ...) goes to endpoints that accept and never answer.

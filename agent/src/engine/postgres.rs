@@ -905,16 +905,20 @@ async fn health(client: &tokio_postgres::Client) -> Result<Health> {
     let figures = client
         .query_one(
             "SELECT (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')::float8, \
-             CASE WHEN pg_is_in_recovery() THEN \
-               coalesce(extract(epoch FROM now() - pg_last_xact_replay_timestamp()), 0)::float8 \
+             CASE WHEN NOT pg_is_in_recovery() THEN NULL \
+               WHEN pg_last_wal_receive_lsn() IS NOT NULL \
+                 AND pg_last_wal_receive_lsn() <= pg_last_wal_replay_lsn() THEN 0::float8 \
+               ELSE coalesce(extract(epoch FROM now() - pg_last_xact_replay_timestamp()), 0)::float8 \
              END",
             &[],
         )
         .await?;
     stats.insert("connections".into(), figures.get::<_, f64>(0));
     if let Some(lag) = figures.get::<_, Option<f64>>(1) {
-        // Since the last replayed commit: an idle primary shows growing
-        // "lag" here, as in every PostgreSQL monitoring tool.
+        // Time since the last replayed commit, while something received
+        // waits to be replayed; 0 once everything received is replayed
+        // (otherwise an idle primary would make every replica look ever
+        // further behind, and raise replication-lag alerts).
         stats.insert("lag_seconds".into(), lag.max(0.0));
     }
     Ok(Health {
