@@ -192,7 +192,7 @@ The demo is running. Try:
   # alerts: stop vm2's PostgreSQL from answering for a few seconds, watch
   # engine_down fire and resolve (Alertmanager's UI: http://$NET.1:9093):
   pids=\$(ip netns pids cdemo-vm2 | xargs -r ps -o pid= -o comm= -p | awk '\$2=="postgres"{print \$1}')
-  kill -STOP \$pids; sleep 10; corralctl alerts list; kill -CONT \$pids
+  kill -STOP \$pids; sleep 15; corralctl alerts list; kill -CONT \$pids
   sleep 5; corralctl alerts history
 
 Logs: $DIR/*.log.  Stop and remove everything: make demo-stop

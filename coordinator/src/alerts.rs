@@ -25,6 +25,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// An engine whose last answered health check is older than this does not
+/// answer (its agent checks every second; a hung check gives up after 5 s).
+const STALE_CHECK_S: f64 = 5.0;
+
 /// How long Alertmanager should show a one-shot notice (a failover that
 /// completed, an operation that failed) before it counts as resolved.
 const NOTICE_MS: i64 = 5 * 60 * 1000;
@@ -55,6 +59,9 @@ pub struct NodeView {
     pub silent_s: Option<f64>,
     pub metrics: Option<pb::Metrics>,
     pub status: Option<pb::EngineStatus>,
+    /// Seconds since the engine last answered a health check (its agent's
+    /// figure, aged by the time since it was received).
+    pub check_age_s: Option<f64>,
     /// 0: unknown (enrolled by an older coordinator).
     pub cert_not_after_ms: i64,
 }
@@ -181,9 +188,10 @@ pub fn conditions(s: &Snapshot, config: &AlertsConfig) -> (Vec<Condition>, HashS
         }
         if let Some(st) = &n.status {
             let running = st.state == pb::EngineState::Running as i32;
+            let answers = st.healthy && n.check_age_s.is_none_or(|a| a <= STALE_CHECK_S);
             let busy =
                 s.busy.contains(&n.cluster) || s.busy.contains(&format!("{}/{}", n.cluster, n.id));
-            if st.cluster == n.cluster && !(running && st.healthy) {
+            if st.cluster == n.cluster && !(running && answers) {
                 if s.busy.contains(&n.cluster)
                     || s.busy.contains(&format!("{}/{}", n.cluster, n.id))
                 {
@@ -200,7 +208,12 @@ pub fn conditions(s: &Snapshot, config: &AlertsConfig) -> (Vec<Condition>, HashS
                         ),
                         format!(
                             "The engine is {state}{}{} (role {}).",
-                            if running { " but does not answer" } else { "" },
+                            match (running, n.check_age_s) {
+                                (false, _) => String::new(),
+                                (true, Some(a)) if a > STALE_CHECK_S =>
+                                    format!(" but has not answered a health check for {a:.0}s"),
+                                (true, _) => " but does not answer".to_string(),
+                            },
                             if st.message.is_empty() {
                                 String::new()
                             } else {
@@ -215,7 +228,7 @@ pub fn conditions(s: &Snapshot, config: &AlertsConfig) -> (Vec<Condition>, HashS
             let stopped = n.role == "replica"
                 && st.cluster == n.cluster
                 && running
-                && st.healthy
+                && answers
                 && st.replication.as_ref().is_some_and(|r| !r.streaming);
             if stopped && busy {
                 keep.insert(fingerprint("replication_stopped", &labels));
@@ -511,12 +524,12 @@ pub fn notice_of(ev: &store::EventRow, engine: &str) -> Option<Alert> {
         "operation_failed" => (
             "operation_failed",
             Severity::Warning,
-            format!("an operation on cluster {} failed", ev.cluster),
+            format!("{} of cluster {} failed", operation_kind(ev), ev.cluster),
         ),
         "operation_completed" => (
             "operation_completed",
             Severity::Info,
-            format!("an operation on cluster {} completed", ev.cluster),
+            format!("{} of cluster {} completed", operation_kind(ev), ev.cluster),
         ),
         "backup_failed" => (
             "backup_failed",
@@ -544,6 +557,16 @@ pub fn notice_of(ev: &store::EventRow, engine: &str) -> Option<Alert> {
         ends_at_ms: Some(ev.at_ms + NOTICE_MS),
         repeat: 0,
     })
+}
+
+/// The operation an `operation_*` event is about: the first word of its
+/// message (see `ops::run`), e.g. `resync`.
+fn operation_kind(ev: &store::EventRow) -> &str {
+    ev.message
+        .split_whitespace()
+        .next()
+        .filter(|k| k.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+        .unwrap_or("an operation")
 }
 
 /// The running alert engine: its book, the channels and its figures.
@@ -704,7 +727,15 @@ pub fn snapshot(coord: &Coordinator) -> Result<Snapshot> {
             let engine = engines.get(cluster.as_str())?.to_string();
             let liveness = coord.fleet.liveness_of(&n.id, now);
             let live = coord.fleet.get(&n.id);
+            let check_age_s = live
+                .as_ref()
+                .filter(|l| l.engine.checked_age_ms != u32::MAX)
+                .map(|l| {
+                    f64::from(l.engine.checked_age_ms) / 1000.0
+                        + now.saturating_duration_since(l.engine_at).as_secs_f64()
+                });
             Some(NodeView {
+                check_age_s,
                 silent_s: live
                     .as_ref()
                     .map(|l| now.saturating_duration_since(l.last_seen).as_secs_f64()),
@@ -813,6 +844,7 @@ mod tests {
                 ..Default::default()
             }),
             cert_not_after_ms: 0,
+            check_age_s: Some(0.4),
         }
     }
 
@@ -939,6 +971,26 @@ mod tests {
         let (conds, keep) = conditions(&snap(vec![n]), &c);
         assert!(conds.is_empty());
         assert!(keep.contains("node_down/c1/vm1"));
+    }
+
+    #[test]
+    fn an_engine_whose_health_check_hangs_is_down() {
+        let c = AlertsConfig::default();
+        let mut n = view("vm1", Liveness::Up);
+        n.check_age_s = Some(4.9);
+        assert!(names(&snap(vec![n.clone()]), &c).is_empty());
+        n.check_age_s = Some(6.0);
+        let (conds, _) = conditions(&snap(vec![n.clone()]), &c);
+        assert_eq!(conds[0].name, "engine_down");
+        assert!(
+            conds[0]
+                .description
+                .contains("has not answered a health check for 6s"),
+            "{}",
+            conds[0].description
+        );
+        n.check_age_s = None; // never checked yet: judged by `healthy`
+        assert!(names(&snap(vec![n]), &c).is_empty());
     }
 
     #[test]
