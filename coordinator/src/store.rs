@@ -43,6 +43,8 @@ CREATE TABLE IF NOT EXISTS nodes (
     enrolled_at_ms INTEGER NOT NULL,
     cert_fingerprint TEXT NOT NULL
 );
+-- Every heartbeat and every failover-monitor pass reads a cluster's members.
+CREATE INDEX IF NOT EXISTS nodes_by_cluster ON nodes(cluster);
 CREATE TABLE IF NOT EXISTS join_tokens (
     secret_hash TEXT PRIMARY KEY,
     created_by TEXT NOT NULL,
@@ -63,6 +65,7 @@ CREATE TABLE IF NOT EXISTS operations (
     error TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS operations_by_cluster ON operations(cluster, created_at_ms);
+CREATE INDEX IF NOT EXISTS operations_unfinished ON operations(state);
 CREATE TABLE IF NOT EXISTS operation_log (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     op_id TEXT NOT NULL REFERENCES operations(id),
@@ -266,6 +269,9 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // The hot reads (a cluster's members at every heartbeat and monitor
+        // pass) are prepared once and kept.
+        conn.set_prepared_statement_cache_capacity(64);
         conn.execute_batch(SCHEMA).context("creating the schema")?;
         migrate(&conn).context("upgrading the schema")?;
         Ok(Store {
@@ -346,16 +352,15 @@ const CLUSTER_COLS: &str = "name, engine, mode, state, port, database, admin_use
      allowlist_version";
 
 pub fn get_cluster(c: &Connection, name: &str) -> Result<Option<ClusterRow>> {
-    Ok(c.query_row(
-        &format!("SELECT {CLUSTER_COLS} FROM clusters WHERE name = ?1"),
-        [name],
-        cluster_from_row,
-    )
+    Ok(c.prepare_cached(&format!(
+        "SELECT {CLUSTER_COLS} FROM clusters WHERE name = ?1"
+    ))?
+    .query_row([name], cluster_from_row)
     .optional()?)
 }
 
 pub fn list_clusters(c: &Connection) -> Result<Vec<ClusterRow>> {
-    let mut st = c.prepare(&format!(
+    let mut st = c.prepare_cached(&format!(
         "SELECT {CLUSTER_COLS} FROM clusters ORDER BY name"
     ))?;
     let rows = st
@@ -558,16 +563,15 @@ fn node_from_row(r: &rusqlite::Row) -> rusqlite::Result<NodeRow> {
 const NODE_COLS: &str = "id, address, cluster, role, enrolled_at_ms, cert_not_after_ms";
 
 pub fn get_node(c: &Connection, id: &str) -> Result<Option<NodeRow>> {
-    Ok(c.query_row(
-        &format!("SELECT {NODE_COLS} FROM nodes WHERE id = ?1"),
-        [id],
-        node_from_row,
+    Ok(
+        c.prepare_cached(&format!("SELECT {NODE_COLS} FROM nodes WHERE id = ?1"))?
+            .query_row([id], node_from_row)
+            .optional()?,
     )
-    .optional()?)
 }
 
 pub fn list_nodes(c: &Connection) -> Result<Vec<NodeRow>> {
-    let mut st = c.prepare(&format!("SELECT {NODE_COLS} FROM nodes ORDER BY id"))?;
+    let mut st = c.prepare_cached(&format!("SELECT {NODE_COLS} FROM nodes ORDER BY id"))?;
     let rows = st
         .query_map([], node_from_row)?
         .collect::<rusqlite::Result<_>>()?;
@@ -575,7 +579,7 @@ pub fn list_nodes(c: &Connection) -> Result<Vec<NodeRow>> {
 }
 
 pub fn nodes_of_cluster(c: &Connection, cluster: &str) -> Result<Vec<NodeRow>> {
-    let mut st = c.prepare(&format!(
+    let mut st = c.prepare_cached(&format!(
         "SELECT {NODE_COLS} FROM nodes WHERE cluster = ?1 ORDER BY id"
     ))?;
     let rows = st
@@ -694,12 +698,11 @@ pub fn insert_operation(c: &Connection, op: &OperationRow) -> Result<()> {
 }
 
 pub fn get_operation(c: &Connection, id: &str) -> Result<Option<OperationRow>> {
-    Ok(c.query_row(
-        &format!("SELECT {OP_COLS} FROM operations WHERE id = ?1"),
-        [id],
-        op_from_row,
+    Ok(
+        c.prepare_cached(&format!("SELECT {OP_COLS} FROM operations WHERE id = ?1"))?
+            .query_row([id], op_from_row)
+            .optional()?,
     )
-    .optional()?)
 }
 
 pub fn list_operations(c: &Connection, cluster: Option<&str>) -> Result<Vec<OperationRow>> {
@@ -713,7 +716,7 @@ pub fn list_operations(c: &Connection, cluster: Option<&str>) -> Result<Vec<Oper
 }
 
 pub fn unfinished_operations(c: &Connection) -> Result<Vec<OperationRow>> {
-    let mut st = c.prepare(&format!(
+    let mut st = c.prepare_cached(&format!(
         "SELECT {OP_COLS} FROM operations WHERE state IN ('pending', 'running') ORDER BY created_at_ms, id"
     ))?;
     let rows = st
@@ -724,14 +727,11 @@ pub fn unfinished_operations(c: &Connection) -> Result<Vec<OperationRow>> {
 
 /// The operation (pending or running) that holds `cluster`, if any.
 pub fn unfinished_operation_of(c: &Connection, cluster: &str) -> Result<Option<OperationRow>> {
-    Ok(c.query_row(
-        &format!(
-            "SELECT {OP_COLS} FROM operations WHERE cluster = ?1 AND state IN ('pending', 'running') \
+    Ok(c.prepare_cached(&format!(
+        "SELECT {OP_COLS} FROM operations WHERE cluster = ?1 AND state IN ('pending', 'running') \
              ORDER BY created_at_ms, id LIMIT 1"
-        ),
-        [cluster],
-        op_from_row,
-    )
+    ))?
+    .query_row([cluster], op_from_row)
     .optional()?)
 }
 
