@@ -1511,10 +1511,11 @@ fn alerts_table(alerts: &[pb::AlertInfo], with_state: bool) -> Table {
             row.insert(1, a.state.clone());
             row.insert(
                 2,
-                if a.state == "firing" {
-                    String::new()
-                } else {
+                // A notice is a moment; only alerts that resolved ended.
+                if a.state == "resolved" {
                     ago(a.ended_at_ms)
+                } else {
+                    String::new()
                 },
             );
         }
