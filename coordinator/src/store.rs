@@ -830,6 +830,17 @@ pub fn insert_event(
     Ok(())
 }
 
+fn event_from_row(r: &rusqlite::Row) -> rusqlite::Result<EventRow> {
+    Ok(EventRow {
+        id: r.get(0)?,
+        at_ms: r.get(1)?,
+        node: r.get(2)?,
+        cluster: r.get(3)?,
+        kind: r.get(4)?,
+        message: r.get(5)?,
+    })
+}
+
 pub fn list_events(
     c: &Connection,
     node: Option<&str>,
@@ -842,16 +853,7 @@ pub fn list_events(
           ORDER BY id DESC LIMIT ?3) ORDER BY id",
     )?;
     let rows = st
-        .query_map(params![node, cluster, limit], |r| {
-            Ok(EventRow {
-                id: r.get(0)?,
-                at_ms: r.get(1)?,
-                node: r.get(2)?,
-                cluster: r.get(3)?,
-                kind: r.get(4)?,
-                message: r.get(5)?,
-            })
-        })?
+        .query_map(params![node, cluster, limit], event_from_row)?
         .collect::<rusqlite::Result<_>>()?;
     Ok(rows)
 }
@@ -981,16 +983,7 @@ pub fn events_after(c: &Connection, after: i64, limit: u32) -> Result<Vec<EventR
          ORDER BY id LIMIT ?2",
     )?;
     let rows = st
-        .query_map(params![after, limit], |r| {
-            Ok(EventRow {
-                id: r.get(0)?,
-                at_ms: r.get(1)?,
-                node: r.get(2)?,
-                cluster: r.get(3)?,
-                kind: r.get(4)?,
-                message: r.get(5)?,
-            })
-        })?
+        .query_map(params![after, limit], event_from_row)?
         .collect::<rusqlite::Result<_>>()?;
     Ok(rows)
 }
