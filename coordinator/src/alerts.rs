@@ -578,7 +578,6 @@ pub struct Alerts {
     /// Figures for /metrics.
     pub evaluations: std::sync::atomic::AtomicU64,
     pub last_evaluation_us: std::sync::atomic::AtomicU64,
-    pub max_evaluation_us: std::sync::atomic::AtomicU64,
     pub total_evaluation_us: std::sync::atomic::AtomicU64,
 }
 
@@ -591,7 +590,6 @@ impl Alerts {
             last_event: Mutex::new(None),
             evaluations: Default::default(),
             last_evaluation_us: Default::default(),
-            max_evaluation_us: Default::default(),
             total_evaluation_us: Default::default(),
         }
     }
@@ -636,22 +634,25 @@ impl Alerts {
     /// last one.
     pub fn evaluate(&self, coord: &Coordinator) -> Result<()> {
         let started = Instant::now();
+        // Everything that can fail comes before the book changes: an alert
+        // the book records as fired is always sent.
         let snapshot = snapshot(coord)?;
+        let notices = self.new_events(coord)?;
         let (conds, keep) = conditions(&snapshot, &self.config);
         let outcome = lock(&self.book).step(conds, &keep, snapshot.now_ms, &self.config);
-        let notices = self.new_events(coord)?;
         let elapsed = started.elapsed().as_micros() as u64;
         use std::sync::atomic::Ordering::Relaxed;
         self.evaluations.fetch_add(1, Relaxed);
         self.last_evaluation_us.store(elapsed, Relaxed);
-        self.max_evaluation_us.fetch_max(elapsed, Relaxed);
         self.total_evaluation_us.fetch_add(elapsed, Relaxed);
-        if !outcome.fired.is_empty()
+        let changed = !outcome.fired.is_empty()
             || !outcome.resolved.is_empty()
             || !outcome.repeated.is_empty()
-            || !notices.is_empty()
-        {
-            coord.store.tx(|tx| {
+            || !notices.is_empty();
+        // Recorded for `alerts history` and restarts; a store that fails
+        // here does not hold the notifications back.
+        if changed {
+            let recorded = coord.store.tx(|tx| {
                 for a in &outcome.fired {
                     store::insert_alert(tx, a, "firing")?;
                 }
@@ -665,7 +666,11 @@ impl Alerts {
                     store::insert_alert(tx, a, "notice")?;
                 }
                 Ok(())
-            })?;
+            });
+            if let Err(e) = recorded {
+                coord.counters.error("alerts");
+                tracing::error!(error = %format!("{e:#}"), "alerts: recording in the store");
+            }
         }
         for a in &outcome.fired {
             tracing::warn!(alert = %a.name, severity = a.severity.as_str(), "alert firing: {}", a.summary);

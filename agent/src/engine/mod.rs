@@ -1102,6 +1102,9 @@ impl Engine {
             let began = Instant::now();
             let promoted = async {
                 self.begin_promotion(!p.primary_stopped).await?;
+                // The lease begin_promotion asked for usually arrives within
+                // a heartbeat's round trip.
+                self.lease_within(safety::PROMOTION_LEASE_WAIT).await;
                 // Recorded as the primary before PostgreSQL is asked: a
                 // promotion that completes late (or after an error here) is
                 // then under the lease rules, fenced without a lease. And

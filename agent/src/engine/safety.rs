@@ -50,6 +50,13 @@ const DRIFT_FULL_CHECK_EVERY: Duration = Duration::from_secs(30);
 /// coordinator (it asks with an immediate heartbeat).
 const FIRST_LEASE_WAIT: Duration = Duration::from_secs(3);
 
+/// How long a replica being promoted waits for the lease it asked for
+/// before it records itself as the primary: usually one heartbeat's round
+/// trip. Without it the guardian may fence the new primary for the few
+/// milliseconds until the lease arrives (harmless, but it ends sessions).
+/// Past this it goes on and is fenced until the lease comes, as before.
+pub(super) const PROMOTION_LEASE_WAIT: Duration = Duration::from_millis(300);
+
 impl Engine {
     fn lock_lease(&self) -> std::sync::MutexGuard<'_, lease::Lease> {
         self.lease.lock().unwrap_or_else(|p| p.into_inner())
@@ -421,12 +428,24 @@ impl Engine {
         if stored.spec.role != "primary" || stored.spec.replicas.is_empty() {
             return;
         }
+        if self.lease_within(FIRST_LEASE_WAIT).await {
+            self.enforce().await;
+            return;
+        }
+        tracing::warn!(
+            "no lease after {} s as the new primary; staying fenced until the coordinator grants one",
+            FIRST_LEASE_WAIT.as_secs()
+        );
+    }
+
+    /// Waits up to `limit` for a lease, asking for one with a heartbeat
+    /// now and then; whether one is held.
+    pub(super) async fn lease_within(&self, limit: Duration) -> bool {
         let began = Instant::now();
         let mut asked = None::<Instant>;
-        while began.elapsed() < FIRST_LEASE_WAIT {
+        while began.elapsed() < limit {
             if self.lock_lease().held(BootTime::now()) {
-                self.enforce().await;
-                return;
+                return true;
             }
             // Ask again now and then: the coordinator may grant only once
             // it has recorded this node as the primary.
@@ -436,10 +455,7 @@ impl Engine {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        tracing::warn!(
-            "no lease after {} s as the new primary; staying fenced until the coordinator grants one",
-            FIRST_LEASE_WAIT.as_secs()
-        );
+        self.lock_lease().held(BootTime::now())
     }
 
     /// Brings the firewall and the engine's read-only setting in line with
