@@ -695,15 +695,17 @@ impl Alerts {
             return Ok(Vec::new());
         };
         let events = coord.store.read(|c| store::events_after(c, after, 1000))?;
-        if let Some(e) = events.last() {
-            *last = Some(e.id);
-        }
+        let Some(newest) = events.last().map(|e| e.id) else {
+            return Ok(Vec::new());
+        };
         let engines: HashMap<String, String> = coord
             .store
             .read(store::list_clusters)?
             .into_iter()
             .map(|c| (c.name, c.engine))
             .collect();
+        // Past these only once nothing above can fail.
+        *last = Some(newest);
         Ok(events
             .iter()
             .filter_map(|e| notice_of(e, engines.get(&e.cluster).map(String::as_str).unwrap_or("")))
