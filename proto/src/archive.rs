@@ -898,6 +898,19 @@ mod tests {
     }
 
     #[test]
+    fn a_cut_dressed_up_as_the_end_is_detected() {
+        // Cutting after chunk i and marking it final would pass for a whole
+        // archive if the flag were not part of what each chunk's tag covers.
+        let (_, stored) = many_chunks();
+        let list = chunks(&stored);
+        for i in [0, 1, list.len() / 2, list.len() - 2] {
+            let mut cut = stored[..list[i].1].to_vec();
+            cut[list[i].0] = FLAG_FINAL;
+            expect_corrupt(&cut, i as u64);
+        }
+    }
+
+    #[test]
     fn bytes_after_the_final_chunk_are_rejected() {
         let (_, stored) = many_chunks();
         let n = chunks(&stored).len() as u64;
