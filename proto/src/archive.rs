@@ -167,12 +167,16 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// The short, public name of a key: shown to operators and written in every
 /// archive so a restore can tell a wrong key from a corrupt object.
 pub fn key_id(key: &[u8; 32]) -> String {
+    hex::encode(key_id_bytes(key))
+}
+
+fn key_id_bytes(key: &[u8; 32]) -> [u8; 8] {
     // Domain-separated so the id is never the hash of the key used elsewhere.
     let digest = Sha256::new()
         .chain_update(b"corral backup key id\0")
         .chain_update(key)
         .finalize();
-    hex::encode(&digest[..8])
+    digest[..8].try_into().expect("SHA-256 is 32 bytes")
 }
 
 /// SHA-256 of everything `reader` yields, in lowercase hex: checks a stored
@@ -218,11 +222,10 @@ impl<W: Write> Writer<W> {
         if meta.len() > MAX_META {
             return Err(Error::MetaTooLarge { len: meta.len() });
         }
-        let key_id_bytes = hex::decode(key_id(key)).expect("key_id returns 16 hex digits");
         let mut head = Vec::with_capacity(FIXED_HEADER + meta.len());
         head.extend_from_slice(MAGIC);
         head.extend_from_slice(&VERSION.to_be_bytes());
-        head.extend_from_slice(&key_id_bytes);
+        head.extend_from_slice(&key_id_bytes(key));
         head.extend_from_slice(&nonce_prefix);
         head.extend_from_slice(&(chunk_size as u32).to_be_bytes());
         head.extend_from_slice(&(meta.len() as u32).to_be_bytes());
