@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //!
+//! - [`archive`]: the backup archive format: zstd-compressed, chunk-encrypted, tamper-evident.
 //! - [`pb`]: the gRPC services and messages generated from `proto/corral.proto`.
 //! - [`identity`]: who a peer is, read from its mutual-TLS certificate.
 //! - [`lease`]: failover timing (lease, fence-ahead, margin) shared by agent and coordinator.
@@ -11,6 +12,7 @@
 //! - [`names`]: validation of cluster and node names, shared by every entry point.
 //! - [`exposition`]: Prometheus/OpenMetrics text for the agent's and coordinator's `/metrics`.
 
+pub mod archive;
 pub mod exposition;
 pub mod identity;
 pub mod lease;
