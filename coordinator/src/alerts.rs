@@ -75,6 +75,8 @@ pub struct Snapshot {
     pub busy: HashSet<String>,
     /// The coordinator's own certificates: (what, expiry).
     pub certificates: Vec<(String, i64)>,
+    /// Each cluster's engine, for the notices' labels.
+    pub engines: HashMap<String, String>,
 }
 
 /// A rule's finding: an alert that holds now.
@@ -637,7 +639,7 @@ impl Alerts {
         // Everything that can fail comes before the book changes: an alert
         // the book records as fired is always sent.
         let snapshot = snapshot(coord)?;
-        let notices = self.new_events(coord)?;
+        let notices = self.new_events(coord, &snapshot.engines)?;
         let (conds, keep) = conditions(&snapshot, &self.config);
         let outcome = lock(&self.book).step(conds, &keep, snapshot.now_ms, &self.config);
         let elapsed = started.elapsed().as_micros() as u64;
@@ -688,7 +690,11 @@ impl Alerts {
         Ok(())
     }
 
-    fn new_events(&self, coord: &Coordinator) -> Result<Vec<Alert>> {
+    fn new_events(
+        &self,
+        coord: &Coordinator,
+        engines: &HashMap<String, String>,
+    ) -> Result<Vec<Alert>> {
         let mut last = lock(&self.last_event);
         let Some(after) = *last else {
             *last = Some(coord.store.read(store::last_event_id)?);
@@ -698,13 +704,6 @@ impl Alerts {
         let Some(newest) = events.last().map(|e| e.id) else {
             return Ok(Vec::new());
         };
-        let engines: HashMap<String, String> = coord
-            .store
-            .read(store::list_clusters)?
-            .into_iter()
-            .map(|c| (c.name, c.engine))
-            .collect();
-        // Past these only once nothing above can fail.
         *last = Some(newest);
         Ok(events
             .iter()
@@ -722,25 +721,20 @@ pub fn snapshot(coord: &Coordinator) -> Result<Snapshot> {
             store::unfinished_operations(c)?,
         ))
     })?;
-    let engines: HashMap<&str, &str> = clusters
-        .iter()
-        .map(|c| (c.name.as_str(), c.engine.as_str()))
-        .collect();
+    let engines: HashMap<String, String> =
+        clusters.into_iter().map(|c| (c.name, c.engine)).collect();
     let now = Instant::now();
     let views = nodes
         .into_iter()
         .filter_map(|n| {
             let cluster = n.cluster?;
-            let engine = engines.get(cluster.as_str())?.to_string();
+            let engine = engines.get(&cluster)?.clone();
             let liveness = coord.fleet.liveness_of(&n.id, now);
             let live = coord.fleet.get(&n.id);
             let check_age_s = live
                 .as_ref()
-                .filter(|l| l.engine.checked_age_ms != u32::MAX)
-                .map(|l| {
-                    f64::from(l.engine.checked_age_ms) / 1000.0
-                        + now.saturating_duration_since(l.engine_at).as_secs_f64()
-                });
+                .and_then(crate::fleet::Live::checked_at)
+                .map(|t| now.saturating_duration_since(t).as_secs_f64());
             Some(NodeView {
                 check_age_s,
                 silent_s: live
@@ -762,6 +756,7 @@ pub fn snapshot(coord: &Coordinator) -> Result<Snapshot> {
         nodes: views,
         busy: unfinished.iter().flat_map(busy_keys).collect(),
         certificates: coord.certificates.clone(),
+        engines,
     })
 }
 

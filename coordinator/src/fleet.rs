@@ -34,6 +34,19 @@ pub struct Live {
     pub engine_at: Instant,
 }
 
+impl Live {
+    /// When the engine last answered its agent's health check, by this
+    /// process's clock (its agent's "check age" counted from receipt);
+    /// None if it never did.
+    pub fn checked_at(&self) -> Option<Instant> {
+        if self.engine.checked_age_ms == u32::MAX {
+            return None;
+        }
+        self.engine_at
+            .checked_sub(Duration::from_millis(u64::from(self.engine.checked_age_ms)))
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Liveness {
     Up,

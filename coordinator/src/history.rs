@@ -390,11 +390,6 @@ impl History {
             max,
         })
     }
-
-    /// Nodes with samples in memory (for the footprint figures).
-    pub fn open_nodes(&self) -> usize {
-        lock(&self.open).len()
-    }
 }
 
 /// Writes pending rows every few seconds and prunes every minute, until

@@ -255,11 +255,7 @@ fn view_of(
             streaming: rep.streaming,
             upstream: engine.upstream.clone(),
             upstream_lsn: rep.upstream_lsn,
-            checked_at: at
-                .filter(|_| engine.checked_age_ms != u32::MAX)
-                .and_then(|s| {
-                    s.checked_sub(Duration::from_millis(u64::from(engine.checked_age_ms)))
-                }),
+            checked_at: live.as_ref().and_then(crate::fleet::Live::checked_at),
             received: if rep.in_recovery {
                 rep.receive_lsn.max(rep.lsn)
             } else {

@@ -682,16 +682,6 @@ impl Notifier {
         })
     }
 
-    /// A notifier with no channels: sends go nowhere.
-    pub fn none() -> Notifier {
-        Notifier {
-            inner: Arc::new(Inner {
-                channels: Vec::new(),
-                _stop: watch::channel(()).0,
-            }),
-        }
-    }
-
     /// Queues the alert for every channel that takes this delivery. Never
     /// blocks: a full queue drops its oldest entry.
     pub fn send(&self, alert: &Alert, delivery: Delivery) {

@@ -27,23 +27,23 @@ fn firing(lab: &Lab, name: &str) -> Vec<Value> {
         .collect()
 }
 
-/// The webhook deliveries of alert `name` with `status`, each checked
-/// against its signature.
+/// The webhook deliveries of alert `name` with `status`; every request
+/// received must carry a valid signature.
 fn delivered(hook: &Receiver, name: &str, status: &str) -> Vec<Value> {
-    hook.requests()
-        .into_iter()
-        .filter(|r| {
-            let ts = &r.headers["x-corral-timestamp"];
-            let sig = r.headers["x-corral-signature"]
-                .strip_prefix("sha256=")
-                .and_then(|h| hex::decode(h).ok())
-                .expect("a sha256= signature");
-            let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
-            mac.update(format!("{ts}.").as_bytes());
-            mac.update(&r.body);
-            assert!(mac.verify_slice(&sig).is_ok(), "bad signature: {r:?}");
-            true
-        })
+    let requests = hook.requests();
+    for r in &requests {
+        let ts = &r.headers["x-corral-timestamp"];
+        let sig = r.headers["x-corral-signature"]
+            .strip_prefix("sha256=")
+            .and_then(|h| hex::decode(h).ok())
+            .expect("a sha256= signature");
+        let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+        mac.update(format!("{ts}.").as_bytes());
+        mac.update(&r.body);
+        assert!(mac.verify_slice(&sig).is_ok(), "bad signature: {r:?}");
+    }
+    requests
+        .iter()
         .map(|r| r.json())
         .filter(|j| j["alert"]["name"] == name && j["status"] == status)
         .collect()
