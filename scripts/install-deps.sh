@@ -58,3 +58,10 @@ for component in rustfmt clippy; do
         rustup component add "$component"
     fi
 done
+
+# Backup tests upload to a real S3-compatible server (it checks SigV4
+# signatures). 0.14.1: later releases need a newer Rust.
+if ! command -v s3s-fs >/dev/null 2>&1 && [[ ! -x $HOME/.cargo/bin/s3s-fs ]]; then
+    echo "==> cargo install s3s-fs@0.14.1 (the S3 server backup tests use)"
+    cargo install s3s-fs@0.14.1 --locked --features binary
+fi

@@ -20,6 +20,7 @@
 //! - [`logs`]: the agent's own log file, and reading it and the engine's
 //!   log for `corralctl logs`.
 
+pub mod backup;
 pub mod engine;
 pub mod enroll;
 pub mod events;

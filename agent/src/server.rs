@@ -176,6 +176,49 @@ impl pb::agent_server::Agent for AgentApi {
         };
         Ok(Response::new(logs::serve(path, family, q)))
     }
+
+    type ReadBackupObjectStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::BackupChunk, Status>> + Send>>;
+
+    async fn take_backup(
+        &self,
+        req: Request<pb::TakeBackupRequest>,
+    ) -> Result<Response<pb::BackupResult>, Status> {
+        require_coordinator(&req)?;
+        Err(Status::unimplemented("backups: not yet"))
+    }
+
+    async fn verify_backup(
+        &self,
+        req: Request<pb::VerifyBackupRequest>,
+    ) -> Result<Response<pb::VerifyBackupResponse>, Status> {
+        require_coordinator(&req)?;
+        Err(Status::unimplemented("backups: not yet"))
+    }
+
+    async fn read_backup_object(
+        &self,
+        req: Request<pb::ReadBackupObjectRequest>,
+    ) -> Result<Response<Self::ReadBackupObjectStream>, Status> {
+        require_coordinator(&req)?;
+        Err(Status::unimplemented("backups: not yet"))
+    }
+
+    async fn delete_backup_objects(
+        &self,
+        req: Request<pb::DeleteBackupObjectsRequest>,
+    ) -> Result<Response<pb::DeleteBackupObjectsResponse>, Status> {
+        require_coordinator(&req)?;
+        Err(Status::unimplemented("backups: not yet"))
+    }
+
+    async fn flush_wal_archive(
+        &self,
+        req: Request<pb::FlushWalArchiveRequest>,
+    ) -> Result<Response<pb::FlushWalArchiveResponse>, Status> {
+        require_coordinator(&req)?;
+        Err(Status::unimplemented("backups: not yet"))
+    }
 }
 
 /// The API other agents call: a primary asking its replicas to confirm it.

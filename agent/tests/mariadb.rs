@@ -134,6 +134,7 @@ impl Node {
             replicas: replicas.iter().map(|r| r.to_string()).collect(),
             sync,
             upstream: None,
+            wal_archive: false,
         }
     }
 

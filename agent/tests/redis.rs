@@ -152,6 +152,7 @@ impl Node {
             replicas: replicas.iter().map(|r| r.to_string()).collect(),
             sync,
             upstream: None,
+            wal_archive: false,
         }
     }
 

@@ -1105,6 +1105,7 @@ async fn run(api: &mut OperatorClient<Channel>, command: Command, json: bool) ->
                 .delete_cluster(pb::DeleteClusterRequest {
                     name: name.clone(),
                     confirm: confirm.unwrap_or_default(),
+                    no_final_backup: false,
                 })
                 .await?
                 .into_inner();

@@ -1534,6 +1534,72 @@ impl pb::operator_server::Operator for OperatorApi {
         self.audited(&who, "node.logs", &target, || outcome)
             .map(Response::new)
     }
+
+    type DownloadBackupStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::BackupChunk, Status>> + Send>>;
+
+    async fn download_backup(
+        &self,
+        _req: Request<pb::DownloadBackupRequest>,
+    ) -> Result<Response<Self::DownloadBackupStream>, Status> {
+        Err(Status::unimplemented("backups: not yet"))
+    }
+
+    async fn backup_now(
+        &self,
+        _req: Request<pb::BackupNowRequest>,
+    ) -> Result<Response<pb::Operation>, Status> {
+        Err(Status::unimplemented("backups: not yet"))
+    }
+
+    async fn list_backups(
+        &self,
+        _req: Request<pb::ListBackupsRequest>,
+    ) -> Result<Response<pb::ListBackupsResponse>, Status> {
+        Err(Status::unimplemented("backups: not yet"))
+    }
+
+    async fn get_backup(
+        &self,
+        _req: Request<pb::GetBackupRequest>,
+    ) -> Result<Response<pb::Backup>, Status> {
+        Err(Status::unimplemented("backups: not yet"))
+    }
+
+    async fn delete_backup(
+        &self,
+        _req: Request<pb::DeleteBackupRequest>,
+    ) -> Result<Response<pb::Backup>, Status> {
+        Err(Status::unimplemented("backups: not yet"))
+    }
+
+    async fn verify_backup(
+        &self,
+        _req: Request<pb::VerifyBackupOperatorRequest>,
+    ) -> Result<Response<pb::Operation>, Status> {
+        Err(Status::unimplemented("backups: not yet"))
+    }
+
+    async fn restore_backup(
+        &self,
+        _req: Request<pb::RestoreBackupRequest>,
+    ) -> Result<Response<pb::Operation>, Status> {
+        Err(Status::unimplemented("backups: not yet"))
+    }
+
+    async fn set_backup_schedule(
+        &self,
+        _req: Request<pb::SetBackupScheduleRequest>,
+    ) -> Result<Response<pb::BackupSchedule>, Status> {
+        Err(Status::unimplemented("backups: not yet"))
+    }
+
+    async fn get_backup_schedule(
+        &self,
+        _req: Request<pb::GetBackupScheduleRequest>,
+    ) -> Result<Response<pb::BackupSchedule>, Status> {
+        Err(Status::unimplemented("backups: not yet"))
+    }
 }
 
 impl OperatorApi {

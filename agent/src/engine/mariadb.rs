@@ -1831,6 +1831,10 @@ pub fn dump_position(end_of_dump: &str) -> Option<String> {
 
 #[tonic::async_trait]
 impl Driver for Mariadb {
+    fn engine_label(&self) -> &'static str {
+        "MariaDB"
+    }
+
     fn has_data(&self) -> bool {
         self.data_dir().join("mysql").is_dir()
     }
@@ -2772,6 +2776,7 @@ mod tests {
                 host: "10.0.0.1".into(),
                 port: 3306,
             }),
+            wal_archive: false,
         }
     }
 

@@ -61,6 +61,10 @@ pub struct EngineSpec {
     /// Replica: where it streams from.
     #[serde(default)]
     pub upstream: Option<Upstream>,
+    /// Primary (PostgreSQL): archive every finished WAL segment (the
+    /// engine copies it to [`Driver::wal_spool`]; the agent uploads it).
+    #[serde(default)]
+    pub wal_archive: bool,
 }
 
 /// What engine.json holds: the spec plus the agent's own bookkeeping.
@@ -249,6 +253,7 @@ impl EngineSpec {
                 replicas: req.replicas.clone(),
                 sync: req.sync,
                 upstream,
+                wal_archive: req.wal_archive.is_some() && req.role == "primary",
             },
             secrets: Secrets {
                 admin_password: req.admin_password.clone(),
@@ -437,6 +442,87 @@ pub trait Driver: Send + Sync + 'static {
     /// Where the engine's own log goes, for error messages and for
     /// `corralctl logs`.
     fn log_path(&self) -> PathBuf;
+
+    // ---------------------------------------------------------- backups
+    //
+    // Blocking: the agent runs these on a blocking thread, with `out` and
+    // `input` wired to the (compressing, encrypting) target stream.
+
+    /// Writes a consistent backup of the running engine to `out`, as one
+    /// stream in the engine's own format (PostgreSQL: a tar of the data
+    /// directory with the WAL it needs; MariaDB: xbstream; Redis: an RDB
+    /// file). A replica backs itself up (the primary is not loaded).
+    fn backup(
+        &self,
+        spec: &EngineSpec,
+        out: &mut dyn std::io::Write,
+        progress: ProgressFn<'_>,
+    ) -> Result<BackupInfo> {
+        let _ = (spec, out, progress);
+        bail!("backups of {} are not supported yet", self.engine_label())
+    }
+    /// Fills the absent or empty data directory from a stream [`Driver::backup`]
+    /// wrote; the engine is stopped. The caller starts the engine afterwards
+    /// (with `prepare` and `start`). PostgreSQL with `recovery`: recovers to
+    /// its time using the WAL segments fetched into its directory.
+    fn restore(
+        &self,
+        spec: &EngineSpec,
+        input: &mut dyn std::io::Read,
+        recovery: Option<&Recovery>,
+    ) -> Result<()> {
+        let _ = (spec, input, recovery);
+        bail!("restores of {} are not supported yet", self.engine_label())
+    }
+    /// Restores a stream into `scratch` (an empty directory owned by the
+    /// engine's user; the caller removes it) and checks it the way the
+    /// engine would use it, without touching the running engine; returns
+    /// what it found, e.g. "PostgreSQL 15.8 started on the restored data:
+    /// 3 databases".
+    fn verify(&self, input: &mut dyn std::io::Read, scratch: &Path) -> Result<String> {
+        let _ = (input, scratch);
+        bail!(
+            "verifying backups of {} is not supported yet",
+            self.engine_label()
+        )
+    }
+    /// PostgreSQL: the directory the engine's archive_command copies each
+    /// finished WAL segment to, for the agent to upload (with
+    /// `EngineSpec::wal_archive`). None: the engine has no WAL archive.
+    fn wal_spool(&self) -> Option<PathBuf> {
+        None
+    }
+    /// PostgreSQL primary: closes the current WAL segment (so it is
+    /// archived); returns its file name.
+    async fn switch_wal(&self, spec: &EngineSpec) -> Result<String> {
+        let _ = spec;
+        bail!("{} has no WAL to switch", self.engine_label())
+    }
+    /// The engine's name for messages ("PostgreSQL", "MariaDB", "Redis").
+    fn engine_label(&self) -> &'static str;
+}
+
+/// What a backup stream is consistent at.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackupInfo {
+    /// The engine's version, e.g. "15.8".
+    pub version: String,
+    /// PostgreSQL: the end LSN ("0/3000138"); MariaDB: the GTID position;
+    /// Redis: the replication offset.
+    pub position: String,
+    /// When the backup was consistent (ms since the epoch); 0: unknown.
+    pub position_time_ms: i64,
+}
+
+/// PostgreSQL point-in-time recovery.
+#[derive(Debug, Clone)]
+pub struct Recovery {
+    /// Recover up to this time (ms since the epoch), then promote.
+    pub to_time_ms: i64,
+    /// Holds the archived WAL segments (and timeline history files) of the
+    /// source, already fetched and decrypted, under their own names: the
+    /// restore_command copies from here.
+    pub wal_dir: PathBuf,
 }
 
 /// The engine of this node: spec, live status, and the supervisor task.

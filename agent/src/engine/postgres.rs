@@ -376,6 +376,10 @@ fn pgpass_escape(v: &str) -> String {
 
 #[tonic::async_trait]
 impl Driver for Postgres {
+    fn engine_label(&self) -> &'static str {
+        "PostgreSQL"
+    }
+
     fn has_data(&self) -> bool {
         self.data_dir().join("PG_VERSION").exists()
     }

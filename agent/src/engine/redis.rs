@@ -1140,6 +1140,10 @@ fn dir_size(dir: &Path) -> u64 {
 
 #[tonic::async_trait]
 impl Driver for Redis {
+    fn engine_label(&self) -> &'static str {
+        "Redis"
+    }
+
     /// The data directory exists: made empty by `initialize`, or moved into
     /// place complete by `clone_data`.
     fn has_data(&self) -> bool {
@@ -1625,6 +1629,7 @@ mod tests {
                 host: "10.0.0.1".into(),
                 port: 6379,
             }),
+            wal_archive: false,
         }
     }
 
