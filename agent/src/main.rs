@@ -1,7 +1,8 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use corral_agent::{
-    engine, enroll, events, firewall, health, heartbeat, logs, metrics, peers, server, Config,
+    backup, engine, enroll, events, firewall, health, heartbeat, logs, metrics, peers, server,
+    Config,
 };
 use corral_proto::pb;
 use std::net::SocketAddr;
@@ -219,6 +220,12 @@ async fn run(args: Args) -> Result<()> {
         events,
     };
     let heartbeats = tokio::spawn(heartbeat.run());
+    let archiver = Arc::new(backup::wal::Archiver::default());
+    let wal_uploads = tokio::spawn(
+        archiver
+            .clone()
+            .run(engine.clone(), config.state_dir.clone()),
+    );
     let guardian = tokio::spawn(engine.clone().guard());
     let peers = Arc::new(peers::Peers::new(
         identity.ca_pem.clone(),
@@ -244,13 +251,19 @@ async fn run(args: Args) -> Result<()> {
     let result = tonic::transport::Server::builder()
         .add_service(pb::agent_server::AgentServer::new(server::AgentApi {
             engine: engine.clone(),
+            backups: backup::Backups::new(
+                engine.clone(),
+                identity.info.node_id.clone(),
+                config.state_dir.clone(),
+            ),
+            archiver: archiver.clone(),
             agent_log: logs::writer::agent_log(&config.state_dir),
         }))
         .add_service(pb::peer_server::PeerServer::new(server::PeerApi { engine }))
         .serve_with_incoming_shutdown(incoming, shutdown_signal())
         .await
         .with_context(|| format!("serving the agent API on {}", config.listen));
-    for task in [heartbeats, guardian, rounds, health] {
+    for task in [heartbeats, guardian, rounds, health, wal_uploads] {
         task.abort();
     }
     result

@@ -17,6 +17,8 @@ use tonic::{Request, Response, Status};
 
 pub struct AgentApi {
     pub engine: Arc<Engine>,
+    pub backups: Arc<crate::backup::Backups>,
+    pub archiver: Arc<crate::backup::wal::Archiver>,
     /// The agent's own log file ([`crate::logs::writer::agent_log`]).
     pub agent_log: std::path::PathBuf,
 }
@@ -185,7 +187,10 @@ impl pb::agent_server::Agent for AgentApi {
         req: Request<pb::TakeBackupRequest>,
     ) -> Result<Response<pb::BackupResult>, Status> {
         require_coordinator(&req)?;
-        Err(Status::unimplemented("backups: not yet"))
+        let r = req.into_inner();
+        tracing::info!(id = %r.id, cluster = %r.cluster, "take backup");
+        let backups = self.backups.clone();
+        detached("backup", async move { backups.take(r).await }).await
     }
 
     async fn verify_backup(
@@ -193,7 +198,10 @@ impl pb::agent_server::Agent for AgentApi {
         req: Request<pb::VerifyBackupRequest>,
     ) -> Result<Response<pb::VerifyBackupResponse>, Status> {
         require_coordinator(&req)?;
-        Err(Status::unimplemented("backups: not yet"))
+        let r = req.into_inner();
+        tracing::info!(object = %r.object, "verify backup");
+        let backups = self.backups.clone();
+        detached("verify backup", async move { backups.verify(r).await }).await
     }
 
     async fn read_backup_object(
@@ -201,7 +209,20 @@ impl pb::agent_server::Agent for AgentApi {
         req: Request<pb::ReadBackupObjectRequest>,
     ) -> Result<Response<Self::ReadBackupObjectStream>, Status> {
         require_coordinator(&req)?;
-        Err(Status::unimplemented("backups: not yet"))
+        let r = req.into_inner();
+        let rx = self
+            .backups
+            .read(r)
+            .await
+            .map_err(|e| Status::failed_precondition(format!("{e:#}")))?;
+        use tokio_stream::StreamExt;
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(|c| match c {
+            Ok(data) => Ok(pb::BackupChunk {
+                data: data.to_vec(),
+            }),
+            Err(e) => Err(Status::data_loss(e)),
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn delete_backup_objects(
@@ -209,7 +230,15 @@ impl pb::agent_server::Agent for AgentApi {
         req: Request<pb::DeleteBackupObjectsRequest>,
     ) -> Result<Response<pb::DeleteBackupObjectsResponse>, Status> {
         require_coordinator(&req)?;
-        Err(Status::unimplemented("backups: not yet"))
+        let r = req.into_inner();
+        tracing::info!(prefix = %r.prefix, "delete backup objects");
+        let backups = self.backups.clone();
+        detached("delete backup objects", async move {
+            Ok(pb::DeleteBackupObjectsResponse {
+                deleted: backups.delete(r).await?,
+            })
+        })
+        .await
     }
 
     async fn flush_wal_archive(
@@ -217,7 +246,14 @@ impl pb::agent_server::Agent for AgentApi {
         req: Request<pb::FlushWalArchiveRequest>,
     ) -> Result<Response<pb::FlushWalArchiveResponse>, Status> {
         require_coordinator(&req)?;
-        Err(Status::unimplemented("backups: not yet"))
+        let term = req.get_ref().term;
+        let (archiver, engine) = (self.archiver.clone(), self.engine.clone());
+        detached("flush WAL archive", async move {
+            Ok(pb::FlushWalArchiveResponse {
+                segment: archiver.flush(&engine, term).await?,
+            })
+        })
+        .await
     }
 }
 

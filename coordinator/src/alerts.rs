@@ -538,6 +538,11 @@ pub fn notice_of(ev: &store::EventRow, engine: &str) -> Option<Alert> {
             Severity::Critical,
             format!("a backup of cluster {} failed", ev.cluster),
         ),
+        "backup_missed" => (
+            "backup_missed",
+            Severity::Critical,
+            format!("a scheduled backup of cluster {} did not run", ev.cluster),
+        ),
         _ => return None,
     };
     let mut labels = BTreeMap::from([("cluster".to_string(), ev.cluster.clone())]);
@@ -764,6 +769,9 @@ pub fn snapshot(coord: &Coordinator) -> Result<Snapshot> {
 /// nodes, else the whole cluster (a failover, a switchover, a deletion).
 fn busy_keys(op: &store::OperationRow) -> Vec<String> {
     use crate::ops::{ADD_NODE, REBOOT, REJOIN, REMOVE_NODE, RESYNC};
+    if crate::ops::BACKGROUND.contains(&op.kind.as_str()) {
+        return Vec::new(); // a backup or a verification stops nothing
+    }
     let params: serde_json::Value = serde_json::from_str(&op.params).unwrap_or_default();
     let mut nodes: Vec<&str> = params["nodes"]
         .as_array()

@@ -36,6 +36,8 @@ pub struct FileConfig {
     pub alerts: AlertsConfig,
     #[serde(default)]
     pub notify: NotifyConfig,
+    #[serde(default)]
+    pub backup: BackupConfig,
 }
 
 impl FileConfig {
@@ -49,6 +51,7 @@ impl FileConfig {
     pub fn parse(text: &str) -> Result<FileConfig> {
         let config: FileConfig = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
         config.alerts.validate()?;
+        config.backup.validate()?;
         Ok(config)
     }
 }
@@ -335,6 +338,230 @@ mod tests {
         assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
         for bad in ["", "5", "m", "5x", "-1s", "99999999999999999999d"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+}
+
+/// The `[backup]` section: the key, the final backup's life, and the
+/// targets backups may be stored in.
+///
+/// ```toml
+/// [backup]
+/// key_file = "/var/lib/corral/backup.key"   # default: the state directory's
+/// final_backup_retain = "15d"
+///
+/// [backup.targets.offsite]
+/// kind = "s3"
+/// endpoint = "https://s3.eu-west-1.amazonaws.com"
+/// bucket = "corral-backups"
+/// region = "eu-west-1"
+/// prefix = "prod"
+/// access_key_id_env = "CORRAL_S3_KEY_ID"        # or access_key_id = "..."
+/// secret_access_key_env = "CORRAL_S3_SECRET"    # or secret_access_key = "..."
+/// ```
+///
+/// A target named `local` (a directory on each node, under the agent's
+/// state directory) exists unless the file defines its own.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackupConfig {
+    /// The 32-byte key every backup is encrypted with (created, 0600, at
+    /// first start). Without it no backup can be read: keep a copy apart.
+    pub key_file: Option<std::path::PathBuf>,
+    /// How long the final backup of a deleted cluster is kept.
+    #[serde(deserialize_with = "duration")]
+    pub final_backup_retain: Duration,
+    /// A scheduled backup that could not start within this long of its
+    /// time (the cluster busy, the coordinator down) is recorded as missed
+    /// and raises an alert.
+    #[serde(deserialize_with = "duration")]
+    pub missed_after: Duration,
+    pub targets: BTreeMap<String, TargetConfig>,
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        BackupConfig {
+            key_file: None,
+            final_backup_retain: Duration::from_secs(15 * 86400),
+            missed_after: Duration::from_secs(3600),
+            targets: BTreeMap::new(),
+        }
+    }
+}
+
+/// One place backups can be stored.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TargetConfig {
+    /// "local" or "s3".
+    pub kind: String,
+    /// local: the directory on each node (default: the agent's state
+    /// directory/backups).
+    pub path: String,
+    /// s3: the endpoint URL, bucket (which must exist), region and a key
+    /// prefix.
+    pub endpoint: String,
+    pub bucket: String,
+    pub region: String,
+    pub prefix: String,
+    /// s3 credentials, given in the file or (better) named environment
+    /// variables of the coordinator.
+    pub access_key_id: String,
+    pub access_key_id_env: String,
+    pub secret_access_key: String,
+    pub secret_access_key_env: String,
+    /// Allow an http:// endpoint (a test server); refused otherwise.
+    pub allow_http: bool,
+}
+
+/// The built-in target.
+pub const LOCAL_TARGET: &str = "local";
+
+impl BackupConfig {
+    fn validate(&self) -> Result<()> {
+        if self.final_backup_retain < Duration::from_secs(1) {
+            bail!("backup.final_backup_retain must be at least 1s");
+        }
+        for (name, t) in &self.targets {
+            corral_proto::names::validate("backup target", name)
+                .map_err(|e| anyhow::anyhow!("backup.targets.{name}: {e}"))?;
+            t.resolve(name)?;
+        }
+        Ok(())
+    }
+
+    /// The target called `name`, credentials resolved, as agents get it.
+    pub fn target(&self, name: &str) -> Result<corral_proto::pb::BackupTarget> {
+        match self.targets.get(name) {
+            Some(t) => t.resolve(name),
+            None if name == LOCAL_TARGET => Ok(corral_proto::pb::BackupTarget {
+                name: name.into(),
+                kind: "local".into(),
+                ..Default::default()
+            }),
+            None => {
+                let mut names: Vec<&str> = self.targets.keys().map(String::as_str).collect();
+                if !names.contains(&LOCAL_TARGET) {
+                    names.push(LOCAL_TARGET);
+                }
+                bail!(
+                    "no backup target named {name:?} (configured: {}); targets are defined \
+                     under [backup.targets.NAME] in the coordinator's configuration file",
+                    names.join(", ")
+                )
+            }
+        }
+    }
+}
+
+impl TargetConfig {
+    fn resolve(&self, name: &str) -> Result<corral_proto::pb::BackupTarget> {
+        let at = format!("backup.targets.{name}");
+        let from_env = |value: &str, env: &str, key: &str| -> Result<String> {
+            match (value.is_empty(), env.is_empty()) {
+                (false, true) => Ok(value.to_string()),
+                (true, false) => std::env::var(env).map_err(|_| {
+                    anyhow::anyhow!("{at}.{key}_env names {env}, which is not set in the coordinator's environment")
+                }),
+                (false, false) => bail!("{at}: give {key} or {key}_env, not both"),
+                (true, true) => bail!("{at}: an s3 target needs {key} (or {key}_env naming an environment variable)"),
+            }
+        };
+        match self.kind.as_str() {
+            "local" => {
+                if !self.endpoint.is_empty() || !self.bucket.is_empty() {
+                    bail!("{at}: a local target takes only `path`");
+                }
+                if !self.path.is_empty() && !self.path.starts_with('/') {
+                    bail!(
+                        "{at}.path = {:?}: an absolute directory on each node",
+                        self.path
+                    );
+                }
+                Ok(corral_proto::pb::BackupTarget {
+                    name: name.into(),
+                    kind: "local".into(),
+                    path: self.path.clone(),
+                    ..Default::default()
+                })
+            }
+            "s3" => {
+                if self.endpoint.is_empty() || self.bucket.is_empty() {
+                    bail!("{at}: an s3 target needs endpoint and bucket");
+                }
+                if self.endpoint.starts_with("http://") && !self.allow_http {
+                    bail!("{at}.endpoint is plain http://: use https, or set allow_http = true for a test server");
+                }
+                if !self.endpoint.starts_with("http://") && !self.endpoint.starts_with("https://") {
+                    bail!(
+                        "{at}.endpoint = {:?}: a URL starting with https://",
+                        self.endpoint
+                    );
+                }
+                Ok(corral_proto::pb::BackupTarget {
+                    name: name.into(),
+                    kind: "s3".into(),
+                    path: self.prefix.trim_matches('/').to_string(),
+                    endpoint: self.endpoint.clone(),
+                    bucket: self.bucket.clone(),
+                    region: if self.region.is_empty() {
+                        "us-east-1".into()
+                    } else {
+                        self.region.clone()
+                    },
+                    access_key_id: from_env(
+                        &self.access_key_id,
+                        &self.access_key_id_env,
+                        "access_key_id",
+                    )?,
+                    secret_access_key: from_env(
+                        &self.secret_access_key,
+                        &self.secret_access_key_env,
+                        "secret_access_key",
+                    )?,
+                    allow_http: self.allow_http,
+                })
+            }
+            "" => bail!("{at}.kind is missing: \"local\" or \"s3\""),
+            other => bail!("{at}.kind = {other:?}: \"local\" or \"s3\""),
+        }
+    }
+}
+
+#[cfg(test)]
+mod backup_tests {
+    use super::*;
+
+    #[test]
+    fn targets_are_checked_and_named_in_errors() {
+        let c = FileConfig::parse(
+            r#"
+            [backup.targets.offsite]
+            kind = "s3"
+            endpoint = "http://10.0.0.1:9000"
+            allow_http = true
+            bucket = "b"
+            access_key_id = "k"
+            secret_access_key = "s"
+            "#,
+        )
+        .unwrap();
+        let t = c.backup.target("offsite").unwrap();
+        assert_eq!((t.kind.as_str(), t.region.as_str()), ("s3", "us-east-1"));
+        assert_eq!(c.backup.target("local").unwrap().kind, "local");
+        let e = c.backup.target("nope").unwrap_err().to_string();
+        assert!(e.contains("offsite, local"), "{e}");
+        for (text, want) in [
+            ("[backup.targets.x]\nkind = \"s3\"\nendpoint = \"https://e\"\nbucket = \"b\"\naccess_key_id = \"k\"", "secret_access_key"),
+            ("[backup.targets.x]\nkind = \"s3\"\nendpoint = \"http://e\"\nbucket = \"b\"\naccess_key_id = \"k\"\nsecret_access_key = \"s\"", "allow_http"),
+            ("[backup.targets.x]\nkind = \"ftp\"", "backup.targets.x.kind"),
+            ("[backup.targets.x]\nkind = \"s3\"\nendpoint = \"https://e\"\nbucket = \"b\"\naccess_key_id = \"k\"\nsecret_access_key_env = \"CORRAL_TEST_UNSET_VAR\"", "CORRAL_TEST_UNSET_VAR"),
+            ("[backup]\nfinal_backup_retain = \"soon\"", "invalid duration"),
+            ("[backup.targets.x]\nkind = \"local\"\npath = \"rel\"", "absolute"),
+        ] {
+            let e = format!("{:#}", FileConfig::parse(text).unwrap_err());
+            assert!(e.contains(want), "{text}: {e}");
         }
     }
 }

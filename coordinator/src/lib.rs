@@ -28,6 +28,7 @@
 pub mod agents;
 pub mod alerts;
 pub mod allowlist;
+pub mod backups;
 pub mod cli;
 pub mod config;
 pub mod engines;
@@ -78,6 +79,8 @@ pub struct Coordinator {
     pub history: Arc<history::History>,
     pub alerts: alerts::Alerts,
     pub counters: http::Counters,
+    /// The backup key, targets and settings.
+    pub backups: backups::Backups,
     /// The CA's and the coordinator's certificates, with their expiry.
     pub certificates: Vec<(String, i64)>,
 }
@@ -126,6 +129,8 @@ impl Coordinator {
             history: Arc::new(history),
             alerts: alerts::Alerts::new(config.file.alerts.clone(), notifier),
             counters: http::Counters::default(),
+            backups: backups::Backups::open(config.file.backup.clone(), &config.state_dir)
+                .context("opening the backup key ([backup] in the configuration file)")?,
             certificates,
         }))
     }
@@ -154,6 +159,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let failover = tokio::spawn(monitor::run_failover(coord.clone()));
     let history = tokio::spawn(history::run(coord.history.clone()));
     let alerts = tokio::spawn(alerts::run(coord.clone()));
+    let backup_jobs = tokio::spawn(backups::run(coord.clone()));
     let http = http_listener.map(|listener| {
         let c = coord.clone();
         tokio::spawn(async move {
@@ -177,6 +183,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     monitor.abort();
     failover.abort();
     alerts.abort();
+    backup_jobs.abort();
     history.abort();
     if let Some(h) = http {
         h.abort();

@@ -153,7 +153,7 @@ fn judge(
     let nodes = coord.store.read(|s| store::nodes_of_cluster(s, &c.name))?;
     let op = coord
         .store
-        .read(|s| store::unfinished_operation_of(s, &c.name))?;
+        .read(|s| store::holding_operation_of(s, &c.name))?;
     let now = Instant::now();
     // A rejoin (the monitor's own) does not hold failover decisions back:
     // a failover preempts it.
@@ -329,7 +329,7 @@ fn start_failover(
         if !still {
             return Ok(None);
         }
-        if let Some(running) = store::unfinished_operation_of(tx, &c.name)? {
+        if let Some(running) = store::holding_operation_of(tx, &c.name)? {
             if running.kind != ops::REJOIN {
                 return Ok(None);
             }
@@ -453,7 +453,7 @@ fn rejoin_strays(
         };
         let id = ops::new_id();
         let started = coord.store.tx(|tx| {
-            if store::unfinished_operation_of(tx, &c.name)?.is_some() {
+            if store::holding_operation_of(tx, &c.name)?.is_some() {
                 return Ok(false);
             }
             let t = now_ms();

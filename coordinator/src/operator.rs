@@ -281,6 +281,7 @@ impl OperatorApi {
         &self,
         who: &str,
         req: &pb::CreateClusterRequest,
+        restore: Option<(&str, i64)>,
     ) -> Result<OperationRow, Status> {
         names::validate("cluster", &req.name).map_err(Status::invalid_argument)?;
         if !ENGINES.contains(&req.engine.as_str()) {
@@ -337,7 +338,13 @@ impl OperatorApi {
             cluster: req.name.clone(),
             kind: ops::CREATE_CLUSTER.into(),
             state: store::op_state::PENDING.into(),
-            params: serde_json::json!({ "nodes": req.nodes }).to_string(),
+            params: match restore {
+                Some((backup, to_time_ms)) => serde_json::json!({
+                    "nodes": req.nodes, "restore": backup, "to_time_ms": to_time_ms
+                }),
+                None => serde_json::json!({ "nodes": req.nodes }),
+            }
+            .to_string(),
             requested_by: who.into(),
             created_at_ms: now,
             updated_at_ms: now,
@@ -720,7 +727,7 @@ impl pb::operator_server::Operator for OperatorApi {
         let who = self.authorize_audited(&req, Role::Operator, "cluster.create", &target)?;
         let req = req.into_inner();
         let op = self.audited(&who, "cluster.create", &target, || {
-            self.create_cluster_tx(&who, &req)
+            self.create_cluster_tx(&who, &req, None)
         })?;
         tracing::info!(cluster = %req.name, op = %op.id, "cluster create accepted");
         ops::spawn(self.0.clone(), op.id.clone());
@@ -852,14 +859,28 @@ impl pb::operator_server::Operator for OperatorApi {
         let who = self.authorize_audited(&req, Role::Operator, "cluster.delete", &target)?;
         self.start_operation(&who, "cluster.delete", &target, || {
             confirmed("cluster deletion", &r.name, &r.confirm)?;
+            let (params, summary) = if r.no_final_backup {
+                (
+                    serde_json::json!({}),
+                    "delete the cluster, stop every engine and erase every node's data \
+                     (no final backup)"
+                        .to_string(),
+                )
+            } else {
+                (
+                    serde_json::json!({ "final_backup": crate::backups::new_id() }),
+                    format!(
+                        "take a final backup (kept for {}), then delete the cluster, stop every \
+                         engine and erase every node's data",
+                        crate::backups::fmt_duration(self.0.backups.config.final_backup_retain)
+                    ),
+                )
+            };
             self.begin_operation(
                 &who,
                 &r.name,
                 ops::DELETE_CLUSTER,
-                plan(
-                    serde_json::json!({}),
-                    "delete the cluster, stop every engine and erase every node's data",
-                ),
+                plan(params, summary),
                 |_, row, _, _| {
                     if row.termination_protection {
                         return refuse(Status::failed_precondition(format!(
@@ -1538,71 +1559,453 @@ impl pb::operator_server::Operator for OperatorApi {
     type DownloadBackupStream =
         std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::BackupChunk, Status>> + Send>>;
 
-    async fn download_backup(
-        &self,
-        _req: Request<pb::DownloadBackupRequest>,
-    ) -> Result<Response<Self::DownloadBackupStream>, Status> {
-        Err(Status::unimplemented("backups: not yet"))
-    }
-
     async fn backup_now(
         &self,
-        _req: Request<pb::BackupNowRequest>,
+        req: Request<pb::BackupNowRequest>,
     ) -> Result<Response<pb::Operation>, Status> {
-        Err(Status::unimplemented("backups: not yet"))
+        let r = req.get_ref().clone();
+        let target = format!("cluster {}", r.cluster);
+        let who = self.authorize_audited(&req, Role::Operator, "backup.now", &target)?;
+        self.start_operation(&who, "backup.now", &target, || {
+            let target_name = self.backup_target_of(&r.cluster, &r.target)?;
+            names::validate("cluster", &r.cluster).map_err(Status::invalid_argument)?;
+            let id = self.refusable_tx(|tx| {
+                let Some(row) = store::get_cluster(tx, &r.cluster)? else {
+                    return refuse(Status::not_found(format!(
+                        "no cluster named {:?}: see `corralctl cluster list`",
+                        r.cluster
+                    )));
+                };
+                or_refuse!(require_running(&row));
+                if let Some(running) = store::unfinished_operation_of(tx, &r.cluster)? {
+                    return refuse(busy(&running));
+                }
+                Ok(Ok(crate::backups::new_backup_operation(
+                    tx,
+                    &row,
+                    crate::backups::kind::MANUAL,
+                    &target_name,
+                    &who,
+                )?))
+            })?;
+            self.0
+                .store
+                .read(|c| store::get_operation(c, &id))
+                .map_err(internal)?
+                .ok_or_else(|| Status::internal("the backup operation vanished"))
+        })
     }
 
     async fn list_backups(
         &self,
-        _req: Request<pb::ListBackupsRequest>,
+        req: Request<pb::ListBackupsRequest>,
     ) -> Result<Response<pb::ListBackupsResponse>, Status> {
-        Err(Status::unimplemented("backups: not yet"))
+        authorize(&req, Role::Viewer)?;
+        let cluster = req.get_ref().cluster.clone();
+        if !cluster.is_empty() {
+            names::validate("cluster", &cluster).map_err(Status::invalid_argument)?;
+        }
+        let rows = self
+            .0
+            .store
+            .read(|c| crate::backups::list(c, (!cluster.is_empty()).then_some(cluster.as_str())))
+            .map_err(internal)?;
+        Ok(Response::new(pb::ListBackupsResponse {
+            backups: rows.iter().map(|b| self.backup_pb(b)).collect(),
+        }))
     }
 
     async fn get_backup(
         &self,
-        _req: Request<pb::GetBackupRequest>,
+        req: Request<pb::GetBackupRequest>,
     ) -> Result<Response<pb::Backup>, Status> {
-        Err(Status::unimplemented("backups: not yet"))
+        authorize(&req, Role::Viewer)?;
+        let b = self.backup_row(&req.get_ref().id)?;
+        Ok(Response::new(self.backup_pb(&b)))
     }
 
     async fn delete_backup(
         &self,
-        _req: Request<pb::DeleteBackupRequest>,
+        req: Request<pb::DeleteBackupRequest>,
     ) -> Result<Response<pb::Backup>, Status> {
-        Err(Status::unimplemented("backups: not yet"))
+        let r = req.get_ref().clone();
+        let target = format!("backup {}", r.id);
+        let who = self.authorize_audited(&req, Role::Operator, "backup.delete", &target)?;
+        let b = self.audited(&who, "backup.delete", &target, || {
+            let b = self.backup_row(&r.id)?;
+            if r.confirm != r.id {
+                return Err(Status::invalid_argument(format!(
+                    "deleting a backup is final: repeat its id to confirm (--confirm {})",
+                    r.id
+                )));
+            }
+            if b.state == crate::backups::state::RUNNING {
+                return Err(Status::failed_precondition(format!(
+                    "backup {} is still running; wait for it (`corralctl operation show {}`)",
+                    b.id, b.operation
+                )));
+            }
+            Ok(b)
+        })?;
+        crate::backups::delete_backup(&self.0, &b)
+            .await
+            .map_err(|e| Status::unavailable(format!("{e:#}; the backup is kept, retry")))?;
+        Ok(Response::new(self.backup_pb(&b)))
+    }
+
+    async fn download_backup(
+        &self,
+        req: Request<pb::DownloadBackupRequest>,
+    ) -> Result<Response<Self::DownloadBackupStream>, Status> {
+        let r = req.get_ref().clone();
+        let target = format!("backup {}{}", r.id, if r.raw { " (raw)" } else { "" });
+        let who = self.authorize_audited(&req, Role::Operator, "backup.download", &target)?;
+        let (b, node) = self.audited(&who, "backup.download", &target, || {
+            let b = self.backup_row(&r.id)?;
+            if b.state != crate::backups::state::SUCCEEDED {
+                return Err(Status::failed_precondition(format!(
+                    "backup {} is {}: only a succeeded backup can be downloaded",
+                    b.id, b.state
+                )));
+            }
+            let node = crate::backups::reader_node(&self.0, &b)
+                .map_err(|e| Status::unavailable(format!("{e:#}")))?;
+            Ok((b, node))
+        })?;
+        let mut client = self
+            .0
+            .agents
+            .client(&node.id, &node.address)
+            .map_err(internal)?;
+        let stream = client
+            .read_backup_object(pb::ReadBackupObjectRequest {
+                target: Some(self.0.backups.target(&b.target).map_err(internal)?),
+                object: b.object.clone(),
+                key: if r.raw {
+                    Vec::new()
+                } else {
+                    self.0.backups.key.bytes()
+                },
+            })
+            .await?
+            .into_inner();
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn verify_backup(
         &self,
-        _req: Request<pb::VerifyBackupOperatorRequest>,
+        req: Request<pb::VerifyBackupOperatorRequest>,
     ) -> Result<Response<pb::Operation>, Status> {
-        Err(Status::unimplemented("backups: not yet"))
+        let r = req.get_ref().clone();
+        let target = format!("backup {}", r.id);
+        let who = self.authorize_audited(&req, Role::Operator, "backup.verify", &target)?;
+        self.start_operation(&who, "backup.verify", &target, || {
+            let b = self.backup_row(&r.id)?;
+            if b.state != crate::backups::state::SUCCEEDED {
+                return Err(Status::failed_precondition(format!(
+                    "backup {} is {}: only a succeeded backup can be verified",
+                    b.id, b.state
+                )));
+            }
+            let now = now_ms();
+            let op = OperationRow {
+                id: ops::new_id(),
+                cluster: b.cluster.clone(),
+                kind: ops::VERIFY_BACKUP.into(),
+                state: store::op_state::PENDING.into(),
+                params: serde_json::json!({ "backup": b.id }).to_string(),
+                requested_by: who.clone(),
+                created_at_ms: now,
+                updated_at_ms: now,
+                error: String::new(),
+            };
+            self.0
+                .store
+                .tx(|tx| {
+                    store::insert_operation(tx, &op)?;
+                    store::log_operation(
+                        tx,
+                        &op.id,
+                        &format!("requested by {who}: verify backup {}", b.id),
+                    )
+                })
+                .map_err(internal)?;
+            Ok(op)
+        })
     }
 
     async fn restore_backup(
         &self,
-        _req: Request<pb::RestoreBackupRequest>,
+        req: Request<pb::RestoreBackupRequest>,
     ) -> Result<Response<pb::Operation>, Status> {
-        Err(Status::unimplemented("backups: not yet"))
+        let r = req.get_ref().clone();
+        let target = if r.into_new_cluster.is_empty() {
+            format!("cluster {} from backup {}", r.cluster, r.id)
+        } else {
+            format!("new cluster {} from backup {}", r.into_new_cluster, r.id)
+        };
+        let who = self.authorize_audited(&req, Role::Operator, "backup.restore", &target)?;
+        let b = self.audited(&who, "backup.restore", &target, || {
+            let b = self.backup_row(&r.id)?;
+            if !r.cluster.is_empty() && b.cluster != r.cluster {
+                return Err(Status::invalid_argument(format!(
+                    "backup {} is of cluster {}, not {}",
+                    b.id, b.cluster, r.cluster
+                )));
+            }
+            if b.state != crate::backups::state::SUCCEEDED {
+                return Err(Status::failed_precondition(format!(
+                    "backup {} is {}{}: only a succeeded backup can be restored",
+                    b.id,
+                    b.state,
+                    if b.reason.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", b.reason)
+                    }
+                )));
+            }
+            if r.to_time_ms != 0 {
+                if b.engine != "postgres" {
+                    return Err(Status::invalid_argument(
+                        "--to-time needs PostgreSQL: other engines restore to the end of a backup",
+                    ));
+                }
+                if b.wal_prefix.is_empty() {
+                    return Err(Status::failed_precondition(format!(
+                        "backup {} was taken while the cluster archived no WAL (no backup \
+                         schedule), so it restores only to its end; drop --to-time",
+                        b.id
+                    )));
+                }
+                if r.to_time_ms < b.position_time_ms {
+                    return Err(Status::invalid_argument(format!(
+                        "--to-time {} is before backup {} was consistent ({}): choose an \
+                         earlier backup (`corralctl backup list {}`)",
+                        crate::backups::fmt_time(r.to_time_ms),
+                        b.id,
+                        crate::backups::fmt_time(b.position_time_ms),
+                        b.cluster
+                    )));
+                }
+                if r.to_time_ms > now_ms() {
+                    return Err(Status::invalid_argument(format!(
+                        "--to-time {} is in the future",
+                        crate::backups::fmt_time(r.to_time_ms)
+                    )));
+                }
+            }
+            if r.into_new_cluster.is_empty() {
+                return Err(Status::unimplemented(format!(
+                    "restoring in place is not available yet: restore into a new cluster \
+                     (--into-new-cluster NAME --nodes ...), check it, then move clients to it \
+                     (confirm was {:?})",
+                    r.confirm
+                )));
+            }
+            if r.nodes.is_empty() {
+                return Err(Status::invalid_argument(
+                    "--into-new-cluster needs --nodes: the free nodes of the new cluster (the \
+                     first is its primary)",
+                ));
+            }
+            Ok(b)
+        })?;
+        let create = pb::CreateClusterRequest {
+            name: r.into_new_cluster.clone(),
+            engine: b.engine.clone(),
+            mode: if r.nodes.len() > 1 {
+                "primary-replica".into()
+            } else {
+                "single".into()
+            },
+            nodes: r.nodes.clone(),
+            sync: false,
+        };
+        let op = self.audited(
+            &who,
+            "cluster.create",
+            &format!("cluster {}", create.name),
+            || self.create_cluster_tx(&who, &create, Some((&b.id, r.to_time_ms))),
+        )?;
+        tracing::info!(cluster = %create.name, backup = %b.id, op = %op.id, "restore into a new cluster accepted");
+        ops::spawn(self.0.clone(), op.id.clone());
+        Ok(Response::new(self.operation_pb(op)?))
     }
 
     async fn set_backup_schedule(
         &self,
-        _req: Request<pb::SetBackupScheduleRequest>,
+        req: Request<pb::SetBackupScheduleRequest>,
     ) -> Result<Response<pb::BackupSchedule>, Status> {
-        Err(Status::unimplemented("backups: not yet"))
+        let r = req.get_ref().clone();
+        let target = format!(
+            "cluster {} cron={:?} retain={}/{}ms target={}",
+            r.cluster, r.cron, r.retain_count, r.retain_ms, r.target
+        );
+        let who = self.authorize_audited(&req, Role::Operator, "backup.schedule", &target)?;
+        let op = self.audited(&who, "backup.schedule", &target, || {
+            let row = self.get_cluster_row(&r.cluster)?;
+            let before = self
+                .0
+                .store
+                .read(|c| crate::backups::schedule_of(c, &r.cluster))
+                .map_err(internal)?;
+            if r.cron.is_empty() {
+                self.0
+                    .store
+                    .read(|c| crate::backups::remove_schedule(c, &r.cluster))
+                    .map_err(internal)?;
+            } else {
+                crate::backups::parse_cron(&r.cron).map_err(Status::invalid_argument)?;
+                if r.retain_ms < 0 {
+                    return Err(Status::invalid_argument("--retain must not be negative"));
+                }
+                let target_name = self.backup_target_of(&r.cluster, &r.target)?;
+                let now = now_ms();
+                self.0
+                    .store
+                    .read(|c| {
+                        crate::backups::put_schedule(
+                            c,
+                            &crate::backups::ScheduleRow {
+                                cluster: r.cluster.clone(),
+                                cron: r.cron.clone(),
+                                retain_count: r.retain_count,
+                                retain_ms: r.retain_ms,
+                                target: target_name,
+                                last_run_ms: before.as_ref().map_or(now, |b| b.last_run_ms),
+                                created_at_ms: before.as_ref().map_or(now, |b| b.created_at_ms),
+                            },
+                        )
+                    })
+                    .map_err(internal)?;
+            }
+            // PostgreSQL archives its WAL to the schedule's target: tell the
+            // nodes when that changes.
+            let after = self
+                .0
+                .store
+                .read(|c| crate::backups::schedule_of(c, &r.cluster))
+                .map_err(internal)?;
+            let wal_changed = row.engine == "postgres"
+                && before.as_ref().map(|s| &s.target) != after.as_ref().map(|s| &s.target);
+            if !wal_changed || row.state != "running" {
+                return Ok(None);
+            }
+            let summary = match &after {
+                Some(s) => format!("archive WAL to target {}", s.target),
+                None => "stop archiving WAL".to_string(),
+            };
+            match self.begin_operation(
+                &who,
+                &r.cluster,
+                ops::CONFIGURE_BACKUPS,
+                plan(serde_json::json!({}), summary),
+                |_, _, _, _| Ok(Ok(())),
+            ) {
+                Ok(op) => Ok(Some(op)),
+                Err(s) => {
+                    // Put the schedule back as it was: nothing half-applied.
+                    let _ = self.0.store.read(|c| match &before {
+                        Some(b) => crate::backups::put_schedule(c, b),
+                        None => crate::backups::remove_schedule(c, &r.cluster),
+                    });
+                    Err(s)
+                }
+            }
+        })?;
+        if let Some(op) = op {
+            ops::spawn(self.0.clone(), op.id.clone());
+        }
+        self.schedule_pb(&r.cluster).map(Response::new)
     }
 
     async fn get_backup_schedule(
         &self,
-        _req: Request<pb::GetBackupScheduleRequest>,
+        req: Request<pb::GetBackupScheduleRequest>,
     ) -> Result<Response<pb::BackupSchedule>, Status> {
-        Err(Status::unimplemented("backups: not yet"))
+        authorize(&req, Role::Viewer)?;
+        let cluster = req.get_ref().cluster.clone();
+        self.get_cluster_row(&cluster)?;
+        self.schedule_pb(&cluster).map(Response::new)
     }
 }
 
 impl OperatorApi {
+    fn backup_row(&self, id: &str) -> Result<crate::backups::BackupRow, Status> {
+        if id.is_empty() {
+            return Err(Status::invalid_argument(
+                "give a backup id (`corralctl backup list`)",
+            ));
+        }
+        self.0
+            .store
+            .read(|c| crate::backups::get(c, id))
+            .map_err(internal)?
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "no backup {id:?}: see `corralctl backup list` (expired and deleted backups \
+                     are gone)"
+                ))
+            })
+    }
+
+    fn backup_pb(&self, b: &crate::backups::BackupRow) -> pb::Backup {
+        let mut p = crate::backups::to_pb(b);
+        if b.state == crate::backups::state::RUNNING {
+            p.progress = self.0.ops.progress(&b.operation);
+        }
+        p
+    }
+
+    /// The target a backup of `cluster` goes to: the one asked for, else
+    /// the schedule's, else the built-in local one; it must be configured.
+    fn backup_target_of(&self, cluster: &str, asked: &str) -> Result<String, Status> {
+        let name = if asked.is_empty() {
+            self.0
+                .store
+                .read(|c| crate::backups::schedule_of(c, cluster))
+                .map_err(internal)?
+                .map(|s| s.target)
+                .unwrap_or_else(|| crate::config::LOCAL_TARGET.to_string())
+        } else {
+            asked.to_string()
+        };
+        self.0
+            .backups
+            .target(&name)
+            .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        Ok(name)
+    }
+
+    fn schedule_pb(&self, cluster: &str) -> Result<pb::BackupSchedule, Status> {
+        let s = self
+            .0
+            .store
+            .read(|c| crate::backups::schedule_of(c, cluster))
+            .map_err(internal)?;
+        let engine = self.get_cluster_row(cluster)?.engine;
+        Ok(match s {
+            None => pb::BackupSchedule {
+                cluster: cluster.into(),
+                ..Default::default()
+            },
+            Some(s) => pb::BackupSchedule {
+                next_run_ms: crate::backups::parse_cron(&s.cron)
+                    .ok()
+                    .and_then(|c| crate::backups::next_run(&c, s.last_run_ms.max(s.created_at_ms)))
+                    .unwrap_or(0),
+                cluster: s.cluster,
+                cron: s.cron,
+                retain_count: s.retain_count,
+                retain_ms: s.retain_ms,
+                target: s.target,
+                last_run_ms: s.last_run_ms,
+                wal_archiving: engine == "postgres",
+            },
+        })
+    }
+
     /// `row`'s allowlist and where each of its nodes stands.
     fn allowlist_pb(&self, row: &ClusterRow, message: String) -> Result<pb::Allowlist, Status> {
         let (nodes, entries) = self

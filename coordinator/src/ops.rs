@@ -32,6 +32,15 @@ pub const DELETE_CLUSTER: &str = "delete_cluster";
 pub const SET_SYNC: &str = "set_sync";
 pub const FAILOVER: &str = "failover";
 pub const REJOIN: &str = "rejoin";
+pub const BACKUP: &str = "backup";
+pub const VERIFY_BACKUP: &str = "verify_backup";
+pub const CONFIGURE_BACKUPS: &str = "configure_backups";
+/// Operations that run beside the cluster's life: they neither hold back
+/// a failover nor silence alerts (a failover makes them fail, if at all,
+/// and they are retried by the operator or the next schedule).
+pub const BACKGROUND: &[&str] = &[BACKUP, VERIFY_BACKUP];
+/// Who requests scheduled backups.
+pub const SCHEDULER: &str = "coordinator (backup schedule)";
 
 /// How long an operation keeps retrying an agent it cannot reach.
 const AGENT_UNREACHABLE_GIVE_UP: Duration = Duration::from_secs(60);
@@ -163,6 +172,9 @@ async fn run(coord: &Arc<Coordinator>, id: &str) -> Result<()> {
         SET_SYNC => ctx.set_sync().await,
         FAILOVER => ctx.failover().await,
         REJOIN => ctx.rejoin().await,
+        BACKUP => ctx.backup().await,
+        VERIFY_BACKUP => ctx.verify_backup().await,
+        CONFIGURE_BACKUPS => ctx.configure_backups().await,
         other => Err(anyhow!("unknown operation kind {other:?}")),
     };
     coord.ops.set_progress(id, None);
@@ -211,6 +223,10 @@ async fn run(coord: &Arc<Coordinator>, id: &str) -> Result<()> {
                 if op.kind == CREATE_CLUSTER {
                     store::set_cluster_state(tx, &op.cluster, "failed")?;
                 }
+                if BACKGROUND.contains(&op.kind.as_str()) {
+                    // Already announced as backup_failed, with its reason.
+                    return Ok(());
+                }
                 store::insert_event(
                     tx,
                     corral_proto::now_ms(),
@@ -239,21 +255,21 @@ fn op_node(op: &OperationRow) -> String {
 }
 
 /// One running operation and what its steps share.
-struct Ctx<'a> {
-    coord: &'a Arc<Coordinator>,
-    op: &'a OperationRow,
+pub(crate) struct Ctx<'a> {
+    pub(crate) coord: &'a Arc<Coordinator>,
+    pub(crate) op: &'a OperationRow,
     /// A switchover's pause before the promotion, for its log.
     paused_ms: Mutex<u128>,
 }
 
 /// The cluster's members as the store records them.
-struct Members {
-    primary: NodeRow,
-    replicas: Vec<NodeRow>,
+pub(crate) struct Members {
+    pub(crate) primary: NodeRow,
+    pub(crate) replicas: Vec<NodeRow>,
 }
 
 impl Members {
-    fn replica_ids(&self) -> Vec<String> {
+    pub(crate) fn replica_ids(&self) -> Vec<String> {
         self.replicas.iter().map(|n| n.id.clone()).collect()
     }
 }
@@ -262,12 +278,12 @@ fn lsn(v: u64) -> String {
     format!("{:X}/{:X}", v >> 32, v & 0xffff_ffff)
 }
 
-fn mb(b: u64) -> String {
+pub(crate) fn mb(b: u64) -> String {
     format!("{:.1} MB", b as f64 / 1e6)
 }
 
 impl Ctx<'_> {
-    fn log(&self, message: &str) {
+    pub(crate) fn log(&self, message: &str) {
         tracing::info!(op = %self.op.id, cluster = %self.op.cluster, "{message}");
         if let Err(e) = self
             .coord
@@ -278,27 +294,27 @@ impl Ctx<'_> {
         }
     }
 
-    fn param(&self, key: &str) -> Result<serde_json::Value> {
+    pub(crate) fn param(&self, key: &str) -> Result<serde_json::Value> {
         let params: serde_json::Value =
             serde_json::from_str(&self.op.params).context("operation parameters")?;
         Ok(params[key].clone())
     }
 
-    fn param_str(&self, key: &str) -> Result<String> {
+    pub(crate) fn param_str(&self, key: &str) -> Result<String> {
         self.param(key)?
             .as_str()
             .map(str::to_string)
             .ok_or_else(|| anyhow!("operation has no {key}"))
     }
 
-    fn cluster(&self) -> Result<ClusterRow> {
+    pub(crate) fn cluster(&self) -> Result<ClusterRow> {
         self.coord
             .store
             .read(|c| store::get_cluster(c, &self.op.cluster))?
             .ok_or_else(|| anyhow!("cluster {} no longer exists", self.op.cluster))
     }
 
-    fn members(&self) -> Result<Members> {
+    pub(crate) fn members(&self) -> Result<Members> {
         let nodes = self
             .coord
             .store
@@ -312,7 +328,7 @@ impl Ctx<'_> {
         Ok(Members { primary, replicas })
     }
 
-    fn node_row(&self, id: &str) -> Result<NodeRow> {
+    pub(crate) fn node_row(&self, id: &str) -> Result<NodeRow> {
         self.coord
             .store
             .read(|c| store::get_node(c, id))?
@@ -320,7 +336,11 @@ impl Ctx<'_> {
     }
 
     /// The request that makes `role` of `cluster` run on a node.
-    fn request(&self, cluster: &ClusterRow, role: &str) -> Result<pb::ConfigureEngineRequest> {
+    pub(crate) fn request(
+        &self,
+        cluster: &ClusterRow,
+        role: &str,
+    ) -> Result<pb::ConfigureEngineRequest> {
         let replication = cluster
             .replication_password_enc
             .as_deref()
@@ -337,11 +357,12 @@ impl Ctx<'_> {
             term: cluster.term,
             lease_duration_ms: cluster.lease_ms,
             heartbeat_interval_ms: cluster.heartbeat_ms,
+            wal_archive: crate::backups::wal_archive_of(self.coord, cluster)?,
             ..Default::default()
         })
     }
 
-    fn primary_request(
+    pub(crate) fn primary_request(
         &self,
         cluster: &ClusterRow,
         replicas: Vec<String>,
@@ -356,7 +377,7 @@ impl Ctx<'_> {
         })
     }
 
-    fn replica_request(
+    pub(crate) fn replica_request(
         &self,
         cluster: &ClusterRow,
         upstream: &NodeRow,
@@ -374,7 +395,7 @@ impl Ctx<'_> {
     }
 
     /// The agent address of `node`: its last heartbeat's, else the store's.
-    fn address_of(&self, node: &str) -> Result<String> {
+    pub(crate) fn address_of(&self, node: &str) -> Result<String> {
         self.coord
             .fleet
             .get(node)
@@ -395,7 +416,7 @@ impl Ctx<'_> {
     /// be restarting) or the call timed out (the agent's step carries on
     /// detached; the retry waits for it), but not when it answers with an
     /// error.
-    async fn call<T, F, Fut>(&self, node: &str, what: &str, f: F) -> Result<T>
+    pub(crate) async fn call<T, F, Fut>(&self, node: &str, what: &str, f: F) -> Result<T>
     where
         F: FnMut(AgentClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -405,7 +426,7 @@ impl Ctx<'_> {
     }
 
     /// [`Self::call`], giving up on an unreachable node after `give_up`.
-    async fn call_within<T, F, Fut>(
+    pub(crate) async fn call_within<T, F, Fut>(
         &self,
         node: &str,
         what: &str,
@@ -463,7 +484,11 @@ impl Ctx<'_> {
         }
     }
 
-    async fn configure(&self, node: &str, req: pb::ConfigureEngineRequest) -> Result<()> {
+    pub(crate) async fn configure(
+        &self,
+        node: &str,
+        req: pb::ConfigureEngineRequest,
+    ) -> Result<()> {
         let what = format!("configuring {} as {}", node, req.role);
         let resp = self
             .with_progress(node, async {
@@ -492,7 +517,7 @@ impl Ctx<'_> {
     /// Runs `step`, meanwhile copying `node`'s progress reports (from its
     /// heartbeats) into the operation: its progress field, and a log line at
     /// each quarter.
-    async fn with_progress<T>(&self, node: &str, step: impl Future<Output = T>) -> T {
+    pub(crate) async fn with_progress<T>(&self, node: &str, step: impl Future<Output = T>) -> T {
         tokio::pin!(step);
         let mut logged_quarter = 0;
         loop {
@@ -530,7 +555,7 @@ impl Ctx<'_> {
     }
 
     /// A fresh status of `node`'s engine.
-    async fn status(&self, node: &str) -> Result<pb::EngineStatus> {
+    pub(crate) async fn status(&self, node: &str) -> Result<pb::EngineStatus> {
         let s = self
             .call(node, "reading the engine status", |mut c| async move {
                 c.get_status(pb::GetStatusRequest {}).await
@@ -541,7 +566,7 @@ impl Ctx<'_> {
     }
 
     /// Waits until `primary` reports `replica` streaming.
-    async fn wait_streaming(&self, primary: &str, replica: &str) -> Result<()> {
+    pub(crate) async fn wait_streaming(&self, primary: &str, replica: &str) -> Result<()> {
         let began = Instant::now();
         loop {
             let s = self.status(primary).await?;
@@ -579,7 +604,7 @@ impl Ctx<'_> {
 
     // ------------------------------------------------------------ operations
 
-    async fn create_cluster(&self) -> Result<()> {
+    pub(crate) async fn create_cluster(&self) -> Result<()> {
         let mut nodes: Vec<String> = match self.param("nodes")? {
             serde_json::Value::Array(a) => a
                 .iter()
@@ -597,11 +622,9 @@ impl Ctx<'_> {
             "initialising {} on node {primary} and starting it as primary",
             cluster.engine
         ));
-        self.configure(
-            &primary,
-            self.primary_request(&cluster, nodes.clone(), false, true)?,
-        )
-        .await?;
+        let mut first = self.primary_request(&cluster, nodes.clone(), false, true)?;
+        first.restore = self.restore_source().await?;
+        self.configure(&primary, first).await?;
         let status = self
             .coord
             .fleet
@@ -636,7 +659,7 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    async fn add_node(&self) -> Result<()> {
+    pub(crate) async fn add_node(&self) -> Result<()> {
         let node = self.param_str("node")?;
         let cluster = self.cluster()?;
         let m = self.members()?;
@@ -663,7 +686,7 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    async fn remove_node(&self) -> Result<()> {
+    pub(crate) async fn remove_node(&self) -> Result<()> {
         let node = self.param_str("node")?;
         let cluster = self.cluster()?;
         let m = self.members()?;
@@ -705,7 +728,7 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    async fn promote(&self) -> Result<()> {
+    pub(crate) async fn promote(&self) -> Result<()> {
         let target = self.param_str("node")?;
         let force = self.param("force")?.as_bool().unwrap_or(false);
         let cluster = self.cluster()?;
@@ -785,12 +808,12 @@ impl Ctx<'_> {
 
     /// Milliseconds from stopping the old primary to the target having
     /// caught up, as recorded by [`Self::switch_over`].
-    fn stop_to_catch_up_ms(&self) -> u128 {
+    pub(crate) fn stop_to_catch_up_ms(&self) -> u128 {
         *self.paused_ms.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Waits until every lease `old` may hold has run out, plus the margin.
-    async fn await_lease_end(&self, cluster: &ClusterRow, old: &str) {
+    pub(crate) async fn await_lease_end(&self, cluster: &ClusterRow, old: &str) {
         let lease = cluster.lease();
         let end =
             self.coord.fleet.lease_until_of(old, cluster) + corral_proto::lease::margin(lease);
@@ -806,7 +829,7 @@ impl Ctx<'_> {
 
     /// Promotes `target` (the primary of record, term already raised):
     /// idempotent, so a resumed operation simply calls it again.
-    async fn promote_node(
+    pub(crate) async fn promote_node(
         &self,
         cluster: &ClusterRow,
         target: &str,
@@ -834,7 +857,7 @@ impl Ctx<'_> {
 
     /// Stops `old`, waits for `target` to have every write. Returns whether
     /// the old primary was stopped (false: --force with `old` unreachable).
-    async fn switch_over(
+    pub(crate) async fn switch_over(
         &self,
         cluster: &ClusterRow,
         old: &NodeRow,
@@ -930,7 +953,7 @@ impl Ctx<'_> {
     /// this runs: promote the candidate, repoint the replicas that are up.
     /// The old primary rejoins as a replica when it comes back (a
     /// [`REJOIN`] operation started by the monitor).
-    async fn failover(&self) -> Result<()> {
+    pub(crate) async fn failover(&self) -> Result<()> {
         let old = self.param_str("old")?;
         let candidate = self.param_str("candidate")?;
         let detected = self.param("detected_at_ms")?.as_i64().unwrap_or(0);
@@ -1028,7 +1051,7 @@ impl Ctx<'_> {
     /// Brings a replica of record back into line with the primary: a
     /// former primary is rewound (or cloned again), a replica pointed at an
     /// old primary is repointed.
-    async fn rejoin(&self) -> Result<()> {
+    pub(crate) async fn rejoin(&self) -> Result<()> {
         let node = self.param_str("node")?;
         let cluster = self.cluster()?;
         let m = self.members()?;
@@ -1044,7 +1067,7 @@ impl Ctx<'_> {
         self.wait_streaming(&m.primary.id, &node).await
     }
 
-    async fn configure_within(
+    pub(crate) async fn configure_within(
         &self,
         node: &str,
         req: pb::ConfigureEngineRequest,
@@ -1063,7 +1086,7 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    async fn resync(&self) -> Result<()> {
+    pub(crate) async fn resync(&self) -> Result<()> {
         let nodes: Vec<String> = self
             .param("nodes")?
             .as_array()
@@ -1093,7 +1116,7 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    async fn reboot(&self) -> Result<()> {
+    pub(crate) async fn reboot(&self) -> Result<()> {
         let node = self.param_str("node")?;
         let m = self.members()?;
         let is_primary = m.primary.id == node;
@@ -1124,7 +1147,7 @@ impl Ctx<'_> {
     }
 
     /// Stops `node`'s engine and erases its data and spec.
-    async fn decommission(&self, node: &str, cluster: &ClusterRow) -> Result<()> {
+    pub(crate) async fn decommission(&self, node: &str, cluster: &ClusterRow) -> Result<()> {
         let r = pb::DecommissionRequest {
             cluster: cluster.name.clone(),
             term: cluster.term,
@@ -1137,8 +1160,9 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    async fn delete_cluster(&self) -> Result<()> {
+    pub(crate) async fn delete_cluster(&self) -> Result<()> {
         let cluster = self.cluster()?;
+        self.final_backup(&cluster).await?;
         let nodes = self
             .coord
             .store
@@ -1153,9 +1177,10 @@ impl Ctx<'_> {
             ));
             self.decommission(&n.id, &cluster).await?;
         }
-        self.coord
-            .store
-            .tx(|tx| store::delete_cluster(tx, &cluster.name))?;
+        self.coord.store.tx(|tx| {
+            store::delete_cluster(tx, &cluster.name)?;
+            crate::backups::remove_schedule(tx, &cluster.name)
+        })?;
         self.log(&format!(
             "cluster {} deleted; its nodes are free (operations and audit rows are kept)",
             cluster.name
@@ -1163,7 +1188,7 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    async fn set_sync(&self) -> Result<()> {
+    pub(crate) async fn set_sync(&self) -> Result<()> {
         let cluster = self.cluster()?;
         let m = self.members()?;
         self.log(&format!(
@@ -1197,7 +1222,7 @@ async fn failpoint(name: &str) {
 }
 
 /// Unix milliseconds as UTC time of day with milliseconds.
-fn fmt_ms(ms: i64) -> String {
+pub(crate) fn fmt_ms(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .map(|t| {
             format!(

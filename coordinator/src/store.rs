@@ -273,6 +273,8 @@ impl Store {
         // pass) are prepared once and kept.
         conn.set_prepared_statement_cache_capacity(64);
         conn.execute_batch(SCHEMA).context("creating the schema")?;
+        conn.execute_batch(crate::backups::SCHEMA)
+            .context("creating the backup tables")?;
         migrate(&conn).context("upgrading the schema")?;
         Ok(Store {
             conn: Mutex::new(conn),
@@ -730,6 +732,18 @@ pub fn unfinished_operation_of(c: &Connection, cluster: &str) -> Result<Option<O
     Ok(c.prepare_cached(&format!(
         "SELECT {OP_COLS} FROM operations WHERE cluster = ?1 AND state IN ('pending', 'running') \
              ORDER BY created_at_ms, id LIMIT 1"
+    ))?
+    .query_row([cluster], op_from_row)
+    .optional()?)
+}
+
+/// The oldest unfinished operation of `cluster` that holds failover
+/// decisions back: any but a backup or a verification
+/// ([`crate::ops::BACKGROUND`]), which run beside a failover.
+pub fn holding_operation_of(c: &Connection, cluster: &str) -> Result<Option<OperationRow>> {
+    Ok(c.prepare_cached(&format!(
+        "SELECT {OP_COLS} FROM operations WHERE cluster = ?1 AND state IN ('pending', 'running') \
+             AND kind NOT IN ('backup', 'verify_backup') ORDER BY created_at_ms, id LIMIT 1"
     ))?
     .query_row([cluster], op_from_row)
     .optional()?)

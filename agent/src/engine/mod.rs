@@ -61,8 +61,9 @@ pub struct EngineSpec {
     /// Replica: where it streams from.
     #[serde(default)]
     pub upstream: Option<Upstream>,
-    /// Primary (PostgreSQL): archive every finished WAL segment (the
+    /// PostgreSQL: archive every finished WAL segment while primary (the
     /// engine copies it to [`Driver::wal_spool`]; the agent uploads it).
+    /// Set on replicas too, so a promoted one archives at once.
     #[serde(default)]
     pub wal_archive: bool,
 }
@@ -177,6 +178,10 @@ pub struct Request {
     pub term: u64,
     pub lease_ms: u32,
     pub heartbeat_ms: u32,
+    /// With `initialize`: fill the data from this backup.
+    pub restore: Option<pb::RestoreSource>,
+    /// Where to archive WAL as primary (see [`crate::backup::wal`]).
+    pub wal_archive: Option<pb::WalArchive>,
 }
 
 impl EngineSpec {
@@ -239,6 +244,16 @@ impl EngineSpec {
         if req.role == "replica" && (req.initialize || !req.replicas.is_empty() || req.sync) {
             return Err("initialize, replicas and sync apply to a primary only".into());
         }
+        if req.restore.is_some() && !req.initialize {
+            return Err(
+                "a restore applies to a new cluster's first node only (with initialize)".into(),
+            );
+        }
+        if let Some(w) = &req.wal_archive {
+            if w.key.len() != 32 || w.prefix.is_empty() || w.target.is_none() {
+                return Err("a WAL archive needs a target, a prefix and a 32-byte key".into());
+            }
+        }
         if req.role == "primary" && !req.resync_id.is_empty() {
             return Err("a primary cannot be resynced; promote another node first".into());
         }
@@ -253,7 +268,7 @@ impl EngineSpec {
                 replicas: req.replicas.clone(),
                 sync: req.sync,
                 upstream,
-                wal_archive: req.wal_archive.is_some() && req.role == "primary",
+                wal_archive: req.wal_archive.is_some(),
             },
             secrets: Secrets {
                 admin_password: req.admin_password.clone(),
@@ -264,6 +279,8 @@ impl EngineSpec {
             term: req.term,
             lease_ms: req.lease_duration_ms,
             heartbeat_ms: req.heartbeat_interval_ms,
+            restore: req.restore.clone(),
+            wal_archive: req.wal_archive.clone(),
         })
     }
 }
@@ -660,7 +677,7 @@ impl Engine {
             .clone()
     }
 
-    fn spec(&self) -> Option<EngineSpec> {
+    pub(crate) fn spec(&self) -> Option<EngineSpec> {
         self.stored().map(|s| s.spec)
     }
 
@@ -708,7 +725,7 @@ impl Engine {
     }
 
     /// The driver of the engine this node runs.
-    fn driver(&self) -> Arc<dyn Driver> {
+    pub(crate) fn driver(&self) -> Arc<dyn Driver> {
         self.driver
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -720,6 +737,14 @@ impl Engine {
     pub fn log_file(&self) -> Option<(String, PathBuf)> {
         let spec = self.spec()?;
         Some((spec.engine, self.driver().log_path()))
+    }
+
+    /// The driver of `engine` (whichever this node runs).
+    pub(crate) fn driver_for(&self, engine: &str) -> Result<Arc<dyn Driver>> {
+        match self.drivers.iter().find(|(name, _)| *name == engine) {
+            Some((_, d)) => Ok(d.clone()),
+            None => bail!("this agent has no driver for engine {engine:?}"),
+        }
     }
 
     /// Switches to the driver of `engine`.
@@ -774,7 +799,7 @@ impl Engine {
         });
     }
 
-    fn set_task(&self, task: Option<pb::Progress>) {
+    pub(crate) fn set_task(&self, task: Option<pb::Progress>) {
         self.update(|s| s.task = task);
     }
 
@@ -861,6 +886,8 @@ impl Engine {
                 } else {
                     req.resync_id.clone()
                 };
+                crate::backup::wal::save(&self.state_dir, req.wal_archive.as_ref())
+                    .context("recording where WAL is archived")?;
                 self.set_stored(Stored {
                     spec: spec.clone(),
                     stopped: false,
@@ -960,13 +987,18 @@ impl Engine {
                         .into()
                 ));
             }
-            self.driver().initialize().await?;
+            match &req.restore {
+                Some(source) => self.restore(spec, source).await?,
+                None => self.driver().initialize().await?,
+            }
         } else if self.driver().data_is_standby()? {
             bail!(Conflict(
                 "this node is a replica; promote it (corralctl node promote) to make it the primary"
                     .into()
             ));
         }
+        crate::backup::wal::save(&self.state_dir, req.wal_archive.as_ref())
+            .context("recording where WAL is archived")?;
         self.set_stored(Stored {
             spec: spec.clone(),
             stopped: false,
@@ -993,6 +1025,75 @@ impl Engine {
         }
         self.ensure_supervised();
         self.wait_running().await
+    }
+
+    /// Fills the empty data directory of a new primary from a backup. On
+    /// failure nothing is left: the node holds no data, as before.
+    async fn restore(&self, spec: &EngineSpec, source: &pb::RestoreSource) -> Result<()> {
+        let started_at_ms = corral_proto::now_ms();
+        let message = if source.to_time_ms > 0 {
+            format!(
+                "restoring backup {} and recovering to {}",
+                source.object,
+                chrono::DateTime::from_timestamp_millis(source.to_time_ms)
+                    .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+                    .unwrap_or_else(|| source.to_time_ms.to_string())
+            )
+        } else {
+            format!("restoring backup {}", source.object)
+        };
+        self.events.push("restore_started", &message);
+        self.update(|s| {
+            s.state = EngineState::Initializing as i32;
+            s.message = message.clone();
+        });
+        let status = Arc::new(Mutex::new(None::<pb::Progress>));
+        let st = status.clone();
+        let msg = message.clone();
+        let progress = move |done: u64, total: u64| {
+            *st.lock().unwrap_or_else(|p| p.into_inner()) = Some(pb::Progress {
+                kind: "restore".into(),
+                done_bytes: done,
+                total_bytes: total,
+                message: msg.clone(),
+                started_at_ms,
+            });
+        };
+        let r = {
+            let run =
+                crate::backup::restore(self.driver(), spec, source, &self.state_dir, progress);
+            tokio::pin!(run);
+            loop {
+                tokio::select! {
+                    r = &mut run => break r,
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {
+                        let p = status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                        if p.is_some() {
+                            self.set_task(p);
+                        }
+                    }
+                }
+            }
+        };
+        self.set_task(None);
+        match r {
+            Ok(()) => {
+                self.events.push(
+                    "restore_finished",
+                    format!(
+                        "restored backup {} in {:.1}s",
+                        source.object,
+                        (corral_proto::now_ms() - started_at_ms) as f64 / 1000.0
+                    ),
+                );
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.driver().wipe().await;
+                self.fail(&format!("restoring {}: {e:#}", source.object));
+                Err(e.context(format!("restoring backup {}", source.object)))
+            }
+        }
     }
 
     async fn clone_data(&self, spec: &EngineSpec, upstream: &Upstream) -> Result<()> {

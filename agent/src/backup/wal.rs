@@ -1,0 +1,305 @@
+//! PostgreSQL's continuous WAL archiving, for point-in-time recovery.
+//!
+//! The engine's archive_command only copies each finished segment into the
+//! driver's spool directory ([`crate::engine::Driver::wal_spool`]): it is
+//! quick and needs neither the key nor the network. This module's uploader
+//! sends each spooled file, compressed and encrypted, to the cluster's WAL
+//! target as `<prefix><file name>`, and removes it from the spool only once
+//! stored. A target that is down makes the spool grow, never loses WAL.
+//!
+//! Its target and key come with the primary's ConfigureEngine and are kept
+//! in `wal-archive.json` (0600) so that archiving goes on across agent
+//! restarts without the coordinator.
+
+use super::target::Target;
+use super::{key_of, local_default};
+use crate::engine::Engine;
+use anyhow::{bail, Context, Result};
+use corral_proto::archive;
+use corral_proto::pb;
+use prost::Message;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn config_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("wal-archive.json")
+}
+
+/// Records where WAL goes (None: nowhere), for the uploader.
+pub fn save(state_dir: &Path, wal: Option<&pb::WalArchive>) -> Result<()> {
+    let path = config_path(state_dir);
+    match wal {
+        Some(w) => {
+            key_of(&w.key)?;
+            let doc = serde_json::json!({ "wal_archive": hex::encode(w.encode_to_vec()) });
+            let text = serde_json::to_string(&doc)?;
+            if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
+                corral_proto::pki::write_private(&path, &text)?;
+            }
+        }
+        None => match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+        },
+    }
+    Ok(())
+}
+
+/// Where WAL goes, as last saved.
+pub fn load(state_dir: &Path) -> Result<Option<pb::WalArchive>> {
+    let path = config_path(state_dir);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let doc: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid", path.display()))?;
+    let bytes = hex::decode(doc["wal_archive"].as_str().unwrap_or_default())
+        .with_context(|| format!("{} is not valid", path.display()))?;
+    Ok(Some(pb::WalArchive::decode(&bytes[..]).with_context(
+        || format!("{} is not valid", path.display()),
+    )?))
+}
+
+/// Whether `name` is a WAL segment file name (24 hex digits).
+fn is_segment(name: &str) -> bool {
+    name.len() == 24 && name.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The uploader's state: what it last stored, and a way to wake it.
+#[derive(Default)]
+pub struct Archiver {
+    last_uploaded: Mutex<String>,
+    last_error: Mutex<Option<String>>,
+    wake: tokio::sync::Notify,
+}
+
+impl Archiver {
+    /// Uploads spooled WAL every second (or when woken) for as long as the
+    /// agent runs.
+    pub async fn run(self: Arc<Self>, engine: Arc<Engine>, state_dir: PathBuf) {
+        loop {
+            if let Err(e) = self.pass(&engine, &state_dir).await {
+                let msg = format!("{e:#}");
+                let mut last = self.last_error.lock().unwrap_or_else(|p| p.into_inner());
+                if last.as_deref() != Some(msg.as_str()) {
+                    tracing::warn!("archiving WAL: {msg}; retrying every second");
+                    *last = Some(msg);
+                }
+            } else {
+                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            }
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// Uploads what is in the spool, oldest first.
+    async fn pass(&self, engine: &Engine, state_dir: &Path) -> Result<()> {
+        let Some(spool) = engine.driver().wal_spool() else {
+            return Ok(());
+        };
+        let mut names: Vec<String> = match std::fs::read_dir(&spool) {
+            Ok(entries) => entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.ends_with(".part") && !n.starts_with('.'))
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).with_context(|| format!("listing {}", spool.display())),
+        };
+        if names.is_empty() {
+            return Ok(());
+        }
+        let Some(wal) = load(state_dir)? else {
+            // Spooled while archiving was on; kept until it is on again or
+            // the engine's configuration stops archiving.
+            return Ok(());
+        };
+        let key = key_of(&wal.key)?;
+        let target = Target::open(
+            wal.target
+                .as_ref()
+                .context("WAL archive without a target")?,
+            &local_default(state_dir),
+        )?;
+        // History files first: a timeline's history must be in the archive
+        // before its segments are of any use.
+        names.sort_by_key(|n| (!n.ends_with(".history"), n.clone()));
+        for name in names {
+            let path = spool.join(&name);
+            let data = match std::fs::read(&path) {
+                Ok(d) => d,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+            };
+            let header = archive::Header {
+                meta: serde_json::json!({ "kind": "wal", "file": name }),
+            };
+            let object = format!("{}{name}", wal.prefix);
+            target
+                .put_stream(&object, move |out| {
+                    let mut w = archive::Writer::new(out, &key, header)?;
+                    w.write_all(&data)?;
+                    w.finish()?;
+                    Ok(())
+                })
+                .await
+                .with_context(|| format!("storing {name} in {}", target.describe()))?;
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            if is_segment(&name) {
+                let mut last = self.last_uploaded.lock().unwrap_or_else(|p| p.into_inner());
+                if name > *last {
+                    *last = name;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes the primary's current segment and waits until it is stored.
+    pub async fn flush(&self, engine: &Engine, term: u64) -> Result<String> {
+        let spec = engine
+            .spec()
+            .context("this node runs no engine, so it has no WAL")?;
+        if spec.role != "primary" || !spec.wal_archive {
+            bail!("this node is not a primary archiving its WAL");
+        }
+        let status = engine.status();
+        if term != 0 && status.term > term {
+            bail!(
+                "this node is at term {}, newer than the request's {term}",
+                status.term
+            );
+        }
+        let segment = engine.driver().switch_wal(&spec).await?;
+        let began = Instant::now();
+        let limit = Duration::from_secs(60);
+        loop {
+            self.wake.notify_one();
+            if *self.last_uploaded.lock().unwrap_or_else(|p| p.into_inner()) >= segment {
+                return Ok(segment);
+            }
+            if began.elapsed() > limit {
+                let why = self
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone()
+                    .unwrap_or_else(|| "the engine has not archived it yet".into());
+                bail!(
+                    "WAL segment {segment} was not stored within {}s: {why}",
+                    limit.as_secs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Fetches every archived WAL file under `wal.prefix` into `dir`
+/// (decrypted, under its own name, readable by the postgres user), for a
+/// point-in-time restore.
+pub async fn fetch_all(wal: &pb::WalArchive, dir: &Path, state_dir: &Path) -> Result<usize> {
+    let key = key_of(&wal.key)?;
+    let target = Target::open(
+        wal.target
+            .as_ref()
+            .context("WAL archive without a target")?,
+        &local_default(state_dir),
+    )?;
+    let pg = nix::unistd::User::from_name("postgres")
+        .ok()
+        .flatten()
+        .context("there is no `postgres` user on this machine")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    nix::unistd::chown(dir, Some(pg.uid), Some(pg.gid))
+        .with_context(|| format!("chown {}", dir.display()))?;
+    let objects = target.list(&wal.prefix).await?;
+    if objects.is_empty() {
+        bail!(
+            "the WAL archive {} in {} is empty: no point in time can be recovered",
+            wal.prefix,
+            target.describe()
+        );
+    }
+    let mut n = 0;
+    for o in objects {
+        let name = o
+            .name
+            .strip_prefix(&wal.prefix)
+            .unwrap_or(&o.name)
+            .to_string();
+        if name.contains('/') || name.is_empty() {
+            continue;
+        }
+        let path = dir.join(&name);
+        let object = o.name.clone();
+        let (uid, gid) = (pg.uid, pg.gid);
+        target
+            .get_stream(&o.name, move |input| {
+                let mut reader = archive::Reader::new(input, &key)
+                    .map_err(|e| anyhow::anyhow!("archived WAL {object}: {e}"))?;
+                let mut file = std::fs::File::create(&path)
+                    .with_context(|| format!("creating {}", path.display()))?;
+                std::io::copy(&mut reader, &mut file)
+                    .map_err(|e| anyhow::anyhow!("archived WAL {object} is damaged: {e}"))?;
+                file.sync_all()?;
+                nix::unistd::chown(&path, Some(uid), Some(gid))?;
+                Ok(())
+            })
+            .await?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_config_round_trips_and_is_private() {
+        let dir = std::env::temp_dir().join(format!("corral-wal-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(load(&dir).unwrap().is_none());
+        let w = pb::WalArchive {
+            target: Some(pb::BackupTarget {
+                name: "t".into(),
+                kind: "local".into(),
+                ..Default::default()
+            }),
+            key: vec![5; 32],
+            prefix: "wal/c/1/".into(),
+        };
+        save(&dir, Some(&w)).unwrap();
+        assert_eq!(load(&dir).unwrap(), Some(w));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(config_path(&dir))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        save(&dir, None).unwrap();
+        assert!(load(&dir).unwrap().is_none());
+        let bad = pb::WalArchive {
+            key: vec![1; 5],
+            ..Default::default()
+        };
+        assert!(save(&dir, Some(&bad)).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn segment_names() {
+        assert!(is_segment("000000010000000000000003"));
+        assert!(!is_segment("00000002.history"));
+        assert!(!is_segment("000000010000000000000003.part"));
+    }
+}

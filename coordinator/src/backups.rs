@@ -1,0 +1,1178 @@
+//! Backups, the coordinator's side: the key, the record of every backup,
+//! schedules and retention, and the operations that take, verify and
+//! restore backups through the agents.
+//!
+//! The agents do the I/O: a backup streams from the engine of the node
+//! that takes it (a healthy replica when there is one) straight to the
+//! target, compressed and encrypted with the coordinator's key, which
+//! travels with each request over mutual TLS and is never stored on a node
+//! (except for WAL archiving, see the agent's `backup::wal`).
+//!
+//! Objects: `backups/<cluster>/<id>.cbk` for a backup,
+//! `wal/<cluster>/<created_at_ms>/<file>` for PostgreSQL's archived WAL
+//! (one directory per cluster incarnation, so a cluster re-created with a
+//! former name never mixes its WAL with the old one's).
+
+use crate::config::{BackupConfig, LOCAL_TARGET};
+use crate::fleet::Liveness;
+use crate::ops::Ctx;
+use crate::store::{self, ClusterRow, NodeRow};
+use crate::Coordinator;
+use anyhow::{anyhow, bail, Context, Result};
+use corral_proto::pb;
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub mod kind {
+    pub const MANUAL: &str = "manual";
+    pub const SCHEDULED: &str = "scheduled";
+    pub const FINAL: &str = "final";
+}
+
+pub mod state {
+    pub const RUNNING: &str = "running";
+    pub const SUCCEEDED: &str = "succeeded";
+    pub const FAILED: &str = "failed";
+}
+
+pub const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS backups (
+    id TEXT PRIMARY KEY,
+    cluster TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    target TEXT NOT NULL,
+    node TEXT NOT NULL DEFAULT '',
+    role TEXT NOT NULL DEFAULT '',
+    engine TEXT NOT NULL,
+    version TEXT NOT NULL DEFAULT '',
+    started_at_ms INTEGER NOT NULL,
+    finished_at_ms INTEGER NOT NULL DEFAULT 0,
+    plain_bytes INTEGER NOT NULL DEFAULT 0,
+    stored_bytes INTEGER NOT NULL DEFAULT 0,
+    sha256 TEXT NOT NULL DEFAULT '',
+    position TEXT NOT NULL DEFAULT '',
+    position_time_ms INTEGER NOT NULL DEFAULT 0,
+    expires_at_ms INTEGER NOT NULL DEFAULT 0,
+    operation TEXT NOT NULL DEFAULT '',
+    object TEXT NOT NULL,
+    key_id TEXT NOT NULL DEFAULT '',
+    wal_target TEXT NOT NULL DEFAULT '',
+    wal_prefix TEXT NOT NULL DEFAULT '',
+    verified_at_ms INTEGER NOT NULL DEFAULT 0,
+    verify_summary TEXT NOT NULL DEFAULT '',
+    verify_ok INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS backups_by_cluster ON backups(cluster, started_at_ms);
+CREATE TABLE IF NOT EXISTS backup_schedules (
+    cluster TEXT PRIMARY KEY,
+    cron TEXT NOT NULL,
+    retain_count INTEGER NOT NULL,
+    retain_ms INTEGER NOT NULL,
+    target TEXT NOT NULL,
+    last_run_ms INTEGER NOT NULL,
+    created_at_ms INTEGER NOT NULL
+);
+";
+
+/// One backup as recorded.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackupRow {
+    pub id: String,
+    pub cluster: String,
+    pub kind: String,
+    pub state: String,
+    pub reason: String,
+    pub target: String,
+    pub node: String,
+    pub role: String,
+    pub engine: String,
+    pub version: String,
+    pub started_at_ms: i64,
+    pub finished_at_ms: i64,
+    pub plain_bytes: u64,
+    pub stored_bytes: u64,
+    pub sha256: String,
+    pub position: String,
+    pub position_time_ms: i64,
+    pub expires_at_ms: i64,
+    pub operation: String,
+    pub object: String,
+    pub key_id: String,
+    /// PostgreSQL: the WAL archive (target, prefix) the cluster was
+    /// writing when the backup was taken; empty: no point-in-time recovery.
+    pub wal_target: String,
+    pub wal_prefix: String,
+    pub verified_at_ms: i64,
+    pub verify_summary: String,
+    pub verify_ok: bool,
+}
+
+const COLS: &str = "id, cluster, kind, state, reason, target, node, role, engine, version, \
+    started_at_ms, finished_at_ms, plain_bytes, stored_bytes, sha256, position, position_time_ms, \
+    expires_at_ms, operation, object, key_id, wal_target, wal_prefix, verified_at_ms, \
+    verify_summary, verify_ok";
+
+fn from_row(r: &Row) -> rusqlite::Result<BackupRow> {
+    Ok(BackupRow {
+        id: r.get(0)?,
+        cluster: r.get(1)?,
+        kind: r.get(2)?,
+        state: r.get(3)?,
+        reason: r.get(4)?,
+        target: r.get(5)?,
+        node: r.get(6)?,
+        role: r.get(7)?,
+        engine: r.get(8)?,
+        version: r.get(9)?,
+        started_at_ms: r.get(10)?,
+        finished_at_ms: r.get(11)?,
+        plain_bytes: r.get::<_, i64>(12)? as u64,
+        stored_bytes: r.get::<_, i64>(13)? as u64,
+        sha256: r.get(14)?,
+        position: r.get(15)?,
+        position_time_ms: r.get(16)?,
+        expires_at_ms: r.get(17)?,
+        operation: r.get(18)?,
+        object: r.get(19)?,
+        key_id: r.get(20)?,
+        wal_target: r.get(21)?,
+        wal_prefix: r.get(22)?,
+        verified_at_ms: r.get(23)?,
+        verify_summary: r.get(24)?,
+        verify_ok: r.get(25)?,
+    })
+}
+
+/// Inserts or replaces `b`.
+pub fn put(c: &Connection, b: &BackupRow) -> Result<()> {
+    c.prepare_cached(&format!(
+        "INSERT OR REPLACE INTO backups ({COLS}) VALUES \
+         (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, \
+          ?20, ?21, ?22, ?23, ?24, ?25, ?26)"
+    ))?
+    .execute(params![
+        b.id,
+        b.cluster,
+        b.kind,
+        b.state,
+        b.reason,
+        b.target,
+        b.node,
+        b.role,
+        b.engine,
+        b.version,
+        b.started_at_ms,
+        b.finished_at_ms,
+        b.plain_bytes as i64,
+        b.stored_bytes as i64,
+        b.sha256,
+        b.position,
+        b.position_time_ms,
+        b.expires_at_ms,
+        b.operation,
+        b.object,
+        b.key_id,
+        b.wal_target,
+        b.wal_prefix,
+        b.verified_at_ms,
+        b.verify_summary,
+        b.verify_ok,
+    ])?;
+    Ok(())
+}
+
+pub fn get(c: &Connection, id: &str) -> Result<Option<BackupRow>> {
+    Ok(
+        c.prepare_cached(&format!("SELECT {COLS} FROM backups WHERE id = ?1"))?
+            .query_row([id], from_row)
+            .optional()?,
+    )
+}
+
+/// Backups of `cluster` (every cluster when None), oldest first.
+pub fn list(c: &Connection, cluster: Option<&str>) -> Result<Vec<BackupRow>> {
+    let mut st = c.prepare_cached(&format!(
+        "SELECT {COLS} FROM backups WHERE ?1 IS NULL OR cluster = ?1 ORDER BY started_at_ms, id"
+    ))?;
+    let rows = st.query_map([cluster], from_row)?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+pub fn remove(c: &Connection, id: &str) -> Result<()> {
+    c.execute("DELETE FROM backups WHERE id = ?1", [id])?;
+    Ok(())
+}
+
+/// A cluster's backup schedule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduleRow {
+    pub cluster: String,
+    pub cron: String,
+    pub retain_count: u32,
+    pub retain_ms: i64,
+    pub target: String,
+    /// The scheduled time last started (or recorded as missed).
+    pub last_run_ms: i64,
+    pub created_at_ms: i64,
+}
+
+pub fn schedule_of(c: &Connection, cluster: &str) -> Result<Option<ScheduleRow>> {
+    Ok(c.prepare_cached(
+        "SELECT cluster, cron, retain_count, retain_ms, target, last_run_ms, created_at_ms \
+         FROM backup_schedules WHERE cluster = ?1",
+    )?
+    .query_row([cluster], schedule_from_row)
+    .optional()?)
+}
+
+fn schedule_from_row(r: &Row) -> rusqlite::Result<ScheduleRow> {
+    Ok(ScheduleRow {
+        cluster: r.get(0)?,
+        cron: r.get(1)?,
+        retain_count: r.get(2)?,
+        retain_ms: r.get(3)?,
+        target: r.get(4)?,
+        last_run_ms: r.get(5)?,
+        created_at_ms: r.get(6)?,
+    })
+}
+
+pub fn schedules(c: &Connection) -> Result<Vec<ScheduleRow>> {
+    let mut st = c.prepare_cached(
+        "SELECT cluster, cron, retain_count, retain_ms, target, last_run_ms, created_at_ms \
+         FROM backup_schedules ORDER BY cluster",
+    )?;
+    let rows = st.query_map([], schedule_from_row)?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+pub fn put_schedule(c: &Connection, s: &ScheduleRow) -> Result<()> {
+    c.execute(
+        "INSERT OR REPLACE INTO backup_schedules \
+         (cluster, cron, retain_count, retain_ms, target, last_run_ms, created_at_ms) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            s.cluster,
+            s.cron,
+            s.retain_count,
+            s.retain_ms,
+            s.target,
+            s.last_run_ms,
+            s.created_at_ms
+        ],
+    )?;
+    Ok(())
+}
+
+pub fn remove_schedule(c: &Connection, cluster: &str) -> Result<()> {
+    c.execute("DELETE FROM backup_schedules WHERE cluster = ?1", [cluster])?;
+    Ok(())
+}
+
+/// Parses a cron expression: five fields (minute first), or six with
+/// seconds first; UTC.
+pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
+    croner::Cron::new(expr)
+        .with_seconds_optional()
+        .parse()
+        .map_err(|e| {
+            format!(
+                "invalid cron expression {expr:?}: {e}; use five fields \"minute hour day month \
+                 weekday\" in UTC, e.g. \"30 2 * * *\" for 02:30 every day"
+            )
+        })
+}
+
+/// The first time `cron` fires after `after_ms`.
+pub fn next_run(cron: &croner::Cron, after_ms: i64) -> Option<i64> {
+    let after = chrono::DateTime::from_timestamp_millis(after_ms)?;
+    cron.find_next_occurrence(&after, false)
+        .ok()
+        .map(|t| t.timestamp_millis())
+}
+
+/// Which backups retention removes: pure, for tests. Among `backups` (of
+/// one cluster), scheduled ones that succeeded are kept newest first up to
+/// `retain_count` (0: no count limit) and while younger than `retain_ms`
+/// (0: no age limit), and the newest is always kept. Manual backups stay
+/// until deleted; final backups go at their expiry; failed records (which
+/// have no object) after `failed_keep_ms`.
+pub fn to_prune(
+    backups: &[BackupRow],
+    retain_count: u32,
+    retain_ms: i64,
+    now_ms: i64,
+    failed_keep_ms: i64,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut good: Vec<&BackupRow> = backups
+        .iter()
+        .filter(|b| b.state == state::SUCCEEDED && b.kind == kind::SCHEDULED)
+        .collect();
+    good.sort_by(|a, b| b.started_at_ms.cmp(&a.started_at_ms).then(b.id.cmp(&a.id)));
+    for (i, b) in good.iter().enumerate() {
+        if i == 0 {
+            continue; // the newest is never pruned
+        }
+        let over_count = retain_count > 0 && i >= retain_count as usize;
+        let too_old = retain_ms > 0 && now_ms - b.started_at_ms > retain_ms;
+        if over_count || too_old {
+            out.push(b.id.clone());
+        }
+    }
+    for b in backups {
+        let expired = b.expires_at_ms > 0 && b.expires_at_ms <= now_ms;
+        let old_failure = b.state == state::FAILED && now_ms - b.started_at_ms > failed_keep_ms;
+        if (expired || old_failure) && !out.contains(&b.id) && b.state != state::RUNNING {
+            out.push(b.id.clone());
+        }
+    }
+    out
+}
+
+/// The coordinator's backup key.
+pub struct BackupKey {
+    key: [u8; 32],
+    pub id: String,
+}
+
+impl BackupKey {
+    /// Reads the key file, or creates it (0600) when there is none.
+    pub fn load_or_create(path: &Path) -> Result<BackupKey> {
+        let key = match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let bytes = hex::decode(text.trim()).map_err(|_| {
+                    anyhow!(
+                        "{} is not a backup key (64 hex digits); restore the file from your copy",
+                        path.display()
+                    )
+                })?;
+                <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| {
+                    anyhow!(
+                        "{} holds {} bytes, not 32; restore the file from your copy",
+                        path.display(),
+                        bytes.len()
+                    )
+                })?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut key = [0u8; 32];
+                corral_proto::os_random(&mut key)?;
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)
+                        .with_context(|| format!("creating {}", dir.display()))?;
+                }
+                corral_proto::pki::write_private(path, &format!("{}\n", hex::encode(key)))?;
+                tracing::warn!(
+                    key_file = %path.display(),
+                    "created the backup key: keep a copy apart from this machine; without it no backup can be read"
+                );
+                key
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        Ok(BackupKey {
+            id: corral_proto::archive::key_id(&key),
+            key,
+        })
+    }
+
+    pub fn bytes(&self) -> Vec<u8> {
+        self.key.to_vec()
+    }
+}
+
+/// The backup side of the coordinator.
+pub struct Backups {
+    pub config: BackupConfig,
+    pub key: BackupKey,
+}
+
+impl Backups {
+    pub fn open(config: BackupConfig, state_dir: &Path) -> Result<Backups> {
+        let path = config
+            .key_file
+            .clone()
+            .unwrap_or_else(|| state_dir.join("backup.key"));
+        Ok(Backups {
+            key: BackupKey::load_or_create(&path)?,
+            config,
+        })
+    }
+
+    pub fn target(&self, name: &str) -> Result<pb::BackupTarget> {
+        self.config.target(name)
+    }
+}
+
+/// Unix milliseconds as an RFC 3339 UTC time.
+pub fn fmt_time(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_else(|| ms.to_string())
+}
+
+/// A duration as the configuration writes it: "15d", "36h", "90s".
+pub fn fmt_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        s if s > 0 && s % 86400 == 0 => format!("{}d", s / 86400),
+        s if s > 0 && s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s > 0 && s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+pub fn new_id() -> String {
+    let mut r = [0u8; 3];
+    let _ = corral_proto::os_random(&mut r);
+    format!("bk-{:x}-{}", corral_proto::now_ms(), hex::encode(r))
+}
+
+pub fn object_name(cluster: &str, id: &str) -> String {
+    format!("backups/{cluster}/{id}.cbk")
+}
+
+pub fn wal_prefix(cluster: &ClusterRow) -> String {
+    format!("wal/{}/{}/", cluster.name, cluster.created_at_ms)
+}
+
+/// Where the WAL of `cluster` is archived (PostgreSQL with a schedule):
+/// the schedule's target.
+pub fn wal_archive_of(coord: &Coordinator, cluster: &ClusterRow) -> Result<Option<pb::WalArchive>> {
+    if cluster.engine != "postgres" {
+        return Ok(None);
+    }
+    let Some(s) = coord.store.read(|c| schedule_of(c, &cluster.name))? else {
+        return Ok(None);
+    };
+    Ok(Some(pb::WalArchive {
+        target: Some(coord.backups.target(&s.target)?),
+        key: coord.backups.key.bytes(),
+        prefix: wal_prefix(cluster),
+    }))
+}
+
+pub fn to_pb(b: &BackupRow) -> pb::Backup {
+    pb::Backup {
+        id: b.id.clone(),
+        cluster: b.cluster.clone(),
+        kind: b.kind.clone(),
+        state: b.state.clone(),
+        reason: b.reason.clone(),
+        target: b.target.clone(),
+        node: b.node.clone(),
+        role: b.role.clone(),
+        engine: b.engine.clone(),
+        version: b.version.clone(),
+        started_at_ms: b.started_at_ms,
+        finished_at_ms: b.finished_at_ms,
+        plain_bytes: b.plain_bytes,
+        stored_bytes: b.stored_bytes,
+        sha256: b.sha256.clone(),
+        position: b.position.clone(),
+        position_time_ms: b.position_time_ms,
+        expires_at_ms: b.expires_at_ms,
+        operation: b.operation.clone(),
+        verified_at_ms: b.verified_at_ms,
+        verify_summary: b.verify_summary.clone(),
+        verify_ok: b.verify_ok,
+        key_id: b.key_id.clone(),
+        recoverable_until_ms: 0,
+        progress: None,
+    }
+}
+
+/// The node a backup of `cluster` is taken from: the healthy replica
+/// furthest ahead, else a healthy primary.
+pub fn source_node(coord: &Coordinator, nodes: &[NodeRow]) -> Result<NodeRow> {
+    let now = Instant::now();
+    let healthy = |n: &NodeRow| {
+        coord.fleet.liveness_of(&n.id, now) == Liveness::Up
+            && coord.fleet.get(&n.id).is_some_and(|l| {
+                l.engine.state == pb::EngineState::Running as i32 && l.engine.healthy
+            })
+    };
+    let lag = |n: &NodeRow| {
+        coord
+            .fleet
+            .get(&n.id)
+            .and_then(|l| l.engine.stats.get("lag_seconds").copied())
+            .unwrap_or(f64::MAX)
+    };
+    let mut replicas: Vec<&NodeRow> = nodes
+        .iter()
+        .filter(|n| n.role == "replica" && healthy(n))
+        .collect();
+    replicas.sort_by(|a, b| lag(a).total_cmp(&lag(b)));
+    if let Some(r) = replicas.first() {
+        return Ok((*r).clone());
+    }
+    nodes
+        .iter()
+        .find(|n| n.role == "primary" && healthy(n))
+        .cloned()
+        .ok_or_else(|| {
+            anyhow!("no node of the cluster is up with a healthy engine, so no backup can be taken")
+        })
+}
+
+/// A node that can read `b`'s objects: the node that took it when the
+/// target is local; for a shared target, that node or any node up.
+pub fn reader_node(coord: &Coordinator, b: &BackupRow) -> Result<NodeRow> {
+    let target = coord.backups.target(&b.target)?;
+    let nodes = coord.store.read(store::list_nodes)?;
+    let now = Instant::now();
+    let up = |n: &&NodeRow| coord.fleet.liveness_of(&n.id, now) == Liveness::Up;
+    if let Some(n) = nodes.iter().filter(up).find(|n| n.id == b.node) {
+        return Ok(n.clone());
+    }
+    if target.kind == "local" {
+        bail!(
+            "backup {} is in the local target of node {}, which is not up; it can be read only there",
+            b.id,
+            b.node
+        );
+    }
+    // Prefer a node of the backup's cluster.
+    nodes
+        .iter()
+        .filter(up)
+        .max_by_key(|n| n.cluster.as_deref() == Some(b.cluster.as_str()))
+        .cloned()
+        .ok_or_else(|| anyhow!("no node is up to read backup {} through", b.id))
+}
+
+impl Ctx<'_> {
+    /// The `backup` operation: takes backup `params.backup` (its record
+    /// was written with the request).
+    pub(crate) async fn backup(&self) -> Result<()> {
+        let id = self.param_str("backup")?;
+        let cluster = self.cluster()?;
+        self.take_backup(&cluster, &id).await.map(|_| ())
+    }
+
+    /// Takes the backup whose record `id` exists, recording the outcome; a
+    /// failure is recorded with its reason and raises `backup_failed`.
+    pub(crate) async fn take_backup(&self, cluster: &ClusterRow, id: &str) -> Result<BackupRow> {
+        let mut row = self
+            .coord
+            .store
+            .read(|c| get(c, id))?
+            .ok_or_else(|| anyhow!("backup {id} has no record"))?;
+        if row.state == state::SUCCEEDED {
+            return Ok(row);
+        }
+        let outcome = self.run_backup(cluster, &mut row).await;
+        let now = corral_proto::now_ms();
+        match outcome {
+            Ok(()) => {
+                row.state = state::SUCCEEDED.into();
+                row.reason.clear();
+                self.coord.store.read(|c| put(c, &row))?;
+                self.log(&format!(
+                    "backup {id} stored in {}: {} of data, {} stored, consistent at {}",
+                    row.target,
+                    crate::ops::mb(row.plain_bytes),
+                    crate::ops::mb(row.stored_bytes),
+                    row.position
+                ));
+                Ok(row)
+            }
+            Err(e) => {
+                let reason = format!("{e:#}");
+                row.state = state::FAILED.into();
+                row.reason = reason.clone();
+                row.finished_at_ms = now;
+                self.coord.store.tx(|tx| {
+                    put(tx, &row)?;
+                    store::insert_event(
+                        tx,
+                        now,
+                        &row.node,
+                        &row.cluster,
+                        "backup_failed",
+                        &format!(
+                            "{} backup {id} of cluster {} to {} failed: {reason}",
+                            row.kind, row.cluster, row.target
+                        ),
+                        None,
+                    )
+                })?;
+                Err(e.context(format!("backup {id} failed")))
+            }
+        }
+    }
+
+    async fn run_backup(&self, cluster: &ClusterRow, row: &mut BackupRow) -> Result<()> {
+        let target = self.coord.backups.target(&row.target)?;
+        let nodes = self
+            .coord
+            .store
+            .read(|c| store::nodes_of_cluster(c, &cluster.name))?;
+        let node = source_node(self.coord, &nodes)?;
+        row.node = node.id.clone();
+        row.role = node.role.clone();
+        if let Some(w) = wal_archive_of(self.coord, cluster)? {
+            row.wal_target = w.target.map(|t| t.name).unwrap_or_default();
+            row.wal_prefix = w.prefix;
+        }
+        self.coord.store.read(|c| put(c, row))?;
+        self.log(&format!(
+            "backing up {} from {} ({}) to target {} ({})",
+            cluster.name, node.id, node.role, row.target, target.kind
+        ));
+        let req = pb::TakeBackupRequest {
+            id: row.id.clone(),
+            cluster: cluster.name.clone(),
+            target: Some(target),
+            key: self.coord.backups.key.bytes(),
+            object: row.object.clone(),
+        };
+        let r = self
+            .with_progress(&node.id, async {
+                self.call(&node.id, "backing up", |mut c| {
+                    let r = req.clone();
+                    async move { c.take_backup(r).await }
+                })
+                .await
+            })
+            .await?;
+        row.version = r.version;
+        row.started_at_ms = r.started_at_ms;
+        row.finished_at_ms = r.finished_at_ms;
+        row.plain_bytes = r.plain_bytes;
+        row.stored_bytes = r.stored_bytes;
+        row.sha256 = r.sha256;
+        row.position = r.position;
+        row.position_time_ms = r.position_time_ms;
+        row.key_id = r.key_id;
+        Ok(())
+    }
+
+    /// The `verify_backup` operation.
+    pub(crate) async fn verify_backup(&self) -> Result<()> {
+        let id = self.param_str("backup")?;
+        let mut row = self
+            .coord
+            .store
+            .read(|c| get(c, &id))?
+            .ok_or_else(|| anyhow!("backup {id} no longer exists"))?;
+        let node = reader_node(self.coord, &row)?;
+        self.log(&format!(
+            "verifying backup {id} on {}: reading it back through the key and restoring it \
+             into a scratch directory",
+            node.id
+        ));
+        let req = pb::VerifyBackupRequest {
+            target: Some(self.coord.backups.target(&row.target)?),
+            key: self.coord.backups.key.bytes(),
+            object: row.object.clone(),
+            engine: row.engine.clone(),
+            sha256: row.sha256.clone(),
+        };
+        let outcome = self
+            .call(&node.id, "verifying the backup", |mut c| {
+                let r = req.clone();
+                async move { c.verify_backup(r).await }
+            })
+            .await;
+        row.verified_at_ms = corral_proto::now_ms();
+        match outcome {
+            Ok(v) => {
+                row.verify_ok = true;
+                row.verify_summary = v.summary.clone();
+                self.coord.store.read(|c| put(c, &row))?;
+                self.log(&format!(
+                    "backup {id} is sound: {} read, {} restored; {}",
+                    crate::ops::mb(v.stored_bytes),
+                    crate::ops::mb(v.plain_bytes),
+                    v.summary
+                ));
+                Ok(())
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                row.verify_ok = false;
+                row.verify_summary = msg.clone();
+                let now = corral_proto::now_ms();
+                self.coord.store.tx(|tx| {
+                    put(tx, &row)?;
+                    store::insert_event(
+                        tx,
+                        now,
+                        &node.id,
+                        &row.cluster,
+                        "backup_failed",
+                        &format!(
+                            "verifying backup {id} of cluster {} failed: {msg}",
+                            row.cluster
+                        ),
+                        None,
+                    )
+                })?;
+                Err(e.context(format!("backup {id} failed verification")))
+            }
+        }
+    }
+
+    /// For a cluster created from a backup: what its first node restores.
+    pub(crate) async fn restore_source(&self) -> Result<Option<pb::RestoreSource>> {
+        let id = match self.param("restore")? {
+            serde_json::Value::String(s) if !s.is_empty() => s,
+            _ => return Ok(None),
+        };
+        let to_time_ms = self.param("to_time_ms")?.as_i64().unwrap_or(0);
+        let row = self
+            .coord
+            .store
+            .read(|c| get(c, &id))?
+            .ok_or_else(|| anyhow!("backup {id} no longer exists"))?;
+        let wal = if to_time_ms > 0 {
+            if row.wal_prefix.is_empty() {
+                bail!(
+                    "backup {id} was taken without WAL archiving, so it restores only to its end"
+                );
+            }
+            self.flush_source_wal(&row).await;
+            Some(pb::WalArchive {
+                target: Some(self.coord.backups.target(&row.wal_target)?),
+                key: self.coord.backups.key.bytes(),
+                prefix: row.wal_prefix.clone(),
+            })
+        } else {
+            None
+        };
+        self.log(&format!(
+            "restoring backup {id} (taken {} from {}, {}){}",
+            fmt_time(row.position_time_ms),
+            row.node,
+            crate::ops::mb(row.plain_bytes),
+            if to_time_ms > 0 {
+                format!(
+                    " and recovering to {} with the archived WAL",
+                    fmt_time(to_time_ms)
+                )
+            } else {
+                String::new()
+            }
+        ));
+        Ok(Some(pb::RestoreSource {
+            target: Some(self.coord.backups.target(&row.target)?),
+            key: self.coord.backups.key.bytes(),
+            object: row.object.clone(),
+            engine: row.engine.clone(),
+            sha256: row.sha256.clone(),
+            to_time_ms,
+            wal,
+        }))
+    }
+
+    /// Before a point-in-time restore: asks the source cluster's primary,
+    /// if it still runs, to archive its current WAL segment, so that a time
+    /// just passed is covered. Best effort: logged when it cannot.
+    async fn flush_source_wal(&self, row: &BackupRow) {
+        let primary = self.coord.store.read(|c| {
+            Ok(store::nodes_of_cluster(c, &row.cluster)?
+                .into_iter()
+                .find(|n| n.role == "primary"))
+        });
+        let Ok(Some(primary)) = primary else {
+            self.log(&format!(
+                "cluster {} is gone: recovering with the WAL archived so far",
+                row.cluster
+            ));
+            return;
+        };
+        let r = self
+            .call_within(
+                &primary.id,
+                "archiving the source's current WAL",
+                Duration::from_secs(10),
+                |mut c| async move {
+                    c.flush_wal_archive(pb::FlushWalArchiveRequest { term: 0 })
+                        .await
+                },
+            )
+            .await;
+        match r {
+            Ok(r) => self.log(&format!(
+                "{} archived its WAL up to segment {}",
+                primary.id, r.segment
+            )),
+            Err(e) => self.log(&format!(
+                "could not make {} archive its current WAL ({e:#}); recovering with the WAL archived so far",
+                primary.id
+            )),
+        }
+    }
+
+    /// The `configure_backups` operation: tells every node of the cluster
+    /// where its WAL is archived (or that it is not), after a schedule
+    /// change.
+    pub(crate) async fn configure_backups(&self) -> Result<()> {
+        let cluster = self.cluster()?;
+        let m = self.members()?;
+        let primary_row = m.primary.clone();
+        self.configure(
+            &m.primary.id,
+            self.primary_request(&cluster, m.replica_ids(), cluster.sync, false)?,
+        )
+        .await?;
+        for r in &m.replicas {
+            self.configure(&r.id, self.replica_request(&cluster, &primary_row, "")?)
+                .await?;
+        }
+        self.log(&match wal_archive_of(self.coord, &cluster)? {
+            Some(w) => format!(
+                "WAL is archived to target {} under {}",
+                w.target.map(|t| t.name).unwrap_or_default(),
+                w.prefix
+            ),
+            None => "WAL is not archived".into(),
+        });
+        Ok(())
+    }
+
+    /// Takes the final backup of a cluster being deleted.
+    pub(crate) async fn final_backup(&self, cluster: &ClusterRow) -> Result<()> {
+        let id = match self.param("final_backup")? {
+            serde_json::Value::String(s) if !s.is_empty() => s,
+            _ => return Ok(()),
+        };
+        let existing = self.coord.store.read(|c| get(c, &id))?;
+        if existing.is_none() {
+            let target = self
+                .coord
+                .store
+                .read(|c| schedule_of(c, &cluster.name))?
+                .map(|s| s.target)
+                .unwrap_or_else(|| LOCAL_TARGET.to_string());
+            let keep = self.coord.backups.config.final_backup_retain;
+            let now = corral_proto::now_ms();
+            let row = BackupRow {
+                id: id.clone(),
+                cluster: cluster.name.clone(),
+                kind: kind::FINAL.into(),
+                state: state::RUNNING.into(),
+                target,
+                engine: cluster.engine.clone(),
+                started_at_ms: now,
+                expires_at_ms: now + keep.as_millis() as i64,
+                operation: self.op.id.clone(),
+                object: object_name(&cluster.name, &id),
+                ..Default::default()
+            };
+            self.coord.store.read(|c| put(c, &row))?;
+        }
+        self.log(&format!(
+            "taking the final backup {id} before deleting the cluster (kept for {})",
+            fmt_duration(self.coord.backups.config.final_backup_retain)
+        ));
+        self.take_backup(cluster, &id).await.map_err(|e| {
+            e.context(
+                "the cluster was not deleted; retry, or delete it with --no-final-backup to \
+                 skip the final backup",
+            )
+        })?;
+        Ok(())
+    }
+}
+
+/// Deletes backup `b`'s objects through a node that can reach them, then
+/// its record.
+pub async fn delete_backup(coord: &Arc<Coordinator>, b: &BackupRow) -> Result<()> {
+    if b.state == state::RUNNING {
+        bail!("backup {} is still running", b.id);
+    }
+    if !b.object.is_empty() && b.state == state::SUCCEEDED {
+        let node = reader_node(coord, b)?;
+        let address = node.address.clone();
+        let mut client = coord.agents.client(&node.id, &address)?;
+        client
+            .delete_backup_objects(pb::DeleteBackupObjectsRequest {
+                target: Some(coord.backups.target(&b.target)?),
+                prefix: b.object.clone(),
+            })
+            .await
+            .map_err(|s| anyhow!("deleting {} through {}: {}", b.object, node.id, s.message()))?;
+    }
+    coord.store.read(|c| remove(c, &b.id))?;
+    tracing::info!(backup = %b.id, cluster = %b.cluster, "backup deleted");
+    Ok(())
+}
+
+/// Failed backups' records are kept this long (their objects never exist).
+const FAILED_KEEP_MS: i64 = 30 * 86_400_000;
+
+/// Starts scheduled backups when due and prunes what retention removes,
+/// every few seconds, until dropped.
+pub async fn run(coord: Arc<Coordinator>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_prune = Instant::now() - Duration::from_secs(3600);
+    loop {
+        tick.tick().await;
+        if let Err(e) = schedule_pass(&coord) {
+            tracing::warn!(error = %format!("{e:#}"), "backup schedules");
+        }
+        if last_prune.elapsed() >= Duration::from_secs(5) {
+            last_prune = Instant::now();
+            if let Err(e) = prune_pass(&coord).await {
+                tracing::warn!(error = %format!("{e:#}"), "backup retention");
+            }
+        }
+    }
+}
+
+fn schedule_pass(coord: &Arc<Coordinator>) -> Result<()> {
+    let now = corral_proto::now_ms();
+    for s in coord.store.read(schedules)? {
+        let cron = match parse_cron(&s.cron) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(cluster = %s.cluster, "{e}");
+                continue;
+            }
+        };
+        let Some(due) = next_run(&cron, s.last_run_ms.max(s.created_at_ms)) else {
+            continue;
+        };
+        if due > now {
+            continue;
+        }
+        let missed_after = coord.backups.config.missed_after.as_millis() as i64;
+        let started = coord.store.tx(|tx| {
+            let Some(cluster) = store::get_cluster(tx, &s.cluster)? else {
+                return Ok(None);
+            };
+            if let Some(running) = store::unfinished_operation_of(tx, &s.cluster)? {
+                if now - due > missed_after {
+                    let mut s2 = s.clone();
+                    s2.last_run_ms = now;
+                    put_schedule(tx, &s2)?;
+                    store::insert_event(
+                        tx,
+                        now,
+                        "",
+                        &s.cluster,
+                        "backup_missed",
+                        &format!(
+                            "the scheduled backup of cluster {} due at {} did not start within {}: \
+                             operation {} ({}) held the cluster",
+                            s.cluster,
+                            fmt_time(due),
+                            fmt_duration(coord.backups.config.missed_after),
+                            running.id,
+                            running.kind
+                        ),
+                        None,
+                    )?;
+                }
+                return Ok(None);
+            }
+            if cluster.state != "running" {
+                return Ok(None);
+            }
+            let mut s2 = s.clone();
+            s2.last_run_ms = now;
+            put_schedule(tx, &s2)?;
+            let op = new_backup_operation(
+                tx,
+                &cluster,
+                kind::SCHEDULED,
+                &s.target,
+                crate::ops::SCHEDULER,
+            )?;
+            Ok(Some(op))
+        })?;
+        if let Some(op) = started {
+            tracing::info!(cluster = %s.cluster, op = %op, "scheduled backup started");
+            crate::ops::spawn(coord.clone(), op);
+        }
+    }
+    Ok(())
+}
+
+/// Records a backup and the operation that takes it; returns the
+/// operation's id.
+pub fn new_backup_operation(
+    tx: &Connection,
+    cluster: &ClusterRow,
+    backup_kind: &str,
+    target: &str,
+    who: &str,
+) -> Result<String> {
+    let now = corral_proto::now_ms();
+    let id = new_id();
+    let op = store::OperationRow {
+        id: crate::ops::new_id(),
+        cluster: cluster.name.clone(),
+        kind: crate::ops::BACKUP.into(),
+        state: store::op_state::PENDING.into(),
+        params: serde_json::json!({ "backup": id, "target": target }).to_string(),
+        requested_by: who.into(),
+        created_at_ms: now,
+        updated_at_ms: now,
+        error: String::new(),
+    };
+    put(
+        tx,
+        &BackupRow {
+            id: id.clone(),
+            cluster: cluster.name.clone(),
+            kind: backup_kind.into(),
+            state: state::RUNNING.into(),
+            target: target.into(),
+            engine: cluster.engine.clone(),
+            started_at_ms: now,
+            operation: op.id.clone(),
+            object: object_name(&cluster.name, &id),
+            ..Default::default()
+        },
+    )?;
+    store::insert_operation(tx, &op)?;
+    store::log_operation(
+        tx,
+        &op.id,
+        &format!("requested by {who}: {backup_kind} backup {id} to target {target}"),
+    )?;
+    Ok(op.id)
+}
+
+async fn prune_pass(coord: &Arc<Coordinator>) -> Result<()> {
+    let now = corral_proto::now_ms();
+    let (all, scheds) = coord.store.read(|c| Ok((list(c, None)?, schedules(c)?)))?;
+    let mut clusters: Vec<&str> = all.iter().map(|b| b.cluster.as_str()).collect();
+    clusters.sort();
+    clusters.dedup();
+    for cluster in clusters {
+        let of: Vec<BackupRow> = all
+            .iter()
+            .filter(|b| b.cluster == cluster)
+            .cloned()
+            .collect();
+        let (count, age) = scheds
+            .iter()
+            .find(|s| s.cluster == cluster)
+            .map(|s| (s.retain_count, s.retain_ms))
+            .unwrap_or((0, 0));
+        for id in to_prune(&of, count, age, now, FAILED_KEEP_MS) {
+            let Some(b) = of.iter().find(|b| b.id == id) else {
+                continue;
+            };
+            match delete_backup(coord, b).await {
+                Ok(()) => {
+                    tracing::info!(backup = %b.id, cluster, kind = %b.kind, "retention removed a backup")
+                }
+                Err(e) => {
+                    tracing::warn!(backup = %b.id, error = %format!("{e:#}"), "retention could not remove a backup; retrying later")
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(id: &str, at: i64, kind: &str, state: &str) -> BackupRow {
+        BackupRow {
+            id: id.into(),
+            cluster: "c".into(),
+            kind: kind.into(),
+            state: state.into(),
+            started_at_ms: at,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn retention_keeps_the_newest_by_count_and_age() {
+        let all = vec![
+            b("a", 100, kind::SCHEDULED, state::SUCCEEDED),
+            b("b", 200, kind::SCHEDULED, state::SUCCEEDED),
+            b("c", 300, kind::MANUAL, state::SUCCEEDED),
+            b("d", 400, kind::SCHEDULED, state::SUCCEEDED),
+            b("e", 500, kind::SCHEDULED, state::FAILED),
+            b("f", 600, kind::SCHEDULED, state::RUNNING),
+        ];
+        // Three scheduled ones succeeded (a, b, d); the manual c is not
+        // counted and never pruned.
+        let mut p = to_prune(&all, 2, 0, 1000, i64::MAX);
+        p.sort();
+        assert_eq!(p, vec!["a"]);
+        assert!(to_prune(&all, 3, 0, 1000, i64::MAX).is_empty());
+        let mut p = to_prune(&all, 0, 750, 1000, i64::MAX);
+        p.sort();
+        assert_eq!(p, vec!["a", "b"]);
+        // Everything old: the newest scheduled one stays.
+        let mut p = to_prune(&all, 0, 1, 10_000, i64::MAX);
+        p.sort();
+        assert_eq!(p, vec!["a", "b"]);
+        // Failed records go after their keep time; running never.
+        let p = to_prune(&all, 0, 0, 10_000, 100);
+        assert_eq!(p, vec!["e"]);
+    }
+
+    #[test]
+    fn final_backups_live_until_their_expiry() {
+        let mut f = b("f", 100, kind::FINAL, state::SUCCEEDED);
+        f.expires_at_ms = 5_000;
+        let all = vec![f, b("x", 200, kind::SCHEDULED, state::SUCCEEDED)];
+        assert!(to_prune(&all, 1, 1, 4_999, i64::MAX).is_empty());
+        assert_eq!(to_prune(&all, 1, 1, 5_000, i64::MAX), vec!["f"]);
+    }
+
+    #[test]
+    fn cron_five_and_six_fields() {
+        let c = parse_cron("30 2 * * *").unwrap();
+        // 2026-11-26T00:00:00Z -> 02:30 the same day.
+        let t0 = 1_795_651_200_000;
+        assert_eq!(next_run(&c, t0), Some(t0 + (2 * 3600 + 30 * 60) * 1000));
+        let c = parse_cron("*/5 * * * * *").unwrap();
+        assert_eq!(next_run(&c, t0), Some(t0 + 5000));
+        let e = parse_cron("every day").unwrap_err();
+        assert!(e.contains("invalid cron expression"), "{e}");
+    }
+
+    #[test]
+    fn the_key_file_is_created_private_and_read_back() {
+        let dir = std::env::temp_dir().join(format!("corral-bk-key-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("backup.key");
+        let k1 = BackupKey::load_or_create(&path).unwrap();
+        let k2 = BackupKey::load_or_create(&path).unwrap();
+        assert_eq!(k1.bytes(), k2.bytes());
+        assert_eq!(k1.id, k2.id);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        std::fs::write(&path, "zz").unwrap();
+        let e = BackupKey::load_or_create(&path).err().unwrap().to_string();
+        assert!(e.contains("not a backup key"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn rows_round_trip() {
+        let c = Connection::open_in_memory().unwrap();
+        c.execute_batch(SCHEMA).unwrap();
+        let mut r = b("bk-1", 10, kind::MANUAL, state::SUCCEEDED);
+        r.plain_bytes = 5 << 30;
+        r.verify_ok = true;
+        put(&c, &r).unwrap();
+        assert_eq!(get(&c, "bk-1").unwrap(), Some(r.clone()));
+        assert_eq!(list(&c, Some("c")).unwrap(), vec![r.clone()]);
+        assert!(list(&c, Some("d")).unwrap().is_empty());
+        assert_eq!(list(&c, None).unwrap().len(), 1);
+        remove(&c, "bk-1").unwrap();
+        assert!(get(&c, "bk-1").unwrap().is_none());
+    }
+}
