@@ -787,6 +787,8 @@ impl S3 {
             Some(
                 "SignatureDoesNotMatch"
                 | "InvalidAccessKeyId"
+                | "NotSignedUp"
+                | "InvalidSecurity"
                 | "AccessDenied"
                 | "InvalidToken"
                 | "ExpiredToken"
@@ -800,7 +802,9 @@ impl S3 {
             ) || status("403")
                 || status("401") =>
             {
-                format!("access denied ({server_says}): {check}")
+                format!(
+                    "the endpoint refused the credentials or their rights ({server_says}): {check}"
+                )
             }
             _ if matches!(e, object_store::Error::NotFound { .. }) => {
                 format!("not found ({server_says})")
@@ -901,7 +905,9 @@ impl S3 {
         mut cancel: oneshot::Receiver<()>,
         failure: &Failure,
     ) -> Result<u64, Stop> {
-        let result = self.upload_parts(object, &key, &mut rx, &mut cancel).await;
+        let result = self
+            .upload_parts(object, &key, &mut rx, &mut cancel, failure)
+            .await;
         if let Err(Stop::Failed(e)) = &result {
             failure.set(format!("{e}"));
         }
@@ -916,6 +922,7 @@ impl S3 {
         key: &StorePath,
         rx: &mut mpsc::Receiver<Msg>,
         cancel: &mut oneshot::Receiver<()>,
+        failure: &Failure,
     ) -> Result<u64, Stop> {
         async fn next(
             rx: &mut mpsc::Receiver<Msg>,
@@ -1010,8 +1017,12 @@ impl S3 {
                 .map_err(Stop::Failed),
             Err(stop) => Err(stop),
         };
-        if result.is_err() {
-            // Let the producer stop before the abort's round trip.
+        if let Err(stop) = &result {
+            // Let the producer stop, with the cause, before the abort's
+            // round trip.
+            if let Stop::Failed(e) = stop {
+                failure.set(format!("{e}"));
+            }
             rx.close();
             if let Err(e) = self
                 .bounded(
@@ -1268,7 +1279,8 @@ mod tests {
 
     #[test]
     fn bad_descriptions_are_explained() {
-        let cases: Vec<(fn(&mut pb::BackupTarget), &str)> = vec![
+        type Change = fn(&mut pb::BackupTarget);
+        let cases: Vec<(Change, &str)> = vec![
             (|t| t.kind = "ftp".into(), "unknown kind"),
             (|t| t.bucket.clear(), "needs a bucket"),
             (|t| t.allow_http = false, "allow_http"),
