@@ -443,7 +443,8 @@ async fn produce_fails(t: &Target, after: usize) {
         })
         .await
         .unwrap_err();
-    assert!(format!("{e:#}").contains("stopped"), "{e:#}");
+    let e = format!("{e:#}");
+    assert!(e.contains("stopped") && e.contains(&t.describe()), "{e}");
     assert!(t.list("").await.unwrap().is_empty());
 }
 
@@ -730,4 +731,61 @@ async fn s3_wrong_credentials_and_missing_bucket_are_explained() {
         "{:?}",
         server.pending_uploads()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_server_dying_mid_download_fails_the_consumer() {
+    let dir = TestDir::new();
+    let server = S3Server::start(&dir.path);
+    let t = Target::open(&s3_desc(&server.endpoint()), Path::new("/x")).unwrap();
+    t.put_stream("db1/big", |w| Ok(produce(w, 30_000_000)?))
+        .await
+        .unwrap();
+    let child = server.child.clone();
+    let seen = Arc::new(Mutex::new(None));
+    let seen2 = seen.clone();
+    let started = Instant::now();
+    let e = t
+        .get_stream("db1/big", move |r| {
+            let mut buf = vec![0u8; 64 << 10];
+            let mut read = 0usize;
+            loop {
+                if read >= 1 << 20 {
+                    let mut c = child.lock().unwrap();
+                    if c.try_wait().unwrap().is_none() {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                    }
+                }
+                match r.read(&mut buf) {
+                    Ok(0) => return Ok(read),
+                    Ok(n) => read += n,
+                    Err(e) => {
+                        *seen2.lock().unwrap() = Some((e.to_string(), read));
+                        return Err(anyhow!("restore failed: {e}"));
+                    }
+                }
+            }
+        })
+        .await
+        .unwrap_err();
+    let e = format!("{e:#}");
+    let (io_error, read) = seen
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("the consumer saw no error");
+    eprintln!(
+        "killed mid-download after {read} bytes: consumer saw {io_error:?}; get_stream: {e} ({:?})",
+        started.elapsed()
+    );
+    assert!(read < 30_000_000);
+    assert!(started.elapsed() < UNREACHABLE_BOUND);
+    for text in [&e, &io_error] {
+        assert!(
+            text.contains(&t.describe()) && text.contains("db1/big"),
+            "{text}"
+        );
+        assert_no_secret(text);
+    }
 }

@@ -164,7 +164,7 @@ impl Target {
                 let root = root.clone();
                 tokio::task::spawn_blocking(move || local_put(&root, &path, produce))
                     .await
-                    .map_err(|e| anyhow!("the backup writer stopped: {e}"))?
+                    .unwrap_or_else(|e| Err(anyhow!("the backup writer stopped: {e}")))
                     .with_context(|| context)
             }
             Backend::S3(s3) => s3.put_stream(object, produce).await,
@@ -192,7 +192,7 @@ impl Target {
                     consume(&mut reader)
                 })
                 .await
-                .map_err(|e| anyhow!("the backup reader stopped: {e}"))?
+                .unwrap_or_else(|e| Err(anyhow!("the backup reader stopped: {e}")))
                 .with_context(|| context)
             }
             Backend::S3(s3) => s3.get_stream(object, consume).await,
