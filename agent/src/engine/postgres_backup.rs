@@ -196,6 +196,9 @@ struct PrivateServer {
     run_dir: PathBuf,
     uid: u32,
     gid: u32,
+    /// Its postmaster.pid, whose status line says when it accepts
+    /// connections (asking earlier only fills the log with refusals).
+    pid_file: PathBuf,
     log: PathBuf,
     /// Where in the log this server's lines start.
     log_from: u64,
@@ -287,9 +290,18 @@ impl PrivateServer {
                     failure_summary(&os::tail(&log, 30))
                 );
             }
-            if let Ok(v) = self.query("postgres", "SELECT pg_is_in_recovery()") {
-                if v == "f" {
-                    return Ok(());
+            // The eighth line of postmaster.pid: "ready" once the server
+            // accepts connections, which (no hot standby) is once recovery
+            // has ended.
+            let ready = std::fs::read_to_string(&self.pid_file)
+                .ok()
+                .and_then(|t| t.lines().nth(7).map(|l| l.trim() == "ready"))
+                .unwrap_or(false);
+            if ready {
+                if let Ok(v) = self.query("postgres", "SELECT pg_is_in_recovery()") {
+                    if v == "f" {
+                        return Ok(());
+                    }
                 }
             }
             if began.elapsed() > RECOVERY_TIMEOUT {
@@ -299,7 +311,7 @@ impl PrivateServer {
                     self.log_tail(os::TAIL_LINES)
                 );
             }
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -687,6 +699,7 @@ impl Postgres {
             run_dir: run_dir.to_path_buf(),
             uid: ids.uid,
             gid: ids.gid,
+            pid_file: data.join("postmaster.pid"),
             log: log.to_path_buf(),
             log_from,
         };
