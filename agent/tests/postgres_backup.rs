@@ -361,6 +361,8 @@ async fn a_primary_backup_restores_as_a_primary_on_a_new_timeline() {
     )
     .await;
     let source = a.wait(&spec_a, "answer", |_| true).await;
+    // Without a WAL archive, finished segments are discarded.
+    assert_eq!(a.setting("archive_command").await, "/bin/true");
     let began = corral_proto::now_ms();
     let (stream, info) = a.backup(&spec_a);
     check_info(&info, began);
@@ -379,6 +381,8 @@ async fn a_primary_backup_restores_as_a_primary_on_a_new_timeline() {
     let spec_c = c.primary_spec(&[], false);
     c.driver.save_secrets(&secrets()).unwrap();
     assert!(!c.driver.has_data());
+    // An empty data directory is restored into, like an absent one.
+    std::fs::create_dir_all(c.driver.data_dir()).unwrap();
     c.restore(&spec_c, &stream, None);
     assert!(c.driver.has_data());
     c.driver.prepare(&spec_c).await.unwrap();
@@ -458,6 +462,8 @@ async fn point_in_time_recovery_from_the_wal_archive() {
     a.new_primary(&spec_a).await;
     let spool = a.driver.wal_spool().unwrap();
     assert!(spool.is_dir());
+    let command = a.setting("archive_command").await;
+    assert!(command.contains(&*spool.to_string_lossy()), "{command}");
     a.sql("CREATE TABLE t (id int PRIMARY KEY, note text)")
         .await;
     let (stream, _) = a.backup(&spec_a);
@@ -566,13 +572,20 @@ async fn verify_counts_tables_and_refuses_a_truncated_stream() {
     assert_eq!(a.driver.find_running(), Some(pid));
     a.wait(&spec_a, "answer", |r| !r.in_recovery).await;
 
-    let scratch = a.dir.join("verify-truncated");
-    std::fs::create_dir_all(&scratch).unwrap();
-    let mut input = &stream[..stream.len() / 2 + 100];
-    let err = tokio::task::block_in_place(|| a.driver.verify(&mut input, &scratch)).unwrap_err();
-    let msg = format!("{err:#}");
-    assert!(msg.contains("truncated"), "{msg}");
-    assert!(processes_mentioning(&scratch.to_string_lossy()).is_empty());
+    // Cut inside a file, and cut between two of the tar's files.
+    for (i, cut) in [stream.len() / 2 + 100, stream.len() / 2 / 512 * 512]
+        .into_iter()
+        .enumerate()
+    {
+        let scratch = a.dir.join(format!("verify-truncated-{i}"));
+        std::fs::create_dir_all(&scratch).unwrap();
+        let mut input = &stream[..cut];
+        let err =
+            tokio::task::block_in_place(|| a.driver.verify(&mut input, &scratch)).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("truncated"), "cut at {cut}: {msg}");
+        assert!(processes_mentioning(&scratch.to_string_lossy()).is_empty());
+    }
 }
 
 /// A writer that fails after `left` bytes.

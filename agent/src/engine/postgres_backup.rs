@@ -577,8 +577,8 @@ impl Postgres {
         for needed in ["PG_VERSION", "global/pg_control", "backup_label"] {
             if !dir.join(needed).exists() {
                 bail!(
-                    "the backup stream is incomplete or not a PostgreSQL base backup: it holds \
-                     no {needed} ({done} bytes read)"
+                    "the backup stream is truncated or is not a PostgreSQL base backup: it \
+                     holds no {needed} ({done} bytes read)"
                 );
             }
         }
