@@ -18,9 +18,19 @@
 //! `synchronous_standby_names` and `pg_stat_replication` refer to. A former
 //! primary rejoins through `pg_rewind`, which is a no-op when it was shut
 //! down cleanly before its replica was promoted.
+//!
+//! Backups (see `postgres_backup.rs`): `archive_mode` is always on (it
+//! needs a restart; a standby does not archive), and `archive_command`
+//! copies each finished WAL segment into `wal-spool/` when the spec asks
+//! for a WAL archive, else discards it (`/bin/true`, changed by a reload).
+//! A data directory created before this picks archive_mode up at its next
+//! restart.
+
+#[path = "postgres_backup.rs"]
+mod backup;
 
 use super::os::{self, mkdir_owned, run, tail, write_owned, Account};
-use super::{Driver, EngineSpec, Health, ProgressFn, Secrets, Upstream};
+use super::{BackupInfo, Driver, EngineSpec, Health, ProgressFn, Recovery, Secrets, Upstream};
 use anyhow::{anyhow, bail, Context, Result};
 use corral_proto::pb;
 use std::path::{Path, PathBuf};
@@ -152,6 +162,10 @@ impl Postgres {
              # a switchover otherwise waits up to 5 s for the last record.\n\
              wal_retrieve_retry_interval = '250ms'\n\
              synchronous_standby_names = {sync}\n\
+             # WAL archive (backups): always on, since turning it on needs a\n\
+             # restart; what is archived depends on the spec (a reload).\n\
+             archive_mode = on\n\
+             archive_command = {archive}\n\
              # The fence (read-only while this primary holds no lease).\n\
              include_if_exists = '{fence}'\n",
             port = spec.port,
@@ -160,6 +174,11 @@ impl Postgres {
             slot_keep = SLOT_WAL_KEEP,
             sync = conf_quote(&synchronous_standby_names(spec)),
             fence = FENCE_CONF,
+            archive = conf_quote(&if spec.wal_archive {
+                backup::archive_command(&self.spool_dir())
+            } else {
+                "/bin/true".to_string()
+            }),
         );
         if let Some(up) = &spec.upstream {
             c.push_str(&format!(
@@ -511,6 +530,7 @@ impl Driver for Postgres {
                 self.data_dir().display()
             );
         }
+        mkdir_owned(&self.spool_dir(), 0o700, &acct)?;
         let data = self.data_dir();
         let mut changed = write_owned(&data.join("corral.conf"), &self.config(spec), &acct)?;
         changed |= write_owned(&data.join("pg_hba.conf"), &self.hba(), &acct)?;
@@ -803,6 +823,8 @@ impl Driver for Postgres {
             self.data_dir(),
             self.clone_dir(),
             self.base.join("data.initdb"),
+            self.base.join("data.restore"),
+            self.spool_dir(),
         ] {
             os::remove_dir(&dir)?;
         }
@@ -816,6 +838,49 @@ impl Driver for Postgres {
 
     fn log_path(&self) -> PathBuf {
         self.base.join("server.log")
+    }
+
+    fn backup(
+        &self,
+        spec: &EngineSpec,
+        out: &mut dyn std::io::Write,
+        progress: ProgressFn<'_>,
+    ) -> Result<BackupInfo> {
+        self.backup_stream(spec, out, progress)
+    }
+
+    fn restore(
+        &self,
+        spec: &EngineSpec,
+        input: &mut dyn std::io::Read,
+        recovery: Option<&Recovery>,
+    ) -> Result<()> {
+        self.restore_stream(spec, input, recovery)
+    }
+
+    fn verify(&self, input: &mut dyn std::io::Read, scratch: &Path) -> Result<String> {
+        self.verify_stream(input, scratch)
+    }
+
+    fn wal_spool(&self) -> Option<PathBuf> {
+        Some(self.spool_dir())
+    }
+
+    async fn switch_wal(&self, spec: &EngineSpec) -> Result<String> {
+        let client = self
+            .connect(spec)
+            .await
+            .context("connecting over the local socket")?;
+        // The LSN pg_switch_wal returns is the end of the segment it
+        // closed, or (nothing written since the last switch) the start of
+        // the current one; either way pg_walfile_name, which names the
+        // segment holding the byte before a boundary, gives the last
+        // closed segment.
+        let row = client
+            .query_one("SELECT pg_walfile_name(pg_switch_wal())", &[])
+            .await
+            .context("switching to a new WAL segment (pg_switch_wal)")?;
+        Ok(row.get(0))
     }
 }
 
@@ -888,7 +953,7 @@ async fn health(client: &tokio_postgres::Client) -> Result<Health> {
                  coalesce((replay_lsn - '0/0')::bigint, 0), \
                  coalesce((extract(epoch FROM replay_lag) * 1000)::bigint, 0), coalesce(sync_state, '') \
                  FROM pg_stat_replication WHERE application_name NOT LIKE '%-clone' \
-                 AND application_name NOT LIKE '%-rewind'",
+                 AND application_name NOT LIKE '%-rewind' AND application_name NOT LIKE '%-backup'",
                 &[],
             )
             .await?;

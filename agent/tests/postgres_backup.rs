@@ -1,0 +1,659 @@
+//! PostgreSQL backups against real servers, driven as the agent drives
+//! them: backup, restore (to the end of the backup, and to a point in time
+//! from the WAL archive), verify, and a backup whose writer fails.
+//!
+//! Each node is a `Postgres` driver with a state directory of its own,
+//! `/tmp/corral-pgbk-test-<pid>-<n>`, and a server on a free port. A node's
+//! servers (the engine, and a recovery server of a restore or a verify)
+//! are stopped and its directory removed when the node is dropped, panic or
+//! not; a run that was killed leaves directories whose pid is gone, and the
+//! next run sweeps them (servers included). With `CORRAL_TEST_KEEP=1` the
+//! directories (server logs) stay until then.
+//! Needs root (servers run as the `postgres` user) and PostgreSQL 15 in
+//! /usr/lib/postgresql/15/bin (or `CORRAL_PG_BIN`).
+
+use corral_agent::engine::postgres::Postgres;
+use corral_agent::engine::{BackupInfo, Driver, EngineSpec, Recovery, Secrets, Upstream};
+use corral_proto::pb;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+const PREFIX: &str = "corral-pgbk-test-";
+const WAIT: Duration = Duration::from_secs(60);
+
+fn bin_dir() -> PathBuf {
+    std::env::var_os("CORRAL_PG_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin"))
+}
+
+fn secrets() -> Secrets {
+    Secrets {
+        admin_password: "adm'in\\pass-0123456789".into(),
+        replication_password: "re'pl\\pass-0123456789".into(),
+    }
+}
+
+/// The pids of live processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<i32> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if text.contains(needle) && corral_agent::engine::process_alive(pid as u32) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Stops every process (servers, tools) started on a directory under `dir`.
+fn kill_servers(dir: &Path) {
+    use nix::sys::signal::{kill, Signal};
+    let needle = dir.to_string_lossy().into_owned();
+    for sig in [Signal::SIGQUIT, Signal::SIGKILL] {
+        let pids = processes_mentioning(&needle);
+        if pids.is_empty() {
+            return;
+        }
+        for pid in &pids {
+            let _ = kill(nix::unistd::Pid::from_raw(*pid), sig);
+        }
+        let began = Instant::now();
+        while !processes_mentioning(&needle).is_empty() && began.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Removes the directories (and servers) of test runs that are gone.
+fn sweep_stale() {
+    let Ok(entries) = std::fs::read_dir("/tmp") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            continue;
+        };
+        let Some(Ok(pid)) = rest.split('-').next().map(str::parse::<u32>) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            kill_servers(&e.path());
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One node: a driver, its state directory, its port, its running server.
+struct Node {
+    id: String,
+    dir: PathBuf,
+    port: u16,
+    driver: Postgres,
+    child: Option<tokio::process::Child>,
+}
+
+impl Node {
+    fn new(id: &str) -> Node {
+        static SWEEP: Once = Once::new();
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        SWEEP.call_once(sweep_stale);
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let dir = PathBuf::from(format!("/tmp/{PREFIX}{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Node {
+            id: id.into(),
+            driver: Postgres::new(bin_dir(), &dir, id),
+            dir,
+            port: free_port(),
+            child: None,
+        }
+    }
+
+    fn upstream(&self) -> Upstream {
+        Upstream {
+            node: self.id.clone(),
+            host: "127.0.0.1".into(),
+            port: self.port,
+        }
+    }
+
+    fn primary_spec(&self, replicas: &[&str], wal_archive: bool) -> EngineSpec {
+        EngineSpec {
+            cluster: "orders".into(),
+            engine: "postgres".into(),
+            role: "primary".into(),
+            port: self.port,
+            admin_user: "admin".into(),
+            database: "app".into(),
+            replicas: replicas.iter().map(|r| r.to_string()).collect(),
+            sync: false,
+            upstream: None,
+            wal_archive,
+        }
+    }
+
+    fn replica_spec(&self, upstream: &Node) -> EngineSpec {
+        EngineSpec {
+            role: "replica".into(),
+            upstream: Some(upstream.upstream()),
+            ..self.primary_spec(&[], false)
+        }
+    }
+
+    fn log(&self) -> String {
+        let text = std::fs::read_to_string(self.driver.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// A new cluster's primary, as the agent's converge_primary makes it.
+    async fn new_primary(&mut self, spec: &EngineSpec) {
+        self.driver.save_secrets(&secrets()).unwrap();
+        self.driver.initialize().await.unwrap();
+        self.driver.prepare(spec).await.unwrap();
+        self.start(spec).await;
+        self.driver.bootstrap(spec, &secrets()).await.unwrap();
+        self.driver.converge_slots(spec).await.unwrap();
+    }
+
+    /// Starts the server and waits until a health check passes.
+    async fn start(&mut self, spec: &EngineSpec) -> pb::Replication {
+        assert!(
+            self.driver.find_running().is_none(),
+            "{} already runs",
+            self.id
+        );
+        self.child = Some(self.driver.start(spec).await.unwrap());
+        self.wait(spec, "answer health checks", |_| true).await
+    }
+
+    async fn wait(
+        &self,
+        spec: &EngineSpec,
+        what: &str,
+        ok: impl Fn(&pb::Replication) -> bool,
+    ) -> pb::Replication {
+        let began = Instant::now();
+        loop {
+            let last = match self.driver.check(spec).await {
+                Ok(h) if ok(&h.replication) => {
+                    assert!(h.version.starts_with("15."), "version {}", h.version);
+                    return h.replication;
+                }
+                Ok(h) => format!("{:?}", h.replication),
+                Err(e) => format!("{e:#}"),
+            };
+            if began.elapsed() > WAIT {
+                panic!(
+                    "{} did not {what} within {} s; last: {last}\nserver log:\n{}",
+                    self.id,
+                    WAIT.as_secs(),
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// A session over the socket as postgres, in database `db`.
+    async fn client(&self, db: &str) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::Config::new()
+            .host_path(self.driver.socket_dir())
+            .port(self.port)
+            .user("postgres")
+            .dbname(db)
+            .connect(tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {}: {e}\n{}", self.id, self.log()));
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        client
+    }
+
+    async fn sql(&self, sql: &str) {
+        self.client("app")
+            .await
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql} on {}: {e}", self.id));
+    }
+
+    /// The ids in table t, sorted.
+    async fn ids(&self) -> Vec<i32> {
+        self.client("app")
+            .await
+            .query("SELECT id FROM t ORDER BY id", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
+    async fn setting(&self, name: &str) -> String {
+        self.client("postgres")
+            .await
+            .query_one("SELECT current_setting($1)", &[&name])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// A backup of this node's running server into memory.
+    fn backup(&self, spec: &EngineSpec) -> (Vec<u8>, BackupInfo) {
+        let mut buf = Vec::new();
+        let calls = AtomicU64::new(0);
+        let last = AtomicU64::new(0);
+        let progress = |done: u64, _total: u64| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            last.store(done, Ordering::SeqCst);
+        };
+        let info = tokio::task::block_in_place(|| self.driver.backup(spec, &mut buf, &progress))
+            .unwrap_or_else(|e| panic!("backup of {}: {e:#}", self.id));
+        assert!(calls.load(Ordering::SeqCst) > 0, "progress was reported");
+        assert_eq!(last.load(Ordering::SeqCst), buf.len() as u64);
+        (buf, info)
+    }
+
+    fn restore(&self, spec: &EngineSpec, stream: &[u8], recovery: Option<&Recovery>) {
+        let mut input = stream;
+        tokio::task::block_in_place(|| self.driver.restore(spec, &mut input, recovery))
+            .unwrap_or_else(|e| panic!("restore into {}: {e:#}", self.id));
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        kill_servers(&self.dir);
+        if std::env::var_os("CORRAL_TEST_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn check_info(info: &BackupInfo, before_ms: i64) {
+    assert!(
+        info.version.starts_with("15."),
+        "version {:?}",
+        info.version
+    );
+    let (hi, lo) = info
+        .position
+        .split_once('/')
+        .expect("an LSN like 0/3000138");
+    assert!(u64::from_str_radix(hi, 16).is_ok() && u64::from_str_radix(lo, 16).is_ok());
+    assert!(info.position != "0/0");
+    let now = corral_proto::now_ms();
+    assert!(
+        info.position_time_ms >= before_ms && info.position_time_ms <= now,
+        "{info:?}"
+    );
+}
+
+/// Checks that `node`'s data is an ordinary primary's: no signal files and
+/// no recovery or streaming settings in any configuration file.
+async fn assert_plain_primary(node: &Node, source_timeline: u32, spec: &EngineSpec) {
+    let data = node.driver.data_dir();
+    for f in ["recovery.signal", "standby.signal", "backup_label"] {
+        assert!(!data.join(f).exists(), "{f} left in {}", data.display());
+    }
+    for f in ["postgresql.conf", "postgresql.auto.conf", "corral.conf"] {
+        let text = std::fs::read_to_string(data.join(f)).unwrap();
+        for line in text.lines().map(str::trim) {
+            if line.starts_with('#') {
+                continue;
+            }
+            for key in [
+                "restore_command",
+                "recovery_target",
+                "primary_conninfo",
+                "primary_slot_name",
+            ] {
+                assert!(!line.starts_with(key), "{f} still says {line:?}");
+            }
+        }
+    }
+    assert_eq!(node.setting("restore_command").await, "");
+    assert_eq!(node.setting("primary_conninfo").await, "");
+    assert_eq!(node.setting("archive_mode").await, "on");
+    let r = node.wait(spec, "run as a primary", |_| true).await;
+    assert!(!r.in_recovery, "{} is still in recovery", node.id);
+    assert!(
+        r.timeline > source_timeline,
+        "restored on timeline {}, the source was on {source_timeline}",
+        r.timeline
+    );
+    assert!(!node.driver.data_is_standby().unwrap());
+}
+
+/// Backup of a primary; the restore holds exactly the data of backup time,
+/// runs as a primary on a new timeline and carries no recovery settings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_backup_restores_as_a_primary_on_a_new_timeline() {
+    let mut a = Node::new("vm-a");
+    let spec_a = a.primary_spec(&[], false);
+    a.new_primary(&spec_a).await;
+    a.sql(
+        "CREATE TABLE t (id int PRIMARY KEY, note text); \
+           INSERT INTO t SELECT g, repeat('x', 200) FROM generate_series(1, 500) g",
+    )
+    .await;
+    let source = a.wait(&spec_a, "answer", |_| true).await;
+    // Without a WAL archive, finished segments are discarded.
+    assert_eq!(a.setting("archive_command").await, "/bin/true");
+    let began = corral_proto::now_ms();
+    let (stream, info) = a.backup(&spec_a);
+    check_info(&info, began);
+    // A backup is a tar: "ustar" at offset 257 of its first header.
+    assert_eq!(&stream[257..262], b"ustar");
+    // The backup's walsender is not reported as a standby.
+    assert!(a
+        .wait(&spec_a, "answer", |_| true)
+        .await
+        .standbys
+        .is_empty());
+    a.sql("INSERT INTO t VALUES (1000, 'after the backup')")
+        .await;
+
+    let mut c = Node::new("vm-c");
+    let spec_c = c.primary_spec(&[], false);
+    c.driver.save_secrets(&secrets()).unwrap();
+    assert!(!c.driver.has_data());
+    // An empty data directory is restored into, like an absent one.
+    std::fs::create_dir_all(c.driver.data_dir()).unwrap();
+    c.restore(&spec_c, &stream, None);
+    assert!(c.driver.has_data());
+    c.driver.prepare(&spec_c).await.unwrap();
+    c.start(&spec_c).await;
+    c.driver.bootstrap(&spec_c, &secrets()).await.unwrap();
+    assert_eq!(c.ids().await, (1..=500).collect::<Vec<_>>());
+    assert_plain_primary(&c, source.timeline, &spec_c).await;
+    // It takes writes.
+    c.sql("INSERT INTO t VALUES (2000, 'restored')").await;
+    // A restore never goes into data that is there.
+    let mut input = &stream[..];
+    let err = tokio::task::block_in_place(|| c.driver.restore(&spec_c, &mut input, None))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("running"), "{err}");
+}
+
+/// A backup taken from a replica (cloned as the agent clones) restores
+/// into a primary that does not follow anybody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_backup_restores() {
+    let mut a = Node::new("vm-a");
+    let spec_a = a.primary_spec(&["vm-b"], false);
+    a.new_primary(&spec_a).await;
+    a.sql(
+        "CREATE TABLE t (id int PRIMARY KEY, note text); \
+           INSERT INTO t SELECT g, 'x' FROM generate_series(1, 50) g",
+    )
+    .await;
+
+    let mut b = Node::new("vm-b");
+    let spec_b = b.replica_spec(&a);
+    b.driver.save_secrets(&secrets()).unwrap();
+    b.driver
+        .clone_data(&spec_b, &a.upstream(), &|_, _| {})
+        .await
+        .unwrap();
+    b.driver.prepare(&spec_b).await.unwrap();
+    b.start(&spec_b).await;
+    a.sql("INSERT INTO t VALUES (51, 'streamed')").await;
+    let began = Instant::now();
+    while b.ids().await.len() != 51 {
+        assert!(began.elapsed() < WAIT, "row 51 never reached the replica");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let r = b.wait(&spec_b, "stream", |r| r.streaming).await;
+    assert!(r.in_recovery);
+
+    let t0 = corral_proto::now_ms();
+    let (stream, info) = b.backup(&spec_b);
+    check_info(&info, t0);
+    // The replica still streams afterwards.
+    b.wait(&spec_b, "stream", |r| r.streaming && r.in_recovery)
+        .await;
+
+    let mut c = Node::new("vm-c");
+    let spec_c = c.primary_spec(&[], false);
+    c.driver.save_secrets(&secrets()).unwrap();
+    c.restore(&spec_c, &stream, None);
+    c.driver.prepare(&spec_c).await.unwrap();
+    c.start(&spec_c).await;
+    assert_eq!(c.ids().await, (1..=51).collect::<Vec<_>>());
+    assert_plain_primary(&c, r.timeline, &spec_c).await;
+    c.sql("INSERT INTO t VALUES (52, 'writable')").await;
+    // The restored node did not become anybody's standby: the primary
+    // serves only b.
+    let ra = a.wait(&spec_a, "answer", |_| true).await;
+    assert!(ra.standbys.iter().all(|s| s.name == "vm-b"), "{ra:?}");
+}
+
+/// Point-in-time recovery from the WAL archive's segments: to a time
+/// between two commits, and (refused) beyond the archived WAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn point_in_time_recovery_from_the_wal_archive() {
+    let mut a = Node::new("vm-a");
+    let spec_a = a.primary_spec(&[], true);
+    a.new_primary(&spec_a).await;
+    let spool = a.driver.wal_spool().unwrap();
+    assert!(spool.is_dir());
+    let command = a.setting("archive_command").await;
+    assert!(command.contains(&*spool.to_string_lossy()), "{command}");
+    a.sql("CREATE TABLE t (id int PRIMARY KEY, note text)")
+        .await;
+    let (stream, _) = a.backup(&spec_a);
+    a.sql("INSERT INTO t VALUES (1, 'A')").await;
+    let target = corral_proto::now_ms();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    a.sql("INSERT INTO t VALUES (2, 'B')").await;
+    let segment = a.driver.switch_wal(&spec_a).await.unwrap();
+    assert_eq!(segment.len(), 24, "{segment}");
+    assert!(segment.chars().all(|c| c.is_ascii_hexdigit()), "{segment}");
+    // Nothing written since: the same (last closed) segment, or a later one
+    // when the server wrote something meanwhile.
+    let again = a.driver.switch_wal(&spec_a).await.unwrap();
+    assert!(again >= segment, "{again} < {segment}");
+    let began = Instant::now();
+    while !spool.join(&segment).exists() {
+        assert!(
+            began.elapsed() < WAIT,
+            "{segment} was not archived into {}\n{}",
+            spool.display(),
+            a.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // What the agent would have uploaded and fetched back.
+    let wal_dir = a.dir.join("fetched-wal");
+    std::fs::create_dir_all(&wal_dir).unwrap();
+    let mut copied = 0;
+    for e in std::fs::read_dir(&spool).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().to_string_lossy().into_owned();
+        assert!(!name.ends_with(".part"), "a partial copy is left: {name}");
+        std::fs::copy(e.path(), wal_dir.join(&name)).unwrap();
+        copied += 1;
+    }
+    assert!(copied >= 2, "only {copied} segments archived");
+
+    let mut c = Node::new("vm-c");
+    let spec_c = c.primary_spec(&[], false);
+    c.driver.save_secrets(&secrets()).unwrap();
+    c.restore(
+        &spec_c,
+        &stream,
+        Some(&Recovery {
+            to_time_ms: target,
+            wal_dir: wal_dir.clone(),
+        }),
+    );
+    c.driver.prepare(&spec_c).await.unwrap();
+    c.start(&spec_c).await;
+    assert_eq!(c.ids().await, vec![1], "exactly A, recovered to its time");
+    assert_plain_primary(&c, 1, &spec_c).await;
+
+    // Beyond the archived WAL: refused, and nothing left behind.
+    let d = Node::new("vm-d");
+    let spec_d = d.primary_spec(&[], false);
+    d.driver.save_secrets(&secrets()).unwrap();
+    let mut input = &stream[..];
+    let recovery = Recovery {
+        to_time_ms: corral_proto::now_ms() + 3_600_000,
+        wal_dir,
+    };
+    let err =
+        tokio::task::block_in_place(|| d.driver.restore(&spec_d, &mut input, Some(&recovery)))
+            .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("no WAL up to that time"), "{msg}");
+    assert!(!d.driver.has_data());
+    assert!(processes_mentioning(&d.dir.to_string_lossy()).is_empty());
+}
+
+/// Verify recovers the backup beside the running engine and counts what
+/// it holds; a truncated stream fails clearly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_counts_tables_and_refuses_a_truncated_stream() {
+    let mut a = Node::new("vm-a");
+    let spec_a = a.primary_spec(&[], false);
+    a.new_primary(&spec_a).await;
+    a.sql(
+        "CREATE TABLE t1 (id int); CREATE TABLE t2 (id int); CREATE TABLE t3 (id int); \
+           CREATE SCHEMA s; CREATE TABLE s.t4 (id int); CREATE VIEW v AS SELECT 1",
+    )
+    .await;
+    a.client("postgres")
+        .await
+        .batch_execute("CREATE TABLE in_postgres (id int)")
+        .await
+        .unwrap();
+    let pid = a.driver.find_running().unwrap();
+    let (stream, _) = a.backup(&spec_a);
+
+    let scratch = a.dir.join("verify");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let mut input = &stream[..];
+    let summary = tokio::task::block_in_place(|| a.driver.verify(&mut input, &scratch))
+        .unwrap_or_else(|e| panic!("verify: {e:#}"));
+    assert!(
+        summary.starts_with("PostgreSQL 15.") && summary.ends_with(": 4 databases, 5 tables"),
+        "{summary}"
+    );
+    assert!(
+        processes_mentioning(&scratch.to_string_lossy()).is_empty(),
+        "the recovery server is stopped"
+    );
+    // The running engine was not touched.
+    assert_eq!(a.driver.find_running(), Some(pid));
+    a.wait(&spec_a, "answer", |r| !r.in_recovery).await;
+
+    // Cut inside a file, and cut between two of the tar's files.
+    for (i, cut) in [stream.len() / 2 + 100, stream.len() / 2 / 512 * 512]
+        .into_iter()
+        .enumerate()
+    {
+        let scratch = a.dir.join(format!("verify-truncated-{i}"));
+        std::fs::create_dir_all(&scratch).unwrap();
+        let mut input = &stream[..cut];
+        let err =
+            tokio::task::block_in_place(|| a.driver.verify(&mut input, &scratch)).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("truncated"), "cut at {cut}: {msg}");
+        assert!(processes_mentioning(&scratch.to_string_lossy()).is_empty());
+    }
+}
+
+/// A writer that fails after `left` bytes.
+struct Failing {
+    left: usize,
+}
+
+impl std::io::Write for Failing {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            return Err(std::io::Error::other("the target is gone"));
+        }
+        let n = buf.len().min(self.left);
+        self.left -= n;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A backup whose target fails ends with an error and stops pg_basebackup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_writer_stops_the_backup() {
+    let mut a = Node::new("vm-a");
+    let spec_a = a.primary_spec(&[], false);
+    a.new_primary(&spec_a).await;
+    a.sql(
+        "CREATE TABLE t (id int PRIMARY KEY, note text); \
+           INSERT INTO t SELECT g, repeat('y', 500) FROM generate_series(1, 20000) g",
+    )
+    .await;
+    let mut out = Failing { left: 1 << 20 };
+    let err =
+        tokio::task::block_in_place(|| a.driver.backup(&spec_a, &mut out, &|_, _| {})).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("writing the backup stream failed") && msg.contains("the target is gone"),
+        "{msg}"
+    );
+    let socket = a.driver.socket_dir();
+    let tools: Vec<i32> = processes_mentioning(&socket.to_string_lossy())
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "pg_basebackup")
+        })
+        .collect();
+    assert!(tools.is_empty(), "pg_basebackup left running: {tools:?}");
+    // Its walsender goes too, and the next backup works.
+    let client = a.client("postgres").await;
+    let began = Instant::now();
+    loop {
+        let n: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if n == 0 {
+            break;
+        }
+        assert!(began.elapsed() < WAIT, "the backup's walsender stays");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (stream, _) = a.backup(&spec_a);
+    assert!(stream.len() > 1 << 20);
+}
