@@ -1161,23 +1161,27 @@ impl S3 {
     }
 
     async fn delete(&self, objects: &[ObjectInfo]) -> Result<u64> {
-        let results: Vec<Result<()>> = futures::stream::iter(objects)
-            .map(|o| async move {
-                let key = self.key(&o.name)?;
-                match self.ctl.delete(&key).await {
-                    Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-                    Err(e) => Err(self.error("deleting", &o.name, &e)),
-                }
-            })
-            .buffer_unordered(8)
-            .collect()
-            .await;
+        // Eight at a time. (A plain loop over batches rather than
+        // `buffer_unordered` over a borrowing closure, whose future the
+        // compiler cannot prove Send for every lifetime inside a spawned
+        // task.)
         let mut deleted = 0;
-        for r in results {
-            r?;
-            deleted += 1;
+        for batch in objects.chunks(8) {
+            let pending: Vec<_> = batch.iter().map(|o| self.delete_one(&o.name)).collect();
+            for r in futures::future::join_all(pending).await {
+                r?;
+                deleted += 1;
+            }
         }
         Ok(deleted)
+    }
+
+    async fn delete_one(&self, name: &str) -> Result<()> {
+        let key = self.key(name)?;
+        match self.ctl.delete(&key).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.error("deleting", name, &e)),
+        }
     }
 }
 
