@@ -36,6 +36,7 @@ pub mod faults;
 pub mod ha;
 pub mod haproxy;
 pub mod procstat;
+pub mod s3;
 pub mod stress;
 pub mod writer;
 
