@@ -86,7 +86,7 @@ use super::os::{
     self, log_tail, mkdir_owned, remove_dir, remove_file, run, tail, write_owned, write_readable,
     Account, TAIL_LINES,
 };
-use super::{Driver, EngineSpec, Health, ProgressFn, Secrets, Upstream};
+use super::{BackupInfo, Driver, EngineSpec, Health, ProgressFn, Recovery, Secrets, Upstream};
 use anyhow::{anyhow, bail, Context, Result};
 use corral_proto::pb;
 use mysql_async::prelude::*;
@@ -95,6 +95,10 @@ use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
+
+#[path = "mariadb_backup.rs"]
+mod backup;
+pub use backup::{position_from_binlog_info, position_from_output};
 
 /// The account replicas stream as (and clone with).
 pub const REPLICATION_USER: &str = "corral_replication";
@@ -2431,6 +2435,30 @@ impl Driver for Mariadb {
 
     fn log_path(&self) -> PathBuf {
         self.base.join("server.log")
+    }
+
+    /// `mariadb-backup --stream=xbstream` of the running server (see
+    /// [`backup`]).
+    fn backup(
+        &self,
+        _spec: &EngineSpec,
+        out: &mut dyn std::io::Write,
+        progress: ProgressFn<'_>,
+    ) -> Result<BackupInfo> {
+        self.backup_stream(out, progress)
+    }
+
+    fn restore(
+        &self,
+        spec: &EngineSpec,
+        input: &mut dyn std::io::Read,
+        recovery: Option<&Recovery>,
+    ) -> Result<()> {
+        self.restore_stream(spec, input, recovery)
+    }
+
+    fn verify(&self, input: &mut dyn std::io::Read, scratch: &Path) -> Result<String> {
+        self.verify_stream(input, scratch)
     }
 }
 
