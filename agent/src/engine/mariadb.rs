@@ -21,7 +21,9 @@
 //! - `server.log`: the server's error log (its stdout and stderr).
 //! - Scratch, never left behind by a finished step: `data.initdb/`,
 //!   `data.clone/` (a clone being loaded), `data.old/` (the previous data
-//!   while a clone moves in), `temp.cnf` (a temporary server's settings).
+//!   while a clone moves in), `temp.cnf` (a temporary server's settings),
+//!   `data.restore/` and `restore.cnf` (a backup being restored, see
+//!   mariadb_backup.rs), `tmp/backup-*` (mariadb-backup's work directory).
 //!
 //! The server runs as the `mysql` user, never root. The agent administers it
 //! as `root@localhost` over the socket, authenticated by `unix_socket` (the
@@ -2414,6 +2416,7 @@ impl Driver for Mariadb {
             self.clone_dir(),
             self.initdb_dir(),
             self.old_dir(),
+            self.base.join("data.restore"),
             self.run_dir(),
             self.tmp_dir(),
         ] {
@@ -2422,6 +2425,7 @@ impl Driver for Mariadb {
         for file in [
             self.config_path(),
             self.temp_config_path(),
+            self.base.join("restore.cnf"),
             self.fence_path(),
         ] {
             remove_file(&file)?;
@@ -2438,7 +2442,7 @@ impl Driver for Mariadb {
     }
 
     /// `mariadb-backup --stream=xbstream` of the running server (see
-    /// [`backup`]).
+    /// mariadb_backup.rs).
     fn backup(
         &self,
         _spec: &EngineSpec,

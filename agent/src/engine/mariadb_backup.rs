@@ -418,6 +418,25 @@ impl TempServer {
     }
 }
 
+/// Kills the temporary server of an interrupted restore (an agent that
+/// crashed half-way), named by its pid file.
+fn stop_stale(pid_file: &Path) {
+    if let Some(pid) = os::running_pid(pid_file, "mariadbd") {
+        tracing::warn!(
+            pid,
+            "killing the temporary server of an interrupted restore"
+        );
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let began = Instant::now();
+        while crate::engine::process_alive(pid) && began.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
 /// Whether `dir` is missing or holds nothing.
 fn absent_or_empty(dir: &Path) -> Result<bool> {
     match std::fs::read_dir(dir) {
@@ -448,9 +467,11 @@ impl Mariadb {
         progress(0, total);
         // mariadb-backup's own scratch (the stream needs none on disk, but
         // it wants a target directory it may write to).
-        let work = self
-            .tmp_dir()
-            .join(format!("backup-{}", std::process::id()));
+        let work = self.tmp_dir().join(format!(
+            "backup-{}-{}",
+            std::process::id(),
+            corral_proto::now_ms()
+        ));
         remove_dir(&work)?;
         mkdir_owned(&work, 0o700, &account()?)?;
         let mut cmd = command("mariadb-backup", Some(ids), &work)?;
@@ -557,6 +578,11 @@ impl Mariadb {
                 self.data_dir().display()
             );
         }
+        let (socket, pid) = (
+            self.run_dir().join("restore.sock"),
+            self.run_dir().join("restore.pid"),
+        );
+        stop_stale(&pid);
         let scratch = self.restore_dir();
         remove_dir(&scratch)?;
         mkdir_owned(&scratch, 0o700, &acct)?;
@@ -571,10 +597,6 @@ impl Mariadb {
                     os::remove_file(&e.path())?;
                 }
             }
-            let (socket, pid) = (
-                self.run_dir().join("restore.sock"),
-                self.run_dir().join("restore.pid"),
-            );
             let temp = TempServer::start(
                 self,
                 &TempPaths {

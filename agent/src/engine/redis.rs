@@ -23,6 +23,9 @@
 //! - `server.log`: the server's stdout and stderr (its log).
 //! - While cloning: `clone.conf` and `data.clone/` (the temporary server),
 //!   and `data.old/` (the previous data, until the new copy is complete).
+//! - While restoring a backup: `restore.conf` and `data.restore/` (the
+//!   temporary server turning the RDB into the append-only file; see
+//!   redis_backup.rs).
 //!
 //! # Users
 //!
@@ -1543,6 +1546,7 @@ impl Driver for Redis {
             self.data_dir(),
             self.clone_dir(),
             self.base.join("data.old"),
+            self.base.join("data.restore"),
             self.run_dir(),
         ] {
             remove_dir(&dir)?;
@@ -1550,6 +1554,7 @@ impl Driver for Redis {
         for file in [
             self.conf_path(),
             self.clone_conf_path(),
+            self.base.join("restore.conf"),
             self.upstream_path(),
             self.fence_path(),
             self.stopped_path(),
@@ -1568,7 +1573,7 @@ impl Driver for Redis {
         self.base.join("server.log")
     }
 
-    /// An RDB snapshot streamed from the running server (see [`backup`]).
+    /// An RDB snapshot streamed from the running server (see redis_backup.rs).
     fn backup(
         &self,
         _spec: &EngineSpec,

@@ -479,7 +479,9 @@ impl Redis {
              save \"\"\n\
              logfile \"\"\n\
              daemonize no\n\
-             supervised no\n",
+             supervised no\n\
+             # The config file in the process title: how a stale one is recognised.\n\
+             proc-title-template \"{{title}} {{listen-addr}} {{server-mode}} {{config-file}}\"\n",
             q(socket),
             q(pidfile),
             q(dir)
@@ -576,14 +578,31 @@ impl Redis {
                 self.data_dir().display()
             );
         }
+        let conf = self.base.join("restore.conf");
+        let (socket, pidfile) = (
+            self.run_dir().join("restore.sock"),
+            self.run_dir().join("restore.pid"),
+        );
+        // The temporary server of an interrupted restore (a crashed agent).
+        if let Some(pid) = self.running_on(&pidfile, &conf) {
+            tracing::warn!(
+                pid,
+                "killing the temporary server of an interrupted restore"
+            );
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let began = Instant::now();
+            while crate::engine::process_alive(pid) && began.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         let scratch = self.restore_dir();
         remove_dir(&scratch)?;
         mkdir_owned(&scratch, 0o700, &acct)?;
-        let conf = self.base.join("restore.conf");
         let restored = (|| {
             let size = write_rdb(input, &scratch.join("dump.rdb"), ids)?;
-            let socket = self.run_dir().join("restore.sock");
-            let pidfile = self.run_dir().join("restore.pid");
             let mut server = self.start_temp(
                 &conf,
                 &Self::temp_conf(&scratch, &socket, &pidfile),
