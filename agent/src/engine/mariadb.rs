@@ -21,7 +21,9 @@
 //! - `server.log`: the server's error log (its stdout and stderr).
 //! - Scratch, never left behind by a finished step: `data.initdb/`,
 //!   `data.clone/` (a clone being loaded), `data.old/` (the previous data
-//!   while a clone moves in), `temp.cnf` (a temporary server's settings).
+//!   while a clone moves in), `temp.cnf` (a temporary server's settings),
+//!   `data.restore/` and `restore.cnf` (a backup being restored, see
+//!   mariadb_backup.rs), `tmp/backup-*` (mariadb-backup's work directory).
 //!
 //! The server runs as the `mysql` user, never root. The agent administers it
 //! as `root@localhost` over the socket, authenticated by `unix_socket` (the
@@ -86,7 +88,7 @@ use super::os::{
     self, log_tail, mkdir_owned, remove_dir, remove_file, run, tail, write_owned, write_readable,
     Account, TAIL_LINES,
 };
-use super::{Driver, EngineSpec, Health, ProgressFn, Secrets, Upstream};
+use super::{BackupInfo, Driver, EngineSpec, Health, ProgressFn, Recovery, Secrets, Upstream};
 use anyhow::{anyhow, bail, Context, Result};
 use corral_proto::pb;
 use mysql_async::prelude::*;
@@ -95,6 +97,10 @@ use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
+
+#[path = "mariadb_backup.rs"]
+mod backup;
+pub use backup::{position_from_binlog_info, position_from_output};
 
 /// The account replicas stream as (and clone with).
 pub const REPLICATION_USER: &str = "corral_replication";
@@ -2410,6 +2416,7 @@ impl Driver for Mariadb {
             self.clone_dir(),
             self.initdb_dir(),
             self.old_dir(),
+            self.base.join("data.restore"),
             self.run_dir(),
             self.tmp_dir(),
         ] {
@@ -2418,6 +2425,7 @@ impl Driver for Mariadb {
         for file in [
             self.config_path(),
             self.temp_config_path(),
+            self.base.join("restore.cnf"),
             self.fence_path(),
         ] {
             remove_file(&file)?;
@@ -2431,6 +2439,30 @@ impl Driver for Mariadb {
 
     fn log_path(&self) -> PathBuf {
         self.base.join("server.log")
+    }
+
+    /// `mariadb-backup --stream=xbstream` of the running server (see
+    /// mariadb_backup.rs).
+    fn backup(
+        &self,
+        _spec: &EngineSpec,
+        out: &mut dyn std::io::Write,
+        progress: ProgressFn<'_>,
+    ) -> Result<BackupInfo> {
+        self.backup_stream(out, progress)
+    }
+
+    fn restore(
+        &self,
+        spec: &EngineSpec,
+        input: &mut dyn std::io::Read,
+        recovery: Option<&Recovery>,
+    ) -> Result<()> {
+        self.restore_stream(spec, input, recovery)
+    }
+
+    fn verify(&self, input: &mut dyn std::io::Read, scratch: &Path) -> Result<String> {
+        self.verify_stream(input, scratch)
     }
 }
 

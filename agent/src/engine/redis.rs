@@ -23,6 +23,9 @@
 //! - `server.log`: the server's stdout and stderr (its log).
 //! - While cloning: `clone.conf` and `data.clone/` (the temporary server),
 //!   and `data.old/` (the previous data, until the new copy is complete).
+//! - While restoring a backup: `restore.conf` and `data.restore/` (the
+//!   temporary server turning the RDB into the append-only file; see
+//!   redis_backup.rs).
 //!
 //! # Users
 //!
@@ -92,7 +95,7 @@
 use super::os::{
     self, log_tail, mkdir_owned, remove_dir, remove_file, write_owned, Account, TAIL_LINES,
 };
-use super::{Driver, EngineSpec, Health, ProgressFn, Secrets, Upstream};
+use super::{BackupInfo, Driver, EngineSpec, Health, ProgressFn, Recovery, Secrets, Upstream};
 use ::redis::aio::MultiplexedConnection;
 use ::redis::{AsyncConnectionConfig, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo};
 use anyhow::{anyhow, bail, Context, Result};
@@ -100,6 +103,9 @@ use corral_proto::pb;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+#[path = "redis_backup.rs"]
+mod backup;
 
 /// The server binary. Valkey and KeyDB ship `valkey-server` and
 /// `keydb-server`, which take the same configuration and commands.
@@ -1540,6 +1546,7 @@ impl Driver for Redis {
             self.data_dir(),
             self.clone_dir(),
             self.base.join("data.old"),
+            self.base.join("data.restore"),
             self.run_dir(),
         ] {
             remove_dir(&dir)?;
@@ -1547,6 +1554,7 @@ impl Driver for Redis {
         for file in [
             self.conf_path(),
             self.clone_conf_path(),
+            self.base.join("restore.conf"),
             self.upstream_path(),
             self.fence_path(),
             self.stopped_path(),
@@ -1563,6 +1571,29 @@ impl Driver for Redis {
 
     fn log_path(&self) -> PathBuf {
         self.base.join("server.log")
+    }
+
+    /// An RDB snapshot streamed from the running server (see redis_backup.rs).
+    fn backup(
+        &self,
+        _spec: &EngineSpec,
+        out: &mut dyn std::io::Write,
+        progress: ProgressFn<'_>,
+    ) -> Result<BackupInfo> {
+        self.backup_stream(out, progress)
+    }
+
+    fn restore(
+        &self,
+        _spec: &EngineSpec,
+        input: &mut dyn std::io::Read,
+        recovery: Option<&Recovery>,
+    ) -> Result<()> {
+        self.restore_stream(input, recovery)
+    }
+
+    fn verify(&self, input: &mut dyn std::io::Read, scratch: &Path) -> Result<String> {
+        self.verify_stream(input, scratch)
     }
 }
 

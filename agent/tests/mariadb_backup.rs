@@ -1,0 +1,534 @@
+//! Backups of the MariaDB driver against real servers: a backup of a
+//! primary and of a replica, restored into a fresh node that the agent's
+//! usual steps (prepare, start, bootstrap) turn into a primary; verify; a
+//! truncated stream; a writer that fails mid-stream.
+//!
+//! Fixtures as in tests/mariadb.rs: each node has a state directory
+//! `/tmp/corral-mariadb-backup-test-<pid>-<n>` and a server on 127.0.0.1 at
+//! a free port, killed (and the directory removed) when the node is
+//! dropped, panic or not; a killed run's leftovers are swept by the next.
+//! Needs root (servers run as the `mysql` user) and MariaDB with
+//! mariadb-backup installed.
+
+use corral_agent::engine::mariadb::Mariadb;
+use corral_agent::engine::{Driver, EngineSpec, Secrets, Upstream};
+use corral_proto::pb;
+use mysql_async::prelude::*;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+const PREFIX: &str = "corral-mariadb-backup-test-";
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Quotes and backslashes: the driver must quote them right everywhere
+/// (CHANGE MASTER, mariadb-dump's environment, the accounts).
+fn secrets() -> Secrets {
+    Secrets {
+        admin_password: "adm'in\\pass-0123456789".into(),
+        replication_password: "re'pl\\pass-0123456789".into(),
+    }
+}
+
+/// Kills the mariadbd processes whose pid files are under `dir`.
+fn kill_servers(dir: &Path) {
+    for name in ["mariadbd.pid", "temp.pid", "restore.pid"] {
+        let path = dir.join("mariadb/run").join(name);
+        let Some(pid) = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // Only a server of this directory: a stale pid may be anybody's now.
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&*dir.to_string_lossy()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let began = Instant::now();
+            while Path::new(&format!("/proc/{pid}/comm")).exists()
+                && began.elapsed() < Duration::from_secs(5)
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+/// Removes the directories (and servers) of test runs that are gone.
+fn sweep_stale() {
+    let Ok(entries) = std::fs::read_dir("/tmp") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            continue;
+        };
+        let Some(Ok(pid)) = rest.split('-').next().map(str::parse::<u32>) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            kill_servers(&e.path());
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One node: a driver, its state directory, its port, its running server.
+struct Node {
+    id: String,
+    dir: PathBuf,
+    port: u16,
+    driver: Mariadb,
+    child: Option<tokio::process::Child>,
+    /// The admin password clients use.
+    password: String,
+}
+
+impl Node {
+    fn new(id: &str) -> Node {
+        static SWEEP: Once = Once::new();
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        SWEEP.call_once(sweep_stale);
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let dir = PathBuf::from(format!("/tmp/{PREFIX}{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Node {
+            id: id.into(),
+            driver: Mariadb::new(&dir, id),
+            dir,
+            port: free_port(),
+            child: None,
+            password: secrets().admin_password,
+        }
+    }
+
+    fn base(&self) -> PathBuf {
+        self.dir.join("mariadb")
+    }
+
+    fn upstream(&self) -> Upstream {
+        Upstream {
+            node: self.id.clone(),
+            host: "127.0.0.1".into(),
+            port: self.port,
+        }
+    }
+
+    fn primary_spec(&self, replicas: &[&str], sync: bool) -> EngineSpec {
+        EngineSpec {
+            cluster: "orders".into(),
+            engine: "mariadb".into(),
+            role: "primary".into(),
+            port: self.port,
+            admin_user: "admin".into(),
+            database: "app".into(),
+            replicas: replicas.iter().map(|r| r.to_string()).collect(),
+            sync,
+            upstream: None,
+            wal_archive: false,
+        }
+    }
+
+    fn replica_spec(&self, upstream: &Node) -> EngineSpec {
+        EngineSpec {
+            role: "replica".into(),
+            replicas: vec![],
+            sync: false,
+            upstream: Some(upstream.upstream()),
+            ..self.primary_spec(&[], false)
+        }
+    }
+
+    fn log(&self) -> String {
+        let text = std::fs::read_to_string(self.driver.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(25)..].join("\n")
+    }
+
+    /// Starts the server and waits until a health check passes.
+    async fn start(&mut self, spec: &EngineSpec) -> pb::Replication {
+        assert!(
+            self.driver.find_running().is_none(),
+            "{} already runs",
+            self.id
+        );
+        self.child = Some(self.driver.start(spec).await.unwrap());
+        self.wait(spec, "answer health checks", |_| true).await
+    }
+
+    /// Polls health checks (which converge replication) until `ok`.
+    async fn wait(
+        &self,
+        spec: &EngineSpec,
+        what: &str,
+        ok: impl Fn(&pb::Replication) -> bool,
+    ) -> pb::Replication {
+        let began = Instant::now();
+        loop {
+            let last = match self.driver.check(spec).await {
+                Ok(h) if ok(&h.replication) => {
+                    assert!(h.version.contains("MariaDB"), "version {}", h.version);
+                    return h.replication;
+                }
+                Ok(h) => format!("{:?}", h.replication),
+                Err(e) => format!("{e:#}"),
+            };
+            if began.elapsed() > WAIT {
+                panic!(
+                    "{} did not {what} within {} s; last: {last}\nserver log:\n{}",
+                    self.id,
+                    WAIT.as_secs(),
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// A client session over TCP as the cluster's admin user.
+    async fn client(&self) -> mysql_async::Conn {
+        let opts = mysql_async::OptsBuilder::default()
+            .ip_or_hostname("127.0.0.1")
+            .tcp_port(self.port)
+            .user(Some("admin"))
+            .pass(Some(self.password.clone()))
+            .db_name(Some("app"))
+            .prefer_socket(false);
+        mysql_async::Conn::new(opts)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {} as admin: {e}", self.id))
+    }
+
+    async fn insert(&self, id: u32, note: &str) -> Result<(), mysql_async::Error> {
+        let mut c = self.client().await;
+        let r = c
+            .exec_drop("INSERT INTO t (id, note) VALUES (?, ?)", (id, note))
+            .await;
+        let _ = c.disconnect().await;
+        r
+    }
+
+    async fn has_row(&self, id: u32) -> bool {
+        let mut c = self.client().await;
+        let n: Option<i64> = c
+            .exec_first("SELECT COUNT(*) FROM t WHERE id = ?", (id,))
+            .await
+            .unwrap();
+        let _ = c.disconnect().await;
+        n == Some(1)
+    }
+
+    /// Waits until row `id` is there.
+    async fn wait_row(&self, id: u32) {
+        let began = Instant::now();
+        while !self.has_row(id).await {
+            if began.elapsed() > WAIT {
+                panic!(
+                    "row {id} did not reach {} within {} s\nserver log:\n{}",
+                    self.id,
+                    WAIT.as_secs(),
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        kill_servers(&self.dir);
+        if std::env::var_os("CORRAL_TEST_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Secrets of another cluster: what a restored node is bootstrapped with.
+fn other_secrets() -> Secrets {
+    Secrets {
+        admin_password: "another-admin-pass-0123456789".into(),
+        replication_password: "another-repl-pass-0123456789".into(),
+    }
+}
+
+/// A new cluster's first node, running as a primary with `t` created.
+async fn new_primary(id: &str) -> Node {
+    let mut n = Node::new(id);
+    n.driver.save_secrets(&secrets()).unwrap();
+    n.driver.initialize().await.unwrap();
+    let spec = n.primary_spec(&[], false);
+    n.driver.prepare(&spec).await.unwrap();
+    n.start(&spec).await;
+    n.driver.bootstrap(&spec, &secrets()).await.unwrap();
+    n.driver.converge_slots(&spec).await.unwrap();
+    let mut c = n.client().await;
+    c.query_drop("CREATE TABLE t (id INT PRIMARY KEY, note VARCHAR(100))")
+        .await
+        .unwrap();
+    c.query_drop("CREATE DATABASE extra").await.unwrap();
+    c.query_drop("CREATE TABLE extra.u (k VARCHAR(10) PRIMARY KEY)")
+        .await
+        .unwrap();
+    c.query_drop("INSERT INTO extra.u VALUES ('x'), ('y')")
+        .await
+        .unwrap();
+    let _ = c.disconnect().await;
+    n
+}
+
+/// The rows of `t`, in order.
+async fn rows(n: &Node) -> Vec<(u32, String)> {
+    let mut c = n.client().await;
+    let r = c.query("SELECT id, note FROM t ORDER BY id").await.unwrap();
+    let _ = c.disconnect().await;
+    r
+}
+
+/// Backs `n` up into memory.
+fn backup(n: &Node, spec: &EngineSpec) -> (Vec<u8>, corral_agent::engine::BackupInfo) {
+    let mut buf = Vec::new();
+    let reports = std::sync::Mutex::new(Vec::new());
+    let began = Instant::now();
+    let info = tokio::task::block_in_place(|| {
+        n.driver.backup(spec, &mut buf, &|done, total| {
+            reports.lock().unwrap().push((done, total))
+        })
+    })
+    .unwrap_or_else(|e| panic!("backup of {}: {e:#}", n.id));
+    eprintln!(
+        "backup of {}: {} bytes in {} ms, {info:?}",
+        n.id,
+        buf.len(),
+        began.elapsed().as_millis()
+    );
+    let reports = reports.into_inner().unwrap();
+    assert_eq!(
+        reports.last().copied(),
+        Some((buf.len() as u64, buf.len() as u64)),
+        "the last progress report is the whole stream"
+    );
+    (buf, info)
+}
+
+/// Restores `stream` into the fresh node `n` and runs it as the agent runs
+/// a primary (configure: prepare, start, bootstrap, converge), with the new
+/// cluster's secrets. Returns its spec and its position once started.
+async fn restore_as_primary(n: &mut Node, stream: &[u8]) -> (EngineSpec, u64) {
+    let secrets = other_secrets();
+    n.password = secrets.admin_password.clone();
+    n.driver.save_secrets(&secrets).unwrap();
+    assert!(!n.driver.has_data());
+    let spec = n.primary_spec(&[], false);
+    let began = Instant::now();
+    tokio::task::block_in_place(|| n.driver.restore(&spec, &mut &stream[..], None))
+        .unwrap_or_else(|e| panic!("restore into {}: {e:#}", n.id));
+    eprintln!("restore into {}: {} ms", n.id, began.elapsed().as_millis());
+    assert!(n.driver.has_data());
+    assert!(!n.driver.data_is_standby().unwrap());
+    assert!(!n.base().join("data.restore").exists());
+    n.driver.prepare(&spec).await.unwrap();
+    let r = n.start(&spec).await;
+    assert!(!r.in_recovery, "the restored node follows somebody: {r:?}");
+    n.driver.bootstrap(&spec, &secrets).await.unwrap();
+    n.driver.converge_slots(&spec).await.unwrap();
+    (spec, r.lsn)
+}
+
+/// Whether a mariadb-backup process of `dir` is alive.
+fn backup_tool_running(dir: &Path) -> bool {
+    std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+        let p = e.path();
+        let comm = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
+        let cmdline = std::fs::read(p.join("cmdline")).unwrap_or_default();
+        comm.trim() == "mariadb-backup"
+            && String::from_utf8_lossy(&cmdline).contains(&*dir.to_string_lossy())
+    })
+}
+
+/// A writer that fails once it has taken `limit` bytes.
+struct FailingWriter {
+    taken: usize,
+    limit: usize,
+}
+
+impl std::io::Write for FailingWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.taken >= self.limit {
+            return Err(std::io::Error::other("the target went away"));
+        }
+        let n = buf.len().min(self.limit - self.taken);
+        self.taken += n;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A primary's backup restores exactly what it held then, as a writable
+/// primary of the new cluster; verify counts it; a truncated stream and a
+/// failing writer are errors that leave nothing running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_backup_restores_verifies_and_fails_cleanly() {
+    let a = new_primary("vm-a").await;
+    let a_spec = a.primary_spec(&[], false);
+    for id in 1..=3 {
+        a.insert(id, "before the backup").await.unwrap();
+    }
+    let at_backup = a.wait(&a_spec, "report its position", |_| true).await.lsn;
+    let expected = rows(&a).await;
+    let (stream, info) = backup(&a, &a_spec);
+    assert!(info.version.starts_with("10."), "{info:?}");
+    assert_eq!(
+        corral_agent::engine::mariadb::domain0_seq(&info.position),
+        at_backup,
+        "the backup's position is the primary's last transaction: {info:?}"
+    );
+    assert!(info.position_time_ms > 0);
+    a.insert(4, "after the backup").await.unwrap();
+
+    // Restored: exactly the data at backup time, a primary, writable.
+    let mut b = Node::new("vm-b");
+    let (b_spec, restored_at) = restore_as_primary(&mut b, &stream).await;
+    assert_eq!(
+        restored_at, at_backup,
+        "the restored binary log starts at the backup"
+    );
+    assert_eq!(rows(&b).await, expected);
+    assert!(!b.has_row(4).await, "a write after the backup was restored");
+    b.insert(5, "on the restored primary").await.unwrap();
+    assert!(b.has_row(5).await);
+    let r = b.wait(&b_spec, "report its position", |_| true).await;
+    assert!(!r.in_recovery);
+    assert!(
+        r.lsn > at_backup,
+        "the restored primary's transactions continue the backup's sequence"
+    );
+    // The old cluster's admin password no longer works there.
+    let old = mysql_async::OptsBuilder::default()
+        .ip_or_hostname("127.0.0.1")
+        .tcp_port(b.port)
+        .user(Some("admin"))
+        .pass(Some(secrets().admin_password))
+        .prefer_socket(false);
+    assert!(mysql_async::Conn::new(old).await.is_err());
+
+    // Verify: the counts of the backup (app and extra; t and u).
+    let scratch = a.dir.join("verify");
+    let began = Instant::now();
+    let summary =
+        tokio::task::block_in_place(|| a.driver.verify(&mut &stream[..], &scratch)).unwrap();
+    eprintln!("verify: {summary} ({} ms)", began.elapsed().as_millis());
+    assert!(
+        summary.starts_with("MariaDB 10.") && summary.ends_with(": 2 databases, 2 tables"),
+        "{summary}"
+    );
+    assert!(
+        !scratch.join("mariadbd.pid").exists() || {
+            let pid = std::fs::read_to_string(scratch.join("mariadbd.pid")).unwrap();
+            !Path::new(&format!("/proc/{}", pid.trim())).exists()
+        }
+    );
+    // The node's own server was not touched.
+    a.insert(6, "after verify").await.unwrap();
+
+    // A truncated stream: a clear error.
+    let scratch = a.dir.join("verify-truncated");
+    let err =
+        tokio::task::block_in_place(|| a.driver.verify(&mut &stream[..stream.len() / 2], &scratch))
+            .expect_err("a truncated stream verified");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("cut short") || msg.contains("not a valid mariadb-backup stream"),
+        "{msg}"
+    );
+    eprintln!("verify of a truncated stream: {msg}");
+
+    // A writer that fails mid-stream: an error, and no mariadb-backup left.
+    let mut w = FailingWriter {
+        taken: 0,
+        limit: 100_000,
+    };
+    let err = tokio::task::block_in_place(|| a.driver.backup(&a_spec, &mut w, &|_, _| {}))
+        .expect_err("a backup into a failing writer succeeded");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("writing the backup stream") && msg.contains("the target went away"),
+        "{msg}"
+    );
+    eprintln!("backup into a failing writer: {msg}");
+    assert!(
+        !backup_tool_running(&a.dir),
+        "mariadb-backup was left running"
+    );
+    // And the server is fine.
+    a.insert(7, "after the failed backup").await.unwrap();
+}
+
+/// A replica's backup restores as a primary that follows nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_backup_restores_as_a_primary() {
+    let a = new_primary("vm-a").await;
+    for id in 1..=3 {
+        a.insert(id, "before the clone").await.unwrap();
+    }
+    let mut b = Node::new("vm-b");
+    b.driver.save_secrets(&secrets()).unwrap();
+    let b_spec = b.replica_spec(&a);
+    b.driver
+        .clone_data(&b_spec, &a.upstream(), &|_, _| {})
+        .await
+        .unwrap();
+    b.driver.prepare(&b_spec).await.unwrap();
+    b.start(&b_spec).await;
+    b.wait(&b_spec, "stream from A", |r| r.streaming).await;
+    a.insert(4, "streamed").await.unwrap();
+    b.wait_row(4).await;
+    let at_backup = b.wait(&b_spec, "report its position", |_| true).await.lsn;
+    let expected = rows(&b).await;
+
+    let (stream, info) = backup(&b, &b_spec);
+    assert_eq!(
+        corral_agent::engine::mariadb::domain0_seq(&info.position),
+        at_backup,
+        "{info:?}"
+    );
+    a.insert(5, "after the backup").await.unwrap();
+    b.wait_row(5).await;
+
+    let mut c = Node::new("vm-c");
+    let (c_spec, restored_at) = restore_as_primary(&mut c, &stream).await;
+    assert_eq!(
+        restored_at, at_backup,
+        "the restored binary log starts at the backup"
+    );
+    assert_eq!(rows(&c).await, expected);
+    assert!(!c.has_row(5).await, "a write after the backup was restored");
+    c.insert(6, "on the restored primary").await.unwrap();
+    // It does not follow A: A's next write does not reach it.
+    a.insert(7, "only on A").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!c.has_row(7).await, "the restored node replicates from A");
+    let r = c.wait(&c_spec, "report as a primary", |_| true).await;
+    assert!(
+        !r.in_recovery && !r.streaming && r.upstream_host.is_empty(),
+        "{r:?}"
+    );
+    assert!(r.lsn > at_backup);
+}

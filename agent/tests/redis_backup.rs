@@ -1,0 +1,691 @@
+//! Backups of the Redis driver against real `redis-server` processes: a
+//! backup of a primary and of a replica, restored into a fresh node that the
+//! agent's usual steps (prepare, start, bootstrap) turn into a primary,
+//! surviving a restart there (the driver runs with the append-only file);
+//! verify; a truncated stream; a writer that fails mid-stream.
+//!
+//! Fixtures as in tests/redis.rs: state under
+//! `/tmp/corral-redis-backup-test-<pid>-<n>`, servers killed and directories
+//! removed at the end (also on a panic; a killed run's leftovers are swept
+//! by the next). Needs root (the servers run as the `redis` user).
+
+use corral_agent::engine::redis::Redis;
+use corral_agent::engine::{BackupInfo, Driver, EngineSpec, Health, Secrets, Upstream};
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// With a space, quotes and a backslash: redis.conf must quote it right.
+const ADMIN_PASSWORD: &str = "admin pass \"quoted\" \\ 0123456789";
+const REPLICATION_PASSWORD: &str = "replication-pass-0123456789";
+const DIR_PREFIX: &str = "corral-redis-backup-test-";
+
+/// Retries `$body` (an expression yielding `Result<T, String>`, awaited
+/// inside) every 20 ms until Ok, panicking with the last error after
+/// `$secs` seconds.
+macro_rules! eventually {
+    ($what:expr, $secs:expr, $body:expr) => {{
+        let deadline = Instant::now() + Duration::from_secs($secs);
+        loop {
+            let r: Result<_, String> = async { $body }.await;
+            match r {
+                Ok(v) => break v,
+                Err(e) if Instant::now() > deadline => {
+                    panic!("{} did not happen within {}s: {}", $what, $secs, e)
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }};
+}
+
+/// The state directories of this run: servers killed and directories
+/// removed when dropped, whether the test passed or panicked.
+struct Dirs(Vec<PathBuf>);
+
+impl Drop for Dirs {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            kill_servers_in(d);
+            // CORRAL_TEST_KEEP=1 keeps them (the servers' logs) to look at.
+            if std::env::var_os("CORRAL_TEST_KEEP").is_none() {
+                let _ = std::fs::remove_dir_all(d);
+            }
+        }
+    }
+}
+
+/// SIGKILLs any redis-server whose pid file lies under `dir`.
+fn kill_servers_in(dir: &Path) {
+    for name in ["redis.pid", "clone.pid", "restore.pid"] {
+        let pidfile = dir.join("redis/run").join(name);
+        let Some(pid) = std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() == "redis-server" {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// Removes the directories (and servers) of earlier runs whose process is gone.
+fn sweep_stale() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(rest) = name.strip_prefix(DIR_PREFIX) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            kill_servers_in(&e.path());
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+fn free_port(taken: &[u16]) -> u16 {
+    loop {
+        let l = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        let p = l.local_addr().unwrap().port();
+        if !taken.contains(&p) {
+            return p;
+        }
+    }
+}
+
+struct Node {
+    id: &'static str,
+    dir: PathBuf,
+    port: u16,
+    driver: Redis,
+    /// The server we started (reaped when it stops).
+    child: Option<tokio::process::Child>,
+}
+
+impl Node {
+    fn new(id: &'static str, dir: PathBuf, port: u16) -> Node {
+        std::fs::create_dir_all(&dir).unwrap();
+        Node {
+            id,
+            driver: Redis::new(&dir, id),
+            dir,
+            port,
+            child: None,
+        }
+    }
+
+    fn base(&self) -> PathBuf {
+        self.dir.join("redis")
+    }
+
+    fn upstream(&self) -> Upstream {
+        Upstream {
+            node: self.id.into(),
+            host: "127.0.0.1".into(),
+            port: self.port,
+        }
+    }
+
+    fn primary(&self, sync: bool, replicas: &[&str]) -> EngineSpec {
+        EngineSpec {
+            cluster: "cache".into(),
+            engine: "redis".into(),
+            role: "primary".into(),
+            port: self.port,
+            admin_user: "admin".into(),
+            database: "defaultdb".into(),
+            replicas: replicas.iter().map(|r| r.to_string()).collect(),
+            sync,
+            upstream: None,
+            wal_archive: false,
+        }
+    }
+
+    fn replica_of(&self, up: &Node) -> EngineSpec {
+        EngineSpec {
+            role: "replica".into(),
+            replicas: vec![],
+            sync: false,
+            upstream: Some(up.upstream()),
+            ..self.primary(false, &[])
+        }
+    }
+
+    fn secrets() -> Secrets {
+        Secrets {
+            admin_password: ADMIN_PASSWORD.into(),
+            replication_password: REPLICATION_PASSWORD.into(),
+        }
+    }
+
+    async fn start(&mut self, spec: &EngineSpec) {
+        assert!(
+            self.driver.find_running().is_none(),
+            "{} already runs",
+            self.id
+        );
+        self.child = Some(self.driver.start(spec).await.unwrap());
+        eventually!(format!("{} answering", self.id), 20, {
+            self.driver
+                .check(spec)
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("{e:#}"))
+        });
+        assert!(
+            self.driver.find_running().is_some(),
+            "{} has no pid file",
+            self.id
+        );
+    }
+
+    /// Stops the server as the agent does; returns its stopped position.
+    async fn stop(&mut self) -> (u64, String) {
+        let pid = self
+            .driver
+            .find_running()
+            .unwrap_or_else(|| panic!("{} is not running", self.id));
+        self.driver.stop(pid).await.unwrap();
+        assert!(self.driver.find_running().is_none());
+        if let Some(mut c) = self.child.take() {
+            let status = c.wait().await.unwrap();
+            assert!(status.success(), "{} exited with {status}", self.id);
+        }
+        self.driver.stopped_position().await.unwrap()
+    }
+
+    async fn health(&self, spec: &EngineSpec) -> Result<Health, String> {
+        self.driver.check(spec).await.map_err(|e| format!("{e:#}"))
+    }
+
+    /// A TCP client session, as the admin user.
+    async fn admin(&self) -> MultiplexedConnection {
+        connect(self.port, Some("admin"), Some(ADMIN_PASSWORD))
+            .await
+            .unwrap()
+    }
+}
+
+async fn connect(
+    port: u16,
+    user: Option<&str>,
+    password: Option<&str>,
+) -> redis::RedisResult<MultiplexedConnection> {
+    let mut settings = RedisConnectionInfo::default();
+    if let Some(u) = user {
+        settings = settings.set_username(u);
+    }
+    if let Some(p) = password {
+        settings = settings.set_password(p);
+    }
+    let info = ConnectionAddr::Tcp("127.0.0.1".into(), port)
+        .into_connection_info()?
+        .set_redis_settings(settings);
+    redis::Client::open(info)?
+        .get_multiplexed_async_connection_with_config(
+            &AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(5)))
+                .set_response_timeout(Some(Duration::from_secs(5))),
+        )
+        .await
+}
+
+async fn set(c: &mut MultiplexedConnection, k: &str, v: &str) -> Result<(), String> {
+    redis::cmd("SET")
+        .arg(k)
+        .arg(v)
+        .query_async::<()>(c)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn get(c: &mut MultiplexedConnection, k: &str) -> Result<Option<String>, String> {
+    redis::cmd("GET")
+        .arg(k)
+        .query_async::<Option<String>>(c)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Waits until `node` holds `k` = `v` (read over a fresh session each time).
+async fn wait_for_key(node: &Node, k: &str, v: &str) {
+    eventually!(format!("{k} on {}", node.id), 20, {
+        match connect(node.port, Some("admin"), Some(ADMIN_PASSWORD)).await {
+            Ok(mut c) => match get(&mut c, k).await {
+                Ok(Some(got)) if got == v => Ok(()),
+                other => Err(format!("{other:?}")),
+            },
+            Err(e) => Err(e.to_string()),
+        }
+    });
+}
+
+const OTHER_ADMIN_PASSWORD: &str = "another-admin-pass-0123456789";
+
+fn other_secrets() -> Secrets {
+    Secrets {
+        admin_password: OTHER_ADMIN_PASSWORD.into(),
+        replication_password: "another-repl-pass-0123456789".into(),
+    }
+}
+
+/// This run's state directories (`n` of them), cleaned up when dropped.
+fn dirs(n: usize) -> (Dirs, Vec<(PathBuf, u16)>) {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test starts redis-server as the redis user: run it as root"
+    );
+    sweep_stale();
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let mut taken = Vec::new();
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let d = std::env::temp_dir().join(format!("{DIR_PREFIX}{}-{k}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        let p = free_port(&taken);
+        taken.push(p);
+        out.push((d, p));
+    }
+    (Dirs(out.iter().map(|(d, _)| d.clone()).collect()), out)
+}
+
+/// A session on database `db` with `password` (as `admin`).
+async fn session(port: u16, db: i64, password: &str) -> redis::RedisResult<MultiplexedConnection> {
+    let info = ConnectionAddr::Tcp("127.0.0.1".into(), port)
+        .into_connection_info()?
+        .set_redis_settings(
+            RedisConnectionInfo::default()
+                .set_username("admin")
+                .set_password(password)
+                .set_db(db),
+        );
+    redis::Client::open(info)?
+        .get_multiplexed_async_connection_with_config(
+            &AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(5)))
+                .set_response_timeout(Some(Duration::from_secs(5))),
+        )
+        .await
+}
+
+/// A new cluster's first node, running as a primary.
+async fn new_primary(id: &'static str, dir: PathBuf, port: u16) -> Node {
+    let mut n = Node::new(id, dir, port);
+    let spec = n.primary(false, &[]);
+    n.driver.save_secrets(&Node::secrets()).unwrap();
+    n.driver.initialize().await.unwrap();
+    n.driver.prepare(&spec).await.unwrap();
+    n.start(&spec).await;
+    n.driver.bootstrap(&spec, &Node::secrets()).await.unwrap();
+    n.driver.converge_slots(&spec).await.unwrap();
+    n
+}
+
+/// Writes the data set the tests back up: 100 strings, a hash and a list
+/// in db 0, 5 strings in db 3.
+async fn write_data(n: &Node) {
+    let mut c = n.admin().await;
+    for i in 0..100 {
+        set(
+            &mut c,
+            &format!("k{i}"),
+            &format!("v{i}-{}", "x".repeat(100)),
+        )
+        .await
+        .unwrap();
+    }
+    redis::cmd("HSET")
+        .arg("h")
+        .arg("f1")
+        .arg("one")
+        .arg("f2")
+        .arg("two")
+        .query_async::<()>(&mut c)
+        .await
+        .unwrap();
+    redis::cmd("RPUSH")
+        .arg("l")
+        .arg("a")
+        .arg("b")
+        .arg("c")
+        .query_async::<()>(&mut c)
+        .await
+        .unwrap();
+    let mut c3 = session(n.port, 3, ADMIN_PASSWORD).await.unwrap();
+    for i in 0..5 {
+        set(&mut c3, &format!("three{i}"), "3").await.unwrap();
+    }
+}
+
+/// Checks that `n` (admin password `password`) holds exactly what
+/// [`write_data`] wrote.
+async fn check_data(n: &Node, password: &str) {
+    let mut c = session(n.port, 0, password).await.unwrap();
+    let size: u64 = redis::cmd("DBSIZE").query_async(&mut c).await.unwrap();
+    assert_eq!(size, 102, "keys in db 0 of {}", n.id);
+    for i in [0, 42, 99] {
+        assert_eq!(
+            get(&mut c, &format!("k{i}")).await.unwrap(),
+            Some(format!("v{i}-{}", "x".repeat(100)))
+        );
+    }
+    let h: Vec<String> = redis::cmd("HMGET")
+        .arg("h")
+        .arg("f1")
+        .arg("f2")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(h, ["one", "two"]);
+    let l: Vec<String> = redis::cmd("LRANGE")
+        .arg("l")
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(l, ["a", "b", "c"]);
+    let mut c3 = session(n.port, 3, password).await.unwrap();
+    let size: u64 = redis::cmd("DBSIZE").query_async(&mut c3).await.unwrap();
+    assert_eq!(size, 5, "keys in db 3 of {}", n.id);
+}
+
+/// Backs `n` up into memory.
+fn backup(n: &Node, spec: &EngineSpec) -> (Vec<u8>, BackupInfo) {
+    let mut buf = Vec::new();
+    let reports = std::sync::Mutex::new(Vec::new());
+    let began = Instant::now();
+    let info = tokio::task::block_in_place(|| {
+        n.driver.backup(spec, &mut buf, &|done, total| {
+            reports.lock().unwrap().push((done, total))
+        })
+    })
+    .unwrap_or_else(|e| panic!("backup of {}: {e:#}", n.id));
+    eprintln!(
+        "backup of {}: {} bytes in {} ms, {info:?}",
+        n.id,
+        buf.len(),
+        began.elapsed().as_millis()
+    );
+    assert!(buf.starts_with(b"REDIS"), "not an RDB");
+    let reports = reports.into_inner().unwrap();
+    assert_eq!(
+        reports.last().copied(),
+        Some((buf.len() as u64, buf.len() as u64)),
+        "the last progress report is the whole stream"
+    );
+    (buf, info)
+}
+
+/// Restores `stream` into the fresh node `n` and runs it as the agent runs
+/// a primary, with the new cluster's secrets.
+async fn restore_as_primary(n: &mut Node, stream: &[u8]) -> EngineSpec {
+    n.driver.save_secrets(&other_secrets()).unwrap();
+    assert!(!n.driver.has_data());
+    let spec = n.primary(false, &[]);
+    let began = Instant::now();
+    tokio::task::block_in_place(|| n.driver.restore(&spec, &mut &stream[..], None))
+        .unwrap_or_else(|e| panic!("restore into {}: {e:#}", n.id));
+    eprintln!("restore into {}: {} ms", n.id, began.elapsed().as_millis());
+    assert!(n.driver.has_data());
+    assert!(!n.driver.data_is_standby().unwrap());
+    assert!(!n.base().join("data.restore").exists());
+    assert!(n.base().join("data/appendonlydir").is_dir());
+    assert!(!n.base().join("data/dump.rdb").exists());
+    n.driver.prepare(&spec).await.unwrap();
+    n.start(&spec).await;
+    n.driver.bootstrap(&spec, &other_secrets()).await.unwrap();
+    n.driver.converge_slots(&spec).await.unwrap();
+    let h = n.health(&spec).await.unwrap();
+    assert!(!h.replication.in_recovery, "{:?}", h.replication);
+    spec
+}
+
+/// The pids of the children of `pid` (a server's forks).
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                == Some(pid)
+        })
+        .collect()
+}
+
+/// A writer that fails once it has taken `limit` bytes.
+struct FailingWriter {
+    taken: usize,
+    limit: usize,
+}
+
+impl std::io::Write for FailingWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.taken >= self.limit {
+            return Err(std::io::Error::other("the target went away"));
+        }
+        let n = buf.len().min(self.limit - self.taken);
+        self.taken += n;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A primary's backup restores exactly what it held then, as a writable
+/// primary that keeps it across a restart; verify counts it; a truncated
+/// stream and a failing writer are errors that leave nothing running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_backup_restores_verifies_and_fails_cleanly() {
+    let (_cleanup, d) = dirs(2);
+    let a = new_primary("node-a", d[0].0.clone(), d[0].1).await;
+    let a_spec = a.primary(false, &[]);
+    write_data(&a).await;
+    let (stream, info) = backup(&a, &a_spec);
+    assert!(
+        info.version.starts_with(|c: char| c.is_ascii_digit()),
+        "{info:?}"
+    );
+    info.position.parse::<u64>().expect("an offset");
+    assert!(info.position_time_ms > 0);
+    let mut ca = a.admin().await;
+    set(&mut ca, "late", "after the backup").await.unwrap();
+
+    // Restored: exactly the data at backup time, a primary, writable, and
+    // still there after a restart (from the append-only file).
+    let mut b = Node::new("node-b", d[1].0.clone(), d[1].1);
+    let b_spec = restore_as_primary(&mut b, &stream).await;
+    check_data(&b, OTHER_ADMIN_PASSWORD).await;
+    let mut cb = session(b.port, 0, OTHER_ADMIN_PASSWORD).await.unwrap();
+    assert_eq!(get(&mut cb, "late").await.unwrap(), None);
+    set(&mut cb, "new", "on the restored primary")
+        .await
+        .unwrap();
+    assert!(
+        session(b.port, 0, ADMIN_PASSWORD).await.is_err(),
+        "the old cluster's password works on the restored node"
+    );
+    b.stop().await;
+    b.start(&b_spec).await;
+    let mut cb = session(b.port, 0, OTHER_ADMIN_PASSWORD).await.unwrap();
+    assert_eq!(
+        get(&mut cb, "new").await.unwrap().as_deref(),
+        Some("on the restored primary")
+    );
+    redis::cmd("DEL")
+        .arg("new")
+        .query_async::<()>(&mut cb)
+        .await
+        .unwrap();
+    check_data(&b, OTHER_ADMIN_PASSWORD).await;
+
+    // Verify: the counts of the backup.
+    let scratch = a.dir.join("verify");
+    let began = Instant::now();
+    let summary =
+        tokio::task::block_in_place(|| a.driver.verify(&mut &stream[..], &scratch)).unwrap();
+    eprintln!("verify: {summary} ({} ms)", began.elapsed().as_millis());
+    assert!(
+        summary.ends_with("loaded the RDB: 107 keys (db0: 102, db3: 5)"),
+        "{summary}"
+    );
+    // The node's own server was not touched.
+    assert_eq!(
+        get(&mut ca, "late").await.unwrap().as_deref(),
+        Some("after the backup")
+    );
+
+    // A truncated stream: a clear error.
+    let err = tokio::task::block_in_place(|| {
+        a.driver.verify(
+            &mut &stream[..stream.len() - 100],
+            &a.dir.join("verify-cut"),
+        )
+    })
+    .expect_err("a truncated stream verified");
+    let msg = format!("{err:#}");
+    eprintln!("verify of a truncated stream: {msg}");
+    assert!(msg.contains("could not load the RDB"), "{msg}");
+    let err = tokio::task::block_in_place(|| {
+        a.driver
+            .verify(&mut &b"not an rdb"[..], &a.dir.join("verify-junk"))
+    })
+    .expect_err("junk verified");
+    assert!(format!("{err:#}").contains("not an RDB file"), "{err:#}");
+
+    // A writer that fails mid-stream (of a snapshot big enough to be
+    // still streaming then): an error; the server's transfer fork is gone
+    // soon after, and the server is fine.
+    // Incompressible values: the RDB compresses repetitive ones to nothing.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut pipe = redis::pipe();
+    for i in 0..10_000 {
+        let value: Vec<u8> = (0..2000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        pipe.cmd("SET").arg(format!("big{i}")).arg(value).ignore();
+    }
+    pipe.query_async::<()>(&mut ca).await.unwrap();
+    let mut w = FailingWriter {
+        taken: 0,
+        limit: 1_000_000,
+    };
+    let err = tokio::task::block_in_place(|| a.driver.backup(&a_spec, &mut w, &|_, _| {}))
+        .expect_err("a backup into a failing writer succeeded");
+    let msg = format!("{err:#}");
+    eprintln!("backup into a failing writer: {msg}");
+    assert!(
+        msg.contains("writing the backup stream") && msg.contains("the target went away"),
+        "{msg}"
+    );
+    let pid = a.driver.find_running().unwrap();
+    eventually!("the server's transfer fork ending", 10, {
+        let left = children(pid);
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("children {left:?}"))
+        }
+    });
+    eventually!("the backup connection gone from the replica list", 10, {
+        let h = a.health(&a_spec).await?;
+        if h.replication.standbys.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{:?}", h.replication.standbys))
+        }
+    });
+    set(&mut ca, "after", "the failed backup").await.unwrap();
+    // And a backup works again.
+    let (again, _) = backup(&a, &a_spec);
+    assert!(again.len() > 20_000_000, "{} bytes", again.len());
+}
+
+/// A replica's backup restores as a primary that follows nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_backup_restores_as_a_primary() {
+    let (_cleanup, d) = dirs(3);
+    let a = new_primary("node-a", d[0].0.clone(), d[0].1).await;
+    write_data(&a).await;
+    let mut b = Node::new("node-b", d[1].0.clone(), d[1].1);
+    let b_spec = b.replica_of(&a);
+    b.driver.save_secrets(&Node::secrets()).unwrap();
+    b.driver
+        .clone_data(&b_spec, &a.upstream(), &|_, _| {})
+        .await
+        .unwrap();
+    b.driver.prepare(&b_spec).await.unwrap();
+    b.start(&b_spec).await;
+    let mut ca = a.admin().await;
+    set(&mut ca, "streamed", "after the clone").await.unwrap();
+    wait_for_key(&b, "streamed", "after the clone").await;
+    let offset = eventually!("B streaming from A", 20, {
+        let h = b.health(&b_spec).await?;
+        let r = &h.replication;
+        if r.in_recovery && r.streaming {
+            Ok(r.lsn)
+        } else {
+            Err(format!("{r:?}"))
+        }
+    });
+    let (stream, info) = backup(&b, &b_spec);
+    let at: u64 = info.position.parse().expect("an offset");
+    assert!(
+        at >= offset && at > 0,
+        "the backup's offset {at} is before the replica's {offset}"
+    );
+    set(&mut ca, "late", "after the backup").await.unwrap();
+    wait_for_key(&b, "late", "after the backup").await;
+
+    let mut c = Node::new("node-c", d[2].0.clone(), d[2].1);
+    let c_spec = restore_as_primary(&mut c, &stream).await;
+    let mut cc = session(c.port, 0, OTHER_ADMIN_PASSWORD).await.unwrap();
+    assert_eq!(
+        get(&mut cc, "streamed").await.unwrap().as_deref(),
+        Some("after the clone")
+    );
+    redis::cmd("DEL")
+        .arg("streamed")
+        .query_async::<()>(&mut cc)
+        .await
+        .unwrap();
+    assert_eq!(get(&mut cc, "late").await.unwrap(), None);
+    check_data(&c, OTHER_ADMIN_PASSWORD).await;
+    set(&mut cc, "mine", "on the restored primary")
+        .await
+        .unwrap();
+    // It does not follow A.
+    set(&mut ca, "only-a", "1").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(get(&mut cc, "only-a").await.unwrap(), None);
+    let h = c.health(&c_spec).await.unwrap();
+    assert!(
+        !h.replication.in_recovery && h.replication.upstream_host.is_empty(),
+        "{:?}",
+        h.replication
+    );
+}
