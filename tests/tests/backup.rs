@@ -23,6 +23,10 @@ fn lab_with_s3(vms: usize, extra: &str) -> (Lab, S3Server) {
     lab.opts.coordinator_config = Some(format!("{}\n{extra}", s3.target_toml("s3")));
     lab.stop_coordinator().unwrap();
     lab.start_coordinator().unwrap();
+    for i in 1..=vms {
+        lab.wait_node_state(&format!("vm{i}"), "up", Duration::from_secs(20))
+            .unwrap();
+    }
     (lab, s3)
 }
 
