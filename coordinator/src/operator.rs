@@ -436,7 +436,13 @@ impl OperatorApi {
                     "no cluster named {cluster:?}: see `corralctl cluster list`"
                 ))));
             };
-            if let Some(running) = store::unfinished_operation_of(tx, cluster)? {
+            // Telling the nodes where WAL goes can run beside a backup.
+            let running = if kind == ops::CONFIGURE_BACKUPS {
+                store::holding_operation_of(tx, cluster)?
+            } else {
+                store::unfinished_operation_of(tx, cluster)?
+            };
+            if let Some(running) = running {
                 return Ok(Err(busy(&running)));
             }
             let nodes = store::nodes_of_cluster(tx, cluster)?;
