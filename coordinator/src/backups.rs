@@ -67,6 +67,12 @@ CREATE TABLE IF NOT EXISTS backups (
     verify_ok INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS backups_by_cluster ON backups(cluster, started_at_ms);
+-- Where a cluster's WAL is archived when not the default (after an
+-- in-place restore, which starts a new archive).
+CREATE TABLE IF NOT EXISTS backup_wal (
+    cluster TEXT PRIMARY KEY,
+    prefix TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS backup_schedules (
     cluster TEXT PRIMARY KEY,
     cron TEXT NOT NULL,
@@ -437,9 +443,35 @@ pub fn object_name(cluster: &str, id: &str) -> String {
     format!("backups/{cluster}/{id}.cbk")
 }
 
-pub fn wal_prefix(cluster: &ClusterRow) -> String {
-    format!("wal/{}/{}/", cluster.name, cluster.created_at_ms)
+/// Where `cluster` archives its WAL: `wal/<name>/<created_at_ms>/`, or
+/// the new archive an in-place restore started.
+pub fn wal_prefix(c: &Connection, cluster: &ClusterRow) -> Result<String> {
+    let set: Option<String> = c
+        .prepare_cached("SELECT prefix FROM backup_wal WHERE cluster = ?1")?
+        .query_row([&cluster.name], |r| r.get(0))
+        .optional()?;
+    Ok(set.unwrap_or_else(|| format!("wal/{}/{}/", cluster.name, cluster.created_at_ms)))
 }
+
+pub fn set_wal_prefix(c: &Connection, cluster: &str, prefix: &str) -> Result<()> {
+    c.execute(
+        "INSERT OR REPLACE INTO backup_wal (cluster, prefix) VALUES (?1, ?2)",
+        params![cluster, prefix],
+    )?;
+    Ok(())
+}
+
+/// Forgets a deleted cluster's schedule and WAL archive location (the
+/// objects stay until their backups expire).
+pub fn forget_cluster(c: &Connection, cluster: &str) -> Result<()> {
+    remove_schedule(c, cluster)?;
+    c.execute("DELETE FROM backup_wal WHERE cluster = ?1", [cluster])?;
+    Ok(())
+}
+
+/// In a failed in-place restore's error once the nodes were erased: the
+/// cluster is marked failed (its data is gone until a restore succeeds).
+pub const DATA_ERASED: &str = "the cluster's nodes were erased for the restore";
 
 /// Where the WAL of `cluster` is archived (PostgreSQL with a schedule):
 /// the schedule's target.
@@ -447,13 +479,19 @@ pub fn wal_archive_of(coord: &Coordinator, cluster: &ClusterRow) -> Result<Optio
     if cluster.engine != "postgres" {
         return Ok(None);
     }
-    let Some(s) = coord.store.read(|c| schedule_of(c, &cluster.name))? else {
+    let Some((s, prefix)) = coord.store.read(|c| {
+        Ok(match schedule_of(c, &cluster.name)? {
+            Some(s) => Some((s, wal_prefix(c, cluster)?)),
+            None => None,
+        })
+    })?
+    else {
         return Ok(None);
     };
     Ok(Some(pb::WalArchive {
         target: Some(coord.backups.target(&s.target)?),
         key: coord.backups.key.bytes(),
-        prefix: wal_prefix(cluster),
+        prefix,
     }))
 }
 
@@ -738,7 +776,10 @@ impl Ctx<'_> {
                     "backup {id} was taken without WAL archiving, so it restores only to its end"
                 );
             }
-            self.flush_source_wal(&row).await;
+            if self.op.kind != crate::ops::RESTORE {
+                // (An in-place restore flushed before erasing the nodes.)
+                self.flush_source_wal(&row).await;
+            }
             Some(pb::WalArchive {
                 target: Some(self.coord.backups.target(&row.wal_target)?),
                 key: self.coord.backups.key.bytes(),
@@ -836,6 +877,92 @@ impl Ctx<'_> {
             None => "WAL is not archived".into(),
         });
         Ok(())
+    }
+
+    /// The `restore` operation: the cluster's data replaced by a backup's.
+    /// The backup is read back and checked first, where it will be read
+    /// from; only then are the nodes erased, the primary restored and the
+    /// replicas cloned from it again.
+    pub(crate) async fn restore_in_place(&self) -> Result<()> {
+        let id = self.param_str("restore")?;
+        let to_time_ms = self.param("to_time_ms")?.as_i64().unwrap_or(0);
+        let row = self
+            .coord
+            .store
+            .read(|c| get(c, &id))?
+            .ok_or_else(|| anyhow!("backup {id} no longer exists"))?;
+        let cluster = self.cluster()?;
+        let m = self.members()?;
+        let target = self.coord.backups.target(&row.target)?;
+        if target.kind == "local" && row.node != m.primary.id {
+            bail!(
+                "backup {id} is in the local target of node {}, but the primary that would \
+                 restore it is {}; use a backup in a shared target (s3), or restore into a new \
+                 cluster whose first node is {}",
+                row.node,
+                m.primary.id,
+                row.node
+            );
+        }
+        let checker = if target.kind == "local" {
+            m.primary.clone()
+        } else {
+            reader_node(self.coord, &row)?
+        };
+        self.log(&format!(
+            "checking backup {id} on {} before touching the cluster (read through the key, \
+             restored in a scratch directory)",
+            checker.id
+        ));
+        let req = pb::VerifyBackupRequest {
+            target: Some(target),
+            key: self.coord.backups.key.bytes(),
+            object: row.object.clone(),
+            engine: row.engine.clone(),
+            sha256: row.sha256.clone(),
+        };
+        let v = self
+            .call(&checker.id, "checking the backup", |mut c| {
+                let r = req.clone();
+                async move { c.verify_backup(r).await }
+            })
+            .await
+            .map_err(|e| e.context("the cluster was not touched"))?;
+        self.log(&format!("backup {id} is sound: {}", v.summary));
+        if to_time_ms > 0 {
+            self.flush_source_wal(&row).await;
+        }
+        self.coord
+            .store
+            .read(|c| store::set_cluster_state(c, &cluster.name, "restoring"))?;
+        for n in &m.replicas {
+            self.log(&format!(
+                "stopping the engine on {} and erasing its data",
+                n.id
+            ));
+            self.decommission(&n.id, &cluster).await?;
+        }
+        self.log(&format!(
+            "stopping the engine on the primary {} and erasing its data",
+            m.primary.id
+        ));
+        self.decommission(&m.primary.id, &cluster)
+            .await
+            .map_err(|e| e.context(DATA_ERASED))?;
+        // A new WAL archive: the restored timeline must not meet the one
+        // the cluster wrote before.
+        let prefix = format!(
+            "wal/{}/{}/restored-{}/",
+            cluster.name,
+            cluster.created_at_ms,
+            corral_proto::now_ms()
+        );
+        self.coord
+            .store
+            .read(|c| set_wal_prefix(c, &cluster.name, &prefix))?;
+        self.bring_up(&m.primary.id, m.replica_ids())
+            .await
+            .map_err(|e| e.context(DATA_ERASED))
     }
 
     /// Takes the final backup of a cluster being deleted.

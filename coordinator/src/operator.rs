@@ -1802,12 +1802,7 @@ impl pb::operator_server::Operator for OperatorApi {
                 }
             }
             if r.into_new_cluster.is_empty() {
-                return Err(Status::unimplemented(format!(
-                    "restoring in place is not available yet: restore into a new cluster \
-                     (--into-new-cluster NAME --nodes ...), check it, then move clients to it \
-                     (confirm was {:?})",
-                    r.confirm
-                )));
+                return Ok(b);
             }
             if r.nodes.is_empty() {
                 return Err(Status::invalid_argument(
@@ -1817,6 +1812,39 @@ impl pb::operator_server::Operator for OperatorApi {
             }
             Ok(b)
         })?;
+        if r.into_new_cluster.is_empty() {
+            return self.start_operation(&who, "backup.restore", &target, || {
+                confirmed("restore in place", &r.cluster, &r.confirm)?;
+                self.begin_operation(
+                    &who,
+                    &r.cluster,
+                    ops::RESTORE,
+                    plan(
+                        serde_json::json!({ "restore": b.id, "to_time_ms": r.to_time_ms }),
+                        format!(
+                            "check backup {}, then erase every node, restore the primary from it \
+                             and clone the replicas again",
+                            b.id
+                        ),
+                    ),
+                    |_, row, _, _| {
+                        if row.engine != b.engine {
+                            return refuse(Status::invalid_argument(format!(
+                                "backup {} is of a {} cluster; {} runs {}",
+                                b.id, b.engine, row.name, row.engine
+                            )));
+                        }
+                        if row.state == "creating" || row.state == "deleting" {
+                            return refuse(Status::failed_precondition(format!(
+                                "cluster {} is {}",
+                                row.name, row.state
+                            )));
+                        }
+                        Ok(Ok(()))
+                    },
+                )
+            });
+        }
         let create = pb::CreateClusterRequest {
             name: r.into_new_cluster.clone(),
             engine: b.engine.clone(),

@@ -35,6 +35,7 @@ pub const REJOIN: &str = "rejoin";
 pub const BACKUP: &str = "backup";
 pub const VERIFY_BACKUP: &str = "verify_backup";
 pub const CONFIGURE_BACKUPS: &str = "configure_backups";
+pub const RESTORE: &str = "restore";
 /// Operations that run beside the cluster's life: they neither hold back
 /// a failover nor silence alerts (a failover makes them fail, if at all,
 /// and they are retried by the operator or the next schedule).
@@ -175,6 +176,7 @@ async fn run(coord: &Arc<Coordinator>, id: &str) -> Result<()> {
         BACKUP => ctx.backup().await,
         VERIFY_BACKUP => ctx.verify_backup().await,
         CONFIGURE_BACKUPS => ctx.configure_backups().await,
+        RESTORE => ctx.restore_in_place().await,
         other => Err(anyhow!("unknown operation kind {other:?}")),
     };
     coord.ops.set_progress(id, None);
@@ -220,7 +222,9 @@ async fn run(coord: &Arc<Coordinator>, id: &str) -> Result<()> {
             coord.store.tx(|tx| {
                 store::log_operation(tx, id, &format!("failed: {msg}"))?;
                 store::set_operation_state(tx, id, op_state::FAILED, &msg)?;
-                if op.kind == CREATE_CLUSTER {
+                if op.kind == CREATE_CLUSTER
+                    || (op.kind == RESTORE && msg.contains(crate::backups::DATA_ERASED))
+                {
                     store::set_cluster_state(tx, &op.cluster, "failed")?;
                 }
                 if BACKGROUND.contains(&op.kind.as_str()) {
@@ -616,6 +620,14 @@ impl Ctx<'_> {
             bail!("operation has no nodes");
         }
         let primary = nodes.remove(0);
+        self.bring_up(&primary, nodes).await
+    }
+
+    /// Starts the cluster on nodes holding nothing: `primary` initialised
+    /// (or restored from the backup the operation names), then each of
+    /// `nodes` cloned from it; the cluster is running at the end.
+    pub(crate) async fn bring_up(&self, primary: &str, nodes: Vec<String>) -> Result<()> {
+        let primary = primary.to_string();
         let cluster = self.cluster()?;
         self.coord.fleet.term_started(&cluster.name, cluster.term);
         self.log(&format!(
@@ -1179,7 +1191,7 @@ impl Ctx<'_> {
         }
         self.coord.store.tx(|tx| {
             store::delete_cluster(tx, &cluster.name)?;
-            crate::backups::remove_schedule(tx, &cluster.name)
+            crate::backups::forget_cluster(tx, &cluster.name)
         })?;
         self.log(&format!(
             "cluster {} deleted; its nodes are free (operations and audit rows are kept)",

@@ -268,6 +268,65 @@ fn postgres_backup_to_s3_restores_into_new_clusters_and_to_a_point_in_time() {
     let src = lab.ctl_json(&["cluster", "show", "src"]).unwrap();
     assert_eq!(src["state"], "running", "{src}");
 
+    // In place with the damaged backup: refused before anything is touched.
+    let out = lab
+        .ctl(&["backup", "restore", "src", &id, "--confirm", "src"])
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "in-place restore of a damaged object succeeded"
+    );
+    assert!(
+        err.contains("is damaged") && err.contains("not touched"),
+        "{err}"
+    );
+    assert_eq!(sql(&lab, &creds, 1, "SELECT count(*) FROM t"), "5003");
+    lab.wait_streaming("src", "vm2").unwrap();
+
+    // In place with a sound backup: every node erased, the primary
+    // restored, the replica cloned again; the data is the backup's.
+    let b2 = backup_now(&lab, "src", "s3");
+    let id2 = b2["id"].as_str().unwrap().to_string();
+    let at_b2 = sql(
+        &lab,
+        &creds,
+        1,
+        "SELECT md5(string_agg(v, ',' ORDER BY id)) FROM t",
+    );
+    sql(
+        &lab,
+        &creds,
+        1,
+        "INSERT INTO t VALUES (200000, 'after the second backup')",
+    );
+    lab.ctl_ok(&["backup", "restore", "src", &id2, "--confirm", "src"])
+        .unwrap();
+    assert_eq!(
+        sql(
+            &lab,
+            &creds,
+            1,
+            "SELECT md5(string_agg(v, ',' ORDER BY id)) FROM t"
+        ),
+        at_b2
+    );
+    lab.wait_streaming("src", "vm2").unwrap();
+    sql(
+        &lab,
+        &creds,
+        1,
+        "INSERT INTO t VALUES (300000, 'after the restore')",
+    );
+    wait_until(
+        Duration::from_secs(15),
+        "the re-cloned replica to have the row",
+        || Ok(sql(&lab, &creds, 2, "SELECT count(*) FROM t WHERE id = 300000") == "1"),
+    )
+    .unwrap();
+    let src = lab.ctl_json(&["cluster", "show", "src"]).unwrap();
+    assert_eq!(src["state"], "running", "{src}");
+
     // Deleting a cluster takes a final backup first, kept 15 days.
     lab.ctl_ok(&["cluster", "delete", "pitr", "--confirm", "pitr"])
         .unwrap();
