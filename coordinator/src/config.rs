@@ -314,6 +314,10 @@ mod tests {
         assert_eq!(c.alerts.evaluation_interval, d.evaluation_interval);
         assert_eq!(c.alerts.repeat_interval, d.repeat_interval);
         assert_eq!(c.alerts.alertmanager_refresh, d.alertmanager_refresh);
+        let b = BackupConfig::default();
+        assert_eq!(c.backup.final_backup_retain, b.final_backup_retain);
+        assert_eq!(c.backup.missed_after, b.missed_after);
+        assert_eq!(c.backup.key_file, b.key_file);
     }
 
     #[test]
