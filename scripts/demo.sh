@@ -89,6 +89,26 @@ else
     : >"$DIR/coordinator.toml"
 fi
 
+S3S=$(command -v s3s-fs || echo "$HOME/.cargo/bin/s3s-fs")
+if [[ -x $S3S ]]; then
+    echo "==> S3-compatible storage (s3s-fs) in cdemo-ctl on $NET.1:9000, bucket corral-backups in $DIR/s3"
+    mkdir -p "$DIR/s3/corral-backups"
+    ip netns exec cdemo-ctl setsid "$S3S" --host "$NET.1" --port 9000 --access-key demo-key \
+        --secret-key demo-secret-0123456789 "$DIR/s3" >"$DIR/s3s-fs.log" 2>&1 < /dev/null &
+    cat >>"$DIR/coordinator.toml" <<TOML
+
+# Backups: the key is the coordinator's (state directory/backup.key).
+[backup.targets.s3]
+kind = "s3"
+endpoint = "http://$NET.1:9000"
+allow_http = true
+bucket = "corral-backups"
+prefix = "demo"
+access_key_id = "demo-key"
+secret_access_key = "demo-secret-0123456789"
+TOML
+fi
+
 echo "==> coordinator in cdemo-ctl on $NET.1:7400, metrics on $NET.1:7403 (log: $DIR/coordinator.log)"
 ip netns exec cdemo-ctl setsid "$BIN/corral-coordinator" --state-dir "$DIR/coordinator" \
     --pki-dir "$DIR/pki" --listen "$NET.1:7400" --http-listen "$NET.1:7403" \
@@ -125,6 +145,14 @@ for _ in $(seq 50); do psql -X -q "$through" -c 'SELECT 1' >/dev/null 2>&1 && br
 
 echo "==> IP allowlist: only this host ($NET.254) and HAProxy's namespace ($NET.100) reach PostgreSQL"
 ctl cluster allowlist set demo "$NET.254" "$NET.100"
+
+if [[ -x $S3S ]]; then
+    echo "==> backups: hourly to S3 keeping 24 (WAL archived there for point-in-time restores), and a first one now"
+    ctl backup schedule demo --cron "0 * * * *" --retain 24 --target s3
+    # The schedule first tells every node where to archive WAL.
+    for _ in $(seq 60); do ctl backup now demo 2>/dev/null && break; sleep 1; done
+    ctl backup list demo
+fi
 
 cat <<MSG
 
@@ -194,6 +222,19 @@ The demo is running. Try:
   pids=\$(ip netns pids cdemo-vm2 | xargs -r ps -o pid= -o comm= -p | awk '\$2=="postgres"{print \$1}')
   kill -STOP \$pids; sleep 15; corralctl alerts list; kill -CONT \$pids
   sleep 5; corralctl alerts history
+
+  # backups (S3 in $DIR/s3): taken from a replica, encrypted, verified
+  corralctl backup list demo
+  corralctl backup now demo
+  id=\$(corralctl --output json backup list demo | grep -o '"bk-[^"]*"' | tail -1 | tr -d '"')
+  corralctl backup verify demo \$id
+  corralctl backup download demo \$id /tmp/demo.tar && tar -tf /tmp/demo.tar | head
+  psql "\$(corralctl cluster credentials demo)" -c "INSERT INTO hello (said) VALUES ('first')"
+  t=\$(date -u +%Y-%m-%dT%H:%M:%S.%3NZ); sleep 1
+  psql "\$(corralctl cluster credentials demo)" -c "INSERT INTO hello (said) VALUES ('second')"
+  corralctl node remove demo vm3 --confirm vm3    # frees vm3 for the restored cluster
+  corralctl backup restore demo \$id --to-time \$t --into-new-cluster pitr --nodes vm3
+  psql "\$(corralctl cluster credentials pitr)" -c 'SELECT * FROM hello'   # 'first', not 'second'
 
 Logs: $DIR/*.log.  Stop and remove everything: make demo-stop
 MSG

@@ -128,8 +128,7 @@ enum BackupCmd {
         id: String,
         /// The file to write (default: ID.tar / ID.xbstream / ID.rdb, or
         /// ID.cbk with --raw); "-" for standard output.
-        #[arg(long, short = 'o')]
-        output: Option<PathBuf>,
+        file: Option<PathBuf>,
         #[arg(long)]
         raw: bool,
     },
@@ -281,10 +280,10 @@ fn backups_table(backups: &[pb::Backup]) -> Table {
             size(b.plain_bytes),
             size(b.stored_bytes),
             b.position.clone(),
-            if b.expires_at_ms > 0 {
-                rfc3339(b.expires_at_ms)
-            } else {
-                "retention".into()
+            match (b.expires_at_ms, b.kind.as_str()) {
+                (0, "scheduled") => "by retention".into(),
+                (0, _) => "when deleted".into(),
+                (at, _) => rfc3339(at),
             },
             match (b.verified_at_ms, b.verify_ok) {
                 (0, _) => "never".into(),
@@ -2100,10 +2099,10 @@ async fn backup_command(
                 ("key id", b.key_id.clone()),
                 (
                     "expires",
-                    if b.expires_at_ms > 0 {
-                        rfc3339(b.expires_at_ms)
-                    } else {
-                        "when the retention policy removes it".into()
+                    match (b.expires_at_ms, b.kind.as_str()) {
+                        (0, "scheduled") => "when the schedule's retention removes it".into(),
+                        (0, _) => "never: kept until deleted".into(),
+                        (at, _) => rfc3339(at),
                     },
                 ),
                 ("operation", b.operation.clone()),
@@ -2153,7 +2152,7 @@ async fn backup_command(
         BackupCmd::Download {
             cluster,
             id,
-            output,
+            file,
             raw,
         } => {
             let b = api
@@ -2163,7 +2162,7 @@ async fn backup_command(
             if b.cluster != cluster {
                 bail!("backup {id} is of cluster {}, not {cluster}", b.cluster);
             }
-            let path = output.unwrap_or_else(|| {
+            let path = file.unwrap_or_else(|| {
                 PathBuf::from(format!(
                     "{id}.{}",
                     if raw {
@@ -2317,13 +2316,24 @@ async fn download(
         .into_inner();
     if path == Path::new("-") {
         let mut out = std::io::stdout().lock();
-        while let Some(chunk) = stream.message().await? {
-            out.write_all(&chunk.data)?;
+        let written: std::io::Result<()> = async {
+            while let Some(chunk) = stream.message().await.map_err(std::io::Error::other)? {
+                out.write_all(&chunk.data)?;
+            }
+            out.flush()
         }
-        return Ok(out.flush()?);
+        .await;
+        return match written {
+            // The reader had enough (`| head`): not an error.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            other => other.with_context(|| format!("downloading backup {id}")),
+        };
     }
     if path.exists() {
-        bail!("{} exists; choose another file with -o", path.display());
+        bail!(
+            "{} exists; name another file after the backup's id",
+            path.display()
+        );
     }
     let part = path.with_extension("part");
     let mut file =
