@@ -1056,6 +1056,39 @@ pub async fn run(coord: Arc<Coordinator>) {
     }
 }
 
+/// What the scheduler does with a schedule at `now_ms`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Due {
+    /// Not yet (or the cron never fires again).
+    No,
+    /// Start the backup due at this time.
+    Start(i64),
+    /// Due, but the cluster is busy: try again on the next pass.
+    Wait,
+    /// Due at this time and still blocked after `missed_after`: record it
+    /// as missed (and alert) and move on to the next time.
+    Missed(i64),
+}
+
+/// Pure: the scheduler's decision for one schedule.
+pub fn due(
+    cron: &croner::Cron,
+    s: &ScheduleRow,
+    now_ms: i64,
+    busy: bool,
+    missed_after_ms: i64,
+) -> Due {
+    let Some(at) = next_run(cron, s.last_run_ms.max(s.created_at_ms)) else {
+        return Due::No;
+    };
+    match (at <= now_ms, busy) {
+        (false, _) => Due::No,
+        (true, false) => Due::Start(at),
+        (true, true) if now_ms - at > missed_after_ms => Due::Missed(at),
+        (true, true) => Due::Wait,
+    }
+}
+
 fn schedule_pass(coord: &Arc<Coordinator>) -> Result<()> {
     let now = corral_proto::now_ms();
     for s in coord.store.read(schedules)? {
@@ -1066,19 +1099,23 @@ fn schedule_pass(coord: &Arc<Coordinator>) -> Result<()> {
                 continue;
             }
         };
-        let Some(due) = next_run(&cron, s.last_run_ms.max(s.created_at_ms)) else {
-            continue;
-        };
-        if due > now {
+        let missed_after = coord.backups.config.missed_after.as_millis() as i64;
+        if due(&cron, &s, now, false, missed_after) == Due::No {
             continue;
         }
-        let missed_after = coord.backups.config.missed_after.as_millis() as i64;
         let started = coord.store.tx(|tx| {
             let Some(cluster) = store::get_cluster(tx, &s.cluster)? else {
                 return Ok(None);
             };
-            if let Some(running) = store::unfinished_operation_of(tx, &s.cluster)? {
-                if now - due > missed_after {
+            let running = store::unfinished_operation_of(tx, &s.cluster)?;
+            let busy = running.is_some() || cluster.state != "running";
+            match due(&cron, &s, now, busy, missed_after) {
+                Due::No | Due::Wait => return Ok(None),
+                Due::Missed(at) => {
+                    let why = match &running {
+                        Some(op) => format!("operation {} ({}) held the cluster", op.id, op.kind),
+                        None => format!("the cluster was {}", cluster.state),
+                    };
                     let mut s2 = s.clone();
                     s2.last_run_ms = now;
                     put_schedule(tx, &s2)?;
@@ -1090,20 +1127,16 @@ fn schedule_pass(coord: &Arc<Coordinator>) -> Result<()> {
                         "backup_missed",
                         &format!(
                             "the scheduled backup of cluster {} due at {} did not start within {}: \
-                             operation {} ({}) held the cluster",
+                             {why}",
                             s.cluster,
-                            fmt_time(due),
+                            fmt_time(at),
                             fmt_duration(coord.backups.config.missed_after),
-                            running.id,
-                            running.kind
                         ),
                         None,
                     )?;
+                    return Ok(None);
                 }
-                return Ok(None);
-            }
-            if cluster.state != "running" {
-                return Ok(None);
+                Due::Start(_) => {}
             }
             let mut s2 = s.clone();
             s2.last_run_ms = now;
@@ -1255,6 +1288,38 @@ mod tests {
         let all = vec![f, b("x", 200, kind::SCHEDULED, state::SUCCEEDED)];
         assert!(to_prune(&all, 1, 1, 4_999, i64::MAX).is_empty());
         assert_eq!(to_prune(&all, 1, 1, 5_000, i64::MAX), vec!["f"]);
+    }
+
+    #[test]
+    fn the_scheduler_starts_waits_and_records_misses() {
+        let cron = parse_cron("0 * * * *").unwrap(); // hourly
+        let hour = 3_600_000;
+        let t0 = 1_795_651_200_000; // on the hour
+        let s = ScheduleRow {
+            cluster: "c".into(),
+            cron: "0 * * * *".into(),
+            retain_count: 3,
+            retain_ms: 0,
+            target: "local".into(),
+            last_run_ms: t0,
+            created_at_ms: t0 - hour,
+        };
+        assert_eq!(due(&cron, &s, t0 + 10, false, hour), Due::No);
+        assert_eq!(
+            due(&cron, &s, t0 + hour, false, hour),
+            Due::Start(t0 + hour)
+        );
+        assert_eq!(due(&cron, &s, t0 + hour + 5, true, hour), Due::Wait);
+        assert_eq!(
+            due(&cron, &s, t0 + 2 * hour + 1, true, hour),
+            Due::Missed(t0 + hour)
+        );
+        // Once recorded (last_run moved to now), the next time is the next hour.
+        let s2 = ScheduleRow {
+            last_run_ms: t0 + 2 * hour + 1,
+            ..s
+        };
+        assert_eq!(due(&cron, &s2, t0 + 2 * hour + 2, true, hour), Due::No);
     }
 
     #[test]

@@ -395,7 +395,7 @@ impl Default for BackupConfig {
 }
 
 /// One place backups can be stored.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TargetConfig {
     /// "local" or "s3".
@@ -417,6 +417,26 @@ pub struct TargetConfig {
     pub secret_access_key_env: String,
     /// Allow an http:// endpoint (a test server); refused otherwise.
     pub allow_http: bool,
+}
+
+/// Credentials stay out of debug output (and so out of logs).
+impl std::fmt::Debug for TargetConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = |v: &str| if v.is_empty() { "" } else { "<hidden>" };
+        f.debug_struct("TargetConfig")
+            .field("kind", &self.kind)
+            .field("path", &self.path)
+            .field("endpoint", &self.endpoint)
+            .field("bucket", &self.bucket)
+            .field("region", &self.region)
+            .field("prefix", &self.prefix)
+            .field("access_key_id", &hidden(&self.access_key_id))
+            .field("access_key_id_env", &self.access_key_id_env)
+            .field("secret_access_key", &hidden(&self.secret_access_key))
+            .field("secret_access_key_env", &self.secret_access_key_env)
+            .field("allow_http", &self.allow_http)
+            .finish()
+    }
 }
 
 /// The built-in target.
@@ -547,7 +567,7 @@ mod backup_tests {
             allow_http = true
             bucket = "b"
             access_key_id = "k"
-            secret_access_key = "s"
+            secret_access_key = "topsecret-value"
             "#,
         )
         .unwrap();
@@ -556,6 +576,11 @@ mod backup_tests {
         assert_eq!(c.backup.target("local").unwrap().kind, "local");
         let e = c.backup.target("nope").unwrap_err().to_string();
         assert!(e.contains("offsite, local"), "{e}");
+        let shown = format!("{c:?}");
+        assert!(
+            shown.contains("offsite") && !shown.contains("topsecret"),
+            "{shown}"
+        );
         for (text, want) in [
             ("[backup.targets.x]\nkind = \"s3\"\nendpoint = \"https://e\"\nbucket = \"b\"\naccess_key_id = \"k\"", "secret_access_key"),
             ("[backup.targets.x]\nkind = \"s3\"\nendpoint = \"http://e\"\nbucket = \"b\"\naccess_key_id = \"k\"\nsecret_access_key = \"s\"", "allow_http"),
