@@ -118,8 +118,15 @@ impl Archiver {
             return Ok(());
         }
         let Some(wal) = load(state_dir)? else {
-            // Spooled while archiving was on; kept until it is on again or
-            // the engine's configuration stops archiving.
+            // Archiving was turned off (the cluster's schedule removed):
+            // what was spooled before has nowhere to go.
+            for name in &names {
+                let _ = std::fs::remove_file(spool.join(name));
+            }
+            tracing::info!(
+                files = names.len(),
+                "WAL archiving is off; dropped the segments still spooled"
+            );
             return Ok(());
         };
         let key = key_of(&wal.key)?;

@@ -1344,6 +1344,8 @@ impl Engine {
         self.stop_locked().await?;
         self.driver().wipe().await?;
         self.driver().forget_secrets()?;
+        // The WAL archive's key goes with the cluster.
+        crate::backup::wal::save(&self.state_dir, None)?;
         match std::fs::remove_file(spec_path(&self.state_dir)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
