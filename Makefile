@@ -45,6 +45,7 @@ bench: deps
 	CORRAL_BIN_DIR=$(RELEASE_BIN) $(CARGO) bench -p corral-tests --bench failover
 	CORRAL_BIN_DIR=$(RELEASE_BIN) $(CARGO) bench -p corral-tests --bench allowlist
 	CORRAL_BIN_DIR=$(RELEASE_BIN) $(CARGO) bench -p corral-tests --bench fleet
+	CORRAL_BIN_DIR=$(RELEASE_BIN) $(CARGO) bench -p corral-tests --bench backup
 	CORRAL_BIN_DIR=$(RELEASE_BIN) CORRAL_BENCH_ENGINE=mariadb CORRAL_BENCH_SYNC=1 $(CARGO) bench -p corral-tests --bench switchover
 	CORRAL_BIN_DIR=$(RELEASE_BIN) CORRAL_BENCH_ENGINE=mariadb CORRAL_BENCH_SYNC=1 CORRAL_BENCH_FAILOVERS=10 $(CARGO) bench -p corral-tests --bench failover
 	CORRAL_BIN_DIR=$(RELEASE_BIN) CORRAL_BENCH_ENGINE=redis CORRAL_BENCH_FAILOVERS=10 $(CARGO) bench -p corral-tests --bench failover

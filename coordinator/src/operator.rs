@@ -1810,6 +1810,23 @@ impl pb::operator_server::Operator for OperatorApi {
                      first is its primary)",
                 ));
             }
+            // The built-in local target (no path) is each agent's own
+            // directory; a configured path may be a shared mount (NFS).
+            let node_private = self
+                .0
+                .backups
+                .target(&b.target)
+                .map(|t| t.kind == "local" && t.path.is_empty())
+                .unwrap_or(false);
+            if node_private && r.nodes[0] != b.node {
+                return Err(Status::failed_precondition(format!(
+                    "backup {} is in node {}'s own local target, so only {} can restore it: \
+                     make {} the new cluster's first node (free it first if it serves a \
+                     cluster), or back up to a shared target (s3, or a local path every \
+                     node mounts)",
+                    b.id, b.node, b.node, b.node
+                )));
+            }
             Ok(b)
         })?;
         if r.into_new_cluster.is_empty() {

@@ -48,8 +48,11 @@ pub const VERSION: u16 = 1;
 /// Compressed bytes per chunk: big enough that the 21 bytes of framing and tag
 /// are noise, small enough that reader and writer hold little.
 pub const CHUNK_SIZE: usize = 1 << 20;
-/// zstd level: level 3 (zstd's own default) compresses dumps well at disk speed.
-pub const DEFAULT_LEVEL: i32 = 3;
+/// zstd level 1. The backup benchmark found level 3 (zstd's default) the
+/// bottleneck of a 1 GB PostgreSQL backup: one core at about 100 MB/s,
+/// three quarters of it compressing. Level 1 is about three times faster on
+/// such data and compresses it as well (hex text: 2.00x, level 3 1.92x).
+pub const DEFAULT_LEVEL: i32 = 1;
 
 /// A reader refuses headers that would make it allocate more than this per chunk.
 const MAX_CHUNK_SIZE: usize = 16 << 20;
