@@ -13,7 +13,7 @@ help:
 	@echo "make demo       install what is missing, build, start a coordinator and 3 namespace VMs with a PostgreSQL cluster"
 	@echo "make demo-stop  remove the demo"
 	@echo "make test       install what is missing, fmt --check, clippy -D warnings, every test"
-	@echo "make bench      agent footprint, switchover, bootstrap, failover (PostgreSQL, MariaDB, Redis), allowlist and fleet (1,000 simulated nodes) benchmarks (release build)"
+	@echo "make bench      agent footprint, switchover, bootstrap, failover (PostgreSQL, MariaDB, Redis), allowlist, fleet (1,000 simulated nodes) and backup throughput benchmarks (release build)"
 	@echo "make sweep      remove namespaces left by killed test runs"
 	@echo "make package    Debian packages (cargo-deb)"
 
