@@ -7,6 +7,11 @@
 //! whose pid is gone, and the next run sweeps them (servers included).
 //! With `CORRAL_TEST_KEEP=1` the directories (server logs) stay until then.
 //! Needs root (servers run as the `mysql` user) and MariaDB installed.
+//!
+//! Backups (the last tests): a backup of a primary and of a replica,
+//! restored into a fresh node that the agent's usual steps (prepare, start,
+//! bootstrap) turn into a primary; verify; a truncated stream; a writer
+//! that fails mid-stream (needs mariadb-backup).
 
 use corral_agent::engine::mariadb::Mariadb;
 use corral_agent::engine::{Driver, EngineSpec, Secrets, Upstream};
@@ -31,7 +36,7 @@ fn secrets() -> Secrets {
 
 /// Kills the mariadbd processes whose pid files are under `dir`.
 fn kill_servers(dir: &Path) {
-    for name in ["mariadbd.pid", "temp.pid", "byhand.pid"] {
+    for name in ["mariadbd.pid", "temp.pid", "byhand.pid", "restore.pid"] {
         let path = dir.join("mariadb/run").join(name);
         let Some(pid) = std::fs::read_to_string(&path)
             .ok()
@@ -91,6 +96,8 @@ struct Node {
     port: u16,
     driver: Mariadb,
     child: Option<tokio::process::Child>,
+    /// The admin password clients use.
+    password: String,
 }
 
 impl Node {
@@ -108,6 +115,7 @@ impl Node {
             dir,
             port: free_port(),
             child: None,
+            password: secrets().admin_password,
         }
     }
 
@@ -214,7 +222,7 @@ impl Node {
             .ip_or_hostname("127.0.0.1")
             .tcp_port(self.port)
             .user(Some("admin"))
-            .pass(Some(secrets().admin_password))
+            .pass(Some(self.password.clone()))
             .db_name(Some("app"))
             .prefer_socket(false);
         mysql_async::Conn::new(opts)
@@ -643,4 +651,281 @@ async fn fence_survives_a_restart_and_wipe_erases() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(left, ["server.log"], "wipe left files behind");
+}
+
+// ------------------------------------------------------------- backups
+
+/// Secrets of another cluster: what a restored node is bootstrapped with.
+fn other_secrets() -> Secrets {
+    Secrets {
+        admin_password: "another-admin-pass-0123456789".into(),
+        replication_password: "another-repl-pass-0123456789".into(),
+    }
+}
+
+/// A new cluster's first node, running as a primary with `t` created.
+async fn new_primary(id: &str) -> Node {
+    let mut n = Node::new(id);
+    n.driver.save_secrets(&secrets()).unwrap();
+    n.driver.initialize().await.unwrap();
+    let spec = n.primary_spec(&[], false);
+    n.driver.prepare(&spec).await.unwrap();
+    n.start(&spec).await;
+    n.driver.bootstrap(&spec, &secrets()).await.unwrap();
+    n.driver.converge_slots(&spec).await.unwrap();
+    let mut c = n.client().await;
+    c.query_drop("CREATE TABLE t (id INT PRIMARY KEY, note VARCHAR(100))")
+        .await
+        .unwrap();
+    c.query_drop("CREATE DATABASE extra").await.unwrap();
+    c.query_drop("CREATE TABLE extra.u (k VARCHAR(10) PRIMARY KEY)")
+        .await
+        .unwrap();
+    c.query_drop("INSERT INTO extra.u VALUES ('x'), ('y')")
+        .await
+        .unwrap();
+    let _ = c.disconnect().await;
+    n
+}
+
+/// The rows of `t`, in order.
+async fn rows(n: &Node) -> Vec<(u32, String)> {
+    let mut c = n.client().await;
+    let r = c.query("SELECT id, note FROM t ORDER BY id").await.unwrap();
+    let _ = c.disconnect().await;
+    r
+}
+
+/// Backs `n` up into memory.
+fn backup(n: &Node, spec: &EngineSpec) -> (Vec<u8>, corral_agent::engine::BackupInfo) {
+    let mut buf = Vec::new();
+    let reports = std::sync::Mutex::new(Vec::new());
+    let began = Instant::now();
+    let info = tokio::task::block_in_place(|| {
+        n.driver.backup(spec, &mut buf, &|done, total| {
+            reports.lock().unwrap().push((done, total))
+        })
+    })
+    .unwrap_or_else(|e| panic!("backup of {}: {e:#}", n.id));
+    eprintln!(
+        "backup of {}: {} bytes in {} ms, {info:?}",
+        n.id,
+        buf.len(),
+        began.elapsed().as_millis()
+    );
+    let reports = reports.into_inner().unwrap();
+    assert_eq!(
+        reports.last().copied(),
+        Some((buf.len() as u64, buf.len() as u64)),
+        "the last progress report is the whole stream"
+    );
+    (buf, info)
+}
+
+/// Restores `stream` into the fresh node `n` and runs it as the agent runs
+/// a primary (configure: prepare, start, bootstrap, converge), with the new
+/// cluster's secrets. Returns its spec and its position once started.
+async fn restore_as_primary(n: &mut Node, stream: &[u8]) -> (EngineSpec, u64) {
+    let secrets = other_secrets();
+    n.password = secrets.admin_password.clone();
+    n.driver.save_secrets(&secrets).unwrap();
+    assert!(!n.driver.has_data());
+    let spec = n.primary_spec(&[], false);
+    let began = Instant::now();
+    tokio::task::block_in_place(|| n.driver.restore(&spec, &mut &stream[..], None))
+        .unwrap_or_else(|e| panic!("restore into {}: {e:#}", n.id));
+    eprintln!("restore into {}: {} ms", n.id, began.elapsed().as_millis());
+    assert!(n.driver.has_data());
+    assert!(!n.driver.data_is_standby().unwrap());
+    assert!(!n.base().join("data.restore").exists());
+    n.driver.prepare(&spec).await.unwrap();
+    let r = n.start(&spec).await;
+    assert!(!r.in_recovery, "the restored node follows somebody: {r:?}");
+    n.driver.bootstrap(&spec, &secrets).await.unwrap();
+    n.driver.converge_slots(&spec).await.unwrap();
+    (spec, r.lsn)
+}
+
+/// Whether a mariadb-backup process of `dir` is alive.
+fn backup_tool_running(dir: &Path) -> bool {
+    std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+        let p = e.path();
+        let comm = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
+        let cmdline = std::fs::read(p.join("cmdline")).unwrap_or_default();
+        comm.trim() == "mariadb-backup"
+            && String::from_utf8_lossy(&cmdline).contains(&*dir.to_string_lossy())
+    })
+}
+
+/// A writer that fails once it has taken `limit` bytes.
+struct FailingWriter {
+    taken: usize,
+    limit: usize,
+}
+
+impl std::io::Write for FailingWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.taken >= self.limit {
+            return Err(std::io::Error::other("the target went away"));
+        }
+        let n = buf.len().min(self.limit - self.taken);
+        self.taken += n;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A primary's backup restores exactly what it held then, as a writable
+/// primary of the new cluster; verify counts it; a truncated stream and a
+/// failing writer are errors that leave nothing running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_backup_restores_verifies_and_fails_cleanly() {
+    let a = new_primary("vm-a").await;
+    let a_spec = a.primary_spec(&[], false);
+    for id in 1..=3 {
+        a.insert(id, "before the backup").await.unwrap();
+    }
+    let at_backup = a.wait(&a_spec, "report its position", |_| true).await.lsn;
+    let expected = rows(&a).await;
+    let (stream, info) = backup(&a, &a_spec);
+    assert!(info.version.starts_with("10."), "{info:?}");
+    assert_eq!(
+        corral_agent::engine::mariadb::domain0_seq(&info.position),
+        at_backup,
+        "the backup's position is the primary's last transaction: {info:?}"
+    );
+    assert!(info.position_time_ms > 0);
+    a.insert(4, "after the backup").await.unwrap();
+
+    // Restored: exactly the data at backup time, a primary, writable.
+    let mut b = Node::new("vm-b");
+    let (b_spec, restored_at) = restore_as_primary(&mut b, &stream).await;
+    assert_eq!(
+        restored_at, at_backup,
+        "the restored binary log starts at the backup"
+    );
+    assert_eq!(rows(&b).await, expected);
+    assert!(!b.has_row(4).await, "a write after the backup was restored");
+    b.insert(5, "on the restored primary").await.unwrap();
+    assert!(b.has_row(5).await);
+    let r = b.wait(&b_spec, "report its position", |_| true).await;
+    assert!(!r.in_recovery);
+    assert!(
+        r.lsn > at_backup,
+        "the restored primary's transactions continue the backup's sequence"
+    );
+    // The old cluster's admin password no longer works there.
+    let old = mysql_async::OptsBuilder::default()
+        .ip_or_hostname("127.0.0.1")
+        .tcp_port(b.port)
+        .user(Some("admin"))
+        .pass(Some(secrets().admin_password))
+        .prefer_socket(false);
+    assert!(mysql_async::Conn::new(old).await.is_err());
+
+    // Verify: the counts of the backup (app and extra; t and u).
+    let scratch = a.dir.join("verify");
+    let began = Instant::now();
+    let summary =
+        tokio::task::block_in_place(|| a.driver.verify(&mut &stream[..], &scratch)).unwrap();
+    eprintln!("verify: {summary} ({} ms)", began.elapsed().as_millis());
+    assert!(
+        summary.starts_with("MariaDB 10.") && summary.ends_with(": 2 databases, 2 tables"),
+        "{summary}"
+    );
+    assert!(
+        !scratch.join("mariadbd.pid").exists() || {
+            let pid = std::fs::read_to_string(scratch.join("mariadbd.pid")).unwrap();
+            !Path::new(&format!("/proc/{}", pid.trim())).exists()
+        }
+    );
+    // The node's own server was not touched.
+    a.insert(6, "after verify").await.unwrap();
+
+    // A truncated stream: a clear error.
+    let scratch = a.dir.join("verify-truncated");
+    let err =
+        tokio::task::block_in_place(|| a.driver.verify(&mut &stream[..stream.len() / 2], &scratch))
+            .expect_err("a truncated stream verified");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("cut short") || msg.contains("not a valid mariadb-backup stream"),
+        "{msg}"
+    );
+    eprintln!("verify of a truncated stream: {msg}");
+
+    // A writer that fails mid-stream: an error, and no mariadb-backup left.
+    let mut w = FailingWriter {
+        taken: 0,
+        limit: 100_000,
+    };
+    let err = tokio::task::block_in_place(|| a.driver.backup(&a_spec, &mut w, &|_, _| {}))
+        .expect_err("a backup into a failing writer succeeded");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("writing the backup stream") && msg.contains("the target went away"),
+        "{msg}"
+    );
+    eprintln!("backup into a failing writer: {msg}");
+    assert!(
+        !backup_tool_running(&a.dir),
+        "mariadb-backup was left running"
+    );
+    // And the server is fine.
+    a.insert(7, "after the failed backup").await.unwrap();
+}
+
+/// A replica's backup restores as a primary that follows nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_backup_restores_as_a_primary() {
+    let a = new_primary("vm-a").await;
+    for id in 1..=3 {
+        a.insert(id, "before the clone").await.unwrap();
+    }
+    let mut b = Node::new("vm-b");
+    b.driver.save_secrets(&secrets()).unwrap();
+    let b_spec = b.replica_spec(&a);
+    b.driver
+        .clone_data(&b_spec, &a.upstream(), &|_, _| {})
+        .await
+        .unwrap();
+    b.driver.prepare(&b_spec).await.unwrap();
+    b.start(&b_spec).await;
+    b.wait(&b_spec, "stream from A", |r| r.streaming).await;
+    a.insert(4, "streamed").await.unwrap();
+    b.wait_row(4).await;
+    let at_backup = b.wait(&b_spec, "report its position", |_| true).await.lsn;
+    let expected = rows(&b).await;
+
+    let (stream, info) = backup(&b, &b_spec);
+    assert_eq!(
+        corral_agent::engine::mariadb::domain0_seq(&info.position),
+        at_backup,
+        "{info:?}"
+    );
+    a.insert(5, "after the backup").await.unwrap();
+    b.wait_row(5).await;
+
+    let mut c = Node::new("vm-c");
+    let (c_spec, restored_at) = restore_as_primary(&mut c, &stream).await;
+    assert_eq!(
+        restored_at, at_backup,
+        "the restored binary log starts at the backup"
+    );
+    assert_eq!(rows(&c).await, expected);
+    assert!(!c.has_row(5).await, "a write after the backup was restored");
+    c.insert(6, "on the restored primary").await.unwrap();
+    // It does not follow A: A's next write does not reach it.
+    a.insert(7, "only on A").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!c.has_row(7).await, "the restored node replicates from A");
+    let r = c.wait(&c_spec, "report as a primary", |_| true).await;
+    assert!(
+        !r.in_recovery && !r.streaming && r.upstream_host.is_empty(),
+        "{r:?}"
+    );
+    assert!(r.lsn > at_backup);
 }

@@ -1,7 +1,11 @@
 //! The Redis driver against real `redis-server` processes, driven as the
 //! agent drives it: a primary, a replica cloned from it, writes refused on
 //! the replica and (with `sync`) on a primary without replicas, a
-//! switchover with the old primary rejoining, the fence, and wipe.
+//! switchover with the old primary rejoining, the fence, and wipe; and
+//! backups: of a primary and of a replica, restored into a fresh node that
+//! the agent's usual steps (prepare, start, bootstrap) turn into a primary,
+//! surviving a restart there (the driver runs with the append-only file);
+//! verify; a truncated stream; a writer that fails mid-stream.
 //!
 //! Each node keeps its state under `/tmp/corral-redis-test-<pid>-<n>`,
 //! removed at the end (also on a panic; leftovers of a killed run are swept
@@ -10,7 +14,7 @@
 //! `redis` user) and redis-server.
 
 use corral_agent::engine::redis::Redis;
-use corral_agent::engine::{Driver, EngineSpec, Health, Secrets, Upstream};
+use corral_agent::engine::{BackupInfo, Driver, EngineSpec, Health, Secrets, Upstream};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -60,7 +64,7 @@ impl Drop for Dirs {
 
 /// SIGKILLs any redis-server whose pid file lies under `dir`.
 fn kill_servers_in(dir: &Path) {
-    for name in ["redis.pid", "clone.pid"] {
+    for name in ["redis.pid", "clone.pid", "restore.pid"] {
         let pidfile = dir.join("redis/run").join(name);
         let Some(pid) = std::fs::read_to_string(&pidfile)
             .ok()
@@ -623,5 +627,424 @@ async fn primary_replica_switchover_fence_and_wipe() {
     println!(
         "redis driver scenario: {} ms (promotion {promote_ms} ms)",
         began.elapsed().as_millis()
+    );
+}
+
+// ------------------------------------------------------------- backups
+
+const OTHER_ADMIN_PASSWORD: &str = "another-admin-pass-0123456789";
+
+fn other_secrets() -> Secrets {
+    Secrets {
+        admin_password: OTHER_ADMIN_PASSWORD.into(),
+        replication_password: "another-repl-pass-0123456789".into(),
+    }
+}
+
+/// This run's state directories (`n` of them), cleaned up when dropped.
+fn dirs(n: usize) -> (Dirs, Vec<(PathBuf, u16)>) {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test starts redis-server as the redis user: run it as root"
+    );
+    sweep_stale();
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let mut taken = Vec::new();
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let d = std::env::temp_dir().join(format!("{DIR_PREFIX}{}-backup{k}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        let p = free_port(&taken);
+        taken.push(p);
+        out.push((d, p));
+    }
+    (Dirs(out.iter().map(|(d, _)| d.clone()).collect()), out)
+}
+
+/// A session on database `db` with `password` (as `admin`).
+async fn session(port: u16, db: i64, password: &str) -> redis::RedisResult<MultiplexedConnection> {
+    let info = ConnectionAddr::Tcp("127.0.0.1".into(), port)
+        .into_connection_info()?
+        .set_redis_settings(
+            RedisConnectionInfo::default()
+                .set_username("admin")
+                .set_password(password)
+                .set_db(db),
+        );
+    redis::Client::open(info)?
+        .get_multiplexed_async_connection_with_config(
+            &AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(5)))
+                .set_response_timeout(Some(Duration::from_secs(5))),
+        )
+        .await
+}
+
+/// A new cluster's first node, running as a primary.
+async fn new_primary(id: &'static str, dir: PathBuf, port: u16) -> Node {
+    let mut n = Node::new(id, dir, port);
+    let spec = n.primary(false, &[]);
+    n.driver.save_secrets(&Node::secrets()).unwrap();
+    n.driver.initialize().await.unwrap();
+    n.driver.prepare(&spec).await.unwrap();
+    n.start(&spec).await;
+    n.driver.bootstrap(&spec, &Node::secrets()).await.unwrap();
+    n.driver.converge_slots(&spec).await.unwrap();
+    n
+}
+
+/// Writes the data set the tests back up: 100 strings, a hash and a list
+/// in db 0, 5 strings in db 3.
+async fn write_data(n: &Node) {
+    let mut c = n.admin().await;
+    for i in 0..100 {
+        set(
+            &mut c,
+            &format!("k{i}"),
+            &format!("v{i}-{}", "x".repeat(100)),
+        )
+        .await
+        .unwrap();
+    }
+    redis::cmd("HSET")
+        .arg("h")
+        .arg("f1")
+        .arg("one")
+        .arg("f2")
+        .arg("two")
+        .query_async::<()>(&mut c)
+        .await
+        .unwrap();
+    redis::cmd("RPUSH")
+        .arg("l")
+        .arg("a")
+        .arg("b")
+        .arg("c")
+        .query_async::<()>(&mut c)
+        .await
+        .unwrap();
+    let mut c3 = session(n.port, 3, ADMIN_PASSWORD).await.unwrap();
+    for i in 0..5 {
+        set(&mut c3, &format!("three{i}"), "3").await.unwrap();
+    }
+}
+
+/// Checks that `n` (admin password `password`) holds exactly what
+/// [`write_data`] wrote.
+async fn check_data(n: &Node, password: &str) {
+    let mut c = session(n.port, 0, password).await.unwrap();
+    let size: u64 = redis::cmd("DBSIZE").query_async(&mut c).await.unwrap();
+    assert_eq!(size, 102, "keys in db 0 of {}", n.id);
+    for i in [0, 42, 99] {
+        assert_eq!(
+            get(&mut c, &format!("k{i}")).await.unwrap(),
+            Some(format!("v{i}-{}", "x".repeat(100)))
+        );
+    }
+    let h: Vec<String> = redis::cmd("HMGET")
+        .arg("h")
+        .arg("f1")
+        .arg("f2")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(h, ["one", "two"]);
+    let l: Vec<String> = redis::cmd("LRANGE")
+        .arg("l")
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(l, ["a", "b", "c"]);
+    let mut c3 = session(n.port, 3, password).await.unwrap();
+    let size: u64 = redis::cmd("DBSIZE").query_async(&mut c3).await.unwrap();
+    assert_eq!(size, 5, "keys in db 3 of {}", n.id);
+}
+
+/// Backs `n` up into memory.
+fn backup(n: &Node, spec: &EngineSpec) -> (Vec<u8>, BackupInfo) {
+    let mut buf = Vec::new();
+    let reports = std::sync::Mutex::new(Vec::new());
+    let began = Instant::now();
+    let info = tokio::task::block_in_place(|| {
+        n.driver.backup(spec, &mut buf, &|done, total| {
+            reports.lock().unwrap().push((done, total))
+        })
+    })
+    .unwrap_or_else(|e| panic!("backup of {}: {e:#}", n.id));
+    eprintln!(
+        "backup of {}: {} bytes in {} ms, {info:?}",
+        n.id,
+        buf.len(),
+        began.elapsed().as_millis()
+    );
+    assert!(buf.starts_with(b"REDIS"), "not an RDB");
+    let reports = reports.into_inner().unwrap();
+    assert_eq!(
+        reports.last().copied(),
+        Some((buf.len() as u64, buf.len() as u64)),
+        "the last progress report is the whole stream"
+    );
+    (buf, info)
+}
+
+/// Restores `stream` into the fresh node `n` and runs it as the agent runs
+/// a primary, with the new cluster's secrets.
+async fn restore_as_primary(n: &mut Node, stream: &[u8]) -> EngineSpec {
+    n.driver.save_secrets(&other_secrets()).unwrap();
+    assert!(!n.driver.has_data());
+    let spec = n.primary(false, &[]);
+    let began = Instant::now();
+    tokio::task::block_in_place(|| n.driver.restore(&spec, &mut &stream[..], None))
+        .unwrap_or_else(|e| panic!("restore into {}: {e:#}", n.id));
+    eprintln!("restore into {}: {} ms", n.id, began.elapsed().as_millis());
+    assert!(n.driver.has_data());
+    assert!(!n.driver.data_is_standby().unwrap());
+    assert!(!n.base().join("data.restore").exists());
+    assert!(n.base().join("data/appendonlydir").is_dir());
+    assert!(!n.base().join("data/dump.rdb").exists());
+    n.driver.prepare(&spec).await.unwrap();
+    n.start(&spec).await;
+    n.driver.bootstrap(&spec, &other_secrets()).await.unwrap();
+    n.driver.converge_slots(&spec).await.unwrap();
+    let h = n.health(&spec).await.unwrap();
+    assert!(!h.replication.in_recovery, "{:?}", h.replication);
+    spec
+}
+
+/// The pids of the children of `pid` (a server's forks).
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                == Some(pid)
+        })
+        .collect()
+}
+
+/// A writer that fails once it has taken `limit` bytes.
+struct FailingWriter {
+    taken: usize,
+    limit: usize,
+}
+
+impl std::io::Write for FailingWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.taken >= self.limit {
+            return Err(std::io::Error::other("the target went away"));
+        }
+        let n = buf.len().min(self.limit - self.taken);
+        self.taken += n;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A primary's backup restores exactly what it held then, as a writable
+/// primary that keeps it across a restart; verify counts it; a truncated
+/// stream and a failing writer are errors that leave nothing running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_backup_restores_verifies_and_fails_cleanly() {
+    let (_cleanup, d) = dirs(2);
+    let a = new_primary("node-a", d[0].0.clone(), d[0].1).await;
+    let a_spec = a.primary(false, &[]);
+    write_data(&a).await;
+    let (stream, info) = backup(&a, &a_spec);
+    assert!(
+        info.version.starts_with(|c: char| c.is_ascii_digit()),
+        "{info:?}"
+    );
+    info.position.parse::<u64>().expect("an offset");
+    assert!(info.position_time_ms > 0);
+    let mut ca = a.admin().await;
+    set(&mut ca, "late", "after the backup").await.unwrap();
+
+    // Restored: exactly the data at backup time, a primary, writable, and
+    // still there after a restart (from the append-only file).
+    let mut b = Node::new("node-b", d[1].0.clone(), d[1].1);
+    let b_spec = restore_as_primary(&mut b, &stream).await;
+    check_data(&b, OTHER_ADMIN_PASSWORD).await;
+    let mut cb = session(b.port, 0, OTHER_ADMIN_PASSWORD).await.unwrap();
+    assert_eq!(get(&mut cb, "late").await.unwrap(), None);
+    set(&mut cb, "new", "on the restored primary")
+        .await
+        .unwrap();
+    assert!(
+        session(b.port, 0, ADMIN_PASSWORD).await.is_err(),
+        "the old cluster's password works on the restored node"
+    );
+    b.stop().await;
+    b.start(&b_spec).await;
+    let mut cb = session(b.port, 0, OTHER_ADMIN_PASSWORD).await.unwrap();
+    assert_eq!(
+        get(&mut cb, "new").await.unwrap().as_deref(),
+        Some("on the restored primary")
+    );
+    redis::cmd("DEL")
+        .arg("new")
+        .query_async::<()>(&mut cb)
+        .await
+        .unwrap();
+    check_data(&b, OTHER_ADMIN_PASSWORD).await;
+
+    // Verify: the counts of the backup.
+    let scratch = a.dir.join("verify");
+    let began = Instant::now();
+    let summary =
+        tokio::task::block_in_place(|| a.driver.verify(&mut &stream[..], &scratch)).unwrap();
+    eprintln!("verify: {summary} ({} ms)", began.elapsed().as_millis());
+    assert!(
+        summary.ends_with("loaded the RDB: 107 keys (db0: 102, db3: 5)"),
+        "{summary}"
+    );
+    // The node's own server was not touched.
+    assert_eq!(
+        get(&mut ca, "late").await.unwrap().as_deref(),
+        Some("after the backup")
+    );
+
+    // A truncated stream: a clear error.
+    let err = tokio::task::block_in_place(|| {
+        a.driver.verify(
+            &mut &stream[..stream.len() - 100],
+            &a.dir.join("verify-cut"),
+        )
+    })
+    .expect_err("a truncated stream verified");
+    let msg = format!("{err:#}");
+    eprintln!("verify of a truncated stream: {msg}");
+    assert!(msg.contains("could not load the RDB"), "{msg}");
+    let err = tokio::task::block_in_place(|| {
+        a.driver
+            .verify(&mut &b"not an rdb"[..], &a.dir.join("verify-junk"))
+    })
+    .expect_err("junk verified");
+    assert!(format!("{err:#}").contains("not an RDB file"), "{err:#}");
+
+    // A writer that fails mid-stream (of a snapshot big enough to be
+    // still streaming then): an error; the server's transfer fork is gone
+    // soon after, and the server is fine.
+    // Incompressible values: the RDB compresses repetitive ones to nothing.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut pipe = redis::pipe();
+    for i in 0..10_000 {
+        let value: Vec<u8> = (0..2000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        pipe.cmd("SET").arg(format!("big{i}")).arg(value).ignore();
+    }
+    pipe.query_async::<()>(&mut ca).await.unwrap();
+    let mut w = FailingWriter {
+        taken: 0,
+        limit: 1_000_000,
+    };
+    let err = tokio::task::block_in_place(|| a.driver.backup(&a_spec, &mut w, &|_, _| {}))
+        .expect_err("a backup into a failing writer succeeded");
+    let msg = format!("{err:#}");
+    eprintln!("backup into a failing writer: {msg}");
+    assert!(
+        msg.contains("writing the backup stream") && msg.contains("the target went away"),
+        "{msg}"
+    );
+    let pid = a.driver.find_running().unwrap();
+    eventually!("the server's transfer fork ending", 10, {
+        let left = children(pid);
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("children {left:?}"))
+        }
+    });
+    eventually!("the backup connection gone from the replica list", 10, {
+        let h = a.health(&a_spec).await?;
+        if h.replication.standbys.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{:?}", h.replication.standbys))
+        }
+    });
+    set(&mut ca, "after", "the failed backup").await.unwrap();
+    // And a backup works again.
+    let (again, _) = backup(&a, &a_spec);
+    assert!(again.len() > 20_000_000, "{} bytes", again.len());
+}
+
+/// A replica's backup restores as a primary that follows nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_backup_restores_as_a_primary() {
+    let (_cleanup, d) = dirs(3);
+    let a = new_primary("node-a", d[0].0.clone(), d[0].1).await;
+    write_data(&a).await;
+    let mut b = Node::new("node-b", d[1].0.clone(), d[1].1);
+    let b_spec = b.replica_of(&a);
+    b.driver.save_secrets(&Node::secrets()).unwrap();
+    b.driver
+        .clone_data(&b_spec, &a.upstream(), &|_, _| {})
+        .await
+        .unwrap();
+    b.driver.prepare(&b_spec).await.unwrap();
+    b.start(&b_spec).await;
+    let mut ca = a.admin().await;
+    set(&mut ca, "streamed", "after the clone").await.unwrap();
+    wait_for_key(&b, "streamed", "after the clone").await;
+    let offset = eventually!("B streaming from A", 20, {
+        let h = b.health(&b_spec).await?;
+        let r = &h.replication;
+        if r.in_recovery && r.streaming {
+            Ok(r.lsn)
+        } else {
+            Err(format!("{r:?}"))
+        }
+    });
+    let (stream, info) = backup(&b, &b_spec);
+    let at: u64 = info.position.parse().expect("an offset");
+    assert!(
+        at >= offset && at > 0,
+        "the backup's offset {at} is before the replica's {offset}"
+    );
+    set(&mut ca, "late", "after the backup").await.unwrap();
+    wait_for_key(&b, "late", "after the backup").await;
+
+    let mut c = Node::new("node-c", d[2].0.clone(), d[2].1);
+    let c_spec = restore_as_primary(&mut c, &stream).await;
+    let mut cc = session(c.port, 0, OTHER_ADMIN_PASSWORD).await.unwrap();
+    assert_eq!(
+        get(&mut cc, "streamed").await.unwrap().as_deref(),
+        Some("after the clone")
+    );
+    redis::cmd("DEL")
+        .arg("streamed")
+        .query_async::<()>(&mut cc)
+        .await
+        .unwrap();
+    assert_eq!(get(&mut cc, "late").await.unwrap(), None);
+    check_data(&c, OTHER_ADMIN_PASSWORD).await;
+    set(&mut cc, "mine", "on the restored primary")
+        .await
+        .unwrap();
+    // It does not follow A.
+    set(&mut ca, "only-a", "1").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(get(&mut cc, "only-a").await.unwrap(), None);
+    let h = c.health(&c_spec).await.unwrap();
+    assert!(
+        !h.replication.in_recovery && h.replication.upstream_host.is_empty(),
+        "{:?}",
+        h.replication
     );
 }

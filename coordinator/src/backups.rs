@@ -810,6 +810,7 @@ impl Ctx<'_> {
             sha256: row.sha256.clone(),
             to_time_ms,
             wal,
+            stored_bytes: row.stored_bytes,
         }))
     }
 

@@ -431,11 +431,13 @@ pub async fn restore(
     let spec = spec.clone();
     let expected = source.sha256.clone();
     let object = source.object.clone();
+    let total = source.stored_bytes;
     let outcome = target
         .get_stream(&source.object, move |input| {
             let mut counting = Progressing {
                 inner: input,
                 done: 0,
+                total,
                 progress: &progress,
             };
             read_checked(&mut counting, &key, &expected, &object, |r| {
@@ -447,9 +449,11 @@ pub async fn restore(
     outcome.map(|_| ())
 }
 
+/// Reports the stored bytes read (of `total`, 0 when unknown).
 struct Progressing<'a, R: ?Sized> {
     inner: &'a mut R,
     done: u64,
+    total: u64,
     progress: ProgressFn<'a>,
 }
 
@@ -458,7 +462,7 @@ impl<R: Read + ?Sized> Read for Progressing<'_, R> {
         let n = self.inner.read(buf)?;
         self.done += n as u64;
         if self.done % (8 << 20) < n as u64 {
-            (self.progress)(self.done, 0);
+            (self.progress)(self.done, self.total.max(self.done));
         }
         Ok(n)
     }
