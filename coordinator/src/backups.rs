@@ -520,7 +520,6 @@ pub fn to_pb(b: &BackupRow) -> pb::Backup {
         verify_summary: b.verify_summary.clone(),
         verify_ok: b.verify_ok,
         key_id: b.key_id.clone(),
-        recoverable_until_ms: 0,
         progress: None,
     }
 }

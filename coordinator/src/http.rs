@@ -85,9 +85,13 @@ async fn metrics(State(coord): State<Arc<Coordinator>>) -> Response {
 
 /// The whole exposition.
 pub fn render(coord: &Coordinator) -> Result<String> {
-    let (clusters, nodes) = coord
-        .store
-        .read(|c| Ok((store::list_clusters(c)?, store::list_nodes(c)?)))?;
+    let (clusters, nodes, backups) = coord.store.read(|c| {
+        Ok((
+            store::list_clusters(c)?,
+            store::list_nodes(c)?,
+            crate::backups::list(c, None)?,
+        ))
+    })?;
     let engines: HashMap<&str, &str> = clusters
         .iter()
         .map(|c| (c.name.as_str(), c.engine.as_str()))
@@ -95,6 +99,7 @@ pub fn render(coord: &Coordinator) -> Result<String> {
     let mut e = Exposition::default();
     node_families(coord, &mut e, &nodes, &engines);
     cluster_families(&mut e, &clusters);
+    backup_families(&mut e, &backups);
     coordinator_families(coord, &mut e, nodes.len());
     Ok(e.render())
 }
@@ -182,6 +187,48 @@ fn cluster_families(e: &mut Exposition, clusters: &[store::ClusterRow]) {
     );
     for c in clusters {
         f.add(&[("cluster", c.name.as_str())], c.term as f64);
+    }
+}
+
+/// Backup health per cluster (deleted clusters' kept backups included):
+/// when the last backup succeeded and how big it was, and how many
+/// backups are recorded in each state.
+fn backup_families(e: &mut Exposition, backups: &[crate::backups::BackupRow]) {
+    use crate::backups::state;
+    let mut last: std::collections::BTreeMap<&str, &crate::backups::BackupRow> = Default::default();
+    let mut counts: std::collections::BTreeMap<(&str, &str), u64> = Default::default();
+    for b in backups {
+        *counts
+            .entry((b.cluster.as_str(), b.state.as_str()))
+            .or_default() += 1;
+        if b.state == state::SUCCEEDED
+            && last
+                .get(b.cluster.as_str())
+                .is_none_or(|l| l.finished_at_ms < b.finished_at_ms)
+        {
+            last.insert(b.cluster.as_str(), b);
+        }
+    }
+    let f = e.gauge(
+        "corral_backup_last_success_timestamp_seconds",
+        "When the cluster's newest succeeded backup finished (Unix time).",
+    );
+    for (cluster, b) in &last {
+        f.add(&[("cluster", cluster)], b.finished_at_ms as f64 / 1000.0);
+    }
+    let f = e.gauge(
+        "corral_backup_last_success_stored_bytes",
+        "Stored (compressed, encrypted) size of the cluster's newest succeeded backup.",
+    );
+    for (cluster, b) in &last {
+        f.add(&[("cluster", cluster)], b.stored_bytes as f64);
+    }
+    let f = e.gauge(
+        "corral_backups",
+        "Backups recorded, by cluster and state (running, succeeded, failed).",
+    );
+    for ((cluster, st), n) in &counts {
+        f.add(&[("cluster", cluster), ("state", st)], *n as f64);
     }
 }
 

@@ -339,6 +339,19 @@ fn postgres_backup_to_s3_restores_into_new_clusters_and_to_a_point_in_time() {
     let days = (finals[0]["expires_at_ms"].as_i64().unwrap() - corral_proto::now_ms()) as f64
         / 86_400_000.0;
     assert!((14.9..=15.0).contains(&days), "expires in {days} days");
+    // It is usable after the cluster is gone: its node (vm4, local
+    // target) reads it back and restores it in a scratch directory.
+    let final_id = finals[0]["id"].as_str().unwrap();
+    lab.ctl_ok(&["backup", "verify", "pitr", final_id]).unwrap();
+
+    // Backup health in /metrics.
+    let metrics = lab.coordinator_metrics().unwrap();
+    for want in [
+        "corral_backup_last_success_timestamp_seconds{cluster=\"src\"}",
+        "corral_backups{cluster=\"pitr\",state=\"succeeded\"} 1",
+    ] {
+        assert!(metrics.contains(want), "{want} missing from:\n{metrics}");
+    }
 }
 
 fn mariadb(lab: &Lab, creds: &Value, vm: usize, q: &str) -> String {

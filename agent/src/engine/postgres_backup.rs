@@ -644,9 +644,15 @@ impl Postgres {
         ];
         match recovery {
             None => {
-                // The WAL the backup needs is in its pg_wal (-X fetch).
+                // The WAL the backup needs is in its pg_wal (-X fetch):
+                // replay all of it, then (no more WAL, no target) end
+                // recovery on a new timeline. Not recovery_target =
+                // 'immediate': a backup from an idle standby is consistent
+                // exactly at its last record, and PostgreSQL 15 then ends
+                // recovery with "recovery ended before configured recovery
+                // target was reached" (it checks the target only after
+                // replaying a further record).
                 settings.push("restore_command=/bin/false".into());
-                settings.push("recovery_target=immediate".into());
             }
             Some(r) => {
                 let dir = &r.wal_dir;
