@@ -39,14 +39,16 @@
 //! pid file and temporary files in the scratch directory; it is asked how
 //! many databases and tables it holds, and stopped.
 
-use super::super::os::{self, failure_summary, log_tail, mkdir_owned, remove_dir, TAIL_LINES};
+use super::super::os::{
+    self, failure_summary, log_tail, mkdir_owned, remove_dir, Reaped, TAIL_LINES,
+};
 use super::{account, binary, render_config, server_id, Mariadb, ServerConfig, REPLICA_MARKER};
 use crate::engine::{BackupInfo, Driver, EngineSpec, ProgressFn, Recovery};
 use anyhow::{anyhow, bail, Context, Result};
 use std::io::{BufRead, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// How long a temporary server may take to answer.
@@ -86,44 +88,6 @@ fn command(program: &str, ids: Option<(u32, u32)>, dir: &Path) -> Result<Command
         .env("LANG", "C.UTF-8")
         .current_dir(dir);
     Ok(cmd)
-}
-
-/// A child process that is killed (and reaped) if dropped running: a
-/// failed step never leaves a tool or a temporary server behind.
-struct Guard {
-    child: Child,
-    what: String,
-}
-
-impl Guard {
-    fn spawn(cmd: &mut Command, what: &str) -> Result<Guard> {
-        let child = cmd.spawn().with_context(|| {
-            format!("starting {what} ({})", cmd.get_program().to_string_lossy())
-        })?;
-        Ok(Guard {
-            child,
-            what: what.to_string(),
-        })
-    }
-
-    fn kill(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-
-    fn wait(&mut self) -> Result<std::process::ExitStatus> {
-        self.child
-            .wait()
-            .with_context(|| format!("waiting for {}", self.what))
-    }
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 /// Collects a tool's stderr on a thread: the last [`KEEP_LINES`] lines.
@@ -228,7 +192,7 @@ fn sql(socket: &Path, query: &str) -> Result<String> {
 /// prepares it (mariadb-backup --prepare): a data directory a server can
 /// start on. Returns the backup's GTID position.
 fn extract_and_prepare(input: &mut dyn Read, dir: &Path, ids: (u32, u32)) -> Result<String> {
-    let mut mb = Guard::spawn(
+    let mut mb = Reaped::spawn(
         command("mbstream", Some(ids), dir)?
             .arg("-x")
             .arg("-C")
@@ -302,7 +266,7 @@ fn extract_and_prepare(input: &mut dyn Read, dir: &Path, ids: (u32, u32)) -> Res
 /// A server started for one step, with no network: stopped (SIGTERM) by
 /// [`TempServer::stop`], killed if dropped running.
 struct TempServer {
-    guard: Guard,
+    guard: Reaped,
     socket: PathBuf,
     log: PathBuf,
 }
@@ -350,7 +314,7 @@ impl TempServer {
             p.datadir.display()
         );
         let out = log.try_clone().context("sharing the log")?;
-        let guard = Guard::spawn(
+        let guard = Reaped::spawn(
             command("mariadbd", Some(ids), p.datadir)?
                 .arg(format!("--defaults-file={}", p.cnf.display()))
                 .stdin(Stdio::null())
@@ -490,7 +454,7 @@ impl Mariadb {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let streamed = (|| {
-            let mut tool = Guard::spawn(&mut cmd, "mariadb-backup")?;
+            let mut tool = Reaped::spawn(&mut cmd, "mariadb-backup")?;
             let err = collect_lines(
                 tool.child
                     .stderr

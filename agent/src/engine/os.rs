@@ -299,6 +299,51 @@ pub fn running_pid(pid_file: &Path, program: &str) -> Option<u32> {
     (comm.trim() == comm_name(program) && super::process_alive(pid)).then_some(pid)
 }
 
+/// A tool's child process, killed (and reaped) if dropped before it ended:
+/// a failed step never leaves a tool or a temporary server behind.
+pub struct Reaped {
+    pub child: std::process::Child,
+    what: String,
+}
+
+impl Reaped {
+    /// Takes charge of `child`; `what` names it in errors.
+    pub fn new(child: std::process::Child, what: &str) -> Reaped {
+        Reaped {
+            child,
+            what: what.to_string(),
+        }
+    }
+
+    /// Spawns `cmd`, naming the program in the error.
+    pub fn spawn(cmd: &mut std::process::Command, what: &str) -> Result<Reaped> {
+        let child = cmd.spawn().with_context(|| {
+            format!("starting {what} ({})", cmd.get_program().to_string_lossy())
+        })?;
+        Ok(Reaped::new(child, what))
+    }
+
+    /// Kills the child if it still runs, and reaps it.
+    pub fn kill(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+
+    pub fn wait(&mut self) -> Result<ExitStatus> {
+        self.child
+            .wait()
+            .with_context(|| format!("waiting for {}", self.what))
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

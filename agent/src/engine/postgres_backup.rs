@@ -20,14 +20,14 @@
 //! directory renamed into place: afterwards it is an ordinary primary's,
 //! which the agent prepares and starts as usual.
 
-use super::os::{self, failure_summary, mkdir_owned, write_owned, Account};
+use super::os::{self, failure_summary, mkdir_owned, write_owned, Account, Reaped};
 use super::{account, Postgres};
 use crate::engine::{BackupInfo, Driver, EngineSpec, ProgressFn, Recovery};
 use anyhow::{anyhow, bail, Context, Result};
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 /// The port of the private recovery server: only names its socket file
@@ -72,34 +72,6 @@ fn ids() -> Result<Ids> {
         uid: user.uid.as_raw(),
         gid: user.gid.as_raw(),
     })
-}
-
-/// A child process killed (and reaped) when dropped before it ended: no
-/// tool is ever left running behind an error.
-struct Reaped {
-    child: Child,
-    what: &'static str,
-}
-
-impl Reaped {
-    fn kill(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
-
-    fn wait(&mut self) -> Result<ExitStatus> {
-        self.child
-            .wait()
-            .with_context(|| format!("waiting for {}", self.what))
-    }
-}
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 /// Reads a child's stderr to the end on a thread of its own (so that it
@@ -451,10 +423,7 @@ impl Postgres {
             .stderr(Stdio::piped())
             .spawn()
             .context("starting pg_basebackup")?;
-        let mut tool = Reaped {
-            child,
-            what: "pg_basebackup",
-        };
+        let mut tool = Reaped::new(child, "pg_basebackup");
         let mut stderr = Collected::start(tool.child.stderr.take());
         let mut stdout = tool
             .child
@@ -531,7 +500,7 @@ impl Postgres {
             .stderr(Stdio::piped())
             .spawn()
             .context("starting tar to extract the backup")?;
-        let mut tool = Reaped { child, what: "tar" };
+        let mut tool = Reaped::new(child, "tar");
         let mut stderr = Collected::start(tool.child.stderr.take());
         let mut stdin = tool
             .child
