@@ -64,7 +64,8 @@ CREATE TABLE IF NOT EXISTS backups (
     wal_prefix TEXT NOT NULL DEFAULT '',
     verified_at_ms INTEGER NOT NULL DEFAULT 0,
     verify_summary TEXT NOT NULL DEFAULT '',
-    verify_ok INTEGER NOT NULL DEFAULT 0
+    verify_ok INTEGER NOT NULL DEFAULT 0,
+    start_wal TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS backups_by_cluster ON backups(cluster, started_at_ms);
 -- Where a cluster's WAL is archived when not the default (after an
@@ -115,12 +116,14 @@ pub struct BackupRow {
     pub verified_at_ms: i64,
     pub verify_summary: String,
     pub verify_ok: bool,
+    /// PostgreSQL: the WAL segment the backup starts in.
+    pub start_wal: String,
 }
 
 const COLS: &str = "id, cluster, kind, state, reason, target, node, role, engine, version, \
     started_at_ms, finished_at_ms, plain_bytes, stored_bytes, sha256, position, position_time_ms, \
     expires_at_ms, operation, object, key_id, wal_target, wal_prefix, verified_at_ms, \
-    verify_summary, verify_ok";
+    verify_summary, verify_ok, start_wal";
 
 fn from_row(r: &Row) -> rusqlite::Result<BackupRow> {
     Ok(BackupRow {
@@ -150,6 +153,7 @@ fn from_row(r: &Row) -> rusqlite::Result<BackupRow> {
         verified_at_ms: r.get(23)?,
         verify_summary: r.get(24)?,
         verify_ok: r.get(25)?,
+        start_wal: r.get(26)?,
     })
 }
 
@@ -158,7 +162,7 @@ pub fn put(c: &Connection, b: &BackupRow) -> Result<()> {
     c.prepare_cached(&format!(
         "INSERT OR REPLACE INTO backups ({COLS}) VALUES \
          (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, \
-          ?20, ?21, ?22, ?23, ?24, ?25, ?26)"
+          ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27)"
     ))?
     .execute(params![
         b.id,
@@ -187,6 +191,7 @@ pub fn put(c: &Connection, b: &BackupRow) -> Result<()> {
         b.verified_at_ms,
         b.verify_summary,
         b.verify_ok,
+        b.start_wal,
     ])?;
     Ok(())
 }
@@ -520,6 +525,7 @@ pub fn to_pb(b: &BackupRow) -> pb::Backup {
         verify_summary: b.verify_summary.clone(),
         verify_ok: b.verify_ok,
         key_id: b.key_id.clone(),
+        start_wal: b.start_wal.clone(),
         progress: None,
     }
 }
@@ -688,6 +694,7 @@ impl Ctx<'_> {
         row.position = r.position;
         row.position_time_ms = r.position_time_ms;
         row.key_id = r.key_id;
+        row.start_wal = r.start_wal;
         Ok(())
     }
 
@@ -1024,12 +1031,88 @@ pub async fn delete_backup(coord: &Arc<Coordinator>, b: &BackupRow) -> Result<()
             .delete_backup_objects(pb::DeleteBackupObjectsRequest {
                 target: Some(coord.backups.target(&b.target)?),
                 prefix: b.object.clone(),
+                wal_before: String::new(),
             })
             .await
             .map_err(|s| anyhow!("deleting {} through {}: {}", b.object, node.id, s.message()))?;
     }
     coord.store.read(|c| remove(c, &b.id))?;
     tracing::info!(backup = %b.id, cluster = %b.cluster, "backup deleted");
+    Ok(())
+}
+
+/// Pure: for each WAL archive (target, prefix) the backups use, the oldest
+/// segment any of its succeeded backups starts in; archived segments
+/// before it serve no restore. An archive with a backup whose start is
+/// unknown is left out (nothing of it is pruned).
+pub fn wal_horizons(backups: &[BackupRow]) -> Vec<(String, String, String)> {
+    let mut oldest: std::collections::BTreeMap<(&str, &str), Option<&str>> = Default::default();
+    for b in backups {
+        if b.state != state::SUCCEEDED || b.wal_prefix.is_empty() {
+            continue;
+        }
+        let entry = oldest
+            .entry((b.wal_target.as_str(), b.wal_prefix.as_str()))
+            .or_insert(Some(b.start_wal.as_str()));
+        *entry = match (*entry, b.start_wal.as_str()) {
+            (None, _) | (_, "") => None,
+            (Some(o), s) => Some(o.min(s)),
+        };
+    }
+    oldest
+        .into_iter()
+        .filter_map(|((t, p), o)| {
+            o.filter(|o| !o.is_empty())
+                .map(|o| (t.to_string(), p.to_string(), o.to_string()))
+        })
+        .collect()
+}
+
+/// Deletes the archived WAL no backup needs (see [`wal_horizons`]), in
+/// shared (s3) WAL archives, through any node that is up.
+async fn prune_wal(
+    coord: &Arc<Coordinator>,
+    backups: &[BackupRow],
+    done: &mut std::collections::HashMap<String, String>,
+) -> Result<()> {
+    for (target_name, prefix, before) in wal_horizons(backups) {
+        if done.get(&prefix) == Some(&before) {
+            continue;
+        }
+        let target = coord.backups.target(&target_name)?;
+        if target.kind != "s3" {
+            continue; // a local WAL archive is spread over the nodes
+        }
+        let now = Instant::now();
+        let Some(node) = coord
+            .store
+            .read(store::list_nodes)?
+            .into_iter()
+            .find(|n| coord.fleet.liveness_of(&n.id, now) == Liveness::Up)
+        else {
+            return Ok(());
+        };
+        let mut client = coord.agents.client(&node.id, &node.address)?;
+        let r = client
+            .delete_backup_objects(pb::DeleteBackupObjectsRequest {
+                target: Some(target),
+                prefix: prefix.clone(),
+                wal_before: before.clone(),
+            })
+            .await
+            .map_err(|s| {
+                anyhow!(
+                    "pruning WAL under {prefix} through {}: {}",
+                    node.id,
+                    s.message()
+                )
+            })?
+            .into_inner();
+        if r.deleted > 0 {
+            tracing::info!(prefix = %prefix, before = %before, deleted = r.deleted, "pruned archived WAL no backup needs");
+        }
+        done.insert(prefix, before);
+    }
     Ok(())
 }
 
@@ -1042,6 +1125,7 @@ pub async fn run(coord: Arc<Coordinator>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_prune = Instant::now() - Duration::from_secs(3600);
+    let mut wal_pruned = std::collections::HashMap::new();
     loop {
         tick.tick().await;
         if let Err(e) = schedule_pass(&coord) {
@@ -1051,6 +1135,13 @@ pub async fn run(coord: Arc<Coordinator>) {
             last_prune = Instant::now();
             if let Err(e) = prune_pass(&coord).await {
                 tracing::warn!(error = %format!("{e:#}"), "backup retention");
+            }
+            let pruned = match coord.store.read(|c| list(c, None)) {
+                Ok(all) => prune_wal(&coord, &all, &mut wal_pruned).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = pruned {
+                tracing::warn!(error = %format!("{e:#}"), "WAL retention");
             }
         }
     }
@@ -1279,6 +1370,60 @@ mod tests {
         // Failed records go after their keep time; running never.
         let p = to_prune(&all, 0, 0, 10_000, 100);
         assert_eq!(p, vec!["e"]);
+    }
+
+    #[test]
+    fn wal_is_kept_from_the_oldest_backup_of_each_archive() {
+        let with = |id: &str, state: &str, prefix: &str, start: &str| BackupRow {
+            wal_target: "s3".into(),
+            wal_prefix: prefix.into(),
+            start_wal: start.into(),
+            ..b(id, 1, kind::SCHEDULED, state)
+        };
+        let all = vec![
+            with(
+                "a",
+                state::SUCCEEDED,
+                "wal/c/1/",
+                "000000010000000000000009",
+            ),
+            with(
+                "b",
+                state::SUCCEEDED,
+                "wal/c/1/",
+                "000000010000000000000004",
+            ),
+            with("c", state::FAILED, "wal/c/1/", ""),
+            with(
+                "d",
+                state::SUCCEEDED,
+                "wal/c/2/",
+                "000000020000000000000010",
+            ),
+            with(
+                "e",
+                state::SUCCEEDED,
+                "wal/x/1/",
+                "000000010000000000000002",
+            ),
+            with("f", state::SUCCEEDED, "wal/x/1/", ""),
+            with("g", state::SUCCEEDED, "", ""),
+        ];
+        assert_eq!(
+            wal_horizons(&all),
+            vec![
+                (
+                    "s3".to_string(),
+                    "wal/c/1/".to_string(),
+                    "000000010000000000000004".to_string()
+                ),
+                (
+                    "s3".to_string(),
+                    "wal/c/2/".to_string(),
+                    "000000020000000000000010".to_string()
+                ),
+            ]
+        );
     }
 
     #[test]

@@ -642,6 +642,36 @@ fn retention_final_backups_and_failures() {
         );
     }
 
+    // Archived WAL older than the oldest kept backup's start is pruned
+    // too; what a kept backup needs stays.
+    let horizon = backups(&lab, "c")
+        .iter()
+        .filter(|b| b["state"] == "succeeded")
+        .filter_map(|b| b["start_wal"].as_str().map(str::to_string))
+        .min()
+        .unwrap();
+    assert_eq!(horizon.len(), 24, "{horizon}");
+    let segments = |objects: &[String]| -> Vec<String> {
+        objects
+            .iter()
+            .filter(|o| o.starts_with("wal/c/"))
+            .filter_map(|o| o.rsplit('/').next())
+            .filter(|n| n.len() == 24 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+            .map(str::to_string)
+            .collect()
+    };
+    wait_until(
+        Duration::from_secs(20),
+        "WAL before the horizon to be pruned",
+        || Ok(segments(&s3.objects()).iter().all(|n| *n >= horizon)),
+    )
+    .unwrap();
+    let left = segments(&s3.objects());
+    assert!(
+        left.contains(&horizon),
+        "segment {horizon} (needed) missing: {left:?}"
+    );
+
     // A target nobody answers: the backup fails, is recorded failed with
     // the reason, and raises an alert; nothing is listed as good.
     let out = lab

@@ -189,6 +189,7 @@ impl Backups {
                 finished_at_ms
             },
             role: spec.role,
+            start_wal: info.start_wal,
         })
     }
 
@@ -222,14 +223,27 @@ impl Backups {
         })
     }
 
-    /// DeleteBackupObjects.
+    /// DeleteBackupObjects: every object under the prefix, or (with
+    /// `wal_before`) the archived WAL segments no backup needs any more.
     pub async fn delete(&self, req: pb::DeleteBackupObjectsRequest) -> Result<u64> {
         if req.prefix.is_empty() {
             bail!("refusing to delete with an empty prefix (it would mean every object)");
         }
-        self.target(req.target.as_ref())?
-            .delete_prefix(&req.prefix)
-            .await
+        let target = self.target(req.target.as_ref())?;
+        if req.wal_before.is_empty() {
+            return target.delete_prefix(&req.prefix).await;
+        }
+        if !wal::is_segment(&req.wal_before) {
+            bail!("{:?} is not a WAL segment file name", req.wal_before);
+        }
+        let mut deleted = 0;
+        for o in target.list(&req.prefix).await? {
+            let name = o.name.strip_prefix(&req.prefix).unwrap_or(&o.name);
+            if wal::is_segment(name) && *name < *req.wal_before {
+                deleted += target.delete_prefix(&o.name).await?;
+            }
+        }
+        Ok(deleted)
     }
 
     /// ReadBackupObject: the raw bytes, or (with a key) the decrypted

@@ -66,7 +66,7 @@ pub fn load(state_dir: &Path) -> Result<Option<pb::WalArchive>> {
 }
 
 /// Whether `name` is a WAL segment file name (24 hex digits).
-fn is_segment(name: &str) -> bool {
+pub fn is_segment(name: &str) -> bool {
     name.len() == 24 && name.bytes().all(|b| b.is_ascii_hexdigit())
 }
 

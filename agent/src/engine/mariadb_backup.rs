@@ -515,6 +515,7 @@ impl Mariadb {
             version: short_version(version.trim()),
             position,
             position_time_ms: corral_proto::now_ms(),
+            start_wal: String::new(),
         })
     }
 

@@ -529,6 +529,9 @@ pub struct BackupInfo {
     pub position: String,
     /// When the backup was consistent (ms since the epoch); 0: unknown.
     pub position_time_ms: i64,
+    /// PostgreSQL: the WAL segment file the backup starts in; archived
+    /// segments before it are not needed to restore it. Empty elsewhere.
+    pub start_wal: String,
 }
 
 /// PostgreSQL point-in-time recovery.

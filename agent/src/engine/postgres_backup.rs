@@ -106,6 +106,27 @@ pub(super) fn parse_end_point(stderr: &str) -> Option<String> {
     })
 }
 
+/// "pg_basebackup: write-ahead log start point: 0/2000028 on timeline 1"
+/// -> the segment file it lies in, "000000010000000000000002" (16 MiB
+/// segments, PostgreSQL's default and the only size Corral creates).
+pub(super) fn parse_start_segment(stderr: &str) -> Option<String> {
+    stderr.lines().find_map(|l| {
+        let (_, rest) = l.split_once("write-ahead log start point:")?;
+        let mut words = rest.split_whitespace();
+        let lsn = super::parse_lsn(words.next()?)?;
+        let timeline: u32 = match (words.next(), words.next()) {
+            (Some("on"), Some("timeline")) => words.next()?.parse().ok()?,
+            _ => return None,
+        };
+        let segno = lsn / (16 << 20);
+        Some(format!(
+            "{timeline:08X}{:08X}{:08X}",
+            segno / 256,
+            segno % 256
+        ))
+    })
+}
+
 /// `to_time_ms` as PostgreSQL's timestamptz in UTC, to the millisecond.
 pub(super) fn recovery_time(ms: i64) -> Result<String> {
     let t = chrono::DateTime::from_timestamp_millis(ms)
@@ -477,6 +498,7 @@ impl Postgres {
             version,
             position,
             position_time_ms: corral_proto::now_ms(),
+            start_wal: parse_start_segment(&text).unwrap_or_default(),
         })
     }
 
@@ -787,6 +809,16 @@ mod tests {
                     pg_basebackup: write-ahead log end point: 0/2000100\n";
         assert_eq!(parse_end_point(text).as_deref(), Some("0/2000100"));
         assert_eq!(parse_end_point("nothing"), None);
+        assert_eq!(
+            parse_start_segment(text).as_deref(),
+            Some("000000010000000000000002")
+        );
+        assert_eq!(
+            parse_start_segment("write-ahead log start point: 1/A3000028 on timeline 12")
+                .as_deref(),
+            Some("0000000C00000001000000A3")
+        );
+        assert_eq!(parse_start_segment("nothing"), None);
         assert_eq!(
             recovery_time(1_700_000_000_123).unwrap(),
             "2023-11-14 22:13:20.123+00"

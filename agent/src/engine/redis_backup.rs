@@ -549,6 +549,7 @@ impl Redis {
             version,
             position: offset.to_string(),
             position_time_ms: corral_proto::now_ms(),
+            start_wal: String::new(),
         })
     }
 
