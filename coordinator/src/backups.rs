@@ -817,6 +817,7 @@ impl Ctx<'_> {
             to_time_ms,
             wal,
             stored_bytes: row.stored_bytes,
+            start_wal: row.start_wal.clone(),
         }))
     }
 

@@ -436,7 +436,7 @@ pub async fn restore(
             .as_ref()
             .context("a point-in-time restore needs the source's WAL archive")?;
         let _ = std::fs::remove_dir_all(&wal_dir);
-        wal::fetch_all(wal, &wal_dir, state_dir).await?;
+        wal::fetch_all(wal, &wal_dir, state_dir, &source.start_wal).await?;
         recovery = Some(Recovery {
             to_time_ms: source.to_time_ms,
             wal_dir: wal_dir.clone(),

@@ -210,10 +210,16 @@ impl Archiver {
     }
 }
 
-/// Fetches every archived WAL file under `wal.prefix` into `dir`
-/// (decrypted, under its own name, readable by the postgres user), for a
-/// point-in-time restore.
-pub async fn fetch_all(wal: &pb::WalArchive, dir: &Path, state_dir: &Path) -> Result<usize> {
+/// Fetches the archived WAL files under `wal.prefix` into `dir`
+/// (decrypted, under their own names, readable by the postgres user), for
+/// a point-in-time restore: every timeline history file, and the segments
+/// from `from` on (every segment when `from` is empty).
+pub async fn fetch_all(
+    wal: &pb::WalArchive,
+    dir: &Path,
+    state_dir: &Path,
+    from: &str,
+) -> Result<usize> {
     let key = key_of(&wal.key)?;
     let target = Target::open(
         wal.target
@@ -243,7 +249,7 @@ pub async fn fetch_all(wal: &pb::WalArchive, dir: &Path, state_dir: &Path) -> Re
             .strip_prefix(&wal.prefix)
             .unwrap_or(&o.name)
             .to_string();
-        if name.contains('/') || name.is_empty() {
+        if name.contains('/') || name.is_empty() || (is_segment(&name) && *name < *from) {
             continue;
         }
         let path = dir.join(&name);
