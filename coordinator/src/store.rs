@@ -741,9 +741,14 @@ pub fn unfinished_operation_of(c: &Connection, cluster: &str) -> Result<Option<O
 /// decisions back: any but a backup or a verification
 /// ([`crate::ops::BACKGROUND`]), which run beside a failover.
 pub fn holding_operation_of(c: &Connection, cluster: &str) -> Result<Option<OperationRow>> {
+    let background = crate::ops::BACKGROUND
+        .iter()
+        .map(|k| format!("'{k}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
     Ok(c.prepare_cached(&format!(
         "SELECT {OP_COLS} FROM operations WHERE cluster = ?1 AND state IN ('pending', 'running') \
-             AND kind NOT IN ('backup', 'verify_backup') ORDER BY created_at_ms, id LIMIT 1"
+             AND kind NOT IN ({background}) ORDER BY created_at_ms, id LIMIT 1"
     ))?
     .query_row([cluster], op_from_row)
     .optional()?)
@@ -1004,6 +1009,31 @@ pub fn events_after(c: &Connection, after: i64, limit: u32) -> Result<Vec<EventR
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn backups_do_not_hold_failover_decisions() {
+        let c = Connection::open_in_memory().unwrap();
+        c.execute_batch(SCHEMA).unwrap();
+        let op = |id: &str, kind: &str, at: i64| OperationRow {
+            id: id.into(),
+            cluster: "c".into(),
+            kind: kind.into(),
+            state: op_state::RUNNING.into(),
+            params: "{}".into(),
+            requested_by: "t".into(),
+            created_at_ms: at,
+            updated_at_ms: at,
+            error: String::new(),
+        };
+        insert_operation(&c, &op("o1", crate::ops::BACKUP, 1)).unwrap();
+        insert_operation(&c, &op("o2", crate::ops::VERIFY_BACKUP, 2)).unwrap();
+        assert!(holding_operation_of(&c, "c").unwrap().is_none());
+        // Other operations still wait for them.
+        assert_eq!(unfinished_operation_of(&c, "c").unwrap().unwrap().id, "o1");
+        insert_operation(&c, &op("o3", crate::ops::RESYNC, 3)).unwrap();
+        assert_eq!(holding_operation_of(&c, "c").unwrap().unwrap().id, "o3");
+    }
+
     use super::*;
 
     fn store() -> (Store, std::path::PathBuf) {
