@@ -40,7 +40,7 @@
 //! many databases and tables it holds, and stopped.
 
 use super::super::os::{
-    self, failure_summary, log_tail, mkdir_owned, remove_dir, Reaped, TAIL_LINES,
+    self, failure_summary, log_tail, mkdir_owned, pump, remove_dir, PumpError, Reaped, TAIL_LINES,
 };
 use super::{account, binary, render_config, server_id, Mariadb, ServerConfig, REPLICA_MARKER};
 use crate::engine::{BackupInfo, Driver, EngineSpec, ProgressFn, Recovery};
@@ -55,8 +55,6 @@ use std::time::{Duration, Instant};
 const START_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long a temporary server may take to stop.
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
-/// The copy buffer.
-const CHUNK: usize = 256 * 1024;
 /// Lines of a tool's stderr kept for its error message and its position.
 const KEEP_LINES: usize = 200;
 /// The files of replication state a restored primary must not keep.
@@ -204,26 +202,15 @@ fn extract_and_prepare(input: &mut dyn Read, dir: &Path, ids: (u32, u32)) -> Res
     )?;
     let err = collect_lines(mb.child.stderr.take().context("mbstream's stderr")?);
     let mut stdin = mb.child.stdin.take().context("mbstream's stdin")?;
-    let mut buf = vec![0u8; CHUNK];
-    let mut fed = 0u64;
-    let mut refused = None;
-    loop {
-        let n = match input.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                mb.kill();
-                return Err(e).context("reading the backup stream");
-            }
-        };
-        if let Err(e) = stdin.write_all(&buf[..n]) {
-            // mbstream gave up; its stderr says why.
-            refused = Some(e);
-            break;
+    let (fed, refused) = match pump(input, &mut stdin, |_| {}) {
+        Ok(fed) => (fed, None),
+        Err(PumpError::Read(e, _)) => {
+            mb.kill();
+            return Err(e).context("reading the backup stream");
         }
-        fed += n as u64;
-    }
+        // mbstream gave up; its stderr says why.
+        Err(PumpError::Write(e, fed)) => (fed, Some(e)),
+    };
     drop(stdin);
     let status = mb.wait()?;
     let lines = err.join().unwrap_or_default();
@@ -466,31 +453,25 @@ impl Mariadb {
                 .stdout
                 .take()
                 .context("mariadb-backup's stdout")?;
-            let mut buf = vec![0u8; CHUNK];
-            let mut done = 0u64;
             let mut last_report = Instant::now();
-            loop {
-                let n = match stdout.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        tool.kill();
-                        return Err(e).context("reading mariadb-backup's output");
-                    }
-                };
-                if let Err(e) = out.write_all(&buf[..n]) {
+            let done = match pump(&mut stdout, out, |done| {
+                if last_report.elapsed() > Duration::from_millis(200) {
+                    progress(done, total.max(done));
+                    last_report = Instant::now();
+                }
+            }) {
+                Ok(done) => done,
+                Err(PumpError::Read(e, _)) => {
+                    tool.kill();
+                    return Err(e).context("reading mariadb-backup's output");
+                }
+                Err(PumpError::Write(e, done)) => {
                     tool.kill();
                     return Err(anyhow!(e).context(format!(
                         "writing the backup stream after {done} bytes (mariadb-backup stopped)"
                     )));
                 }
-                done += n as u64;
-                if last_report.elapsed() > Duration::from_millis(200) {
-                    progress(done, total.max(done));
-                    last_report = Instant::now();
-                }
-            }
+            };
             let status = tool.wait()?;
             let lines = err.join().unwrap_or_default();
             if !status.success() {

@@ -299,6 +299,38 @@ pub fn running_pid(pid_file: &Path, program: &str) -> Option<u32> {
     (comm.trim() == comm_name(program) && super::process_alive(pid)).then_some(pid)
 }
 
+/// Which side of a [`pump`] failed, and after how many bytes.
+pub enum PumpError {
+    Read(std::io::Error, u64),
+    Write(std::io::Error, u64),
+}
+
+/// Copies `from` to `to` until `from` ends, in 256 KiB buffers, calling
+/// `each` with the bytes copied so far after every buffer; returns the
+/// total. A tool's output into a backup stream, or a backup stream into a
+/// tool's input: the callers tell a failed read (the source broke) from a
+/// failed write (the sink gave up) by the error's side.
+pub fn pump(
+    from: &mut dyn std::io::Read,
+    to: &mut dyn std::io::Write,
+    mut each: impl FnMut(u64),
+) -> std::result::Result<u64, PumpError> {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut done = 0u64;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(done),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(PumpError::Read(e, done)),
+        };
+        to.write_all(&buf[..n])
+            .map_err(|e| PumpError::Write(e, done))?;
+        done += n as u64;
+        each(done);
+    }
+}
+
 /// A tool's child process, killed (and reaped) if dropped before it ended:
 /// a failed step never leaves a tool or a temporary server behind.
 pub struct Reaped {

@@ -20,7 +20,9 @@
 //! directory renamed into place: afterwards it is an ordinary primary's,
 //! which the agent prepares and starts as usual.
 
-use super::os::{self, failure_summary, mkdir_owned, write_owned, Account, Reaped};
+use super::os::{
+    self, failure_summary, mkdir_owned, pump, write_owned, Account, PumpError, Reaped,
+};
 use super::{account, Postgres};
 use crate::engine::{BackupInfo, Driver, EngineSpec, ProgressFn, Recovery};
 use anyhow::{anyhow, bail, Context, Result};
@@ -451,31 +453,25 @@ impl Postgres {
             .stdout
             .take()
             .ok_or_else(|| anyhow!("pg_basebackup has no stdout"))?;
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut done: u64 = 0;
-        loop {
-            let n = match stdout.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tool.kill();
-                    bail!(
-                        "reading pg_basebackup's output failed after {done} bytes: {e}\n{}",
-                        failure_summary(&stderr.text())
-                    );
-                }
-            };
-            if let Err(e) = out.write_all(&buf[..n]) {
+        let done = match pump(&mut stdout, out, |done| {
+            progress(done, if total > 0 { total.max(done) } else { 0 })
+        }) {
+            Ok(done) => done,
+            Err(PumpError::Read(e, done)) => {
+                tool.kill();
+                bail!(
+                    "reading pg_basebackup's output failed after {done} bytes: {e}\n{}",
+                    failure_summary(&stderr.text())
+                );
+            }
+            Err(PumpError::Write(e, done)) => {
                 tool.kill();
                 let _ = stderr.text();
                 return Err(anyhow::Error::new(e).context(format!(
                     "writing the backup stream failed after {done} bytes; pg_basebackup was stopped"
                 )));
             }
-            done += n as u64;
-            progress(done, if total > 0 { total.max(done) } else { 0 });
-        }
+        };
         drop(stdout);
         let status = tool.wait()?;
         let text = stderr.text();
@@ -529,29 +525,18 @@ impl Postgres {
             .stdin
             .take()
             .ok_or_else(|| anyhow!("tar has no stdin"))?;
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut done: u64 = 0;
-        let mut write_failed = None;
-        loop {
-            let n = match input.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tool.kill();
-                    let _ = stderr.text();
-                    return Err(anyhow::Error::new(e).context(format!(
-                        "reading the backup stream failed after {done} bytes"
-                    )));
-                }
-            };
-            if let Err(e) = stdin.write_all(&buf[..n]) {
-                // tar stopped reading: its own error says why.
-                write_failed = Some(e);
-                break;
+        let (done, write_failed) = match pump(input, &mut stdin, |_| {}) {
+            Ok(done) => (done, None),
+            Err(PumpError::Read(e, done)) => {
+                tool.kill();
+                let _ = stderr.text();
+                return Err(anyhow::Error::new(e).context(format!(
+                    "reading the backup stream failed after {done} bytes"
+                )));
             }
-            done += n as u64;
-        }
+            // tar stopped reading: its own error says why.
+            Err(PumpError::Write(e, done)) => (done, Some(e)),
+        };
         drop(stdin);
         let status = tool.wait()?;
         let text = stderr.text();
