@@ -181,27 +181,25 @@ async fn run(args: Args) -> Result<()> {
         ("valkey", redis.clone()),
         ("keydb", redis),
     ];
-    // The coordinator's addresses are always allowed to reach the engine,
-    // whatever the cluster's allowlist says.
-    let coordinator_ips: Vec<std::net::IpAddr> = tokio::net::lookup_host(&config.coordinator)
-        .await
-        .map(|addrs| addrs.map(|a| a.ip().to_canonical()).collect())
-        .unwrap_or_else(|e| {
-            tracing::warn!(coordinator = %config.coordinator, "resolving the coordinator: {e}");
-            Vec::new()
-        });
+    let health_listen = config.health_listen;
     let engine = engine::Engine::new(
         config.state_dir.clone(),
         drivers,
         events.clone(),
         firewall::Firewall::new(),
-        coordinator_ips,
+        Some(health_listen.port()),
     );
     if let Err(e) = engine.resume().await {
         // Reported through the engine status; the agent keeps running so the
         // coordinator can see it.
         tracing::error!("resuming the engine: {e:#}");
     }
+    // Only now the first network call: the fence is in place whatever
+    // the lookup does (a resolver can take seconds to answer).
+    tokio::spawn(resolve_coordinator(
+        engine.clone(),
+        config.coordinator.clone(),
+    ));
 
     let tls = corral_proto::tls::client_config(
         &identity.ca_pem,
@@ -232,7 +230,7 @@ async fn run(args: Args) -> Result<()> {
         identity.cert.clone(),
     ));
     let rounds = tokio::spawn(peers.run(engine.clone()));
-    let health_addr = config.health_listen;
+    let health_addr = health_listen;
     let exporter = health::Exporter {
         engine: engine.clone(),
         telemetry,
@@ -267,6 +265,29 @@ async fn run(args: Args) -> Result<()> {
         task.abort();
     }
     result
+}
+
+/// The coordinator's addresses are always allowed to reach the engine,
+/// whatever the cluster's allowlist says: resolved in the background (and
+/// again until it works), never before the first fence pass.
+async fn resolve_coordinator(engine: Arc<engine::Engine>, coordinator: String) {
+    loop {
+        let looked_up = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::net::lookup_host(coordinator.clone()),
+        )
+        .await;
+        match looked_up {
+            Ok(Ok(addrs)) => {
+                let ips = addrs.map(|a| a.ip().to_canonical()).collect();
+                engine.set_coordinator_ips(ips).await;
+                return;
+            }
+            Ok(Err(e)) => tracing::warn!(%coordinator, "resolving the coordinator: {e}"),
+            Err(_) => tracing::warn!(%coordinator, "resolving the coordinator: no answer in 10 s"),
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
 }
 
 async fn shutdown_signal() {

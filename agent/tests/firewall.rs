@@ -84,7 +84,7 @@ impl Netns {
     }
 
     fn firewall(&self) -> Firewall {
-        Firewall::with_command("ip", &["netns", "exec", &self.name, "nft"])
+        Firewall::in_netns(&self.name)
     }
 
     /// Runs `f` on a thread that has entered the namespace. Sockets created
@@ -214,6 +214,7 @@ fn allowing(port: u16, allow: &[&str], always: &[&str]) -> Rules {
         fenced: false,
         allow: allow.iter().map(|n| n.parse().unwrap()).collect(),
         always: always.iter().map(|a| a.parse().unwrap()).collect(),
+        ..Rules::default()
     }
 }
 
@@ -306,6 +307,77 @@ async fn fenced_node_still_reaches_other_nodes_engines() {
     );
     old.echo(new_engine.addr)
         .expect("the fenced node still reaches the new primary's engine on the same port");
+}
+
+fn gated(port: u16) -> Rules {
+    Rules {
+        engine_port: Some(port),
+        gated: true,
+        ..Rules::default()
+    }
+}
+
+#[tokio::test]
+async fn the_lease_gate_closes_by_itself_when_nobody_renews_it() {
+    use corral_agent::lease::BootTime;
+    let ns = Netns::new();
+    let engine = EchoServer::start(&ns, "127.0.0.1", 0);
+    let port = engine.addr.port();
+    let fw = ns.firewall();
+
+    // Written with the gate open for 1.5 s: traffic flows, in the table's
+    // own transaction (no moment with the port closed).
+    fw.apply_gated(&gated(port), BootTime::now() + Duration::from_millis(1500))
+        .await
+        .unwrap();
+    ns.echo(engine.addr).expect("open while the lease lives");
+    let established = ns.connect(engine.addr);
+    roundtrip(&established).unwrap();
+    assert!(
+        fw.matches(&gated(port)).await.unwrap(),
+        "the element is not drift"
+    );
+    // Renewed every 300 ms for 3 s, well past the first end: still open.
+    let began = Instant::now();
+    while began.elapsed() < Duration::from_secs(3) {
+        fw.renew_gate(port, BootTime::now() + Duration::from_millis(1500))
+            .unwrap();
+        ns.echo(engine.addr).expect("open while renewed");
+        roundtrip(&established).expect("an established session keeps working");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // Nobody renews it (the agent died): the kernel closes it by itself,
+    // for new and established connections alike.
+    std::thread::sleep(Duration::from_millis(1600));
+    let err = ns.echo(engine.addr).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+    assert!(
+        roundtrip(&established).is_err(),
+        "established traffic is dropped too"
+    );
+    assert!(
+        fence_packets(&ns, "input") > 0,
+        "the gate's counter saw them"
+    );
+    assert!(
+        fw.matches(&gated(port)).await.unwrap(),
+        "still the same table"
+    );
+    // A closed gate is reopened by writing the table afresh.
+    fw.apply_gated(&gated(port), BootTime::now() + Duration::from_millis(900))
+        .await
+        .unwrap();
+    ns.echo(engine.addr).expect("reopened");
+    // Under a second nft cannot write the element (whole seconds): the
+    // renewal right after it opens the gate.
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(ns.echo(engine.addr).is_err(), "closed at its end again");
+    // Without a table there is no set to renew.
+    fw.remove().await.unwrap();
+    let e = fw
+        .renew_gate(port, BootTime::now() + Duration::from_secs(1))
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("is the table applied"), "{e:#}");
 }
 
 #[tokio::test]
@@ -782,7 +854,7 @@ async fn matches_detects_allowlist_drift() {
     // nft lists exactly the elements we sent, in the order we sent them.
     let listed: serde_json::Value =
         serde_json::from_str(&ns.nft(&["-j", "list", "table", "inet", TABLE])).unwrap();
-    let sent = serde_json::to_value(corral_agent::firewall::render(&rules)).unwrap();
+    let sent = serde_json::to_value(corral_agent::firewall::render(&rules, None)).unwrap();
     for set in ["allow4", "allow6", "always4", "always6"] {
         assert_eq!(
             set_elements(&listed, set),
@@ -983,7 +1055,7 @@ async fn apply_and_matches_hold_10000_entries() {
             ..unfenced(5432)
         };
         let started = Instant::now();
-        let payload = serde_json::to_string(&corral_agent::firewall::render(&rules)).unwrap();
+        let payload = serde_json::to_string(&corral_agent::firewall::render(&rules, None)).unwrap();
         let render_time = started.elapsed();
         let elements = payload.matches("\"len\"").count() + payload.matches("\",").count();
         let mut apply_times = Vec::new();

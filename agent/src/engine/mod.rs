@@ -17,13 +17,15 @@
 //! mid-way (or restarts) does not cancel a clone half-way; its retried call
 //! waits for the running step and then finds the work done.
 
+mod fence;
 pub mod mariadb;
 mod os;
 pub mod postgres;
 pub mod redis;
 mod safety;
 
-pub use safety::{FenceState, Round};
+pub use fence::FenceState;
+pub use safety::Round;
 
 use crate::events::Events;
 use crate::firewall::Firewall;
@@ -570,13 +572,22 @@ pub struct Engine {
     /// The node's nftables table (the fence lives there).
     firewall: Firewall,
     /// The fence as last applied: None until the first pass after start.
-    fence: tokio::sync::Mutex<Option<safety::FenceState>>,
+    fence: tokio::sync::Mutex<Option<fence::FenceState>>,
+    /// Until when the kernel's lease gate is open, as last written (None:
+    /// closed, or not known to be open).
+    gate_until: Mutex<Option<crate::lease::BootTime>>,
+    /// The firewall of a primary serving replicas could not be written: its
+    /// engine is stopped and not started until it can (see [`fence`]).
+    firewall_broken: std::sync::atomic::AtomicBool,
+    /// The agent's health port, filtered by the allowlist like the engine's.
+    health_port: Option<u16>,
     /// When the last successful health check ran.
     last_check: Mutex<Option<Instant>>,
     /// The allowlist version the firewall holds.
     allowlist_applied: std::sync::atomic::AtomicU64,
     /// The coordinator's addresses: always allowed to reach the engine.
-    coordinator_ips: Vec<std::net::IpAddr>,
+    /// Learnt after start-up: the first fence pass runs before any lookup.
+    coordinator_ips: Mutex<Vec<std::net::IpAddr>>,
     /// The stored allowlist, parsed: (the list it was parsed from, the
     /// networks), so a long list is parsed once, not at every guardian turn.
     allow_parsed: Mutex<(Arc<Vec<String>>, Vec<ipnet::IpNet>)>,
@@ -604,7 +615,7 @@ impl Engine {
         drivers: Drivers,
         events: Arc<Events>,
         firewall: Firewall,
-        coordinator_ips: Vec<std::net::IpAddr>,
+        health_port: Option<u16>,
     ) -> Arc<Engine> {
         let lease = lease::load(&state_dir);
         let first = drivers
@@ -629,14 +640,35 @@ impl Engine {
             promoting: std::sync::atomic::AtomicBool::new(false),
             firewall,
             fence: tokio::sync::Mutex::new(None),
+            gate_until: Mutex::new(None),
+            firewall_broken: std::sync::atomic::AtomicBool::new(false),
+            health_port,
             fenced_now: std::sync::atomic::AtomicBool::new(false),
             last_check: Mutex::new(None),
             allowlist_applied: std::sync::atomic::AtomicU64::new(0),
-            coordinator_ips,
+            coordinator_ips: Mutex::new(Vec::new()),
             allow_parsed: Mutex::new(Default::default()),
             guard_wake: tokio::sync::Notify::new(),
             heartbeat_wake: tokio::sync::Notify::new(),
         })
+    }
+
+    /// The coordinator's addresses, always allowed to reach the engine.
+    pub(crate) fn coordinator_ips(&self) -> Vec<std::net::IpAddr> {
+        self.coordinator_ips
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Records the coordinator's addresses (once they are resolved) and
+    /// brings the allowlist in line.
+    pub async fn set_coordinator_ips(&self, ips: Vec<std::net::IpAddr>) {
+        *self
+            .coordinator_ips
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = ips;
+        self.enforce().await;
     }
 
     /// The engine's status, with the term and lease as of now.
@@ -782,13 +814,16 @@ impl Engine {
             });
             return Ok(());
         }
+        // The fence first, before anything that may fail or wait: a
+        // primary without a valid lease starts fenced (after a VM reboot a
+        // former primary must never come back writable), one with a lease
+        // gets its gate again, and one whose firewall cannot be written is
+        // stopped.
+        self.enforce().await;
         if let Err(e) = self.driver().prepare(&spec).await {
             self.fail(&format!("preparing {}: {e:#}", spec.engine));
             return Err(e);
         }
-        // A primary without a valid lease starts fenced: after a VM reboot,
-        // a former primary must never come back writable.
-        self.enforce().await;
         self.ensure_supervised();
         Ok(())
     }
@@ -1390,6 +1425,17 @@ impl Engine {
                 Some(pid) => {
                     tracing::info!(pid, "adopting the running {} process", spec.engine);
                     Process::Adopted(pid)
+                }
+                None if self.start_refused().is_some() => {
+                    let why = self.start_refused().unwrap_or_default();
+                    self.update(|s| {
+                        s.state = EngineState::Stopped as i32;
+                        s.healthy = false;
+                        s.pid = 0;
+                        s.message = why.to_string();
+                    });
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    continue;
                 }
                 None => match self.driver().start(&spec).await {
                     Ok(child) => Process::Child(child),

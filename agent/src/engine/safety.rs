@@ -10,41 +10,21 @@
 //!   answer to each heartbeat; while the coordinator is unreachable, a
 //!   round in which every replica confirmed the primary renews it
 //!   ([`crate::peers`]).
-//! - **Fence.** The guardian ([`Engine::guard`]) fences a primary whose lease
-//!   is about to end: first the firewall drops every packet to and from the
-//!   engine port (atomic, one nftables transaction), then the engine is made
-//!   read-only and its client sessions are ended. The fence is lifted when a
-//!   lease is granted again. A single-node cluster is never fenced: nobody
-//!   could take over from it, so fencing would only take writes down.
+//! - **Fence.** The guardian ([`Engine::guard`], in [`super::fence`])
+//!   fences a primary whose lease is about to end, and keeps the kernel's
+//!   lease gate open while the lease is renewed.
 //! - **Confirmations.** A replica confirms only the primary its own spec
 //!   follows, in a term not older than its own, and refuses to be promoted
 //!   until its last confirmation has expired. A restarted agent does not
 //!   know what it confirmed before, so it assumes it just did.
 
 use super::{Conflict, Engine, Stored};
-use crate::firewall::Rules;
 use crate::lease::{self, BootTime, Source};
 use anyhow::Result;
 use corral_proto::lease::{fence_ahead, margin};
 use corral_proto::pb;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-
-/// What the node's firewall and engine were last set to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FenceState {
-    /// The whole table; `engine_port` None: no engine here (table removed).
-    pub rules: Rules,
-    /// The allowlist version those rules hold.
-    pub allowlist_version: u64,
-}
-
-/// How often the guardian checks the firewall for drift (someone deleting
-/// or flushing the agent's table by hand): its shape (table, chains, rules,
-/// sets declared) every 5 s, the sets' elements too every 30 s (listing a
-/// 10,000-entry allowlist costs nft about 30 ms).
-const DRIFT_CHECK_EVERY: Duration = Duration::from_secs(5);
-const DRIFT_FULL_CHECK_EVERY: Duration = Duration::from_secs(30);
 
 /// How long a new primary waits for its first lease before answering the
 /// coordinator (it asks with an immediate heartbeat).
@@ -58,7 +38,7 @@ const FIRST_LEASE_WAIT: Duration = Duration::from_secs(3);
 pub(super) const PROMOTION_LEASE_WAIT: Duration = Duration::from_millis(300);
 
 impl Engine {
-    fn lock_lease(&self) -> std::sync::MutexGuard<'_, lease::Lease> {
+    pub(super) fn lock_lease(&self) -> std::sync::MutexGuard<'_, lease::Lease> {
         self.lease.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -85,10 +65,15 @@ impl Engine {
         }
     }
 
+    /// Whether the node, as `stored` describes it, is a primary that another
+    /// node may take over from: one that is fenced without a lease.
+    pub(super) fn may_be_fenced(&self, stored: &Stored) -> bool {
+        stored.spec.role == "primary" && !required_confirmers(stored).is_empty()
+    }
+
     /// Whether the node, as `stored` describes it, must be fenced at `now`.
-    fn should_fence(&self, stored: &Stored, now: BootTime) -> bool {
-        stored.spec.role == "primary"
-            && !required_confirmers(stored).is_empty()
+    pub(super) fn should_fence(&self, stored: &Stored, now: BootTime) -> bool {
+        self.may_be_fenced(stored)
             && self
                 .lock_lease()
                 .must_fence(now, fence_ahead(stored.cluster.lease()))
@@ -457,177 +442,6 @@ impl Engine {
         }
         self.lock_lease().held(BootTime::now())
     }
-
-    /// Brings the firewall and the engine's read-only setting in line with
-    /// the lease; logs (and retries on the next pass) when that fails.
-    pub async fn enforce(&self) {
-        let mut applied = self.fence.lock().await;
-        let stored = self.stored();
-        let want = self.wanted_rules(stored.as_ref());
-        if applied.as_ref() == Some(&want) {
-            return;
-        }
-        let began = Instant::now();
-        let fenced = want.rules.fenced;
-        let was_fenced = applied.as_ref().is_some_and(|f| f.rules.fenced);
-        let outcome = match (&stored, fenced) {
-            (None, _) => self.firewall.remove().await,
-            (Some(s), true) => {
-                // The firewall first: it is atomic and immediate.
-                let fw = self.firewall.apply(&want.rules).await;
-                let ro = self.driver().set_fenced(&s.spec, true).await;
-                fw.and(ro)
-            }
-            (Some(s), false) if was_fenced || applied.is_none() => {
-                let ro = self.driver().set_fenced(&s.spec, false).await;
-                let fw = self.firewall.apply(&want.rules).await;
-                ro.and(fw)
-            }
-            // Only the allowlist (or membership) changed.
-            (Some(_), false) => self.firewall.apply(&want.rules).await,
-        };
-        match outcome {
-            Ok(()) => {
-                let old_version = applied.as_ref().map(|f| f.allowlist_version);
-                let port = want.rules.engine_port.unwrap_or(0);
-                let entries = want.rules.allow.len();
-                let version = want.allowlist_version;
-                *applied = Some(want);
-                self.fenced_now.store(fenced, Ordering::SeqCst);
-                self.allowlist_applied.store(version, Ordering::SeqCst);
-                drop(applied);
-                let ms = began.elapsed().as_millis();
-                if stored.is_some() && old_version != Some(version) && version > 0 {
-                    self.events.push(
-                        "allowlist_applied",
-                        if entries == 0 {
-                            format!(
-                                "allowlist version {version} applied in {ms} ms: empty, port {port} \
-                                 is open to every address"
-                            )
-                        } else {
-                            format!(
-                                "allowlist version {version} applied in {ms} ms: {entries} entries \
-                                 may reach port {port}, besides the cluster's nodes"
-                            )
-                        },
-                    );
-                }
-                match (was_fenced, fenced) {
-                    (false, true) => self.events.push(
-                        "fenced",
-                        format!(
-                            "no valid lease: client traffic to port {port} dropped and the engine \
-                             made read-only in {ms} ms"
-                        ),
-                    ),
-                    (true, false) if stored.as_ref().is_some_and(|s| s.spec.role == "primary") => {
-                        self.events.push(
-                            "unfenced",
-                            format!("lease granted: the engine takes writes again ({ms} ms)"),
-                        )
-                    }
-                    (true, false) => self.events.push(
-                        "unfenced",
-                        format!("fence lifted: this node is no longer a primary ({ms} ms)"),
-                    ),
-                    _ => {}
-                }
-            }
-            Err(e) => {
-                // Half of it may have been applied: the next pass starts
-                // from "unknown" and applies both halves again (each is
-                // idempotent). Until then, report it as fenced when that
-                // was the aim: better a false alarm than a false all-clear.
-                *applied = None;
-                if fenced {
-                    self.fenced_now.store(true, Ordering::SeqCst);
-                }
-                tracing::error!(
-                    fenced,
-                    allowlist = want.allowlist_version,
-                    "applying the firewall: {e:#}"
-                );
-                self.update(|s| s.message = format!("applying the firewall: {e:#}"));
-            }
-        }
-    }
-
-    /// Re-applies the table when someone changed or deleted it by hand;
-    /// `elements`: compare the sets' elements too.
-    async fn repair_drift(&self, elements: bool) {
-        // Held throughout: a fence applied meanwhile would otherwise be
-        // taken for drift and undone.
-        let mut applied = self.fence.lock().await;
-        let Some(want) = applied.clone() else {
-            return;
-        };
-        if want.rules.engine_port.is_none() {
-            return;
-        }
-        let same = if elements {
-            self.firewall.matches(&want.rules).await
-        } else {
-            self.firewall.matches_shape(&want.rules).await
-        };
-        match same {
-            Ok(true) => {}
-            Ok(false) => match self.firewall.apply(&want.rules).await {
-                Ok(()) => self.events.push(
-                    "firewall_drift",
-                    format!(
-                        "the nftables table inet {} was changed or removed by hand; restored it",
-                        crate::firewall::TABLE
-                    ),
-                ),
-                Err(e) => {
-                    *applied = None;
-                    tracing::error!("restoring the firewall table: {e:#}");
-                }
-            },
-            Err(e) => tracing::warn!("reading the firewall table: {e:#}"),
-        }
-    }
-
-    /// Runs for the agent's life: fences before the lease ends, lifts the
-    /// fence when it is renewed, repairs drift. Wakes at the next deadline,
-    /// when woken, and at least every 250 ms.
-    pub async fn guard(self: std::sync::Arc<Self>) {
-        let mut last_drift_check = Instant::now();
-        let mut last_full_check = Instant::now();
-        loop {
-            self.enforce().await;
-            if last_drift_check.elapsed() > DRIFT_CHECK_EVERY {
-                last_drift_check = Instant::now();
-                let full = last_full_check.elapsed() > DRIFT_FULL_CHECK_EVERY;
-                if full {
-                    last_full_check = Instant::now();
-                }
-                self.repair_drift(full).await;
-            }
-            let next = self.next_deadline().min(Duration::from_millis(250));
-            tokio::select! {
-                _ = tokio::time::sleep(next) => {}
-                _ = self.guard_wake.notified() => {}
-            }
-        }
-    }
-
-    /// Time until the fence must go up, for a primary holding its lease.
-    fn next_deadline(&self) -> Duration {
-        let Some(stored) = self.stored() else {
-            return Duration::from_secs(1);
-        };
-        let now = BootTime::now();
-        let l = self.lock_lease();
-        match l.until {
-            Some(until) if stored.spec.role == "primary" => {
-                let fence_at = until - fence_ahead(stored.cluster.lease());
-                now.until(fence_at).max(Duration::from_millis(1))
-            }
-            _ => Duration::from_secs(1),
-        }
-    }
 }
 
 /// Whom a primary needs confirmations from to keep its lease without the
@@ -639,52 +453,6 @@ fn required_confirmers(stored: &Stored) -> Vec<String> {
         stored.spec.replicas.iter().cloned().collect();
     all.extend(stored.cluster.peers.keys().cloned());
     all.into_iter().collect()
-}
-
-impl Engine {
-    /// The table the node should have now: its engine port, the fence, the
-    /// cluster's allowlist and the addresses always allowed (the cluster's
-    /// nodes, the coordinator).
-    fn wanted_rules(&self, stored: Option<&Stored>) -> FenceState {
-        let Some(s) = stored else {
-            return FenceState {
-                rules: Rules::default(),
-                allowlist_version: 0,
-            };
-        };
-        let allow = {
-            let mut parsed = self.allow_parsed.lock().unwrap_or_else(|p| p.into_inner());
-            if !std::sync::Arc::ptr_eq(&parsed.0, &s.cluster.allowlist) {
-                // The coordinator sends canonical entries: a network, or an
-                // address alone for a /32 or /128.
-                let nets = s.cluster.allowlist.iter().filter_map(|e| {
-                    let net = e.parse::<ipnet::IpNet>();
-                    net.ok()
-                        .or_else(|| e.parse::<std::net::IpAddr>().ok().map(Into::into))
-                });
-                *parsed = (s.cluster.allowlist.clone(), nets.collect());
-            }
-            parsed.1.clone()
-        };
-        let mut always: Vec<std::net::IpAddr> = s
-            .cluster
-            .always_allowed
-            .iter()
-            .filter_map(|a| a.parse().ok())
-            .collect();
-        always.extend(self.coordinator_ips.iter().copied());
-        always.sort();
-        always.dedup();
-        FenceState {
-            rules: Rules {
-                engine_port: Some(s.spec.port),
-                fenced: self.should_fence(s, BootTime::now()),
-                allow,
-                always,
-            },
-            allowlist_version: s.cluster.allowlist_version,
-        }
-    }
 }
 
 /// One confirmation round of a primary.
