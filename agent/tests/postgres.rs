@@ -1,6 +1,7 @@
-//! PostgreSQL backups against real servers, driven as the agent drives
-//! them: backup, restore (to the end of the backup, and to a point in time
-//! from the WAL archive), verify, and a backup whose writer fails.
+//! The PostgreSQL driver against real servers, driven as the agent drives
+//! it: the fence, and backups: backup, restore (to the end of the backup,
+//! and to a point in time from the WAL archive), verify, and a backup whose
+//! writer fails.
 //!
 //! Each node is a `Postgres` driver with a state directory of its own,
 //! `/tmp/corral-pgbk-test-<pid>-<n>`, and a server on a free port. A node's
@@ -656,4 +657,75 @@ async fn a_failing_writer_stops_the_backup() {
     }
     let (stream, _) = a.backup(&spec_a);
     assert!(stream.len() > 1 << 20);
+}
+
+/// A TCP session as the cluster's admin, as a client would open one.
+async fn tcp_client(node: &Node) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::Config::new()
+        .host("127.0.0.1")
+        .port(node.port)
+        .user("admin")
+        .password(secrets().admin_password)
+        .dbname("app")
+        .connect_timeout(Duration::from_secs(5))
+        .connect(tokio_postgres::NoTls)
+        .await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_primary_accepts_no_session_that_could_undo_the_fence() {
+    let mut node = Node::new("pgf1");
+    let spec = node.primary_spec(&["pgf2"], false);
+    node.new_primary(&spec).await;
+    let before = tcp_client(&node).await.unwrap();
+    before
+        .batch_execute("CREATE TABLE t (id int); INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+
+    node.driver.set_fenced(&spec, true).await.unwrap();
+    // The session opened before the fence was ended, and no new one can
+    // start, so none can `SET default_transaction_read_only = off`.
+    assert!(
+        before
+            .batch_execute("INSERT INTO t VALUES (2)")
+            .await
+            .is_err(),
+        "a session from before the fence still writes"
+    );
+    let refused = tcp_client(&node).await.map(|_| ()).unwrap_err();
+    assert!(
+        format!("{refused:?}").contains("pg_hba.conf rejects connection"),
+        "{refused:?}"
+    );
+    // The agent's own sessions (the socket) are read-only by default.
+    let agent = node.client("app").await;
+    let e = agent
+        .batch_execute("INSERT INTO t VALUES (3)")
+        .await
+        .unwrap_err();
+    assert!(format!("{e:?}").contains("read-only"), "{e:?}");
+    // prepare (at every agent start and configure) keeps the fence.
+    node.driver.prepare(&spec).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(tcp_client(&node).await.is_err(), "prepare lifted the fence");
+
+    node.driver.set_fenced(&spec, false).await.unwrap();
+    let began = Instant::now();
+    let after = loop {
+        match tcp_client(&node).await {
+            Ok(c) => break c,
+            Err(e) if began.elapsed() > WAIT => panic!("still refused: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    after
+        .batch_execute("INSERT INTO t VALUES (4)")
+        .await
+        .unwrap();
+    assert_eq!(node.ids().await, [1, 4]);
 }

@@ -209,17 +209,35 @@ impl Postgres {
         .join(" ")
     }
 
-    fn hba(&self) -> String {
+    /// pg_hba.conf. Fenced (a primary without a lease), every TCP
+    /// connection is rejected, clients and replicas alike: unlike
+    /// `default_transaction_read_only`, which any session may turn off for
+    /// itself, no session can undo that (it cannot even start). Only the
+    /// agent's socket stays open.
+    fn hba(&self, fenced: bool) -> String {
+        let tcp = if fenced {
+            "# Fenced: this primary holds no lease. No TCP client or replica is\n\
+             # accepted until it holds one again.\n\
+             host all all 0.0.0.0/0 reject\n\
+             host all all ::/0 reject\n\
+             host replication all 0.0.0.0/0 reject\n\
+             host replication all ::/0 reject\n"
+                .to_string()
+        } else {
+            format!(
+                "host replication {r} 0.0.0.0/0 scram-sha-256\n\
+                 host replication {r} ::/0 scram-sha-256\n\
+                 host all all 0.0.0.0/0 scram-sha-256\n\
+                 host all all ::/0 scram-sha-256\n",
+                r = REPLICATION_USER
+            )
+        };
         format!(
             "# Written by corral-agent; edits here are overwritten.\n\
              # The socket directory is 0700: only postgres and the agent reach it.\n\
              local all all trust\n\
              local replication all trust\n\
-             host replication {r} 0.0.0.0/0 scram-sha-256\n\
-             host replication {r} ::/0 scram-sha-256\n\
-             host all all 0.0.0.0/0 scram-sha-256\n\
-             host all all ::/0 scram-sha-256\n",
-            r = REPLICATION_USER
+             {tcp}"
         )
     }
 
@@ -533,7 +551,8 @@ impl Driver for Postgres {
         mkdir_owned(&self.spool_dir(), 0o700, &acct)?;
         let data = self.data_dir();
         let mut changed = write_owned(&data.join("corral.conf"), &self.config(spec), &acct)?;
-        changed |= write_owned(&data.join("pg_hba.conf"), &self.hba(), &acct)?;
+        let fenced = data.join(FENCE_CONF).exists();
+        changed |= write_owned(&data.join("pg_hba.conf"), &self.hba(fenced), &acct)?;
         let main_conf = data.join("postgresql.conf");
         let text = std::fs::read_to_string(&main_conf)
             .with_context(|| format!("reading {}", main_conf.display()))?;
@@ -786,7 +805,9 @@ impl Driver for Postgres {
         }
         let acct = account()?;
         let path = self.data_dir().join(FENCE_CONF);
-        let changed = if fenced {
+        // Both halves: no TCP session can start (pg_hba.conf), and the
+        // agent's own sessions over the socket default to read-only.
+        let mut changed = if fenced {
             write_owned(
                 &path,
                 "# Written by corral-agent: this primary holds no lease.\n\
@@ -796,6 +817,11 @@ impl Driver for Postgres {
         } else {
             os::remove_file(&path)?
         };
+        changed |= write_owned(
+            &self.data_dir().join("pg_hba.conf"),
+            &self.hba(fenced),
+            &acct,
+        )?;
         let Some(pid) = self.find_running() else {
             return Ok(());
         };
