@@ -171,6 +171,33 @@ pub fn wait_settled(lab: &Lab, cluster: &str, vms: usize, timeout: Duration) -> 
     Ok(primary)
 }
 
+/// Waits up to `timeout` until each of vm1..=vm`vms` holds every id in
+/// `acked` (sync mode: no acknowledged write may be lost); the error names
+/// the node and the ids it lacks.
+pub fn wait_every_node_holds(
+    lab: &Lab,
+    creds: &Value,
+    vms: usize,
+    acked: &[i64],
+    timeout: Duration,
+) -> Result<()> {
+    for i in 1..=vms {
+        let waited = wait_until(
+            timeout,
+            &format!("vm{i} to hold every acknowledged write"),
+            || Ok(missing_on(lab, creds, i, acked)?.is_empty()),
+        );
+        if let Err(e) = waited {
+            let missing = missing_on(lab, creds, i, acked).unwrap_or_default();
+            return Err(anyhow!(
+                "{e:#}: {} acknowledged writes missing on vm{i}: {missing:?}",
+                missing.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Acknowledged ids missing on node `i` (sync mode: must be none).
 pub fn missing_on(lab: &Lab, creds: &Value, i: usize, acked: &[i64]) -> Result<Vec<i64>> {
     let have = ids_on(lab, creds, i)?;

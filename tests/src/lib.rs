@@ -672,6 +672,28 @@ impl Lab {
         }
     }
 
+    /// Sends `signal` (`TERM`, `KILL`, `STOP`, `CONT`) to VM `i`'s agent
+    /// alone: the engine it supervises keeps running. After `TERM` or
+    /// `KILL` this waits for the agent to be gone ([`Lab::restart_vm`]
+    /// starts it again, as systemd would); after `STOP` it is frozen until
+    /// `CONT`.
+    pub fn signal_agent(&mut self, i: usize, signal: &str) -> Result<()> {
+        let c = self.agents[i - 1]
+            .as_mut()
+            .ok_or_else(|| anyhow!("vm{i} runs no agent"))?;
+        sh("kill", &[&format!("-{signal}"), &c.id().to_string()])?;
+        if matches!(signal, "TERM" | "KILL") {
+            let began = Instant::now();
+            while c.try_wait()?.is_none() {
+                if began.elapsed() > Duration::from_secs(20) {
+                    bail!("vm{i}'s agent did not exit within 20 s of SIG{signal}");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+
     /// Starts agent `i` again after [`Lab::kill_vm`] (or
     /// [`Lab::stop_agent`]), like a VM booting: no token, since its node
     /// certificate is still in its state directory. Does not wait for the

@@ -1,6 +1,7 @@
 //! Chaos: consecutive random faults (kill the primary's VM, kill a
 //! replica's VM, cut a node off the network, kill and restart the
-//! coordinator) under a writer in sync mode, each followed by the cluster
+//! coordinator, kill or freeze the primary's agent alone, its engine left
+//! running) under a writer in sync mode, each followed by the cluster
 //! settling. At the end: no acknowledged write lost, never two writable
 //! primaries, every node streaming.
 //!
@@ -8,8 +9,8 @@
 //! `CORRAL_CHAOS_SEED` replays a run (the seed is printed).
 
 use corral_tests::checker::CheckReport;
-use corral_tests::ha::{self, missing_on, operations, vm_index, wait_acks};
-use corral_tests::{wait_until, Lab};
+use corral_tests::ha::{self, operations, vm_index, wait_acks};
+use corral_tests::Lab;
 use std::time::{Duration, Instant};
 
 /// xorshift64*: enough to pick faults, and replayable from its seed.
@@ -52,7 +53,7 @@ fn twenty_random_faults_lose_no_acknowledged_write() {
         let began = Instant::now();
         let p = vm_index(&primary);
         let replicas: Vec<usize> = (1..=3).filter(|i| *i != p).collect();
-        let what = match rng.below(4) {
+        let what = match rng.below(5) {
             0 => {
                 lab.kill_vm(p);
                 let new = ha::wait_new_primary(&lab, "chaos", &primary, SETTLE).unwrap();
@@ -79,6 +80,20 @@ fn twenty_random_faults_lose_no_acknowledged_write() {
                     lab.reconnect(v).unwrap();
                     format!("cut replica vm{v} off the network")
                 }
+            }
+            3 => {
+                // The agent alone: its engine keeps running, fenced by the
+                // kernel's lease gate only.
+                let signal = ["KILL", "STOP", "TERM"][rng.below(3) as usize];
+                lab.signal_agent(p, signal).unwrap();
+                let new = ha::wait_new_primary(&lab, "chaos", &primary, SETTLE).unwrap();
+                std::thread::sleep(Duration::from_millis(rng.below(2000)));
+                if signal == "STOP" {
+                    lab.signal_agent(p, "CONT").unwrap();
+                } else {
+                    lab.restart_vm(p).unwrap();
+                }
+                format!("SIG{signal} to the primary's agent only ({primary}); {new} took over")
             }
             _ => {
                 lab.kill_coordinator();
@@ -118,20 +133,7 @@ fn twenty_random_faults_lose_no_acknowledged_write() {
     let seen = check.finish();
     let v = CheckReport::violations(&seen);
     assert!(v.is_empty(), "two nodes took writes at once: {v:?}");
-    for i in 1..=3 {
-        wait_until(
-            Duration::from_secs(20),
-            &format!("vm{i} to hold every acknowledged write"),
-            || Ok(missing_on(&lab, &creds, i, &report.acked)?.is_empty()),
-        )
-        .unwrap_or_else(|e| {
-            let missing = missing_on(&lab, &creds, i, &report.acked).unwrap_or_default();
-            panic!(
-                "{e:#}: {} acknowledged writes missing: {missing:?}",
-                missing.len()
-            )
-        });
-    }
+    ha::wait_every_node_holds(&lab, &creds, 3, &report.acked, Duration::from_secs(20)).unwrap();
     let failovers = operations(&lab, "chaos", "failover").unwrap();
     eprintln!(
         "chaos done: {} writes acknowledged, none lost; {} failovers; no overlap of writable primaries",

@@ -70,14 +70,7 @@ fn killing_the_primary_vm_fails_over_with_every_acknowledged_write() {
     let n = vm_index(&new);
     let missing = missing_on(&lab, &creds, n, &report.acked).unwrap();
     assert!(missing.is_empty(), "acknowledged writes lost: {missing:?}");
-    for i in 1..=3 {
-        wait_until(
-            Duration::from_secs(10),
-            &format!("vm{i} to hold every acknowledged row"),
-            || Ok(missing_on(&lab, &creds, i, &report.acked)?.is_empty()),
-        )
-        .unwrap();
-    }
+    ha::wait_every_node_holds(&lab, &creds, 3, &report.acked, Duration::from_secs(10)).unwrap();
     assert_eq!(lab.health(1, "/primary").unwrap(), 503);
     assert_eq!(lab.health(1, "/replica").unwrap(), 200);
     assert_eq!(lab.health(n, "/primary").unwrap(), 200);

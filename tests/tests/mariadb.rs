@@ -158,14 +158,7 @@ fn semi_sync_switchover_and_failover_lose_no_acknowledged_write() {
     // on every node.
     let missing = ha::missing_on(&lab, &creds, vm_index(&new), &report.acked).unwrap();
     assert!(missing.is_empty(), "acknowledged writes lost: {missing:?}");
-    for vm in 1..=3 {
-        wait_until(
-            Duration::from_secs(15),
-            &format!("vm{vm} to hold every acknowledged row"),
-            || Ok(ha::missing_on(&lab, &creds, vm, &report.acked)?.is_empty()),
-        )
-        .unwrap();
-    }
+    ha::wait_every_node_holds(&lab, &creds, 3, &report.acked, Duration::from_secs(15)).unwrap();
 }
 
 #[test]

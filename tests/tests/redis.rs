@@ -149,14 +149,7 @@ fn failover_after_killing_the_primary_vm_under_a_writer() {
         missing.len()
     );
     assert!(missing.is_empty(), "acknowledged writes lost: {missing:?}");
-    for vm in 1..=3 {
-        wait_until(
-            Duration::from_secs(15),
-            &format!("vm{vm} to hold every acknowledged write"),
-            || Ok(ha::missing_on(&lab, &creds, vm, &report.acked)?.is_empty()),
-        )
-        .unwrap();
-    }
+    ha::wait_every_node_holds(&lab, &creds, 3, &report.acked, Duration::from_secs(15)).unwrap();
 }
 
 #[test]

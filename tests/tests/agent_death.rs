@@ -1,0 +1,104 @@
+//! The primary's agent dies while its engine keeps running: stopped
+//! (SIGTERM), killed (SIGKILL) or frozen (SIGSTOP). Nothing of the agent is
+//! left to fence the engine, so the kernel's lease gate must: once the
+//! lease the agent last renewed runs out, no client reaches the old engine
+//! and no replica acknowledges its commits, before the coordinator may
+//! promote a replica. Each case runs a writer in sync mode and the
+//! split-brain checker, and ends with the old primary back as a replica.
+
+use corral_tests::client::with_client;
+use corral_tests::ha::{self, operations, vm_index, wait_acks, PROBES};
+use corral_tests::Lab;
+use serde_json::Value;
+use std::time::Duration;
+
+const SETTLE: Duration = Duration::from_secs(90);
+
+/// Whether a client reaching VM `i` directly commits a write there. It
+/// asks not to wait for replicas (`synchronous_commit = local`, which any
+/// session may set): in sync mode an old primary whose replicas moved on
+/// would otherwise only hang, and look safe while it is not.
+fn commits_locally(lab: &Lab, creds: &Value, i: usize) -> bool {
+    let insert = format!(
+        "SET synchronous_commit = local; INSERT INTO {PROBES} VALUES ('local-vm{i}', now())"
+    );
+    with_client(&lab.node_uri(creds, i), async |c| {
+        tokio::time::timeout(Duration::from_secs(3), c.execute(&insert))
+            .await
+            .map_err(|_| anyhow::anyhow!("no answer in 3 s"))?
+    })
+    .is_ok()
+}
+
+fn the_primary_survives_its_agent(signal: &str) {
+    let mut lab = Lab::start(3).unwrap();
+    let creds = ha::cluster(&mut lab, "death", &["--sync"]).unwrap();
+    let writer = ha::writer(&lab, &creds);
+    let check = ha::checker(&lab, &creds, 3);
+    wait_acks(&writer, 50, Duration::from_secs(10)).unwrap();
+    let postmaster = || {
+        let pidfile = lab.state_dir(1).join("postgres/data/postmaster.pid");
+        let text = std::fs::read_to_string(pidfile).unwrap_or_default();
+        text.lines()
+            .next()
+            .and_then(|l| l.trim().parse::<i32>().ok())
+    };
+    let engine = postmaster().expect("vm1 runs postgres");
+    assert!(commits_locally(&lab, &creds, 1), "the check itself works");
+
+    lab.signal_agent(1, signal).unwrap();
+    let new = ha::wait_new_primary(&lab, "death", "vm1", Duration::from_secs(60)).unwrap();
+    wait_acks(&writer, 50, Duration::from_secs(30)).unwrap();
+    // The old engine ran on the whole time: only the kernel fenced it.
+    assert!(
+        lab.pids_in_vm(1, "postgres").contains(&engine),
+        "vm1's postgres (pid {engine}) did not keep running"
+    );
+    assert!(
+        !commits_locally(&lab, &creds, 1),
+        "the old primary still commits writes beside the new one, {new}"
+    );
+    let failover = operations(&lab, "death", "failover").unwrap();
+    assert_eq!(failover.len(), 1, "{failover:?}");
+    assert_eq!(failover[0]["state"], "succeeded", "{}", failover[0]);
+
+    // The agent comes back (systemd restarts it; a frozen one thaws): the
+    // old primary rejoins as a replica, never writable.
+    if signal == "STOP" {
+        lab.signal_agent(1, "CONT").unwrap();
+    } else {
+        lab.restart_vm(1).unwrap();
+    }
+    assert_eq!(ha::wait_settled(&lab, "death", 3, SETTLE).unwrap(), new);
+    wait_acks(&writer, 50, Duration::from_secs(10)).unwrap();
+    let report = writer.finish();
+    let v = check.finish().violations();
+    assert!(v.is_empty(), "two nodes took writes at once: {v:?}");
+    ha::wait_every_node_holds(&lab, &creds, 3, &report.acked, Duration::from_secs(20)).unwrap();
+    let rejoin = operations(&lab, "death", "rejoin").unwrap();
+    assert!(
+        rejoin.iter().any(|o| o["state"] == "succeeded"),
+        "vm1 did not rejoin: {rejoin:?}"
+    );
+    assert_eq!(lab.health(1, "/replica").unwrap(), 200);
+    assert_eq!(lab.health(vm_index(&new), "/primary").unwrap(), 200);
+    eprintln!(
+        "SIG{signal} of the primary's agent: {new} took over, {} writes acknowledged, none lost",
+        report.acked.len()
+    );
+}
+
+#[test]
+fn a_stopped_agent_leaves_no_writable_engine_behind() {
+    the_primary_survives_its_agent("TERM");
+}
+
+#[test]
+fn a_killed_agent_leaves_no_writable_engine_behind() {
+    the_primary_survives_its_agent("KILL");
+}
+
+#[test]
+fn a_frozen_agent_leaves_no_writable_engine_behind() {
+    the_primary_survives_its_agent("STOP");
+}
