@@ -44,6 +44,10 @@ pub struct Postgres {
     node_id: String,
     /// The cached administrative connection used for health checks.
     conn: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+    /// Held while the fence's files (corral-fence.conf, pg_hba.conf) are
+    /// read or written: `prepare` writes pg_hba.conf for the fence as it
+    /// finds it, and a fence going up meanwhile must not be undone.
+    fence_files: std::sync::Mutex<()>,
 }
 
 /// The OS account the server runs as: `postgres`.
@@ -63,6 +67,7 @@ impl Postgres {
             base: state_dir.join("postgres"),
             node_id: node_id.to_string(),
             conn: tokio::sync::Mutex::new(None),
+            fence_files: std::sync::Mutex::new(()),
         }
     }
 
@@ -551,8 +556,11 @@ impl Driver for Postgres {
         mkdir_owned(&self.spool_dir(), 0o700, &acct)?;
         let data = self.data_dir();
         let mut changed = write_owned(&data.join("corral.conf"), &self.config(spec), &acct)?;
-        let fenced = data.join(FENCE_CONF).exists();
-        changed |= write_owned(&data.join("pg_hba.conf"), &self.hba(fenced), &acct)?;
+        {
+            let _files = self.fence_files.lock().unwrap_or_else(|p| p.into_inner());
+            let fenced = data.join(FENCE_CONF).exists();
+            changed |= write_owned(&data.join("pg_hba.conf"), &self.hba(fenced), &acct)?;
+        }
         let main_conf = data.join("postgresql.conf");
         let text = std::fs::read_to_string(&main_conf)
             .with_context(|| format!("reading {}", main_conf.display()))?;
@@ -807,6 +815,7 @@ impl Driver for Postgres {
         let path = self.data_dir().join(FENCE_CONF);
         // Both halves: no TCP session can start (pg_hba.conf), and the
         // agent's own sessions over the socket default to read-only.
+        let files = self.fence_files.lock().unwrap_or_else(|p| p.into_inner());
         let mut changed = if fenced {
             write_owned(
                 &path,
@@ -822,6 +831,7 @@ impl Driver for Postgres {
             &self.hba(fenced),
             &acct,
         )?;
+        drop(files);
         let Some(pid) = self.find_running() else {
             return Ok(());
         };
