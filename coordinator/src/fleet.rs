@@ -100,6 +100,11 @@ pub struct Fleet {
 pub struct Ackers {
     pub term: u64,
     pub nodes: std::collections::BTreeSet<String>,
+    /// The primary reported a standby whose part it could not tell (a
+    /// MariaDB primary with semi-sync and plain replicas at once counts
+    /// semi-sync clients, not which replicas they are): any replica may
+    /// hold acknowledged commits.
+    pub unknown: bool,
 }
 
 impl Default for Fleet {
@@ -174,32 +179,44 @@ impl Fleet {
                 Ackers {
                     term,
                     nodes: Default::default(),
+                    unknown: false,
                 },
             );
     }
 
-    /// The primary of `cluster` in `term` reports `standbys` as synchronous.
+    /// The primary of `cluster` in `term` reports its standbys as (name,
+    /// sync state): `sync` and `quorum` ones may acknowledge commits; a
+    /// `potential` one means it cannot tell which do (see [`Ackers`]).
     pub fn saw_sync_standbys<'a>(
         &self,
         cluster: &str,
         term: u64,
-        standbys: impl Iterator<Item = &'a str>,
+        standbys: impl Iterator<Item = (&'a str, &'a str)>,
     ) {
         let mut all = self.ackers.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(a) = all.get_mut(cluster).filter(|a| a.term == term) {
-            a.nodes.extend(standbys.map(str::to_string));
+            for (name, state) in standbys {
+                match state {
+                    "sync" | "quorum" => {
+                        a.nodes.insert(name.to_string());
+                    }
+                    "potential" => a.unknown = true,
+                    _ => {}
+                }
+            }
         }
     }
 
     /// The replicas that may hold acknowledged commits of `term`, when this
-    /// process watched the whole term; None when it cannot tell (it started
-    /// during the term), which means "any replica may".
+    /// process watched the whole term and the primary always said which;
+    /// None when it cannot tell (it started during the term, or a primary
+    /// reported a `potential` standby), which means "any replica may".
     pub fn ackers(&self, cluster: &str, term: u64) -> Option<std::collections::BTreeSet<String>> {
         self.ackers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(cluster)
-            .filter(|a| a.term == term)
+            .filter(|a| a.term == term && !a.unknown)
             .map(|a| a.nodes.clone())
     }
 
@@ -265,5 +282,30 @@ mod tests {
                 "{seen:?} {now:?}"
             );
         }
+    }
+
+    #[test]
+    fn ackers_are_known_only_while_the_primary_says_which_standbys_acknowledge() {
+        let f = Fleet::new();
+        assert_eq!(f.ackers("c", 2), None, "a term not watched from its start");
+        f.term_started("c", 2);
+        f.saw_sync_standbys("c", 2, [("vm2", "quorum"), ("vm3", "async")].into_iter());
+        assert_eq!(f.ackers("c", 2), Some(["vm2".to_string()].into()));
+        f.saw_sync_standbys("c", 1, [("vm3", "sync")].into_iter());
+        assert_eq!(
+            f.ackers("c", 2),
+            Some(["vm2".to_string()].into()),
+            "old term"
+        );
+        // A MariaDB primary with a semi-sync and a plain replica labels
+        // both "potential": any replica may hold acknowledged commits.
+        f.saw_sync_standbys(
+            "c",
+            2,
+            [("vm2", "potential"), ("vm3", "potential")].into_iter(),
+        );
+        assert_eq!(f.ackers("c", 2), None);
+        f.term_started("c", 3);
+        assert_eq!(f.ackers("c", 3), Some(Default::default()));
     }
 }

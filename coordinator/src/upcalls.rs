@@ -289,8 +289,7 @@ fn assign(
                         c.term,
                         r.standbys
                             .iter()
-                            .filter(|s| matches!(s.sync_state.as_str(), "sync" | "quorum"))
-                            .map(|s| s.name.as_str()),
+                            .map(|s| (s.name.as_str(), s.sync_state.as_str())),
                     );
                 }
             }

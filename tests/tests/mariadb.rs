@@ -234,3 +234,69 @@ fn a_replica_with_an_errant_transaction_is_resynced_to_the_primarys_data() {
     sql_on(&lab, &creds, 1, "INSERT INTO t VALUES (102, 'row 102')").unwrap();
     wait_rows(&lab, &creds, 2, "102");
 }
+
+/// Runs `sql` as root over VM `vm`'s own socket (as an operator logged in
+/// on the VM would).
+fn root_sql(lab: &Lab, vm: usize, sql: &str) {
+    let socket = lab.state_dir(vm).join("mariadb/run/mariadbd.sock");
+    let out = lab
+        .in_ns(
+            &format!("vm{vm}"),
+            "mariadb",
+            &["-S", &socket.to_string_lossy(), "-u", "root", "-e", sql],
+        )
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{sql} on vm{vm}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn with_a_plain_replica_beside_a_semi_sync_one_nothing_behind_is_promoted() {
+    let mut lab = Lab::start(3).unwrap();
+    let creds = ha::cluster_of(&mut lab, "mixed", "mariadb", &[]).unwrap();
+    // vm3 becomes a plain (asynchronous) replica, then the cluster turns
+    // semi-sync on: for the whole term, the primary counts one semi-sync
+    // client for two replicas and cannot say which one acknowledges.
+    root_sql(
+        &lab,
+        3,
+        "SET GLOBAL rpl_semi_sync_slave_enabled = OFF; STOP SLAVE IO_THREAD; START SLAVE IO_THREAD",
+    );
+    lab.ctl_ok(&["cluster", "set", "mixed", "sync=on"]).unwrap();
+    let writer = ha::writer(&lab, &creds);
+    wait_acks(&writer, 50, Duration::from_secs(15)).unwrap();
+
+    // The primary and the semi-sync replica die together. vm3 is up and
+    // healthy, but may lack commits vm2 acknowledged: it must not be
+    // promoted while vm2 cannot report.
+    lab.kill_vm(2);
+    lab.kill_vm(1);
+    wait_until(
+        Duration::from_secs(30),
+        "the failover to be blocked",
+        || {
+            let c = lab.ctl_json(&["cluster", "show", "mixed"])?;
+            Ok(c["failover_status"]
+                .as_str()
+                .is_some_and(|s| s.contains("vm2 may hold acknowledged commits")))
+        },
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let failovers = ha::operations(&lab, "mixed", "failover").unwrap();
+    assert!(
+        failovers.is_empty(),
+        "promoted while blocked: {failovers:?}"
+    );
+
+    // vm2 comes back: it holds every acknowledged commit and is promoted.
+    lab.restart_vm(2).unwrap();
+    let new = ha::wait_new_primary(&lab, "mixed", "vm1", Duration::from_secs(60)).unwrap();
+    wait_acks(&writer, 20, Duration::from_secs(30)).unwrap();
+    let report = writer.finish();
+    let missing = ha::missing_on(&lab, &creds, vm_index(&new), &report.acked).unwrap();
+    assert!(missing.is_empty(), "acknowledged writes lost: {missing:?}");
+}
