@@ -134,6 +134,12 @@ pub enum Decision {
         primary: String,
         candidate: Option<String>,
     },
+    /// The primary of record runs as a standby: its promotion did not
+    /// complete (it failed, or its operation was cut short). Promote it
+    /// again.
+    Repromote {
+        primary: String,
+    },
 }
 
 impl Decision {
@@ -155,6 +161,7 @@ impl Decision {
             Decision::Failover { candidate, .. } => format!("failover-{candidate}"),
             Decision::Blocked { reason, .. } => format!("blocked-{reason}"),
             Decision::Off { .. } => "off".into(),
+            Decision::Repromote { .. } => "repromote".into(),
         }
     }
 }
@@ -210,6 +217,11 @@ impl fmt::Display for Decision {
                 f,
                 "primary {primary} is lost and no replica may be promoted: {reason}. The cluster stays \
                  read-only; fix that, or promote a node by hand (`corralctl node promote --force`)"
+            ),
+            Decision::Repromote { primary } => write!(
+                f,
+                "primary {primary} of record runs as a standby (its promotion did not complete): \
+                 promoting it again"
             ),
             Decision::Off {
                 primary,
@@ -283,6 +295,24 @@ pub fn decide(view: &ClusterView, now: Instant) -> Decision {
             },
         };
     }
+    // 3. A primary of record that is a standby is one whose promotion did
+    // not complete. It was the candidate: when it was chosen the old
+    // primary's lease had run out and the term was raised, so nobody has
+    // taken a write since and it still holds every acknowledged one. It is
+    // promoted again, once every other node's possible lease has run out.
+    let p = &view.primary;
+    if p.up && p.healthy && p.in_recovery {
+        if let Some(why) = other_lease_running(view, &primary, now) {
+            return Decision::Wait { primary, why };
+        }
+        if !view.auto_failover {
+            return Decision::Off {
+                candidate: Some(primary.clone()),
+                primary,
+            };
+        }
+        return Decision::Repromote { primary };
+    }
     // The primary's last possible write: the end of its coordinator lease,
     // or of the last lease a round of confirmations gave it. A round needs
     // every replica, so that lease ended by the earliest of their
@@ -296,7 +326,7 @@ pub fn decide(view: &ClusterView, now: Instant) -> Decision {
         .and_then(|u| u.into_iter().min())
         .map(|until| until.checked_sub(view.margin).unwrap_or(until));
     let writes_end = replica_lease_end.map_or(lease_end, |e| e.max(lease_end));
-    // 3. The primary is lost. Who could take over?
+    // 4. The primary is lost. Who could take over?
     let fit: Vec<&NodeView> = view
         .replicas
         .iter()
@@ -320,21 +350,8 @@ pub fn decide(view: &ClusterView, now: Instant) -> Decision {
         };
     }
     // Every other node's possible lease (a former primary's) has run out.
-    let busy_lease = view
-        .replicas
-        .iter()
-        .filter(|r| Some(r.id.as_str()) != candidate.map(|c| c.id.as_str()))
-        .map(|r| (r, r.lease_until + view.margin))
-        .filter(|(_, end)| *end > now)
-        .max_by_key(|(_, end)| *end);
-    if let Some((node, end)) = busy_lease {
-        return Decision::Wait {
-            primary,
-            why: Wait::LeaseRunning {
-                node: node.id.clone(),
-                left: end - now,
-            },
-        };
+    if let Some(why) = other_lease_running(view, candidate.map_or("", |c| c.id.as_str()), now) {
+        return Decision::Wait { primary, why };
     }
     if view.sync {
         // Every replica that may hold an acknowledged commit must have
@@ -406,6 +423,21 @@ pub fn decide(view: &ClusterView, now: Instant) -> Decision {
         unit,
         lease_ended: lease_end,
     }
+}
+
+/// The latest-ending lease a replica other than `except` may still hold
+/// (plus the margin): a former primary's, before a new one is promoted.
+fn other_lease_running(view: &ClusterView, except: &str, now: Instant) -> Option<Wait> {
+    view.replicas
+        .iter()
+        .filter(|r| r.id != except)
+        .map(|r| (r, r.lease_until + view.margin))
+        .filter(|(_, end)| *end > now)
+        .max_by_key(|(_, end)| *end)
+        .map(|(node, end)| Wait::LeaseRunning {
+            node: node.id.clone(),
+            left: end - now,
+        })
 }
 
 /// Why no replica is fit, one reason per replica.
@@ -686,6 +718,43 @@ mod tests {
                 }),
                 3600,
                 "wait-lease",
+            ),
+            (
+                "... and once no lease may run, it is promoted again",
+                Box::new(move |v| {
+                    *v = view(t0, 3000);
+                    v.primary.in_recovery = true;
+                }),
+                5600,
+                "repromote",
+            ),
+            (
+                "... but not while a former primary's lease may run",
+                Box::new(move |v| {
+                    *v = view(t0, 3000);
+                    v.primary.in_recovery = true;
+                    v.replicas[0].lease_until = t0 + ms(6000);
+                }),
+                5600,
+                "wait-lease",
+            ),
+            (
+                "... nor with auto-failover off (the alarm names it)",
+                Box::new(move |v| {
+                    *v = view(t0, 3000);
+                    v.primary.in_recovery = true;
+                    v.auto_failover = false;
+                }),
+                5600,
+                "off",
+            ),
+            (
+                "a standby of record that is down is a lost primary",
+                Box::new(move |v| {
+                    v.primary.in_recovery = true;
+                }),
+                3600,
+                "failover-vm2",
             ),
         ];
         for (name, edit, now, want) in cases {

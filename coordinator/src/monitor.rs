@@ -96,6 +96,9 @@ impl Judgements {
 const FAILOVER_EVERY: Duration = Duration::from_millis(100);
 /// A node whose rejoin failed is not retried before this.
 const REJOIN_RETRY: Duration = Duration::from_secs(30);
+/// A primary of record whose promotion failed is promoted again at most
+/// this often (writes are down meanwhile: retry soon, but not in a loop).
+const REPROMOTE_RETRY: Duration = Duration::from_secs(5);
 
 /// The failover monitor: every 100 ms, judges each replicated cluster with
 /// [`failover::decide`] and acts on the outcome: a failover operation, an
@@ -138,6 +141,8 @@ struct Memory {
     unreachable: HashMap<String, (Instant, bool)>,
     /// When a rejoin was last started for a node.
     rejoins: HashMap<String, Instant>,
+    /// When a promotion was last started again for a cluster.
+    repromotions: HashMap<String, Instant>,
 }
 
 fn judge(
@@ -149,6 +154,7 @@ fn judge(
         last,
         unreachable,
         rejoins,
+        repromotions,
     } = memory;
     let nodes = coord.store.read(|s| store::nodes_of_cluster(s, &c.name))?;
     let op = coord
@@ -226,8 +232,68 @@ fn judge(
         Decision::Healthy { primary } if op.is_none() => {
             rejoin_strays(coord, c, &nodes, &primary, rejoins)
         }
+        Decision::Repromote { primary } if op.is_none() => {
+            if repromotions
+                .get(&c.name)
+                .is_some_and(|t| t.elapsed() < REPROMOTE_RETRY)
+            {
+                return Ok(());
+            }
+            repromotions.insert(c.name.clone(), now);
+            start_repromotion(coord, c, &primary)
+        }
         _ => Ok(()),
     }
+}
+
+/// Starts promoting `primary`, the primary of record running as a standby,
+/// again: a promote operation, which finds it the primary of record, lets
+/// every other lease run out, promotes it and points the replicas at it.
+fn start_repromotion(
+    coord: &Arc<Coordinator>,
+    c: &store::ClusterRow,
+    primary: &str,
+) -> anyhow::Result<()> {
+    let id = ops::new_id();
+    let why = format!(
+        "detected: primary {primary} of record runs as a standby (its promotion did not \
+         complete); promoting it again"
+    );
+    let started = coord.store.tx(|tx| {
+        if store::holding_operation_of(tx, &c.name)?.is_some() {
+            return Ok(false);
+        }
+        let t = now_ms();
+        store::insert_operation(
+            tx,
+            &store::OperationRow {
+                id: id.clone(),
+                cluster: c.name.clone(),
+                kind: ops::PROMOTE.into(),
+                state: store::op_state::PENDING.into(),
+                params: serde_json::json!({ "node": primary, "force": false }).to_string(),
+                requested_by: ops::AUTO_FAILOVER.into(),
+                created_at_ms: t,
+                updated_at_ms: t,
+                error: String::new(),
+            },
+        )?;
+        store::log_operation(tx, &id, &why)?;
+        store::insert_event(tx, t, primary, &c.name, "promotion_retried", &why, None)?;
+        store::insert_audit(
+            tx,
+            ops::AUTO_FAILOVER,
+            "cluster.failover",
+            &format!("cluster {} promote {primary} again", c.name),
+            "started",
+        )?;
+        Ok(true)
+    })?;
+    if started {
+        tracing::warn!(cluster = %c.name, op = %id, "{why}");
+        ops::spawn(coord.clone(), id);
+    }
+    Ok(())
 }
 
 /// What the coordinator knows of `c` at `now`; None without a primary of

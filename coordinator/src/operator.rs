@@ -1075,10 +1075,21 @@ impl pb::operator_server::Operator for OperatorApi {
                 |_, row, nodes, _| {
                     let n = or_refuse!(member(nodes, &row.name, &r.node));
                     if n.role == "primary" {
-                        return refuse(Status::failed_precondition(format!(
-                            "{} is already the primary of cluster {}",
-                            n.id, row.name
-                        )));
+                        // A primary of record running as a standby is one
+                        // whose promotion did not complete: promoting it
+                        // again is the fix (the monitor does it too, unless
+                        // auto-failover is off).
+                        let standby = self.0.fleet.get(&n.id).is_some_and(|l| {
+                            l.engine.replication.is_some_and(|rep| rep.in_recovery)
+                        });
+                        if !standby {
+                            return refuse(Status::failed_precondition(format!(
+                                "{} is already the primary of cluster {}",
+                                n.id, row.name
+                            )));
+                        }
+                        or_refuse!(require_running(row));
+                        return Ok(Ok(()));
                     }
                     or_refuse!(require_running(row));
                     let Some(primary) = nodes.iter().find(|n| n.role == "primary") else {

@@ -43,6 +43,55 @@ pub const BACKGROUND: &[&str] = &[BACKUP, VERIFY_BACKUP];
 /// Who requests scheduled backups.
 pub const SCHEDULER: &str = "coordinator (backup schedule)";
 
+/// The longest an operation of `kind` may run before it is given up and
+/// fails, releasing the cluster. Generous for those that move data (a clone
+/// or a restore of a large database takes hours), short for the ones that
+/// only switch roles: a stuck one must not hold failovers back for long.
+pub fn deadline(kind: &str) -> Duration {
+    const MINUTE: u64 = 60;
+    Duration::from_secs(match kind {
+        FAILOVER | SET_SYNC => 5 * MINUTE,
+        // A switchover waits for each replica to stream (2 min each).
+        PROMOTE | REBOOT | REMOVE_NODE => 15 * MINUTE,
+        REJOIN | DELETE_CLUSTER | CONFIGURE_BACKUPS => 120 * MINUTE,
+        // Clones and restores, sized for terabytes.
+        _ => 24 * 60 * MINUTE,
+    })
+}
+/// A resumed operation past its deadline still gets this long to find its
+/// steps done (they usually are).
+const DEADLINE_FLOOR: Duration = Duration::from_secs(60);
+
+/// Runs an operation's `steps`, failing them at the kind's [`deadline`],
+/// counted from the request (`created_at_ms`) so that a resumed operation
+/// has only what is left.
+async fn within_deadline(
+    kind: &str,
+    created_at_ms: i64,
+    steps: impl Future<Output = Result<()>>,
+) -> Result<()> {
+    let deadline = deadline(kind);
+    let spent = Duration::from_millis((corral_proto::now_ms() - created_at_ms).max(0) as u64);
+    let left = deadline.saturating_sub(spent).max(DEADLINE_FLOOR);
+    match tokio::time::timeout(left, steps).await {
+        Ok(outcome) => outcome,
+        Err(_) => Err(anyhow!(
+            "gave up: {kind} operations must finish within {} (so that none holds the \
+             cluster's failovers for ever); steps the agents started carry on, and the next \
+             operation finds them done",
+            fmt_duration(deadline)
+        )),
+    }
+}
+
+fn fmt_duration(d: Duration) -> String {
+    match d.as_secs() {
+        s if s % 3600 == 0 => format!("{} h", s / 3600),
+        s if s % 60 == 0 => format!("{} min", s / 60),
+        s => format!("{s} s"),
+    }
+}
+
 /// How long an operation keeps retrying an agent it cannot reach.
 const AGENT_UNREACHABLE_GIVE_UP: Duration = Duration::from_secs(60);
 /// How long a new or resynced replica may take to start streaming once its
@@ -162,23 +211,26 @@ async fn run(coord: &Arc<Coordinator>, id: &str) -> Result<()> {
         op: &op,
         paused_ms: Mutex::new(0),
     };
-    let outcome = match op.kind.as_str() {
-        CREATE_CLUSTER => ctx.create_cluster().await,
-        ADD_NODE => ctx.add_node().await,
-        REMOVE_NODE => ctx.remove_node().await,
-        PROMOTE => ctx.promote().await,
-        RESYNC => ctx.resync().await,
-        REBOOT => ctx.reboot().await,
-        DELETE_CLUSTER => ctx.delete_cluster().await,
-        SET_SYNC => ctx.set_sync().await,
-        FAILOVER => ctx.failover().await,
-        REJOIN => ctx.rejoin().await,
-        BACKUP => ctx.backup().await,
-        VERIFY_BACKUP => ctx.verify_backup().await,
-        CONFIGURE_BACKUPS => ctx.configure_backups().await,
-        RESTORE => ctx.restore_in_place().await,
-        other => Err(anyhow!("unknown operation kind {other:?}")),
+    let steps = async {
+        match op.kind.as_str() {
+            CREATE_CLUSTER => ctx.create_cluster().await,
+            ADD_NODE => ctx.add_node().await,
+            REMOVE_NODE => ctx.remove_node().await,
+            PROMOTE => ctx.promote().await,
+            RESYNC => ctx.resync().await,
+            REBOOT => ctx.reboot().await,
+            DELETE_CLUSTER => ctx.delete_cluster().await,
+            SET_SYNC => ctx.set_sync().await,
+            FAILOVER => ctx.failover().await,
+            REJOIN => ctx.rejoin().await,
+            BACKUP => ctx.backup().await,
+            VERIFY_BACKUP => ctx.verify_backup().await,
+            CONFIGURE_BACKUPS => ctx.configure_backups().await,
+            RESTORE => ctx.restore_in_place().await,
+            other => Err(anyhow!("unknown operation kind {other:?}")),
+        }
     };
+    let outcome = within_deadline(&op.kind, op.created_at_ms, steps).await;
     coord.ops.set_progress(id, None);
     let took = format!(
         "{:.1}s",
@@ -849,6 +901,9 @@ impl Ctx<'_> {
         old_stopped: bool,
     ) -> Result<pb::EngineStatus> {
         self.log(&format!("promoting {target} in term {}", cluster.term));
+        if failpoint_once("promote-fails-once") {
+            bail!("failpoint promote-fails-once: the promotion of {target} failed");
+        }
         let r = pb::PromoteRequest {
             replicas: m.replica_ids(),
             sync: cluster.sync,
@@ -1233,6 +1288,16 @@ async fn failpoint(name: &str) {
     }
 }
 
+/// A test-only failure, the first time only in this process:
+/// `CORRAL_FAILPOINTS=promote-fails-once` makes the first promotion fail
+/// before the agent is asked, leaving the primary of record a standby.
+fn failpoint_once(name: &str) -> bool {
+    static FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let set =
+        std::env::var("CORRAL_FAILPOINTS").is_ok_and(|v| v.split(',').any(|f| f.trim() == name));
+    set && !FIRED.swap(true, std::sync::atomic::Ordering::SeqCst)
+}
+
 /// Unix milliseconds as UTC time of day with milliseconds.
 pub(crate) fn fmt_ms(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
@@ -1250,4 +1315,35 @@ pub(crate) fn fmt_ms(ms: i64) -> String {
 
 fn slot_label(node: &str) -> String {
     format!("corral_{}", node.replace('-', "_"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn an_operation_that_never_finishes_fails_at_its_deadline() {
+        let began = tokio::time::Instant::now();
+        let now = corral_proto::now_ms();
+        let e = within_deadline(FAILOVER, now, std::future::pending())
+            .await
+            .unwrap_err();
+        assert!(format!("{e}").contains("must finish within 5 min"), "{e}");
+        assert_eq!(began.elapsed(), deadline(FAILOVER));
+        // Resumed after a restart, with most of it spent: what is left,
+        // but at least the floor.
+        let began = tokio::time::Instant::now();
+        let long_ago = now - 10 * 60 * 1000;
+        assert!(within_deadline(FAILOVER, long_ago, std::future::pending())
+            .await
+            .is_err());
+        assert_eq!(began.elapsed(), DEADLINE_FLOOR);
+        // One that finishes is untouched.
+        within_deadline(ADD_NODE, now, async { Ok(()) })
+            .await
+            .unwrap();
+        for kind in [ADD_NODE, RESYNC, RESTORE, CREATE_CLUSTER, BACKUP] {
+            assert!(deadline(kind) >= Duration::from_secs(24 * 3600), "{kind}");
+        }
+    }
 }

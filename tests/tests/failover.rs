@@ -427,3 +427,75 @@ fn a_lease_shortened_just_before_a_partition_is_waited_out_in_full() {
     );
     fenced_before_promotion(&lab, "short", "vm1", &new);
 }
+
+#[test]
+fn a_promotion_that_fails_is_tried_again_or_done_by_hand() {
+    let mut lab = Lab::start(3).unwrap();
+    let creds = ha::cluster(&mut lab, "retry", &["--sync"]).unwrap();
+    // The first promotion of each coordinator process fails once the term
+    // is raised: the primary of record is then a standby.
+    let failing_coordinator = |lab: &mut Lab| {
+        lab.stop_coordinator().unwrap();
+        lab.start_coordinator_env(&[("CORRAL_FAILPOINTS", "promote-fails-once")])
+            .unwrap();
+        for vm in ["vm1", "vm2", "vm3"] {
+            lab.wait_node_state(vm, "up", Duration::from_secs(10))
+                .unwrap();
+        }
+    };
+    failing_coordinator(&mut lab);
+    let writer = ha::writer(&lab, &creds);
+    let check = ha::checker(&lab, &creds, 3);
+    wait_acks(&writer, 50, Duration::from_secs(10)).unwrap();
+
+    // Automatic: the failover's promotion fails; the monitor promotes the
+    // primary of record again and writes resume.
+    lab.kill_vm(1);
+    wait_until(
+        Duration::from_secs(60),
+        "the promotion to be retried",
+        || {
+            Ok(operations(&lab, "retry", "promote")?
+                .iter()
+                .any(|o| o["state"] == "succeeded"))
+        },
+    )
+    .unwrap();
+    wait_acks(&writer, 50, Duration::from_secs(30)).unwrap();
+    let failover = operations(&lab, "retry", "failover").unwrap();
+    assert_eq!(failover.len(), 1, "{failover:?}");
+    assert_eq!(failover[0]["state"], "failed", "{}", failover[0]);
+    let retried = operations(&lab, "retry", "promote").unwrap();
+    assert_eq!(retried[0]["requested_by"], "coordinator (auto-failover)");
+    let log = Lab::operation_log(&retried[0]).join("\n");
+    assert!(log.contains("runs as a standby"), "{log}");
+    let new = lab.wait_until_primary("retry", SETTLE).unwrap();
+    lab.restart_vm(1).unwrap();
+    assert_eq!(ha::wait_settled(&lab, "retry", 3, SETTLE).unwrap(), new);
+
+    // By hand, with auto-failover off: a switchover whose promotion fails
+    // leaves its target a standby of record, and promoting it again (no
+    // longer refused as "already the primary") completes it.
+    failing_coordinator(&mut lab);
+    lab.ctl_ok(&["cluster", "set", "retry", "auto-failover=off"])
+        .unwrap();
+    let target = if new == "vm2" { "vm3" } else { "vm2" };
+    let out = lab
+        .ctl(&["node", "promote", "retry", target, "--confirm", target])
+        .unwrap();
+    assert!(!out.status.success(), "the failpoint did not fire");
+    wait_until(Duration::from_secs(30), "the alarm naming the fix", || {
+        let c = lab.ctl_json(&["cluster", "show", "retry"])?;
+        Ok(c["failover_status"]
+            .as_str()
+            .is_some_and(|s| s.contains("auto-failover is off") && s.contains(target)))
+    })
+    .unwrap();
+    lab.ctl_ok(&["node", "promote", "retry", target, "--confirm", target])
+        .unwrap();
+    assert_eq!(ha::wait_settled(&lab, "retry", 3, SETTLE).unwrap(), target);
+    wait_acks(&writer, 50, Duration::from_secs(30)).unwrap();
+    let report = writer.finish();
+    no_two_writable(&check.finish());
+    ha::wait_every_node_holds(&lab, &creds, 3, &report.acked, Duration::from_secs(20)).unwrap();
+}
