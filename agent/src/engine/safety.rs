@@ -263,17 +263,26 @@ impl Engine {
         }
     }
 
-    /// A replica answered with a newer term: somebody else was promoted.
+    /// A replica answered with a newer term: somebody else may have been
+    /// promoted, so this primary stops holding its lease (the safe way to
+    /// be wrong). The term itself is not adopted: terms come from the
+    /// coordinator only, and a peer could claim any number (a term far in
+    /// the future would make this node refuse every real command).
     pub fn superseded(&self, term: u64, by: &str) {
-        if self.check_term(term, "a confirmation").is_ok() {
-            self.lock_lease().revoke();
-            self.save_lease();
-            self.events.push(
-                "lease_revoked",
-                format!("replica {by} is in term {term}: another node was promoted; fencing"),
-            );
-            self.guard_wake.notify_one();
+        let mine = self.stored().map_or(0, |s| s.cluster.term);
+        if term <= mine {
+            return;
         }
+        self.lock_lease().revoke();
+        self.save_lease();
+        self.events.push(
+            "lease_revoked",
+            format!(
+                "replica {by} says it is in term {term} (this node: {mine}): another node may \
+                 have been promoted; fencing until the coordinator says otherwise"
+            ),
+        );
+        self.guard_wake.notify_one();
     }
 
     /// A replica's answer to its primary's confirmation request.
@@ -319,8 +328,18 @@ impl Engine {
                 format!("term {} is older than this node's term {term}", req.term),
             );
         }
-        if req.term > term && self.check_term(req.term, "a confirmation").is_err() {
-            return refuse(term, "could not record the newer term".into());
+        if req.term > term {
+            // Terms come from the coordinator only (it repoints replicas in
+            // the new term before their new primary asks them); a peer
+            // cannot move this node's term.
+            return refuse(
+                term,
+                format!(
+                    "term {} is newer than this node's term {term}: this node takes terms \
+                     from the coordinator only",
+                    req.term
+                ),
+            );
         }
         let lease_ms = req.lease_ms.clamp(
             corral_proto::lease::MIN_LEASE_MS,
@@ -331,12 +350,12 @@ impl Engine {
         // lock, so a confirmation is either seen by it or refused.
         let mut lease = self.lock_lease();
         if self.promoting.load(Ordering::SeqCst) {
-            return refuse(term.max(req.term), "this replica is being promoted".into());
+            return refuse(term, "this replica is being promoted".into());
         }
         lease.confirm(caller, BootTime::now(), l + margin(l));
         pb::ConfirmPrimaryResponse {
             confirmed: true,
-            term: term.max(req.term),
+            term,
             reason: String::new(),
         }
     }
