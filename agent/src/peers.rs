@@ -15,17 +15,18 @@ use crate::engine::{Engine, Round};
 use crate::lease::BootTime;
 use corral_proto::pb;
 use corral_proto::pb::peer_client::PeerClient;
-use corral_proto::pki::{node_dns, CertKey};
+use corral_proto::pki::node_dns;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tonic::transport::Channel;
 
 pub struct Peers {
-    ca_pem: String,
-    me: CertKey,
-    /// node id -> (address, channel); a new address replaces the channel.
-    channels: Mutex<HashMap<String, (String, Channel)>>,
+    /// The node certificate presented to the replicas (renewed in place).
+    creds: Arc<crate::credentials::Credentials>,
+    /// node id -> (address, certificate generation, channel); a new address
+    /// or a renewed certificate replaces the channel.
+    channels: Mutex<HashMap<String, (String, u64, Channel)>>,
 }
 
 /// The outcome of one round, for logging changes only.
@@ -36,24 +37,27 @@ enum Outcome {
 }
 
 impl Peers {
-    pub fn new(ca_pem: String, me: CertKey) -> Peers {
+    pub fn new(creds: Arc<crate::credentials::Credentials>) -> Peers {
         Peers {
-            ca_pem,
-            me,
+            creds,
             channels: Mutex::new(HashMap::new()),
         }
     }
 
     fn client(&self, node: &str, address: &str) -> anyhow::Result<PeerClient<Channel>> {
+        let (me, generation) = self.creds.cert();
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((addr, ch)) = channels.get(node) {
-            if addr == address {
+        if let Some((addr, gen, ch)) = channels.get(node) {
+            if addr == address && *gen == generation {
                 return Ok(PeerClient::new(ch.clone()));
             }
         }
-        let tls = corral_proto::tls::client_config(&self.ca_pem, Some(&self.me), &node_dns(node));
+        let tls = corral_proto::tls::client_config(&self.creds.ca_pem, Some(&me), &node_dns(node));
         let ch = corral_proto::tls::channel(address, tls, Duration::from_secs(5))?;
-        channels.insert(node.to_string(), (address.to_string(), ch.clone()));
+        channels.insert(
+            node.to_string(),
+            (address.to_string(), generation, ch.clone()),
+        );
         Ok(PeerClient::new(ch))
     }
 
