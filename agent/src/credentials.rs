@@ -25,6 +25,11 @@ pub struct Credentials {
 
 struct Current {
     cert: CertKey,
+    /// The certificate replaced last, while it is still valid: a replica
+    /// that has not yet heard of the renewal (the coordinator names the new
+    /// certificate in its next heartbeat answer, which an outage may delay)
+    /// still knows only this one ([`crate::peers`] falls back to it).
+    previous: Option<CertKey>,
     /// Raised at every replacement: clients built before are rebuilt.
     generation: u64,
     /// A channel to the coordinator with `cert` as the client certificate.
@@ -46,6 +51,7 @@ impl Credentials {
             server: Arc::new(LiveCert::new(&cert)?),
             current: RwLock::new(Current {
                 cert,
+                previous: None,
                 generation: 0,
                 upcalls,
             }),
@@ -63,13 +69,22 @@ impl Credentials {
         (c.cert.clone(), c.generation)
     }
 
+    /// The certificate in use before the last renewal and its generation,
+    /// until it expires.
+    pub fn previous(&self) -> Option<(CertKey, u64)> {
+        let c = self.read();
+        let prev = c.previous.clone()?;
+        let (_, not_after) = corral_proto::pki::validity_ms(&prev.cert_pem).ok()?;
+        (not_after > corral_proto::now_ms()).then_some((prev, c.generation))
+    }
+
     /// Uses `cert` from now on. Nothing changes if it does not match its
     /// key or cannot be used for a channel.
     pub fn replace(&self, cert: CertKey) -> Result<()> {
         let upcalls = upcalls_client(&self.coordinator, &self.ca_pem, &cert)?;
         self.server.replace(&cert)?;
         let mut c = self.current.write().unwrap_or_else(|p| p.into_inner());
-        c.cert = cert;
+        c.previous = Some(std::mem::replace(&mut c.cert, cert));
         c.generation += 1;
         c.upcalls = upcalls;
         Ok(())

@@ -284,8 +284,9 @@ fn listed_current(lab: &Lab, node: &str) -> String {
         .to_string()
 }
 
-#[test]
-fn renewal_keeps_a_node_enrolled() {
+/// Three VMs enrolled with certificates of `lifetime`, serving a
+/// PostgreSQL cluster `shop` (vm1 its primary); its credentials.
+fn short_lived(lifetime: &str) -> (Lab, Value) {
     let mut lab = Lab::start_with(LabOptions {
         vms: 3,
         enroll: false,
@@ -293,7 +294,7 @@ fn renewal_keeps_a_node_enrolled() {
     })
     .unwrap();
     lab.stop_coordinator().unwrap();
-    lab.start_coordinator_env(&[("CORRAL_NODE_CERT_LIFETIME", "20s")])
+    lab.start_coordinator_env(&[("CORRAL_NODE_CERT_LIFETIME", lifetime)])
         .unwrap();
     for i in 1..=3 {
         let token = lab.token().unwrap();
@@ -304,6 +305,12 @@ fn renewal_keeps_a_node_enrolled() {
             .unwrap();
     }
     let creds = lab.create_replicated("shop", "vm1,vm2,vm3", &[]).unwrap();
+    (lab, creds)
+}
+
+#[test]
+fn renewal_keeps_a_node_enrolled() {
+    let (lab, creds) = short_lived("20s");
     let term = lab.ctl_json(&["cluster", "show", "shop"]).unwrap()["term"].clone();
 
     // The first renewal of the primary: its old certificate, still within
@@ -372,4 +379,51 @@ fn renewal_keeps_a_node_enrolled() {
     )
     .unwrap();
     assert!(audit_has(&lab, "node.renew", "ok"));
+}
+
+/// Waits until node `i`'s certificate on disk differs from `than`.
+fn wait_renewed(lab: &Lab, i: usize, than: &str, timeout: Duration) -> String {
+    let mut now = String::new();
+    wait_until(timeout, &format!("vm{i} to renew"), || {
+        now = pki::fingerprint_pem(&node_cert(lab, i).0.cert_pem)?;
+        Ok(now != than)
+    })
+    .unwrap();
+    now
+}
+
+#[test]
+fn a_renewal_just_before_a_coordinator_outage_keeps_the_primary_writable() {
+    // 30 s certificates: renewed at 19 s of age, 11 s before they expire.
+    let (lab, creds) = short_lived("30s");
+    let first = pki::fingerprint_pem(&node_cert(&lab, 1).0.cert_pem).unwrap();
+    let renewed = wait_renewed(&lab, 1, &first, Duration::from_secs(40));
+    let at = Instant::now();
+
+    // The replicas stop hearing from the coordinator shortly before the
+    // primary's next renewal, so they never learn its new certificate; then
+    // the primary loses the coordinator too, right after renewing.
+    std::thread::sleep(Duration::from_secs(15).saturating_sub(at.elapsed()));
+    for vm in ["vm2", "vm3"] {
+        lab.cut("ctl", vm).unwrap();
+    }
+    wait_renewed(&lab, 1, &renewed, Duration::from_secs(10));
+    lab.cut("ctl", "vm1").unwrap();
+
+    // Its replicas still know the certificate it used before, so they keep
+    // confirming it: writes go on through the outage.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        lab.health(1, "/primary").unwrap(),
+        200,
+        "vm1 lost its lease"
+    );
+    lab.psql(
+        &lab.node_uri(&creds, 1),
+        "CREATE TABLE during_outage (x int)",
+    )
+    .unwrap();
+    for vm in ["vm1", "vm2", "vm3"] {
+        lab.heal("ctl", vm).unwrap();
+    }
 }
