@@ -427,3 +427,52 @@ fn a_renewal_just_before_a_coordinator_outage_keeps_the_primary_writable() {
         lab.heal("ctl", vm).unwrap();
     }
 }
+
+#[test]
+fn join_tokens_stay_off_the_command_line() {
+    let lab = Lab::start_with(LabOptions {
+        vms: 1,
+        enroll: false,
+        ..Default::default()
+    })
+    .unwrap();
+    let dir = lab.state_dir(1);
+    let run = |args: &[&str]| {
+        let (code, stderr) = lab.run_agent_to_exit(1, args, &dir).unwrap();
+        assert_ne!(code, Some(0), "{stderr}");
+        stderr
+    };
+    // Still accepted, with a warning.
+    let stderr = run(&["--join", "corral1.not-a-token", "--node-id", "vm1"]);
+    assert!(stderr.contains("visible to every user"), "{stderr}");
+    assert!(stderr.contains("the join token"), "{stderr}");
+    // From a file: read only when needed, named when missing.
+    let stderr = run(&["--join-file", "/nonexistent/token", "--node-id", "vm1"]);
+    assert!(
+        stderr.contains("--join-file /nonexistent/token"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("visible to every user"), "{stderr}");
+    // From standard input (empty here): read, not taken for the token "-".
+    let stderr = run(&["--join", "-", "--node-id", "vm1"]);
+    assert!(!stderr.contains("visible to every user"), "{stderr}");
+    assert!(stderr.contains("the join token"), "{stderr}");
+    let token = lab.token().unwrap();
+    let file = lab.dir().join("token");
+    std::fs::write(&file, format!("{token}\n")).unwrap();
+    let mut agent = lab
+        .spawn_agent(
+            1,
+            &[
+                "--join-file".into(),
+                file.to_string_lossy().into_owned(),
+                "--node-id".into(),
+                "vm1".into(),
+            ],
+        )
+        .unwrap();
+    let up = lab.wait_node_state("vm1", "up", Duration::from_secs(30));
+    let _ = agent.kill();
+    let _ = agent.wait();
+    up.unwrap();
+}
