@@ -401,7 +401,9 @@ impl Guard<'_> {
 }
 
 /// Records the revocations (an already revoked certificate keeps its first
-/// record) and drops a revoked node renewal.
+/// record) and drops a revoked node renewal. A renewal not used yet that was
+/// issued over a revoked certificate goes with it: it was obtained with the
+/// revoked key.
 fn revoke(
     tx: &Connection,
     wanted: &Wanted,
@@ -409,7 +411,7 @@ fn revoke(
     who: &str,
     reason: &str,
 ) -> anyhow::Result<Result<Vec<(String, Revocation)>, Status>> {
-    let targets = match wanted {
+    let mut targets = match wanted {
         Wanted::Certificate {
             fp,
             subject,
@@ -451,6 +453,11 @@ fn revoke(
             rows
         }
     };
+    let mut dependents = Vec::new();
+    for (fp, _, _) in &targets {
+        dependents.extend(renewed_over(tx, fp)?);
+    }
+    targets.extend(dependents);
     let mut out = Vec::new();
     for (fp, subject, not_after_ms) in targets {
         if let Err(status) = guard.check(&fp) {
@@ -471,6 +478,21 @@ fn revoke(
         ));
     }
     Ok(Ok(out))
+}
+
+/// The renewals not used yet issued over certificate `fp`: (fingerprint,
+/// subject, expiry).
+fn renewed_over(c: &Connection, fp: &str) -> anyhow::Result<Vec<(String, String, i64)>> {
+    let mut q = c.prepare(
+        "SELECT fingerprint, 'node/' || node, not_after_ms FROM node_renewals \
+         WHERE node IN (SELECT id FROM nodes WHERE cert_fingerprint = ?1) \
+         UNION ALL SELECT fingerprint, 'operator/' || role || '/' || name, not_after_ms \
+         FROM operator_certificates WHERE replaces = ?1",
+    )?;
+    let rows = q
+        .query_map([fp], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
 }
 
 /// The subject and expiry the store knows of certificate `fp`.
@@ -550,7 +572,7 @@ mod tests {
     }
 
     #[test]
-    fn forgetting_refuses_a_node_that_serves_a_cluster_and_revokes_the_others() {
+    fn forget_refuses_a_cluster_member_and_revocation_takes_unused_renewals_along() {
         let dir =
             std::env::temp_dir().join(format!("corral-forget-{}-{}", std::process::id(), now_ms()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -580,6 +602,45 @@ mod tests {
                 assert_eq!(fps, ["bbbb", "cccc"]);
                 assert!(store::get_node(c, "vm2")?.is_none());
                 assert!(forget(c, "vm2", "alice")?.is_err());
+
+                // Revoking a certificate takes the unused renewals issued
+                // over it along: a node's, an operator's.
+                store::insert_node(c, "vm3", "dddd", 4)?;
+                revocation::set_renewal(c, "vm3", "eeee", 5)?;
+                revocation::record_operator(c, "ffff", "bob", "admin", 6, "seen", None)?;
+                revocation::record_operator(c, "9999", "bob", "admin", 7, "issued", Some("ffff"))?;
+                let guard = Guard {
+                    coordinator: "cccc-coordinator",
+                    caller: "cccc-caller",
+                };
+                for (fp, renewal) in [("dddd", "eeee"), ("ffff", "9999")] {
+                    let wanted = Wanted::Certificate {
+                        fp: fp.into(),
+                        subject: String::new(),
+                        not_after_ms: 0,
+                    };
+                    let revoked = revoke(c, &wanted, &guard, "alice", "stolen")?.unwrap();
+                    let fps: Vec<_> = revoked.iter().map(|(fp, _)| fp.as_str()).collect();
+                    assert_eq!(fps, [fp, renewal]);
+                }
+                assert!(revocation::node_renewal(c, "vm3")?.is_none());
+                let refused = revoke(
+                    c,
+                    &Wanted::Certificate {
+                        fp: "cccc-caller".into(),
+                        subject: String::new(),
+                        not_after_ms: 0,
+                    },
+                    &guard,
+                    "alice",
+                    "x",
+                )?
+                .unwrap_err();
+                assert!(
+                    refused.message().contains("made with"),
+                    "{}",
+                    refused.message()
+                );
                 Ok(())
             })
             .unwrap();
