@@ -217,13 +217,16 @@ pub fn renew_node(
         let fp = pki::fingerprint_pem(&cert).map_err(internal)?;
         let superseded = coord
             .store
-            .tx(|c| {
-                if revocation::node_certificate(c, &node)?.is_none() {
-                    anyhow::bail!("node {node} is not enrolled");
-                }
-                revocation::set_renewal(c, &node, &fp, not_after)
+            .tx(|c| match revocation::node_certificate(c, &node)? {
+                None => Ok(None),
+                Some(_) => Ok(Some(revocation::set_renewal(c, &node, &fp, not_after)?)),
             })
-            .map_err(|e| Status::permission_denied(format!("{e:#}")))?;
+            .map_err(internal)?
+            .ok_or_else(|| {
+                Status::permission_denied(format!(
+                    "node {node} is not enrolled with this coordinator"
+                ))
+            })?;
         coord.trust.renewed(&node, &fp, superseded);
         Ok((cert, fp, not_after))
     });
