@@ -118,9 +118,10 @@ ctl whoami >/dev/null
 
 for i in 1 2 3; do
     echo "==> agent vm$i in cdemo-vm$i on $NET.1$i:7401, enrolled with a single-use join token"
-    token=$(ctl token create --ttl 5m)
+    # The token goes in a file, not on the command line (where ps shows it).
+    (umask 077; ctl token create --ttl 5m > "$DIR/vm$i.join")
     ip netns exec "cdemo-vm$i" setsid "$BIN/corral-agent" --state-dir "$DIR/vm$i" \
-        --coordinator "$NET.1:7400" --listen "$NET.1$i:7401" --join "$token" --node-id "vm$i" \
+        --coordinator "$NET.1:7400" --listen "$NET.1$i:7401" --join-file "$DIR/vm$i.join" --node-id "vm$i" \
         >"$DIR/vm$i-agent.log" 2>&1 < /dev/null &
 done
 for _ in $(seq 150); do

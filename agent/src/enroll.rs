@@ -6,6 +6,15 @@
 //! id. Key, certificate and CA are stored 0600 in the state directory, and
 //! `node.json` is written last, so an interrupted enrollment is simply redone
 //! (with a new token: the old one may already be spent).
+//!
+//! A renewal ([`crate::renew`]) writes the new key and certificate to new
+//! files and then points `node.json` at them, in one rename: whatever the
+//! moment of a crash, `node.json` names a key and certificate that exist and
+//! match.
+//!
+//! The join token is best kept out of the command line, where every user of
+//! the machine can read it (`ps`): [`Join`] reads it from a file, standard
+//! input or the environment.
 
 use anyhow::{anyhow, bail, Context, Result};
 use corral_proto::pb;
@@ -22,6 +31,49 @@ pub struct NodeInfo {
     /// The coordinator this node enrolled with.
     pub coordinator: String,
     pub enrolled_at_ms: i64,
+    /// The certificate and key in use, file names in the state directory;
+    /// absent until the first renewal (enrollment writes `node.crt` and
+    /// `node.key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<String>,
+}
+
+/// Where the join token comes from.
+#[derive(Debug, Clone)]
+pub enum Join {
+    None,
+    /// Given as such (`--join TOKEN` or `CORRAL_JOIN_TOKEN`).
+    Token(String),
+    /// `--join-file PATH`: the file's first line.
+    File(PathBuf),
+    /// `--join -`: the first line of standard input.
+    Stdin,
+}
+
+impl Join {
+    /// The token, read only now: an enrolled node needs none, and its
+    /// token file may long be gone.
+    fn read(&self) -> Result<Option<String>> {
+        let first_line = |text: &str| text.lines().next().unwrap_or("").trim().to_string();
+        match self {
+            Join::None => Ok(None),
+            Join::Token(t) => Ok(Some(t.trim().to_string())),
+            Join::File(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("--join-file {}", path.display()))?;
+                Ok(Some(first_line(&text)))
+            }
+            Join::Stdin => {
+                let mut text = String::new();
+                let mut input = std::io::Read::take(std::io::stdin(), 4096);
+                std::io::Read::read_to_string(&mut input, &mut text)
+                    .context("--join -: reading the token from standard input")?;
+                Ok(Some(first_line(&text)))
+            }
+        }
+    }
 }
 
 /// A node's credentials, loaded from its state directory.
@@ -57,38 +109,104 @@ fn paths(state_dir: &Path) -> Paths {
     }
 }
 
+/// A file name `node.json` may point at: a plain name inside the state
+/// directory, nothing else.
+fn in_state_dir(state_dir: &Path, name: &str) -> Result<PathBuf> {
+    if name.is_empty() || name.contains('/') || name.starts_with('.') {
+        bail!("node.json names {name:?}, which is not a file of the state directory");
+    }
+    Ok(state_dir.join(name))
+}
+
+fn read_info(p: &Paths) -> Result<NodeInfo> {
+    serde_json::from_str(&pki::read(&p.info)?).with_context(|| {
+        format!(
+            "{} is not valid: remove the state directory to enroll again",
+            p.info.display()
+        )
+    })
+}
+
 /// Loads the identity stored in `state_dir`, if the node is enrolled.
 pub fn load(state_dir: &Path) -> Result<Option<NodeIdentity>> {
     let p = paths(state_dir);
     if !p.info.exists() {
         return Ok(None);
     }
-    let info: NodeInfo = serde_json::from_str(&pki::read(&p.info)?).with_context(|| {
-        format!(
-            "{} is not valid: remove the state directory to enroll again",
-            p.info.display()
-        )
-    })?;
+    let info = read_info(&p)?;
+    let cert = match &info.cert_file {
+        Some(name) => in_state_dir(state_dir, name)?,
+        None => p.cert.clone(),
+    };
+    let key = match &info.key_file {
+        Some(name) => in_state_dir(state_dir, name)?,
+        None => p.key.clone(),
+    };
     Ok(Some(NodeIdentity {
         info,
         cert: CertKey {
-            cert_pem: pki::read(&p.cert)?,
-            key_pem: pki::read(&p.key)?,
+            cert_pem: pki::read(&cert)?,
+            key_pem: pki::read(&key)?,
         },
         ca_pem: pki::read(&p.ca)?,
     }))
+}
+
+/// Keeps a renewed certificate and its key as the node's identity: new
+/// files first (each written whole and synced), then `node.json` pointing at
+/// them (the one rename that switches), then the directory synced so the
+/// switch survives a power cut; the files it replaced are removed last.
+pub fn store_renewed(state_dir: &Path, cert: &CertKey) -> Result<()> {
+    let p = paths(state_dir);
+    let mut info = read_info(&p)?;
+    let generation = corral_proto::now_ms();
+    let (cert_name, key_name) = (
+        format!("node.{generation}.crt"),
+        format!("node.{generation}.key"),
+    );
+    pki::write_private(&state_dir.join(&key_name), &cert.key_pem)?;
+    pki::write_private(&state_dir.join(&cert_name), &cert.cert_pem)?;
+    let before = [info.cert_file.take(), info.key_file.take()];
+    info.cert_file = Some(cert_name.clone());
+    info.key_file = Some(key_name.clone());
+    pki::write_private(&p.info, &serde_json::to_string_pretty(&info)?)?;
+    std::fs::File::open(state_dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing {}", state_dir.display()))?;
+    // Old identities: the files the previous node.json named (or the
+    // enrollment's), and any left by a renewal interrupted before its switch.
+    let mut stale: Vec<PathBuf> = before
+        .iter()
+        .flatten()
+        .filter_map(|n| in_state_dir(state_dir, n).ok())
+        .chain([p.cert, p.key])
+        .collect();
+    if let Ok(dir) = std::fs::read_dir(state_dir) {
+        stale.extend(dir.flatten().map(|e| e.path()).filter(|path| {
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            name.starts_with("node.")
+                && (name.ends_with(".crt") || name.ends_with(".key"))
+                && name != cert_name
+                && name != key_name
+        }));
+    }
+    for path in stale {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
 }
 
 /// Returns the node's identity: the stored one, or a new one obtained with
 /// `token`.
 ///
 /// `node_id` must match a stored identity when one exists (a node cannot
-/// change its name by restarting); a `token` given to an enrolled node is
-/// ignored with a note, so a service file may keep `--join` harmlessly.
+/// change its name by restarting); a token given to an enrolled node is
+/// ignored with a note (and not read), so a service file may keep
+/// `--join-file` harmlessly.
 pub async fn ensure(
     state_dir: &Path,
     coordinator: &str,
-    token: Option<&str>,
+    join: &Join,
     node_id: &str,
 ) -> Result<NodeIdentity> {
     if let Some(identity) = load(state_dir)? {
@@ -101,19 +219,20 @@ pub async fn ensure(
                 node_id
             );
         }
-        if token.is_some() {
-            tracing::info!(node = %node_id, "already enrolled; ignoring --join");
+        if !matches!(join, Join::None) {
+            tracing::info!(node = %node_id, "already enrolled; ignoring the join token");
         }
         return Ok(identity);
     }
-    let Some(token) = token else {
+    let Some(token) = join.read()? else {
         bail!(
             "node is not enrolled yet ({} has no node.json): start the agent once with \
-             --join TOKEN (make one on the coordinator with `corralctl token create`)",
+             --join-file FILE holding a join token (make one on the coordinator with \
+             `corralctl token create`)",
             state_dir.display()
         );
     };
-    enroll(state_dir, coordinator, token, node_id).await
+    enroll(state_dir, coordinator, &token, node_id).await
 }
 
 async fn enroll(
@@ -123,7 +242,7 @@ async fn enroll(
     node_id: &str,
 ) -> Result<NodeIdentity> {
     corral_proto::names::validate("node", node_id).map_err(|e| anyhow!("--node-id: {e}"))?;
-    let parsed = JoinToken::parse(token).map_err(|e| anyhow!("--join: {e}"))?;
+    let parsed = JoinToken::parse(token).map_err(|e| anyhow!("the join token: {e}"))?;
     std::fs::create_dir_all(state_dir)
         .with_context(|| format!("creating {}", state_dir.display()))?;
     // A refused pin is a refusal too: the token belongs to another coordinator.
@@ -171,6 +290,8 @@ async fn enroll(
         node_id: response.node_id,
         coordinator: coordinator.to_string(),
         enrolled_at_ms: corral_proto::now_ms(),
+        cert_file: None,
+        key_file: None,
     };
     pki::write_private(&p.info, &serde_json::to_string_pretty(&info)?)?;
     tracing::info!(node = %info.node_id, coordinator, "enrolled");
@@ -182,4 +303,65 @@ async fn enroll(
         },
         ca_pem,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use corral_proto::identity::Identity;
+
+    #[test]
+    fn a_renewed_identity_replaces_the_enrolled_one_on_disk() {
+        let dir = std::env::temp_dir().join(format!(
+            "corral-enroll-{}-{}",
+            std::process::id(),
+            corral_proto::now_ms()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = pki::CertAuthority::generate("t").unwrap();
+        let node = Identity::Node("vm1".into());
+        let first = ca.issue(&node, &[]).unwrap();
+        let p = paths(&dir);
+        pki::write_private(&p.key, &first.key_pem).unwrap();
+        pki::write_private(&p.cert, &first.cert_pem).unwrap();
+        pki::write_private(&p.ca, ca.cert_pem()).unwrap();
+        let info = NodeInfo {
+            node_id: "vm1".into(),
+            coordinator: "c:7400".into(),
+            enrolled_at_ms: 1,
+            cert_file: None,
+            key_file: None,
+        };
+        pki::write_private(&p.info, &serde_json::to_string(&info).unwrap()).unwrap();
+        assert_eq!(load(&dir).unwrap().unwrap().cert.cert_pem, first.cert_pem);
+
+        for _ in 0..2 {
+            let next = ca.issue(&node, &[]).unwrap();
+            store_renewed(&dir, &next).unwrap();
+            let loaded = load(&dir).unwrap().unwrap();
+            assert_eq!(loaded.cert.cert_pem, next.cert_pem);
+            assert_eq!(loaded.cert.key_pem, next.key_pem);
+            assert_eq!(loaded.info.enrolled_at_ms, 1);
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        // Only the identity in use is left: one certificate and one key.
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".crt") || n.ends_with(".key"))
+            .collect();
+        names.sort();
+        assert_eq!(names.len(), 3, "{names:?}"); // ca.crt, node.N.crt, node.N.key
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn node_json_cannot_point_outside_the_state_directory() {
+        let dir = Path::new("/var/lib/corral-agent");
+        assert!(in_state_dir(dir, "node.1.crt").is_ok());
+        for bad in ["", "../etc/shadow", "/etc/shadow", ".hidden"] {
+            assert!(in_state_dir(dir, bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -19,13 +19,14 @@ use crate::events::Events;
 use crate::lease::BootTime;
 use crate::metrics::Sampler;
 use corral_proto::pb;
-use corral_proto::pb::agent_upcalls_client::AgentUpcallsClient;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tonic::transport::Channel;
 
 pub struct Heartbeat {
-    pub client: AgentUpcallsClient<Channel>,
+    /// The node certificate in use (renewed in place).
+    pub creds: Arc<crate::credentials::Credentials>,
+    /// Learns the cluster's members from each answer, for the Peer API.
+    pub members: Arc<crate::members::Members>,
     /// The agent's own interval, used until the node serves a cluster.
     pub interval: Duration,
     /// host:port advertised for the agent's API.
@@ -70,12 +71,13 @@ impl Heartbeat {
                 events: self.events.pending(),
                 agent_version: env!("CARGO_PKG_VERSION").to_string(),
             };
-            let mut client = self.client.clone();
-            let (engine, events, failing, telemetry) = (
+            let mut client = self.creds.upcalls();
+            let (engine, events, failing, telemetry, members) = (
                 self.engine.clone(),
                 self.events.clone(),
                 failing_since.clone(),
                 self.telemetry.clone(),
+                self.members.clone(),
             );
             // An answer later than the lease is of no use; a stuck call
             // must not pile up.
@@ -85,6 +87,7 @@ impl Heartbeat {
                 if let Ok(Ok(resp)) = &answer {
                     let resp = resp.get_ref();
                     events.ack(resp.acked_event_seq);
+                    members.learn(resp.assignment.as_ref());
                     if let Some(a) = &resp.assignment {
                         engine.on_assignment(a, asked_at);
                     }
@@ -107,7 +110,7 @@ impl Heartbeat {
                     Ok(Err(status)) => {
                         if failing.is_none() {
                             *failing = Some(Instant::now());
-                            tracing::warn!(code = ?status.code(), "heartbeat failed: {}", status.message());
+                            report_refusal(&status);
                         }
                     }
                     Err(_) => {
@@ -122,5 +125,24 @@ impl Heartbeat {
                 }
             });
         }
+    }
+}
+
+/// Logs a failed heartbeat once. A refusal of this node's certificate
+/// (revoked, or the node forgotten) is said plainly: the agent keeps
+/// running and leaves its engine as it is (a primary without a lease fences
+/// itself as always), and does not fight the decision.
+fn report_refusal(status: &tonic::Status) {
+    if status.code() == tonic::Code::PermissionDenied {
+        tracing::error!(
+            "the coordinator refuses this node: {}. This agent keeps running and leaves its \
+             engine as it is, but takes no orders and holds no lease. To use this VM again, \
+             enroll it anew: `corralctl node forget NODE --confirm NODE` if not done yet, then \
+             remove node.json from the state directory and start the agent with --join-file \
+             holding a new join token",
+            status.message()
+        );
+    } else {
+        tracing::warn!(code = ?status.code(), "heartbeat failed: {}", status.message());
     }
 }

@@ -5,6 +5,11 @@
 //!
 //! - [`enroll`]: the node's identity: first enrollment with a join token, and
 //!   the key, certificate and CA it keeps in its state directory.
+//! - [`credentials`]: the node certificate in use by every client and server,
+//!   replaced in place by [`renew`].
+//! - [`renew`]: renewal of the node certificate before it expires.
+//! - [`members`]: the members of the node's cluster the coordinator named,
+//!   the only callers the peer API accepts.
 //! - [`metrics`]: CPU, memory, disk, network and load samples (sysinfo).
 //! - [`events`]: events waiting to be acknowledged by the coordinator.
 //! - [`heartbeat`]: the periodic report to the coordinator.
@@ -21,6 +26,7 @@
 //!   log for `corralctl logs`.
 
 pub mod backup;
+pub mod credentials;
 pub mod engine;
 pub mod enroll;
 pub mod events;
@@ -29,8 +35,10 @@ pub mod health;
 pub mod heartbeat;
 pub mod lease;
 pub mod logs;
+pub mod members;
 pub mod metrics;
 pub mod peers;
+pub mod renew;
 pub mod server;
 
 use std::path::PathBuf;

@@ -1,8 +1,8 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use corral_agent::{
-    backup, engine, enroll, events, firewall, health, heartbeat, logs, metrics, peers, server,
-    Config,
+    backup, credentials, engine, enroll, events, firewall, health, heartbeat, logs, members,
+    metrics, peers, renew, server, Config,
 };
 use corral_proto::pb;
 use std::net::SocketAddr;
@@ -30,9 +30,15 @@ struct Args {
     /// this VM's own IP, not 0.0.0.0.
     #[arg(long, env = "CORRAL_LISTEN")]
     listen: SocketAddr,
-    /// Join token from `corralctl token create`; needed on the first start only.
-    #[arg(long, env = "CORRAL_JOIN_TOKEN")]
+    /// Join token from `corralctl token create`, needed on the first start
+    /// only; `-` reads it from standard input. Prefer --join-file: a token
+    /// on the command line is visible to every user of the machine (ps).
+    #[arg(long, env = "CORRAL_JOIN_TOKEN", conflicts_with = "join_file")]
     join: Option<String>,
+    /// A file holding the join token (first line); read only when the node
+    /// is not enrolled yet, so it may be deleted afterwards.
+    #[arg(long, env = "CORRAL_JOIN_FILE", value_name = "PATH")]
+    join_file: Option<PathBuf>,
     /// This node's id (default: the hostname).
     #[arg(long, env = "CORRAL_NODE_ID")]
     node_id: Option<String>,
@@ -63,8 +69,20 @@ const DEFAULT_HEALTH_PORT: u16 = 7402;
 #[tokio::main]
 async fn main() -> ExitCode {
     corral_proto::tls::install_crypto_provider();
-    let args = Args::parse();
+    let matches = <Args as clap::CommandFactory>::command().get_matches();
+    let args = match <Args as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(a) => a,
+        Err(e) => e.exit(),
+    };
     init_tracing(&args.state_dir);
+    let on_command_line =
+        matches.value_source("join") == Some(clap::parser::ValueSource::CommandLine);
+    if on_command_line && args.join.as_deref() != Some("-") {
+        tracing::warn!(
+            "a join token on the command line is visible to every user of this machine (ps): \
+             use --join-file PATH (or --join - for standard input, or CORRAL_JOIN_TOKEN)"
+        );
+    }
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -150,13 +168,13 @@ async fn run(args: Args) -> Result<()> {
         .node_id
         .or_else(|| stored.as_ref().map(|s| s.info.node_id.clone()))
         .unwrap_or_else(hostname);
-    let identity = enroll::ensure(
-        &config.state_dir,
-        &config.coordinator,
-        args.join.as_deref(),
-        &node_id,
-    )
-    .await?;
+    let join = match (args.join, args.join_file) {
+        (_, Some(path)) => enroll::Join::File(path),
+        (Some(t), None) if t == "-" => enroll::Join::Stdin,
+        (Some(t), None) => enroll::Join::Token(t),
+        (None, None) => enroll::Join::None,
+    };
+    let identity = enroll::ensure(&config.state_dir, &config.coordinator, &join, &node_id).await?;
     tracing::info!(node = %identity.info.node_id, coordinator = %config.coordinator, "agent starting");
 
     let events = Arc::new(events::Events::new());
@@ -201,15 +219,19 @@ async fn run(args: Args) -> Result<()> {
         config.coordinator.clone(),
     ));
 
-    let tls = corral_proto::tls::client_config(
+    // One certificate for every client and server, renewed in place.
+    let creds = credentials::Credentials::new(
+        &identity.info.node_id,
         &identity.ca_pem,
-        Some(&identity.cert),
-        corral_proto::pki::COORDINATOR_DNS,
-    );
-    let channel = corral_proto::tls::channel(&config.coordinator, tls, Duration::from_secs(5))?;
+        identity.cert.clone(),
+        &config.coordinator,
+    )?;
+    let members = Arc::new(members::Members::load(&config.state_dir));
+    let renewals = tokio::spawn(renew::run(creds.clone(), config.state_dir.clone()));
     let telemetry = Arc::new(metrics::Telemetry::default());
     let heartbeat = heartbeat::Heartbeat {
-        client: pb::agent_upcalls_client::AgentUpcallsClient::new(channel),
+        creds: creds.clone(),
+        members: members.clone(),
         interval: config.heartbeat_interval,
         address: config.listen.to_string(),
         sampler: metrics::Sampler::new(config.state_dir.clone())?,
@@ -225,10 +247,7 @@ async fn run(args: Args) -> Result<()> {
             .run(engine.clone(), config.state_dir.clone()),
     );
     let guardian = tokio::spawn(engine.clone().guard());
-    let peers = Arc::new(peers::Peers::new(
-        identity.ca_pem.clone(),
-        identity.cert.clone(),
-    ));
+    let peers = Arc::new(peers::Peers::new(creds.clone()));
     let rounds = tokio::spawn(peers.run(engine.clone()));
     let health_addr = health_listen;
     let exporter = health::Exporter {
@@ -243,9 +262,13 @@ async fn run(args: Args) -> Result<()> {
         }
     });
 
-    let incoming =
-        corral_proto::tls::serve_tls(config.listen, &identity.cert, &identity.ca_pem, false)
-            .await?;
+    let incoming = corral_proto::tls::serve_tls_live(
+        config.listen,
+        creds.server.clone(),
+        &identity.ca_pem,
+        false,
+    )
+    .await?;
     let result = tonic::transport::Server::builder()
         .add_service(pb::agent_server::AgentServer::new(server::AgentApi {
             engine: engine.clone(),
@@ -257,11 +280,14 @@ async fn run(args: Args) -> Result<()> {
             archiver: archiver.clone(),
             agent_log: logs::writer::agent_log(&config.state_dir),
         }))
-        .add_service(pb::peer_server::PeerServer::new(server::PeerApi { engine }))
+        .add_service(pb::peer_server::PeerServer::new(server::PeerApi {
+            engine,
+            members,
+        }))
         .serve_with_incoming_shutdown(incoming, shutdown_signal())
         .await
         .with_context(|| format!("serving the agent API on {}", config.listen));
-    for task in [heartbeats, guardian, rounds, health, wal_uploads] {
+    for task in [heartbeats, guardian, rounds, health, wal_uploads, renewals] {
         task.abort();
     }
     result

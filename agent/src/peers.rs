@@ -15,17 +15,28 @@ use crate::engine::{Engine, Round};
 use crate::lease::BootTime;
 use corral_proto::pb;
 use corral_proto::pb::peer_client::PeerClient;
-use corral_proto::pki::{node_dns, CertKey};
+use corral_proto::pki::node_dns;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tonic::transport::Channel;
 
 pub struct Peers {
-    ca_pem: String,
-    me: CertKey,
-    /// node id -> (address, channel); a new address replaces the channel.
-    channels: Mutex<HashMap<String, (String, Channel)>>,
+    /// The node certificate presented to the replicas (renewed in place).
+    creds: Arc<crate::credentials::Credentials>,
+    /// (node id, with the previous certificate) -> (address, certificate
+    /// generation, channel); a new address or a renewed certificate
+    /// replaces the channel.
+    channels: Mutex<Channels>,
+}
+
+type Channels = HashMap<(String, bool), (String, u64, Channel)>;
+
+/// Why a replica did not answer with a confirmation or a reasoned refusal.
+struct Failed {
+    /// The replica refused the caller itself (its certificate).
+    permission_denied: bool,
+    message: String,
 }
 
 /// The outcome of one round, for logging changes only.
@@ -36,25 +47,40 @@ enum Outcome {
 }
 
 impl Peers {
-    pub fn new(ca_pem: String, me: CertKey) -> Peers {
+    pub fn new(creds: Arc<crate::credentials::Credentials>) -> Peers {
         Peers {
-            ca_pem,
-            me,
+            creds,
             channels: Mutex::new(HashMap::new()),
         }
     }
 
-    fn client(&self, node: &str, address: &str) -> anyhow::Result<PeerClient<Channel>> {
+    /// A client of `node`'s agent presenting the current certificate, or
+    /// with `previous` the one replaced last (None when there is none).
+    fn client(
+        &self,
+        node: &str,
+        address: &str,
+        previous: bool,
+    ) -> Option<anyhow::Result<PeerClient<Channel>>> {
+        let (me, generation) = if previous {
+            self.creds.previous()?
+        } else {
+            self.creds.cert()
+        };
+        let key = (node.to_string(), previous);
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((addr, ch)) = channels.get(node) {
-            if addr == address {
-                return Ok(PeerClient::new(ch.clone()));
+        if let Some((addr, gen, ch)) = channels.get(&key) {
+            if addr == address && *gen == generation {
+                return Some(Ok(PeerClient::new(ch.clone())));
             }
         }
-        let tls = corral_proto::tls::client_config(&self.ca_pem, Some(&self.me), &node_dns(node));
-        let ch = corral_proto::tls::channel(address, tls, Duration::from_secs(5))?;
-        channels.insert(node.to_string(), (address.to_string(), ch.clone()));
-        Ok(PeerClient::new(ch))
+        let tls = corral_proto::tls::client_config(&self.creds.ca_pem, Some(&me), &node_dns(node));
+        Some(
+            corral_proto::tls::channel(address, tls, Duration::from_secs(5)).map(|ch| {
+                channels.insert(key, (address.to_string(), generation, ch.clone()));
+                PeerClient::new(ch)
+            }),
+        )
     }
 
     /// Runs for the agent's life.
@@ -92,7 +118,8 @@ impl Peers {
         let asked_at = BootTime::now();
         let mut calls = tokio::task::JoinSet::new();
         for (node, address) in &round.peers {
-            let client = self.client(node, address);
+            let client = self.client(node, address, false);
+            let fallback = self.client(node, address, true);
             let req = pb::ConfirmPrimaryRequest {
                 cluster: round.cluster.clone(),
                 term: round.term,
@@ -100,16 +127,17 @@ impl Peers {
             };
             let node = node.clone();
             calls.spawn(async move {
-                let answer = match client {
-                    Err(e) => Err(format!("{e:#}")),
-                    Ok(mut c) => match tokio::time::timeout(interval, c.confirm_primary(req)).await
-                    {
-                        Err(_) => Err(format!("no answer within {} ms", interval.as_millis())),
-                        Ok(Err(s)) => Err(s.message().to_string()),
-                        Ok(Ok(r)) => Ok(r.into_inner()),
-                    },
-                };
-                (node, answer)
+                let mut answer = ask(client, req.clone(), interval).await;
+                // Just after a renewal, a replica may not know the new
+                // certificate yet (the coordinator names it in the replica's
+                // next heartbeat answer, which an outage may delay): it
+                // still knows the previous one.
+                if matches!(&answer, Err(f) if f.permission_denied) {
+                    if let Some(previous) = fallback {
+                        answer = ask(Some(previous), req, interval).await;
+                    }
+                }
+                (node, answer.map_err(|f| f.message))
             });
         }
         let mut refusals = Vec::new();
@@ -135,5 +163,32 @@ impl Peers {
         } else {
             Outcome::NotConfirmed(refusals.join("; "))
         }
+    }
+}
+
+/// One confirmation request.
+async fn ask(
+    client: Option<anyhow::Result<PeerClient<Channel>>>,
+    req: pb::ConfirmPrimaryRequest,
+    interval: Duration,
+) -> Result<pb::ConfirmPrimaryResponse, Failed> {
+    let failed = |permission_denied, message| Failed {
+        permission_denied,
+        message,
+    };
+    match client {
+        None => Err(failed(false, "no certificate".into())),
+        Some(Err(e)) => Err(failed(false, format!("{e:#}"))),
+        Some(Ok(mut c)) => match tokio::time::timeout(interval, c.confirm_primary(req)).await {
+            Err(_) => Err(failed(
+                false,
+                format!("no answer within {} ms", interval.as_millis()),
+            )),
+            Ok(Err(s)) => Err(failed(
+                s.code() == tonic::Code::PermissionDenied,
+                s.message().to_string(),
+            )),
+            Ok(Ok(r)) => Ok(r.into_inner()),
+        },
     }
 }

@@ -259,9 +259,11 @@ impl pb::agent_server::Agent for AgentApi {
 
 /// The API other agents call: a primary asking its replicas to confirm it.
 /// Only node certificates are accepted, and the caller's node id is read
-/// from its certificate.
+/// from its certificate, which must be one the coordinator named for that
+/// member of the cluster ([`crate::members`]).
 pub struct PeerApi {
     pub engine: Arc<Engine>,
+    pub members: Arc<crate::members::Members>,
 }
 
 #[tonic::async_trait]
@@ -279,6 +281,16 @@ impl pb::peer_server::Peer for PeerApi {
                 )));
             }
         };
+        let fp = req
+            .peer_certs()
+            .and_then(|c| {
+                c.first()
+                    .map(|leaf| corral_proto::pki::fingerprint_der(leaf.as_ref()))
+            })
+            .unwrap_or_default();
+        self.members
+            .check(&caller, &fp)
+            .map_err(Status::permission_denied)?;
         let answer = self.engine.confirm_primary(&caller, req.get_ref());
         if !answer.confirmed {
             tracing::debug!(%caller, "confirmation refused: {}", answer.reason);

@@ -77,6 +77,10 @@ pub struct Snapshot {
     pub certificates: Vec<(String, i64)>,
     /// Each cluster's engine, for the notices' labels.
     pub engines: HashMap<String, String>,
+    /// The lifetime of node certificates (0: unknown). Agents renew theirs
+    /// when a third is left, so a node's alert fires only once its renewal
+    /// is overdue.
+    pub node_cert_lifetime_ms: i64,
 }
 
 /// A rule's finding: an alert that holds now.
@@ -142,7 +146,12 @@ pub fn conditions(s: &Snapshot, config: &AlertsConfig) -> (Vec<Condition>, HashS
             description,
             hold,
         };
-        if let Some(days) = expiring(n.cert_not_after_ms, s.now_ms, rules.certificate_expiry_days) {
+        if let Some(days) = renewal_overdue(
+            n.cert_not_after_ms,
+            s.now_ms,
+            rules.certificate_expiry_days,
+            s.node_cert_lifetime_ms,
+        ) {
             out.push(cond(
                 "certificate_expiring",
                 if days < 0 {
@@ -151,8 +160,9 @@ pub fn conditions(s: &Snapshot, config: &AlertsConfig) -> (Vec<Condition>, HashS
                     Severity::Warning
                 },
                 cert_summary(&format!("node {}'s agent certificate", n.id), days),
-                "Re-enroll the agent with a new join token before it expires: the coordinator \
-                 refuses an expired certificate and the node stops reporting."
+                "The agent renews its certificate by itself when a third of its lifetime is \
+                 left, and has not: see its log (`corralctl logs CLUSTER NODE --agent`). Once \
+                 expired, the node must be forgotten and enrolled again with a new join token."
                     .into(),
                 Duration::ZERO,
             ));
@@ -359,6 +369,16 @@ fn expiring(not_after_ms: i64, now_ms: i64, within: u32) -> Option<i64> {
     }
     let left = not_after_ms - now_ms;
     (left < i64::from(within) * 86_400_000).then(|| left.div_euclid(86_400_000))
+}
+
+/// [`expiring`] for a node certificate, which its agent renews when a third
+/// of `lifetime_ms` is left: only once a quarter is left (the renewal is
+/// overdue), and never earlier than `within` days.
+fn renewal_overdue(not_after_ms: i64, now_ms: i64, within: u32, lifetime_ms: i64) -> Option<i64> {
+    if lifetime_ms > 0 && not_after_ms - now_ms >= lifetime_ms / 4 {
+        return None;
+    }
+    expiring(not_after_ms, now_ms, within)
 }
 
 fn cert_summary(what: &str, days: i64) -> String {
@@ -762,6 +782,7 @@ pub fn snapshot(coord: &Coordinator) -> Result<Snapshot> {
         busy: unfinished.iter().flat_map(busy_keys).collect(),
         certificates: coord.certificates.clone(),
         engines,
+        node_cert_lifetime_ms: coord.lifetimes.node.as_millis() as i64,
     })
 }
 
@@ -1074,7 +1095,15 @@ mod tests {
         assert_eq!(conds[1].severity, Severity::Critical);
         let mut n = view("vm1", Liveness::Up);
         n.cert_not_after_ms = s.now_ms + 3 * day;
-        assert_eq!(names(&snap(vec![n]), &c), ["certificate_expiring"]);
+        assert_eq!(names(&snap(vec![n.clone()]), &c), ["certificate_expiring"]);
+        // A 30-day node certificate with 9 days left is within the 30-day
+        // rule but its agent renews it at 10 days left: not overdue yet.
+        let mut fleet = snap(vec![n]);
+        fleet.node_cert_lifetime_ms = 30 * day;
+        fleet.nodes[0].cert_not_after_ms = fleet.now_ms + 9 * day;
+        assert!(names(&fleet, &c).is_empty());
+        fleet.nodes[0].cert_not_after_ms = fleet.now_ms + 7 * day;
+        assert_eq!(names(&fleet, &c), ["certificate_expiring"]);
     }
 
     fn cond(name: &'static str, hold_s: u64) -> Condition {

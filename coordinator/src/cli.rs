@@ -40,7 +40,8 @@ enum Output {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Certificate authority and operator certificates (offline: needs the CA key).
+    /// Certificates: the CA and operator certificates (offline, with the CA
+    /// key); revocation, renewal and the list (online).
     #[command(subcommand)]
     Pki(PkiCmd),
     /// Join tokens for enrolling new agents.
@@ -332,6 +333,8 @@ enum PkiCmd {
         #[arg(long)]
         out: PathBuf,
     },
+    #[command(flatten)]
+    Online(crate::cli_identity::PkiOnline),
 }
 
 #[derive(Subcommand, Debug)]
@@ -550,6 +553,9 @@ async fn wait_allowlist(
 #[derive(Subcommand, Debug)]
 enum NodeCmd {
     List,
+    /// Deregister a node that serves no cluster and revoke its certificate
+    /// (admin); the id can then be enrolled again with a new join token.
+    Forget(crate::cli_identity::ForgetArgs),
     /// Add a node to a cluster as a replica cloned from the primary.
     Add {
         cluster: String,
@@ -704,7 +710,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// The connection settings file written by `pki init`.
 #[derive(serde::Deserialize, serde::Serialize, Default, Debug)]
-struct ConnConfig {
+pub(crate) struct ConnConfig {
     coordinator: Option<String>,
     ca: Option<PathBuf>,
     cert: Option<PathBuf>,
@@ -737,37 +743,48 @@ impl ConnConfig {
         Ok(cfg)
     }
 
-    fn connect(&self) -> Result<(OperatorClient<Channel>, String)> {
-        let missing = |what: &str, var: &str| {
-            anyhow!(
-                "no {what} configured: pass --config FILE (written by `corralctl pki init`), \
-                 or set {var}"
-            )
-        };
-        let addr = self
-            .coordinator
+    fn missing(what: &str, var: &str) -> anyhow::Error {
+        anyhow!(
+            "no {what} configured: pass --config FILE (written by `corralctl pki init`), \
+             or set {var}"
+        )
+    }
+
+    pub(crate) fn address(&self) -> Result<String> {
+        self.coordinator
             .clone()
-            .ok_or_else(|| missing("coordinator address", "CORRAL_COORDINATOR"))?;
-        let ca = pki::read(
-            self.ca
-                .as_deref()
-                .ok_or_else(|| missing("CA certificate", "CORRAL_CA"))?,
-        )?;
+            .ok_or_else(|| Self::missing("coordinator address", "CORRAL_COORDINATOR"))
+    }
+
+    pub(crate) fn ca_file(&self) -> Result<&Path> {
+        self.ca
+            .as_deref()
+            .ok_or_else(|| Self::missing("CA certificate", "CORRAL_CA"))
+    }
+
+    /// The client certificate and key files.
+    pub(crate) fn files(&self) -> Result<(PathBuf, PathBuf)> {
+        Ok((
+            self.cert
+                .clone()
+                .ok_or_else(|| Self::missing("client certificate", "CORRAL_CERT"))?,
+            self.key
+                .clone()
+                .ok_or_else(|| Self::missing("client key", "CORRAL_KEY"))?,
+        ))
+    }
+
+    fn channel(&self) -> Result<(Channel, String)> {
+        let addr = self.address()?;
+        let ca = pki::read(self.ca_file()?)?;
+        let (cert, key) = self.files()?;
         let me = CertKey {
-            cert_pem: pki::read(
-                self.cert
-                    .as_deref()
-                    .ok_or_else(|| missing("client certificate", "CORRAL_CERT"))?,
-            )?,
-            key_pem: pki::read(
-                self.key
-                    .as_deref()
-                    .ok_or_else(|| missing("client key", "CORRAL_KEY"))?,
-            )?,
+            cert_pem: pki::read(&cert)?,
+            key_pem: pki::read(&key)?,
         };
         let tls = corral_proto::tls::client_config(&ca, Some(&me), COORDINATOR_DNS);
         let ch = corral_proto::tls::channel(&addr, tls, Duration::from_secs(30))?;
-        Ok((OperatorClient::new(ch), addr))
+        Ok((ch, addr))
     }
 }
 
@@ -810,15 +827,23 @@ fn rpc_error(addr: &str, s: tonic::Status) -> anyhow::Error {
 pub async fn main_with(cli: Cli) -> Result<()> {
     let json = cli.output == Output::Json;
     match cli.command {
-        Command::Pki(cmd) => pki_cmd(cmd, json),
+        Command::Pki(cmd) if !matches!(cmd, PkiCmd::Online(_)) => pki_cmd(cmd, json),
         command => {
-            let (mut api, addr) = ConnConfig::load(cli.config.as_deref())?.connect()?;
-            run(&mut api, command, json)
-                .await
-                .map_err(|e| match e.downcast::<tonic::Status>() {
-                    Ok(s) => rpc_error(&addr, s),
-                    Err(e) => e,
-                })
+            let conn = ConnConfig::load(cli.config.as_deref())?;
+            let (channel, addr) = conn.channel()?;
+            let result = match command {
+                Command::Pki(PkiCmd::Online(cmd)) => {
+                    crate::cli_identity::pki(channel, cmd, &conn, json).await
+                }
+                Command::Node(NodeCmd::Forget(a)) => {
+                    crate::cli_identity::forget(channel, a, json).await
+                }
+                command => run(&mut OperatorClient::new(channel), command, json).await,
+            };
+            result.map_err(|e| match e.downcast::<tonic::Status>() {
+                Ok(s) => rpc_error(&addr, s),
+                Err(e) => e,
+            })
         }
     }
 }
@@ -865,6 +890,7 @@ fn pki_cmd(cmd: PkiCmd, json: bool) -> Result<()> {
             }
             Ok(())
         }
+        PkiCmd::Online(_) => unreachable!("online PKI commands need the coordinator"),
         PkiCmd::IssueOperator {
             dir,
             name,
@@ -896,12 +922,12 @@ fn pki_cmd(cmd: PkiCmd, json: bool) -> Result<()> {
     }
 }
 
-fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+pub(crate) fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
-fn table(header: &[&str]) -> Table {
+pub(crate) fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED)
         .set_header(header.to_vec());
@@ -1132,7 +1158,9 @@ async fn follow(
 
 async fn run(api: &mut OperatorClient<Channel>, command: Command, json: bool) -> Result<()> {
     match command {
-        Command::Pki(_) => unreachable!("handled offline"),
+        Command::Pki(_) | Command::Node(NodeCmd::Forget(_)) => {
+            unreachable!("handled in main_with")
+        }
         Command::Whoami => {
             let me = api.who_am_i(pb::WhoAmIRequest {}).await?.into_inner();
             if json {

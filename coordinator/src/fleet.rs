@@ -225,6 +225,15 @@ impl Fleet {
         self.lock().insert(node.to_string(), live)
     }
 
+    /// Drops everything known of a node that was forgotten.
+    pub fn forget(&self, node: &str) {
+        self.lock().remove(node);
+        self.grants
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(node);
+    }
+
     pub fn get(&self, node: &str) -> Option<Live> {
         self.lock().get(node).cloned()
     }

@@ -7,6 +7,9 @@
 //! - [`fleet`]: the live view rebuilt from heartbeats; the liveness rule.
 //! - [`secrets`]: encryption at rest for database passwords.
 //! - [`upcalls`]: the API agents call: enrollment and heartbeats.
+//! - [`revocation`]: who may still call: revoked certificates and each
+//!   node's current one, checked on every call.
+//! - [`identities`]: forgetting nodes, revoking and renewing certificates.
 //! - [`operator`]: the API operators call (through `corralctl`).
 //! - [`ops`]: the operation runner: one operation at a time per cluster,
 //!   each step logged, resumed after a restart.
@@ -23,24 +26,28 @@
 //! - [`notify`]: delivery to Alertmanager, webhooks and email.
 //! - [`http`]: `/metrics` for Prometheus; the coordinator's own counters.
 //! - [`logs`]: `corralctl logs`: a node's log relayed from its agent.
-//! - [`cli`]: `corralctl`, the operator CLI.
+//! - [`cli`]: `corralctl`, the operator CLI ([`cli_identity`]: its
+//!   `node forget` and online `pki` commands).
 
 pub mod agents;
 pub mod alerts;
 pub mod allowlist;
 pub mod backups;
 pub mod cli;
+pub mod cli_identity;
 pub mod config;
 pub mod engines;
 pub mod failover;
 pub mod fleet;
 pub mod history;
 pub mod http;
+pub mod identities;
 pub mod logs;
 pub mod monitor;
 pub mod notify;
 pub mod operator;
 pub mod ops;
+pub mod revocation;
 pub mod secrets;
 pub mod store;
 pub mod upcalls;
@@ -64,6 +71,8 @@ pub struct Config {
     pub http_listen: Option<SocketAddr>,
     /// The configuration file (alert rules, notification channels).
     pub file: config::FileConfig,
+    /// How long the node and operator certificates signed here are valid.
+    pub lifetimes: identities::Lifetimes,
 }
 
 /// Shared state of a running coordinator; every service holds an `Arc` of it.
@@ -83,6 +92,11 @@ pub struct Coordinator {
     pub backups: backups::Backups,
     /// The CA's and the coordinator's certificates, with their expiry.
     pub certificates: Vec<(String, i64)>,
+    /// Revoked certificates and each node's current one.
+    pub trust: revocation::Trust,
+    pub lifetimes: identities::Lifetimes,
+    /// The coordinator's own certificate, which must not be revoked.
+    pub coordinator_fingerprint: String,
 }
 
 impl Coordinator {
@@ -103,6 +117,7 @@ impl Coordinator {
             key_pem: pki::read(&config.pki_dir.join("coordinator.key"))?,
         };
         let store = store::Store::open(&config.state_dir.join("corral.db"))?;
+        let trust = revocation::Trust::load(&store).context("loading the revoked certificates")?;
         let secrets = secrets::SecretBox::load_or_create(&config.state_dir.join("secret.key"))?;
         let history = history::History::open(&config.state_dir.join("metrics.db"))?;
         let notifier = notify::Notifier::start(&config.file.notify)
@@ -118,6 +133,9 @@ impl Coordinator {
             }
         }
         Ok(Arc::new(Coordinator {
+            coordinator_fingerprint: pki::fingerprint_pem(&me.cert_pem)?,
+            trust,
+            lifetimes: config.lifetimes,
             store,
             fleet: fleet::Fleet::new(),
             secrets,
@@ -171,6 +189,14 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
 
     tracing::info!(listen = %config.listen, state_dir = %config.state_dir.display(), "coordinator serving");
     let result = tonic::transport::Server::builder()
+        // Every call, over a new connection or an old one, passes the
+        // revocation check first.
+        .layer(tonic::service::InterceptorLayer::new(revocation::Gate(
+            coord.clone(),
+        )))
+        .add_service(pb::identities_server::IdentitiesServer::new(
+            identities::IdentitiesApi(coord.clone()),
+        ))
         .add_service(pb::agent_upcalls_server::AgentUpcallsServer::new(
             upcalls::Upcalls(coord.clone()),
         ))

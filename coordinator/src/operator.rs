@@ -44,7 +44,7 @@ const MAX_TOKEN_TTL_S: u32 = 7 * 24 * 3600;
 
 /// Checks that the caller is an operator with at least role `min`; a
 /// refusal is logged.
-fn authorize<T>(req: &Request<T>, min: Role) -> Result<(String, Role), Status> {
+pub(crate) fn authorize<T>(req: &Request<T>, min: Role) -> Result<(String, Role), Status> {
     let refused = |who: String, status: Status| {
         tracing::warn!(peer = %who, "operator API refused: {}", status.message());
         Err(status)
@@ -76,7 +76,7 @@ fn caller<T>(req: &Request<T>) -> String {
     }
 }
 
-fn internal(e: anyhow::Error) -> Status {
+pub(crate) fn internal(e: anyhow::Error) -> Status {
     tracing::error!(error = %format!("{e:#}"), "operator API");
     Status::internal(format!("{e:#}"))
 }
@@ -84,7 +84,7 @@ fn internal(e: anyhow::Error) -> Status {
 impl OperatorApi {
     /// [`authorize`], with a refusal also written to the audit trail: for
     /// mutating requests and reads of secrets.
-    fn authorize_audited<T>(
+    pub(crate) fn authorize_audited<T>(
         &self,
         req: &Request<T>,
         min: Role,
@@ -100,7 +100,7 @@ impl OperatorApi {
     }
 
     /// Runs `f` and writes its outcome to the audit trail.
-    fn audited<T>(
+    pub(crate) fn audited<T>(
         &self,
         who: &str,
         action: &str,
@@ -234,7 +234,7 @@ impl OperatorApi {
 
     /// Runs `f` in one transaction; `f` answers Ok(Err(status)) to refuse,
     /// which rolls everything back and returns that status.
-    fn refusable_tx<T>(
+    pub(crate) fn refusable_tx<T>(
         &self,
         f: impl FnOnce(&Transaction) -> anyhow::Result<Result<T, Status>>,
     ) -> Result<T, Status> {
@@ -562,7 +562,7 @@ fn busy(running: &OperationRow) -> Status {
 }
 
 /// The confirmation a destructive request must carry.
-fn confirmed(what: &str, name: &str, confirm: &str) -> Result<(), Status> {
+pub(crate) fn confirmed(what: &str, name: &str, confirm: &str) -> Result<(), Status> {
     if confirm == name {
         Ok(())
     } else {

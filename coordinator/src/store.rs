@@ -275,6 +275,8 @@ impl Store {
         conn.execute_batch(SCHEMA).context("creating the schema")?;
         conn.execute_batch(crate::backups::SCHEMA)
             .context("creating the backup tables")?;
+        conn.execute_batch(crate::revocation::SCHEMA)
+            .context("creating the certificate tables")?;
         migrate(&conn).context("upgrading the schema")?;
         Ok(Store {
             conn: Mutex::new(conn),

@@ -64,8 +64,11 @@ impl pb::agent_upcalls_server::AgentUpcalls for Upcalls {
         let result = enroll(coord, &req);
         let target = format!("node {}", req.node_id);
         match &result {
-            Ok(_) => {
+            Ok(cert) => {
                 tracing::info!(node = %req.node_id, "node enrolled");
+                if let Ok(fp) = corral_proto::pki::fingerprint_pem(cert) {
+                    coord.trust.enrolled(&req.node_id, &fp);
+                }
                 coord.store.audit(&who, "node.enroll", &target, "ok");
             }
             Err(e) => {
@@ -98,6 +101,13 @@ impl pb::agent_upcalls_server::AgentUpcalls for Upcalls {
             counters.heartbeat_errors.fetch_add(1, Relaxed);
         }
         result
+    }
+
+    async fn renew_certificate(
+        &self,
+        req: Request<pb::RenewCertificateRequest>,
+    ) -> Result<Response<pb::RenewCertificateResponse>, Status> {
+        crate::identities::renew_node(&self.0, req)
     }
 }
 
@@ -235,6 +245,15 @@ fn assign(
         };
         let applied_allowlist =
             engine.cluster == c.name && engine.allowlist_version == c.allowlist_version;
+        // Each member with the certificates it may present to its peers.
+        let peer = |i: usize| {
+            let fingerprints = coord.trust.read().fingerprints_of(&members[i].id);
+            pb::PeerAddress {
+                node: members[i].id.clone(),
+                address: address(i),
+                fingerprints,
+            }
+        };
         let mut a = pb::Assignment {
             cluster: c.name.clone(),
             term: c.term,
@@ -255,18 +274,16 @@ fn assign(
                 .filter_map(|i| member_ip(&address(i), contacts[i].as_ref().and_then(|c| c.1)))
                 .map(|ip| ip.to_string())
                 .collect(),
+            members: (0..members.len())
+                .filter(|&i| members[i].id != node)
+                .map(peer)
+                .collect(),
             ..Default::default()
         };
         if row.role != "primary" {
             return Ok(Some(a));
         }
-        a.peers = (0..members.len())
-            .filter(|&i| members[i].id != node)
-            .map(|i| pb::PeerAddress {
-                node: members[i].id.clone(),
-                address: address(i),
-            })
-            .collect();
+        a.peers = a.members.clone();
         // The primary of record gets its lease while its engine runs as a
         // healthy primary, and already while it is being promoted, so that
         // it holds the lease the moment its promotion completes (a lease on
@@ -328,7 +345,11 @@ fn enroll(coord: &Coordinator, req: &pb::EnrollRequest) -> anyhow::Result<String
         }
         let cert = coord
             .ca
-            .sign_node_csr(&req.csr_pem, &req.node_id)
+            .sign_csr(
+                &req.csr_pem,
+                &Identity::Node(req.node_id.clone()),
+                coord.lifetimes.node,
+            )
             .map_err(|e| EnrollRefusal::Malformed(format!("{e:#}")))?;
         let fp = corral_proto::pki::fingerprint_pem(&cert).map_err(|e| anyhow!("{e:#}"))?;
         let not_after = corral_proto::pki::not_after_ms(&cert).map_err(|e| anyhow!("{e:#}"))?;

@@ -9,10 +9,12 @@
 //! - [`pki`]: the certificate authority (CA), node enrollment and operator certificates.
 //! - [`token`]: join tokens, which also pin the CA's fingerprint.
 //! - [`tls`]: tonic TLS configuration and the pinned first contact of a new agent.
+//! - [`certs`]: a server certificate that can be replaced while the server runs (renewal).
 //! - [`names`]: validation of cluster and node names, shared by every entry point.
 //! - [`exposition`]: Prometheus/OpenMetrics text for the agent's and coordinator's `/metrics`.
 
 pub mod archive;
+pub mod certs;
 pub mod exposition;
 pub mod identity;
 pub mod lease;

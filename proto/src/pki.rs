@@ -29,10 +29,36 @@ pub fn node_dns(id: &str) -> String {
     format!("{id}.node.corral")
 }
 
-/// Leaf certificates are valid this long. Rotation is a later feature; a year
-/// keeps a lab fleet running without surprise expiry.
-const LEAF_VALIDITY: Duration = Duration::days(365);
+/// Default lifetime of a node certificate. Agents renew theirs on their own
+/// once a third of it is left, so a short one costs nothing and a stolen
+/// key stops mattering soon (the coordinator flag `--node-cert-lifetime`
+/// changes it).
+pub const NODE_VALIDITY: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
+/// Default lifetime of an operator certificate, renewed by hand with
+/// `corralctl pki renew` (or issued again).
+pub const OPERATOR_VALIDITY: std::time::Duration = std::time::Duration::from_secs(90 * 86_400);
+/// The coordinator's own certificate, issued by `pki init`.
+const COORDINATOR_VALIDITY: std::time::Duration = std::time::Duration::from_secs(365 * 86_400);
+/// The CA outlives every certificate it signs; replacing it means enrolling
+/// every node again.
 const CA_VALIDITY: Duration = Duration::days(3650);
+
+/// The default lifetime of a certificate for `identity`.
+pub fn default_validity(identity: &Identity) -> std::time::Duration {
+    match identity {
+        Identity::Coordinator => COORDINATOR_VALIDITY,
+        Identity::Node(_) => NODE_VALIDITY,
+        Identity::Operator { .. } => OPERATOR_VALIDITY,
+    }
+}
+
+/// How far before its issue a certificate's validity starts, so a peer whose
+/// clock is a little behind still accepts it: an hour, but never more than
+/// a tenth of the lifetime (a 20 s test certificate must not be mostly
+/// backdating, or its renewal point would be meaningless).
+fn backdate(lifetime: std::time::Duration) -> std::time::Duration {
+    (lifetime / 10).min(std::time::Duration::from_secs(3600))
+}
 
 /// A certificate and its private key, both PEM.
 #[derive(Debug, Clone)]
@@ -95,23 +121,45 @@ impl CertAuthority {
         fingerprint_pem(&self.cert_pem)
     }
 
-    /// Issues a fresh key and certificate for `identity`.
+    /// Issues a fresh key and certificate for `identity`, valid for the
+    /// default lifetime of its kind.
     pub fn issue(&self, identity: &Identity, extra_dns: &[String]) -> Result<CertKey> {
+        self.issue_for(identity, extra_dns, default_validity(identity))
+    }
+
+    /// [`CertAuthority::issue`] with a lifetime of `validity`.
+    pub fn issue_for(
+        &self,
+        identity: &Identity,
+        extra_dns: &[String],
+        validity: std::time::Duration,
+    ) -> Result<CertKey> {
         let key = KeyPair::generate().context("generating a key")?;
-        let cert_pem = self.sign(identity, &key, extra_dns)?;
+        let cert_pem = self.sign(identity, &key, extra_dns, validity)?;
         Ok(CertKey {
             cert_pem,
             key_pem: key.serialize_pem(),
         })
     }
 
-    /// Signs an agent's CSR as node `node_id`. Only the CSR's public key is
-    /// used: the subject and names come from the CA, so a CSR cannot ask for
-    /// another identity. The CSR's own signature is verified.
+    /// Signs an agent's CSR as node `node_id`, for the default lifetime.
     pub fn sign_node_csr(&self, csr_pem: &str, node_id: &str) -> Result<String> {
+        let node = Identity::Node(node_id.to_string());
+        self.sign_csr(csr_pem, &node, NODE_VALIDITY)
+    }
+
+    /// Signs a CSR as `identity`, valid for `validity`. Only the CSR's
+    /// public key is used: the subject and names come from the CA, so a CSR
+    /// cannot ask for another identity. The CSR's own signature is verified.
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        identity: &Identity,
+        validity: std::time::Duration,
+    ) -> Result<String> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| anyhow!("invalid certificate signing request: {e}"))?;
-        self.sign(&Identity::Node(node_id.to_string()), &csr.public_key, &[])
+        self.sign(identity, &csr.public_key, &[], validity)
     }
 
     fn sign(
@@ -119,6 +167,7 @@ impl CertAuthority {
         identity: &Identity,
         public_key: &impl rcgen::PublicKeyData,
         extra_dns: &[String],
+        validity: std::time::Duration,
     ) -> Result<String> {
         let mut dns: Vec<String> = match identity {
             Identity::Coordinator => vec![COORDINATOR_DNS.into(), "localhost".into()],
@@ -144,8 +193,8 @@ impl CertAuthority {
         params.serial_number = Some(random_serial()?);
         params.use_authority_key_identifier_extension = true;
         let now = OffsetDateTime::now_utc();
-        params.not_before = now - Duration::hours(1);
-        params.not_after = now + LEAF_VALIDITY;
+        params.not_before = now - backdate(validity);
+        params.not_after = now + validity;
         let cert = params
             .signed_by(public_key, &self.issuer)
             .context("signing a certificate")?;
@@ -192,20 +241,39 @@ fn random_serial() -> Result<SerialNumber> {
     Ok(SerialNumber::from_slice(&b))
 }
 
-/// SHA-256 of the first certificate in `pem`, lowercase hex.
 /// When the certificate in `pem` expires, in Unix milliseconds.
 pub fn not_after_ms(pem: &str) -> Result<i64> {
-    let (_, block) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
-        .map_err(|e| anyhow!("reading a PEM certificate: {e}"))?;
-    let cert = block
-        .parse_x509()
-        .map_err(|e| anyhow!("parsing a certificate: {e}"))?;
-    Ok(cert.validity().not_after.timestamp() * 1000)
+    Ok(validity_ms(pem)?.1)
 }
 
+/// When the certificate in `pem` becomes valid and when it expires, in Unix
+/// milliseconds.
+pub fn validity_ms(pem: &str) -> Result<(i64, i64)> {
+    let (_, block) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .map_err(|e| anyhow!("reading a PEM certificate: {e}"))?;
+    validity_der(&block.contents)
+}
+
+/// [`validity_ms`] of a DER certificate.
+pub fn validity_der(der: &[u8]) -> Result<(i64, i64)> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| anyhow!("parsing a certificate: {e}"))?;
+    let v = cert.validity();
+    Ok((
+        v.not_before.timestamp() * 1000,
+        v.not_after.timestamp() * 1000,
+    ))
+}
+
+/// SHA-256 of the first certificate in `pem`, lowercase hex.
 pub fn fingerprint_pem(pem: &str) -> Result<String> {
     let der = first_cert_der(pem)?;
     Ok(fingerprint_der(&der))
+}
+
+/// The Corral identity the first certificate in `pem` names.
+pub fn identity_pem(pem: &str) -> Result<Identity> {
+    Identity::from_cert_der(&first_cert_der(pem)?).map_err(|e| anyhow!(e))
 }
 
 pub fn fingerprint_der(der: &[u8]) -> String {
@@ -223,11 +291,17 @@ fn first_cert_der(pem: &str) -> Result<Vec<u8>> {
 
 /// A new key pair and a CSR for it, as an agent makes before enrolling.
 pub fn new_csr(node_id: &str) -> Result<(String, String)> {
-    let key = KeyPair::generate().context("generating the node key")?;
+    new_csr_for(&Identity::Node(node_id.to_string()))
+}
+
+/// A new key pair and a CSR naming `identity` (the CA decides the identity
+/// anyway; the name only helps whoever reads the CSR). Returns (CSR, key).
+pub fn new_csr_for(identity: &Identity) -> Result<(String, String)> {
+    let key = KeyPair::generate().context("generating a key")?;
     let mut params = CertificateParams::default();
     params
         .distinguished_name
-        .push(DnType::CommonName, format!("node/{node_id}"));
+        .push(DnType::CommonName, identity.common_name());
     let csr = params.serialize_request(&key).context("making the CSR")?;
     Ok((csr.pem().context("encoding the CSR")?, key.serialize_pem()))
 }
@@ -294,9 +368,32 @@ mod tests {
         let now = crate::now_ms();
         let leaf_days = (not_after_ms(&leaf).unwrap() - now) / day;
         let ca_days = (not_after_ms(ca.cert_pem()).unwrap() - now) / day;
-        assert!((363..=365).contains(&leaf_days), "{leaf_days}");
+        assert!((29..=30).contains(&leaf_days), "{leaf_days}");
         assert!((3648..=3650).contains(&ca_days), "{ca_days}");
         assert!(not_after_ms("not a certificate").is_err());
+        let admin = Identity::Operator {
+            role: crate::identity::Role::Admin,
+            name: "a".into(),
+        };
+        let op = ca.issue(&admin, &[]).unwrap();
+        let op_days = (not_after_ms(&op.cert_pem).unwrap() - now) / day;
+        assert!((89..=90).contains(&op_days), "{op_days}");
+    }
+
+    #[test]
+    fn a_short_lifetime_is_barely_backdated() {
+        let ca = CertAuthority::generate("t").unwrap();
+        let (csr, _) = new_csr("vm1").unwrap();
+        let node = Identity::Node("vm1".into());
+        let pem = ca
+            .sign_csr(&csr, &node, std::time::Duration::from_secs(20))
+            .unwrap();
+        let (from, to) = validity_ms(&pem).unwrap();
+        // 20 s ahead, 2 s back (a tenth), to the second.
+        assert!((21_000..=23_000).contains(&(to - from)), "{}", to - from);
+        let long = ca.sign_node_csr(&csr, "vm1").unwrap();
+        let (from, to) = validity_ms(&long).unwrap();
+        assert_eq!(to - from, (30 * 86_400 + 3600) * 1000);
     }
 
     #[test]

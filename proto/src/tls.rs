@@ -26,11 +26,25 @@ pub async fn serve_tls(
     me: &CertKey,
     ca_pem: &str,
     client_auth_optional: bool,
-) -> Result<
-    tokio_stream::wrappers::ReceiverStream<
-        std::io::Result<tokio_rustls::server::TlsStream<TcpStream>>,
-    >,
-> {
+) -> Result<TlsIncoming> {
+    let me = Arc::new(crate::certs::LiveCert::new(me)?);
+    serve_tls_live(addr, me, ca_pem, client_auth_optional).await
+}
+
+/// Established TLS streams, as [`serve_tls`] yields them.
+pub type TlsIncoming = tokio_stream::wrappers::ReceiverStream<
+    std::io::Result<tokio_rustls::server::TlsStream<TcpStream>>,
+>;
+
+/// [`serve_tls`], presenting whatever `me` holds at each handshake: a
+/// renewed certificate is used from the next connection on, without a
+/// restart.
+pub async fn serve_tls_live(
+    addr: std::net::SocketAddr,
+    me: Arc<crate::certs::LiveCert>,
+    ca_pem: &str,
+    client_auth_optional: bool,
+) -> Result<TlsIncoming> {
     let config = Arc::new(server_config(me, ca_pem, client_auth_optional)?);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -70,11 +84,11 @@ pub async fn serve_tls(
 }
 
 fn server_config(
-    me: &CertKey,
+    me: Arc<crate::certs::LiveCert>,
     ca_pem: &str,
     client_auth_optional: bool,
 ) -> Result<rustls::ServerConfig> {
-    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
@@ -93,16 +107,10 @@ fn server_config(
     }
     .build()
     .context("building the client certificate verifier")?;
-    let chain = CertificateDer::pem_slice_iter(me.cert_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .context("reading our certificate")?;
-    let key =
-        PrivateKeyDer::from_pem_slice(me.key_pem.as_bytes()).context("reading our private key")?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .context("our certificate and key do not match")?;
+        .with_cert_resolver(me);
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
 }

@@ -573,12 +573,15 @@ impl Lab {
         Ok(())
     }
 
-    /// Starts agent `i` (node id `vmI`), enrolling with `token` if given.
+    /// Starts agent `i` (node id `vmI`), enrolling with `token` if given
+    /// (from a file, as the README says to: not on the command line).
     pub fn start_agent(&mut self, i: usize, token: Option<&str>) -> Result<()> {
         let mut extra = Vec::new();
         if let Some(t) = token {
-            extra.push("--join".to_string());
-            extra.push(t.to_string());
+            let file = self.dir.join(format!("vm{i}.join"));
+            std::fs::write(&file, t)?;
+            extra.push("--join-file".to_string());
+            extra.push(file.to_string_lossy().into_owned());
         }
         extra.push("--node-id".into());
         extra.push(format!("vm{i}"));
@@ -768,6 +771,28 @@ impl Lab {
         let text = self.ctl_ok(&full)?;
         serde_json::from_str(&text)
             .with_context(|| format!("corralctl {} printed invalid JSON: {text}", args.join(" ")))
+    }
+
+    /// Issues an operator certificate offline (`pki issue-operator`):
+    /// returns the prefix of its `.crt` and `.key` files.
+    pub fn issue_operator(&self, name: &str, role: &str) -> Result<PathBuf> {
+        let prefix = self.dir.join(name);
+        sh(
+            &bin("corralctl").to_string_lossy(),
+            &[
+                "pki",
+                "issue-operator",
+                "--dir",
+                &self.pki_dir().to_string_lossy(),
+                "--name",
+                name,
+                "--role",
+                role,
+                "--out",
+                &prefix.to_string_lossy(),
+            ],
+        )?;
+        Ok(prefix)
     }
 
     /// A fresh join token.

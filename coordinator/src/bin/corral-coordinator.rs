@@ -31,6 +31,27 @@ struct Args {
     /// Only read the configuration file, say whether it is valid, and exit.
     #[arg(long)]
     check_config: bool,
+    /// Lifetime of the node certificates this coordinator signs (agents
+    /// renew theirs when a third is left), e.g. 30d; tests use seconds.
+    #[arg(long, env = "CORRAL_NODE_CERT_LIFETIME", default_value = "30d", hide = true,
+          value_parser = lifetime)]
+    node_cert_lifetime: std::time::Duration,
+    /// Lifetime of the operator certificates renewed here (`pki renew`).
+    #[arg(long, env = "CORRAL_OPERATOR_CERT_LIFETIME", default_value = "90d", hide = true,
+          value_parser = lifetime)]
+    operator_cert_lifetime: std::time::Duration,
+}
+
+/// A certificate lifetime: at least 10 s (a shorter one could expire
+/// before an agent is able to renew it), at most 10 years (the CA's).
+fn lifetime(s: &str) -> Result<std::time::Duration, String> {
+    let d = corral_coordinator::config::parse_duration(s)?;
+    if d < std::time::Duration::from_secs(10) || d > std::time::Duration::from_secs(3650 * 86_400) {
+        return Err(format!(
+            "{s}: a certificate lifetime must be between 10s and 3650d"
+        ));
+    }
+    Ok(d)
 }
 
 const DEFAULT_CONFIG: &str = "/etc/corral/coordinator.toml";
@@ -96,6 +117,10 @@ async fn main() -> std::process::ExitCode {
         listen: args.listen,
         http_listen,
         file,
+        lifetimes: corral_coordinator::identities::Lifetimes {
+            node: args.node_cert_lifetime,
+            operator: args.operator_cert_lifetime,
+        },
     };
     match corral_coordinator::run(config, shutdown_signal()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
