@@ -491,12 +491,7 @@ mod tests {
     use super::*;
 
     fn tmp(name: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "corral-history-{name}-{}-{}",
-            std::process::id(),
-            corral_proto::now_ms()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = corral_proto::unique_temp_dir(&format!("corral-history-{name}")).unwrap();
         dir.join("metrics.db")
     }
 

@@ -576,9 +576,7 @@ mod tests {
 
     #[test]
     fn forget_refuses_a_cluster_member_and_revocation_takes_unused_renewals_along() {
-        let dir =
-            std::env::temp_dir().join(format!("corral-forget-{}-{}", std::process::id(), now_ms()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = corral_proto::unique_temp_dir("corral-forget").unwrap();
         let store = store::Store::open(&dir.join("corral.db")).unwrap();
         store
             .tx(|c| {

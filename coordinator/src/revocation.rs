@@ -747,12 +747,6 @@ mod tests {
     }
 
     fn tempdir() -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!(
-            "corral-revocation-{}-{}",
-            std::process::id(),
-            now_ms()
-        ));
-        std::fs::create_dir_all(&d).unwrap();
-        d
+        corral_proto::unique_temp_dir("corral-revocation").unwrap()
     }
 }

@@ -1039,9 +1039,7 @@ mod tests {
     use super::*;
 
     fn store() -> (Store, std::path::PathBuf) {
-        let dir =
-            std::env::temp_dir().join(format!("corral-store-{}-{}", std::process::id(), now_ms()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = corral_proto::unique_temp_dir("corral-store").unwrap();
         (Store::open(&dir.join("corral.db")).unwrap(), dir)
     }
 
@@ -1119,12 +1117,7 @@ mod tests {
 
     #[test]
     fn a_store_from_before_replication_is_upgraded() {
-        let dir = std::env::temp_dir().join(format!(
-            "corral-store-old-{}-{}",
-            std::process::id(),
-            now_ms()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = corral_proto::unique_temp_dir("corral-store-old").unwrap();
         let path = dir.join("corral.db");
         {
             // The clusters table as the first release wrote it.

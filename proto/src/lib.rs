@@ -85,6 +85,19 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// A new, empty directory under the system's temporary directory, named
+/// `<prefix>-<pid>-<n>` with `n` unique within the process: tests running in
+/// parallel threads never share one (a time stamp alone does).
+pub fn unique_temp_dir(prefix: &str) -> std::io::Result<std::path::PathBuf> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("{prefix}-{}-{n}", std::process::id()));
+    // A directory left by an earlier process with the same pid is stale.
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
