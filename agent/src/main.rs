@@ -178,11 +178,20 @@ async fn run(args: Args) -> Result<()> {
     tracing::info!(node = %identity.info.node_id, coordinator = %config.coordinator, "agent starting");
 
     let events = Arc::new(events::Events::new());
-    let postgres: Arc<dyn engine::Driver> = Arc::new(engine::postgres::Postgres::new(
-        config.pg_bin_dir.clone(),
-        &config.state_dir,
-        &identity.info.node_id,
-    ));
+    // The engines present the node's certificate to their clients and
+    // replicas (renewed with it).
+    let engine_tls = Arc::new(engine::tls::EngineTls::new(engine::tls::TlsMaterial::new(
+        &identity.cert,
+        &identity.ca_pem,
+    )));
+    let postgres: Arc<dyn engine::Driver> = Arc::new(
+        engine::postgres::Postgres::new(
+            config.pg_bin_dir.clone(),
+            &config.state_dir,
+            &identity.info.node_id,
+        )
+        .with_tls(engine_tls.clone()),
+    );
     let redis: Arc<dyn engine::Driver> = Arc::new(
         engine::redis::Redis::new(&config.state_dir, &identity.info.node_id)
             .with_server(&args.redis_server),

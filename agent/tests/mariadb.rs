@@ -143,6 +143,7 @@ impl Node {
             sync,
             upstream: None,
             wal_archive: false,
+            require_client_tls: false,
         }
     }
 

@@ -2809,6 +2809,7 @@ mod tests {
                 port: 3306,
             }),
             wal_archive: false,
+            require_client_tls: false,
         }
     }
 

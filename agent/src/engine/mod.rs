@@ -23,6 +23,7 @@ mod os;
 pub mod postgres;
 pub mod redis;
 mod safety;
+pub mod tls;
 
 pub use fence::FenceState;
 pub use safety::Round;
@@ -68,6 +69,11 @@ pub struct EngineSpec {
     /// Set on replicas too, so a promoted one archives at once.
     #[serde(default)]
     pub wal_archive: bool,
+    /// Clients must use TLS (plaintext connections are refused); without
+    /// it TLS is offered. Replication always uses TLS when the node has a
+    /// certificate.
+    #[serde(default)]
+    pub require_client_tls: bool,
 }
 
 /// What engine.json holds: the spec plus the agent's own bookkeeping.
@@ -271,6 +277,7 @@ impl EngineSpec {
                 sync: req.sync,
                 upstream,
                 wal_archive: req.wal_archive.is_some(),
+                require_client_tls: req.require_client_tls,
             },
             secrets: Secrets {
                 admin_password: req.admin_password.clone(),

@@ -28,8 +28,11 @@
 
 #[path = "postgres_backup.rs"]
 mod backup;
+#[path = "postgres_tls.rs"]
+mod tls;
 
 use super::os::{self, mkdir_owned, run, tail, write_owned, Account};
+use super::tls::{EngineTls, TlsFiles};
 use super::{BackupInfo, Driver, EngineSpec, Health, ProgressFn, Recovery, Secrets, Upstream};
 use anyhow::{anyhow, bail, Context, Result};
 use corral_proto::pb;
@@ -48,6 +51,8 @@ pub struct Postgres {
     /// read or written: `prepare` writes pg_hba.conf for the fence as it
     /// finds it, and a fence going up meanwhile must not be undone.
     fence_files: std::sync::Mutex<()>,
+    /// The node's certificate, which the server presents (none: no TLS).
+    tls: std::sync::Arc<EngineTls>,
 }
 
 /// The OS account the server runs as: `postgres`.
@@ -68,6 +73,29 @@ impl Postgres {
             node_id: node_id.to_string(),
             conn: tokio::sync::Mutex::new(None),
             fence_files: std::sync::Mutex::new(()),
+            tls: Default::default(),
+        }
+    }
+
+    /// Serves TLS with the certificate `tls` holds (see `postgres_tls.rs`).
+    pub fn with_tls(mut self, tls: std::sync::Arc<EngineTls>) -> Postgres {
+        self.tls = tls;
+        self
+    }
+
+    /// The server's copy of the node's certificate, if it has one.
+    fn tls_files(&self) -> Option<TlsFiles> {
+        self.tls
+            .current()
+            .map(|_| TlsFiles::new(&self.base.join("tls")))
+    }
+
+    /// Installs the node's current certificate for the server; returns
+    /// whether the files changed.
+    fn install_tls(&self, acct: &Account) -> Result<bool> {
+        match (self.tls.current(), self.tls_files()) {
+            (Some(m), Some(f)) => f.install(&m, acct),
+            _ => Ok(false),
         }
     }
 
@@ -79,10 +107,12 @@ impl Postgres {
         self.base.join("run")
     }
 
-    /// The base directory (root's, 0755) and the socket directory.
-    fn ensure_dirs(&self, acct: &Account) -> Result<()> {
+    /// The base directory (root's, 0755), the socket directory and the
+    /// TLS files; returns whether the TLS files changed.
+    fn ensure_dirs(&self, acct: &Account) -> Result<bool> {
         os::mkdir(&self.base, 0o755)?;
-        mkdir_owned(&self.socket_dir(), 0o700, acct)
+        mkdir_owned(&self.socket_dir(), 0o700, acct)?;
+        self.install_tls(acct)
     }
 
     fn bin(&self, name: &str) -> Result<PathBuf> {
@@ -172,13 +202,15 @@ impl Postgres {
              archive_mode = on\n\
              archive_command = {archive}\n\
              # The fence (read-only while this primary holds no lease).\n\
-             include_if_exists = '{fence}'\n",
+             include_if_exists = '{fence}'\n\
+             {ssl}",
             port = spec.port,
             socket = conf_quote(&self.socket_dir().to_string_lossy()),
             cluster = conf_quote(&spec.cluster),
             slot_keep = SLOT_WAL_KEEP,
             sync = conf_quote(&synchronous_standby_names(spec)),
             fence = FENCE_CONF,
+            ssl = tls::ssl_conf(self.tls_files().as_ref(), conf_quote),
             archive = conf_quote(&if spec.wal_archive {
                 backup::archive_command(&self.spool_dir())
             } else {
@@ -211,6 +243,13 @@ impl Postgres {
             kv("keepalives_interval", "2"),
             kv("keepalives_count", "3"),
         ]
+        .into_iter()
+        .chain(
+            tls::conninfo_tls(self.tls_files().as_ref())
+                .into_iter()
+                .map(|(k, v)| kv(k, &v)),
+        )
+        .collect::<Vec<_>>()
         .join(" ")
     }
 
@@ -219,7 +258,7 @@ impl Postgres {
     /// `default_transaction_read_only`, which any session may turn off for
     /// itself, no session can undo that (it cannot even start). Only the
     /// agent's socket stays open.
-    fn hba(&self, fenced: bool) -> String {
+    fn hba(&self, fenced: bool, spec: &EngineSpec) -> String {
         let tcp = if fenced {
             "# Fenced: this primary holds no lease. No TCP client or replica is\n\
              # accepted until it holds one again.\n\
@@ -229,13 +268,7 @@ impl Postgres {
              host replication all ::/0 reject\n"
                 .to_string()
         } else {
-            format!(
-                "host replication {r} 0.0.0.0/0 scram-sha-256\n\
-                 host replication {r} ::/0 scram-sha-256\n\
-                 host all all 0.0.0.0/0 scram-sha-256\n\
-                 host all all ::/0 scram-sha-256\n",
-                r = REPLICATION_USER
-            )
+            tls::hba_tcp(self.tls_files().is_some(), spec.require_client_tls)
         };
         format!(
             "# Written by corral-agent; edits here are overwritten.\n\
@@ -517,6 +550,7 @@ impl Driver for Postgres {
 
     async fn rejoin(&self, _spec: &EngineSpec, up: &Upstream) -> Result<()> {
         let acct = account()?;
+        self.install_tls(&acct)?;
         run(
             self.command("pg_rewind", &acct)?
                 .arg("-D")
@@ -546,7 +580,8 @@ impl Driver for Postgres {
 
     async fn prepare(&self, spec: &EngineSpec) -> Result<()> {
         let acct = account()?;
-        self.ensure_dirs(&acct)?;
+        // A renewed certificate is picked up by the reload below.
+        let tls_changed = self.ensure_dirs(&acct)?;
         if !self.has_data() {
             bail!(
                 "{} holds no PostgreSQL data directory",
@@ -555,11 +590,12 @@ impl Driver for Postgres {
         }
         mkdir_owned(&self.spool_dir(), 0o700, &acct)?;
         let data = self.data_dir();
-        let mut changed = write_owned(&data.join("corral.conf"), &self.config(spec), &acct)?;
+        let mut changed = tls_changed;
+        changed |= write_owned(&data.join("corral.conf"), &self.config(spec), &acct)?;
         {
             let _files = self.fence_files.lock().unwrap_or_else(|p| p.into_inner());
             let fenced = data.join(FENCE_CONF).exists();
-            changed |= write_owned(&data.join("pg_hba.conf"), &self.hba(fenced), &acct)?;
+            changed |= write_owned(&data.join("pg_hba.conf"), &self.hba(fenced, spec), &acct)?;
         }
         let main_conf = data.join("postgresql.conf");
         let text = std::fs::read_to_string(&main_conf)
@@ -828,7 +864,7 @@ impl Driver for Postgres {
         };
         changed |= write_owned(
             &self.data_dir().join("pg_hba.conf"),
-            &self.hba(fenced),
+            &self.hba(fenced, spec),
             &acct,
         )?;
         drop(files);

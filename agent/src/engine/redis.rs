@@ -1661,6 +1661,7 @@ mod tests {
                 port: 6379,
             }),
             wal_archive: false,
+            require_client_tls: false,
         }
     }
 
