@@ -410,7 +410,8 @@ enum ClusterCmd {
         #[arg(long)]
         no_wait: bool,
     },
-    /// Print the admin connection string (audited).
+    /// Print the admin connection string (audited). It uses TLS and names
+    /// this corralctl's CA certificate file, which the servers' chain to.
     Credentials {
         name: String,
     },
@@ -838,6 +839,9 @@ pub async fn main_with(cli: Cli) -> Result<()> {
                 Command::Node(NodeCmd::Forget(a)) => {
                     crate::cli_identity::forget(channel, a, json).await
                 }
+                Command::Cluster(ClusterCmd::Credentials { name }) => {
+                    crate::cli_credentials::show(channel, &name, &conn, json).await
+                }
                 command => run(&mut OperatorClient::new(channel), command, json).await,
             };
             result.map_err(|e| match e.downcast::<tonic::Status>() {
@@ -1158,7 +1162,9 @@ async fn follow(
 
 async fn run(api: &mut OperatorClient<Channel>, command: Command, json: bool) -> Result<()> {
     match command {
-        Command::Pki(_) | Command::Node(NodeCmd::Forget(_)) => {
+        Command::Pki(_)
+        | Command::Node(NodeCmd::Forget(_))
+        | Command::Cluster(ClusterCmd::Credentials { .. }) => {
             unreachable!("handled in main_with")
         }
         Command::Whoami => {
@@ -1513,17 +1519,6 @@ async fn run(api: &mut OperatorClient<Channel>, command: Command, json: bool) ->
                 print_json(&a)?;
             } else {
                 print_allowlist(&a);
-            }
-        }
-        Command::Cluster(ClusterCmd::Credentials { name }) => {
-            let c = api
-                .get_credentials(pb::GetCredentialsRequest { name })
-                .await?
-                .into_inner();
-            if json {
-                print_json(&c)?;
-            } else {
-                println!("{}", c.uri);
             }
         }
         Command::Node(NodeCmd::List) => {

@@ -106,19 +106,27 @@ pub fn clean_stop(engine: &str) -> &'static str {
     }
 }
 
+/// The CA certificate's file name in the connection strings the
+/// coordinator hands out; `corralctl cluster credentials` puts the path of
+/// its own copy of the CA (the same CA) in its place ([`with_ca_file`]).
+pub const CA_FILE: &str = "corral-ca.crt";
+
 /// A connection URI for the admin user: every host, primary first. For
 /// PostgreSQL, libpq's multi-host form with target_session_attrs so
-/// clients find the primary; MySQL clients take one host, the primary.
+/// clients find the primary, over TLS verified against the cluster's CA
+/// (`verify-ca`: the server certificates name the nodes, not the addresses
+/// clients use); MySQL clients take one host, the primary.
 pub fn uri(engine: &str, user: &str, password: &str, hosts: &[String], database: &str) -> String {
     let user = encode(user);
     let password = encode(password);
+    let tls = format!("sslmode=verify-ca&sslrootcert={CA_FILE}");
     match family(engine) {
         Family::Postgres if hosts.len() > 1 => format!(
-            "postgresql://{user}:{password}@{}/{database}?target_session_attrs=read-write",
+            "postgresql://{user}:{password}@{}/{database}?target_session_attrs=read-write&{tls}",
             hosts.join(",")
         ),
         Family::Postgres => format!(
-            "postgresql://{user}:{password}@{}/{database}",
+            "postgresql://{user}:{password}@{}/{database}?{tls}",
             hosts.first().map(String::as_str).unwrap_or("")
         ),
         Family::Mysql => format!(
@@ -131,6 +139,12 @@ pub fn uri(engine: &str, user: &str, password: &str, hosts: &[String], database:
             hosts.first().map(String::as_str).unwrap_or("")
         ),
     }
+}
+
+/// `uri` with the CA certificate at `path` in place of [`CA_FILE`].
+pub fn with_ca_file(uri: &str, path: &str) -> String {
+    let encoded: String = path.split('/').map(encode).collect::<Vec<_>>().join("/");
+    uri.replace(&format!("={CA_FILE}"), &format!("={encoded}"))
 }
 
 /// Percent-encodes what a URI's user or password may not hold as is.
@@ -174,11 +188,16 @@ mod tests {
         let hosts = vec!["10.0.0.1:5432".to_string(), "[fd31::2]:5432".to_string()];
         assert_eq!(
             uri("postgres", "admin", "pw", &hosts, "defaultdb"),
-            "postgresql://admin:pw@10.0.0.1:5432,[fd31::2]:5432/defaultdb?target_session_attrs=read-write"
+            "postgresql://admin:pw@10.0.0.1:5432,[fd31::2]:5432/defaultdb?target_session_attrs=read-write\
+             &sslmode=verify-ca&sslrootcert=corral-ca.crt"
         );
         assert_eq!(
             uri("postgres", "admin", "pw", &hosts[..1], "defaultdb"),
-            "postgresql://admin:pw@10.0.0.1:5432/defaultdb"
+            "postgresql://admin:pw@10.0.0.1:5432/defaultdb?sslmode=verify-ca&sslrootcert=corral-ca.crt"
+        );
+        assert_eq!(
+            with_ca_file(&uri("postgres", "a", "p", &hosts[..1], "d"), "/etc/corral ca/ca.crt"),
+            "postgresql://a:p@10.0.0.1:5432/d?sslmode=verify-ca&sslrootcert=/etc/corral%20ca/ca.crt"
         );
         assert_eq!(
             uri("mariadb", "admin", "p@ss/w:rd", &hosts, "defaultdb"),

@@ -34,6 +34,7 @@ pub mod alerts;
 pub mod allowlist;
 pub mod backups;
 pub mod cli;
+pub mod cli_credentials;
 pub mod cli_identity;
 pub mod config;
 pub mod engines;

@@ -1203,6 +1203,7 @@ impl pb::operator_server::Operator for OperatorApi {
                 port: row.port,
                 database: row.database,
                 uri,
+                ca_pem: self.0.ca.cert_pem().to_string(),
             }))
         })
     }
