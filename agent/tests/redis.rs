@@ -13,7 +13,7 @@
 //! the test talks to them on 127.0.0.1. Needs root (the servers run as the
 //! `redis` user) and redis-server.
 
-use corral_agent::engine::redis::Redis;
+use corral_agent::engine::redis::{Redis, AGENT_USER};
 use corral_agent::engine::{BackupInfo, Driver, EngineSpec, Health, Secrets, Upstream};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo};
@@ -224,6 +224,18 @@ impl Node {
             .await
             .unwrap()
     }
+
+    /// A session as the agent's own ACL user (its password from the
+    /// driver's secrets.json), for what an admin may not do.
+    async fn agent(&self) -> MultiplexedConnection {
+        let text = std::fs::read_to_string(self.base().join("secrets.json")).unwrap();
+        let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let password = doc["agent_password"].as_str().unwrap();
+        assert_eq!(password.len(), 64, "the agent's password is its own");
+        connect(self.port, Some(AGENT_USER), Some(password))
+            .await
+            .unwrap()
+    }
 }
 
 async fn connect(
@@ -380,6 +392,23 @@ async fn primary_replica_switchover_fence_and_wipe() {
         .unwrap();
     let err = get(&mut repl, "k7").await.unwrap_err();
     assert!(refused(&err, "NOPERM"), "{err}");
+    // Neither the admin nor a password-only client may repoint, reconfigure
+    // (lift the fence, make a replica writable) or change the users.
+    for c in [&mut ca, &mut by_password] {
+        for (what, args) in [
+            ("REPLICAOF", &["REPLICAOF", "127.0.0.1", "1"][..]),
+            (
+                "CONFIG SET",
+                &["CONFIG", "SET", "min-replicas-to-write", "0"],
+            ),
+            ("ACL SETUSER", &["ACL", "SETUSER", "admin", "+@all"]),
+        ] {
+            let mut q = redis::cmd(args[0]);
+            q.arg(&args[1..]);
+            let err = q.query_async::<()>(c).await.unwrap_err().to_string();
+            assert!(refused(&err, "NOPERM"), "{what}: {err}");
+        }
+    }
 
     // --- Replica B: cloned from A, then started as its replica.
     let b_replica = b.replica_of(&a);
@@ -552,8 +581,9 @@ async fn primary_replica_switchover_fence_and_wipe() {
         }
     });
 
-    // A health check puts back a replica repointed by hand.
-    let mut ca = a.admin().await;
+    // A health check puts back a replica repointed by hand (by someone
+    // with the agent's rights: the admin may not).
+    let mut ca = a.agent().await;
     redis::cmd("REPLICAOF")
         .arg("NO")
         .arg("ONE")

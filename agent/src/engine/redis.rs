@@ -104,8 +104,11 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+#[path = "redis_acl.rs"]
+mod acl;
 #[path = "redis_backup.rs"]
 mod backup;
+pub use acl::AGENT_USER;
 
 /// The server binary. Valkey and KeyDB ship `valkey-server` and
 /// `keydb-server`, which take the same configuration and commands.
@@ -187,34 +190,20 @@ fn conf_quote(v: &str) -> String {
 struct StoredSecrets {
     admin_password: String,
     replication_password: String,
+    /// The agent's own ACL user's (see redis_acl.rs); made by the agent,
+    /// absent from files written before it existed (then made at once).
+    #[serde(default)]
+    agent_password: String,
 }
 
-/// The ACL users and their rules, in `ACL SETUSER` form. Each starts with
-/// `reset`, so applying them again converges a user changed by hand.
+/// The ACL users and their rules, in `ACL SETUSER` form (see redis_acl.rs).
 fn acl_users(admin_user: &str, s: &StoredSecrets) -> Vec<(String, Vec<String>)> {
-    let full = |pw: &str| {
-        ["reset", "on", &format!(">{pw}"), "~*", "&*", "+@all"]
-            .map(String::from)
-            .to_vec()
-    };
-    let mut users = vec![("default".to_string(), full(&s.admin_password))];
-    if admin_user != "default" && admin_user != REPLICATION_USER {
-        users.push((admin_user.to_string(), full(&s.admin_password)));
-    }
-    users.push((
-        REPLICATION_USER.to_string(),
-        [
-            "reset",
-            "on",
-            &format!(">{}", s.replication_password),
-            "+psync",
-            "+replconf",
-            "+ping",
-        ]
-        .map(String::from)
-        .to_vec(),
-    ));
-    users
+    acl::acl_users(
+        admin_user,
+        &s.admin_password,
+        &s.replication_password,
+        &s.agent_password,
+    )
 }
 
 /// `min-replicas-to-write` and `min-replicas-max-lag` for a node.
@@ -486,12 +475,13 @@ fn broken(e: &::redis::RedisError) -> bool {
     e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_unrecoverable_error()
 }
 
-/// Connects to the server's socket as `default` with `password`.
-async fn connect(socket: &Path, password: &str) -> Result<MultiplexedConnection> {
+/// Connects to the server's socket as `user` with `password`.
+async fn connect(socket: &Path, user: &str, password: &str) -> Result<MultiplexedConnection> {
     let info = ConnectionAddr::Unix(socket.to_path_buf())
         .into_connection_info()?
         .set_redis_settings(
             RedisConnectionInfo::default()
+                .set_username(user)
                 .set_password(password)
                 .set_skip_set_lib_name(),
         );
@@ -629,7 +619,14 @@ impl Redis {
             ),
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
-        serde_json::from_str(&text).with_context(|| format!("{} is not valid", path.display()))
+        let mut secrets: StoredSecrets = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid", path.display()))?;
+        if secrets.agent_password.is_empty() {
+            // Written before the agent had a user of its own.
+            secrets.agent_password = acl::new_agent_password()?;
+            corral_proto::pki::write_private(&path, &serde_json::to_string(&secrets)?)?;
+        }
+        Ok(secrets)
     }
 
     /// The upstream the data follows (the replica marker), if any.
@@ -685,8 +682,27 @@ impl Redis {
         if let Some(c) = slot.as_ref() {
             return Ok(c.clone());
         }
-        let password = self.load_secrets()?.admin_password;
-        let c = connect(&self.socket_path(), &password).await?;
+        let secrets = self.load_secrets()?;
+        let socket = self.socket_path();
+        let c = match connect(&socket, AGENT_USER, &secrets.agent_password).await {
+            Ok(c) => c,
+            // A server started before the agent had its own user: as
+            // `default`, once, to create it.
+            Err(first) => {
+                let mut legacy = connect(&socket, "default", &secrets.admin_password)
+                    .await
+                    .map_err(|_| first)?;
+                let rules = acl_users("default", &secrets).swap_remove(0).1;
+                cmd("ACL")
+                    .arg("SETUSER")
+                    .arg(AGENT_USER)
+                    .arg(&rules)
+                    .query_async::<()>(&mut legacy)
+                    .await
+                    .context("creating the agent's ACL user")?;
+                connect(&socket, AGENT_USER, &secrets.agent_password).await?
+            }
+        };
         *slot = Some(c.clone());
         Ok(c)
     }
@@ -1033,7 +1049,7 @@ impl Redis {
                 );
             }
             if conn.is_none() {
-                conn = connect(&socket, password).await.ok();
+                conn = connect(&socket, AGENT_USER, password).await.ok();
             }
             let mut text = None;
             if let Some(c) = conn.as_mut() {
@@ -1205,7 +1221,7 @@ impl Driver for Redis {
         );
         let mut child = self.spawn(&self.clone_conf_path(), &acct)?;
         let copied = self
-            .await_clone(&mut child, up, &secrets.admin_password, progress)
+            .await_clone(&mut child, up, &secrets.agent_password, progress)
             .await;
         let stopped = match &copied {
             Ok(()) => self.stop_child(&mut child).await,
@@ -1266,9 +1282,15 @@ impl Driver for Redis {
     fn save_secrets(&self, secrets: &Secrets) -> Result<()> {
         let acct = account()?;
         self.ensure_dirs(&acct)?;
+        // The agent's password stays what it was (the server knows it).
+        let agent_password = match self.load_secrets() {
+            Ok(s) => s.agent_password,
+            Err(_) => acl::new_agent_password()?,
+        };
         let text = serde_json::to_string(&StoredSecrets {
             admin_password: secrets.admin_password.clone(),
             replication_password: secrets.replication_password.clone(),
+            agent_password,
         })?;
         if std::fs::read_to_string(self.secrets_path()).ok().as_deref() != Some(text.as_str()) {
             corral_proto::pki::write_private(&self.secrets_path(), &text)?;
@@ -1448,6 +1470,7 @@ impl Driver for Redis {
         let stored = StoredSecrets {
             admin_password: secrets.admin_password.clone(),
             replication_password: secrets.replication_password.clone(),
+            agent_password: self.load_secrets()?.agent_password,
         };
         self.set_users(&spec.admin_user, &stored).await
     }
@@ -1669,6 +1692,7 @@ mod tests {
         StoredSecrets {
             admin_password: "admin \"pass\" \\ é".into(),
             replication_password: "repl-pass-0123456789".into(),
+            agent_password: "agent-pass".into(),
         }
     }
 
@@ -1773,7 +1797,8 @@ mod tests {
             "replicaof \"10.0.0.1\" 6379",
             "masteruser \"corral_replication\"",
             "masterauth \"repl-pass-0123456789\"",
-            "user \"admin\" \"reset\" \"on\" \">admin \\\"pass\\\" \\\\ \\xc3\\xa9\" \"~*\" \"&*\" \"+@all\"",
+            "user \"admin\" \"reset\" \"on\" \">admin \\\"pass\\\" \\\\ \\xc3\\xa9\" \"~*\" \"&*\" \"+@all\" \"-@admin\"",
+            "user \"corral_agent\" \"reset\" \"on\" \">agent-pass\" \"~*\" \"&*\" \"+@all\"",
             "user \"corral_replication\" \"reset\" \"on\" \">repl-pass-0123456789\" \"+psync\" \"+replconf\" \"+ping\"",
         ] {
             assert!(conf.lines().any(|l| l == line), "missing {line:?} in\n{conf}");

@@ -102,7 +102,7 @@ impl Resp {
             w: s,
         };
         if let Some(p) = password {
-            c.cmd(&["AUTH", p]).context("AUTH")?;
+            c.cmd(&["AUTH", super::AGENT_USER, p]).context("AUTH")?;
         }
         Ok(c)
     }
@@ -499,7 +499,7 @@ impl Redis {
                 self.bin
             );
         }
-        let password = self.load_secrets()?.admin_password;
+        let password = self.load_secrets()?.agent_password;
         let socket = self.socket_path();
         let mut c = Resp::connect(&socket, Some(&password))?;
         let version = c.info("server")?.version();
