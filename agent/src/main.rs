@@ -237,6 +237,11 @@ async fn run(args: Args) -> Result<()> {
     )?;
     let members = Arc::new(members::Members::load(&config.state_dir));
     let renewals = tokio::spawn(renew::run(creds.clone(), config.state_dir.clone()));
+    let engine_renewals = tokio::spawn(engine::tls::follow_renewals(
+        creds.clone(),
+        engine_tls,
+        engine.clone(),
+    ));
     let telemetry = Arc::new(metrics::Telemetry::default());
     let heartbeat = heartbeat::Heartbeat {
         creds: creds.clone(),
@@ -296,7 +301,15 @@ async fn run(args: Args) -> Result<()> {
         .serve_with_incoming_shutdown(incoming, shutdown_signal())
         .await
         .with_context(|| format!("serving the agent API on {}", config.listen));
-    for task in [heartbeats, guardian, rounds, health, wal_uploads, renewals] {
+    for task in [
+        heartbeats,
+        guardian,
+        rounds,
+        health,
+        wal_uploads,
+        renewals,
+        engine_renewals,
+    ] {
         task.abort();
     }
     result

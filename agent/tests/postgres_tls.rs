@@ -49,7 +49,9 @@ const SESSION_SSL: &str = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pi
 
 /// Writes the CA certificate where a client reads it.
 fn ca_file(ca: &CertAuthority, dir: &Path) -> String {
-    let path = dir.join("client-ca.crt");
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let path = dir.join(format!("client-ca-{n}.crt"));
     std::fs::write(&path, ca.cert_pem()).unwrap();
     format!("sslmode=verify-ca sslrootcert={}", path.display())
 }
@@ -150,4 +152,35 @@ async fn a_replica_refuses_an_upstream_another_ca_certified() {
         format!("{err:#}").contains("certificate verify failed"),
         "{err:#}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_certificate_is_served_after_prepare() {
+    use corral_agent::engine::tls::TlsMaterial;
+    let old = CertAuthority::generate("old").unwrap();
+    let mut a = Node::new("tls-e").with_tls(&old);
+    let spec = a.primary_spec(&[], false);
+    a.new_primary(&spec).await;
+    let admin = secrets().admin_password;
+    let by_old = client_conninfo(&a, &ca_file(&old, &a.dir));
+    assert_eq!(psql(&by_old, &admin, SESSION_SSL).await.unwrap(), "t");
+
+    // A certificate the old CA did not sign, so the client tells them apart.
+    let new = CertAuthority::generate("new").unwrap();
+    let node = corral_proto::identity::Identity::Node(a.id.clone());
+    let cert = new.issue(&node, &[]).unwrap();
+    let tls = a.tls.clone().unwrap();
+    tls.replace(TlsMaterial::new(&cert, new.cert_pem()));
+    a.driver.prepare(&spec).await.unwrap();
+    let by_new = client_conninfo(&a, &ca_file(&new, &a.dir));
+    let began = Instant::now();
+    while psql(&by_new, &admin, SESSION_SSL).await.as_deref() != Ok("t") {
+        assert!(
+            began.elapsed() < WAIT,
+            "the renewed certificate is not served"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let err = psql(&by_old, &admin, SESSION_SSL).await.unwrap_err();
+    assert!(err.contains("certificate verify failed"), "{err}");
 }

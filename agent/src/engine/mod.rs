@@ -766,6 +766,20 @@ impl Engine {
         Ok(Some(next))
     }
 
+    /// Has the engine present the node's current certificate (see
+    /// [`tls::follow_renewals`]): `prepare` rewrites its TLS files and
+    /// reloads it. Nothing to do without a configured, started engine.
+    pub(crate) async fn refresh_tls(self: &Arc<Self>) -> Result<()> {
+        let _one_at_a_time = self.steps.lock().await;
+        let Some(stored) = self.stored() else {
+            return Ok(());
+        };
+        if stored.stopped || !self.driver().has_data() {
+            return Ok(());
+        }
+        self.driver().prepare(&stored.spec).await
+    }
+
     /// The driver of the engine this node runs.
     pub(crate) fn driver(&self) -> Arc<dyn Driver> {
         self.driver

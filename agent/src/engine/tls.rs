@@ -96,6 +96,32 @@ impl TlsFiles {
     }
 }
 
+/// How often a renewed node certificate is looked for.
+const RENEWAL_POLL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Runs for the agent's life: when [`crate::renew`] replaces the node
+/// certificate, the engine gets it too (its files rewritten and reloaded
+/// by the driver's `prepare`), long before the old one expires.
+pub async fn follow_renewals(
+    creds: std::sync::Arc<crate::credentials::Credentials>,
+    tls: std::sync::Arc<EngineTls>,
+    engine: std::sync::Arc<super::Engine>,
+) {
+    let mut seen = creds.cert().1;
+    loop {
+        tokio::time::sleep(RENEWAL_POLL).await;
+        let (cert, generation) = creds.cert();
+        if generation == seen {
+            continue;
+        }
+        tls.replace(TlsMaterial::new(&cert, &creds.ca_pem));
+        match engine.refresh_tls().await {
+            Ok(()) => seen = generation,
+            Err(e) => tracing::warn!("giving the engine the renewed certificate: {e:#}"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -100,6 +100,8 @@ pub struct Node {
     pub port: u16,
     pub driver: Postgres,
     pub child: Option<tokio::process::Child>,
+    /// The certificate the server presents, when made [`Node::with_tls`].
+    pub tls: Option<std::sync::Arc<corral_agent::engine::tls::EngineTls>>,
 }
 
 impl Node {
@@ -117,6 +119,7 @@ impl Node {
             dir,
             port: free_port(),
             child: None,
+            tls: None,
         }
     }
 
@@ -126,8 +129,9 @@ impl Node {
         use corral_agent::engine::tls::{EngineTls, TlsMaterial};
         let node = corral_proto::identity::Identity::Node(self.id.clone());
         let cert = ca.issue(&node, &[]).unwrap();
-        let tls = EngineTls::new(TlsMaterial::new(&cert, ca.cert_pem()));
-        self.driver = Postgres::new(bin_dir(), &self.dir, &self.id).with_tls(tls.into());
+        let tls = std::sync::Arc::new(EngineTls::new(TlsMaterial::new(&cert, ca.cert_pem())));
+        self.driver = Postgres::new(bin_dir(), &self.dir, &self.id).with_tls(tls.clone());
+        self.tls = Some(tls);
         self
     }
 
