@@ -100,6 +100,8 @@ use std::time::{Duration, Instant};
 
 #[path = "mariadb_backup.rs"]
 mod backup;
+#[path = "mariadb_client.rs"]
+mod client;
 pub use backup::{position_from_binlog_info, position_from_output};
 
 /// The account replicas stream as (and clone with).
@@ -1678,23 +1680,16 @@ impl Mariadb {
         }
     }
 
-    /// Streams mariadb-dump from `up` into the temporary server; returns
-    /// the dump's GTID position.
-    async fn load_dump(
+    /// mariadb-dump of everything on `up`, as the replication user, with
+    /// the password in `options` (see mariadb_client.rs).
+    fn dump_command(
         &self,
         up: &Upstream,
-        password: &str,
-        temp: &TempServer,
-        total: u64,
-        progress: ProgressFn<'_>,
+        options: &client::OptionFile,
         acct: &Account,
-    ) -> Result<String> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut dump = self
-            .command("mariadb-dump", Some(acct))?
-            // Not on the command line, where `ps` shows it.
-            .env("MYSQL_PWD", password)
-            .arg("--no-defaults")
+    ) -> Result<tokio::process::Command> {
+        let mut c = self.command("mariadb-dump", Some(acct))?;
+        c.arg(options.arg())
             .arg("--protocol=tcp")
             .arg(format!("--host={}", up.host))
             .arg(format!("--port={}", up.port))
@@ -1717,13 +1712,33 @@ impl Mariadb {
                 "--hex-blob",
                 "--default-character-set=utf8mb4",
                 "--max-allowed-packet=1G",
-            ])
+            ]);
+        Ok(c)
+    }
+
+    /// Streams mariadb-dump from `up` into the temporary server; returns
+    /// the dump's GTID position.
+    async fn load_dump(
+        &self,
+        up: &Upstream,
+        password: &str,
+        temp: &TempServer,
+        total: u64,
+        progress: ProgressFn<'_>,
+        acct: &Account,
+    ) -> Result<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // The password in a file of mariadb-dump's own, for this run.
+        let options = client::OptionFile::create(&self.tmp_dir(), password, acct)?;
+        let mut dump = self.dump_command(up, &options, acct)?;
+        let mut dump = dump
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .context("starting mariadb-dump")?;
+
         let mut load = self
             .command("mariadb", None)?
             .arg("--no-defaults")
