@@ -196,10 +196,10 @@ async fn run(args: Args) -> Result<()> {
         engine::redis::Redis::new(&config.state_dir, &identity.info.node_id)
             .with_server(&args.redis_server),
     );
-    let mariadb: Arc<dyn engine::Driver> = Arc::new(engine::mariadb::Mariadb::new(
-        &config.state_dir,
-        &identity.info.node_id,
-    ));
+    let mariadb: Arc<dyn engine::Driver> = Arc::new(
+        engine::mariadb::Mariadb::new(&config.state_dir, &identity.info.node_id)
+            .with_tls(engine_tls.clone()),
+    );
     let drivers: engine::Drivers = vec![
         ("postgres", postgres),
         ("mariadb", mariadb.clone()),

@@ -102,6 +102,8 @@ use std::time::{Duration, Instant};
 mod backup;
 #[path = "mariadb_client.rs"]
 mod client;
+#[path = "mariadb_tls.rs"]
+mod tls;
 pub use backup::{position_from_binlog_info, position_from_output};
 
 /// The account replicas stream as (and clone with).
@@ -141,6 +143,8 @@ pub struct Mariadb {
     desired: std::sync::Mutex<Option<EngineSpec>>,
     /// When a health check last restarted failed replication.
     restarted_replication: std::sync::Mutex<Option<Instant>>,
+    /// The node's certificate, which the server presents (none: no TLS).
+    tls: std::sync::Arc<super::tls::EngineTls>,
 }
 
 /// An administrative session and what it found out about the server.
@@ -378,6 +382,7 @@ pub enum Column {
     LastIoError,
     LastSqlErrno,
     LastSqlError,
+    SslAllowed,
 }
 
 /// A semi-synchronous replication variable (lower case) or status (capitalised).
@@ -409,17 +414,37 @@ impl Flavour {
     }
 
     /// Points replication at `host:port` by GTID, retrying every second.
-    pub fn change_source(self, host: &str, port: u16, user: &str, password: &str) -> String {
+    /// Over TLS, verified against the CA in `ca`, when given (see
+    /// mariadb_tls.rs).
+    pub fn change_source(
+        self,
+        host: &str,
+        port: u16,
+        user: &str,
+        password: &str,
+        ca: Option<&Path>,
+    ) -> String {
         let (h, u, p) = (sql_string(host), sql_string(user), sql_string(password));
-        match self {
-            Flavour::Mariadb => format!(
+        let ca = ca.map(|c| sql_string(&c.to_string_lossy()));
+        match (self, ca) {
+            (Flavour::Mariadb, None) => format!(
                 "CHANGE MASTER TO MASTER_HOST={h}, MASTER_PORT={port}, MASTER_USER={u}, \
                  MASTER_PASSWORD={p}, MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1"
             ),
-            Flavour::Mysql => format!(
+            (Flavour::Mariadb, Some(ca)) => format!(
+                "CHANGE MASTER TO MASTER_HOST={h}, MASTER_PORT={port}, MASTER_USER={u}, \
+                 MASTER_PASSWORD={p}, MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1, \
+                 MASTER_SSL=1, MASTER_SSL_CA={ca}, MASTER_SSL_VERIFY_SERVER_CERT=0"
+            ),
+            (Flavour::Mysql, None) => format!(
                 "CHANGE REPLICATION SOURCE TO SOURCE_HOST={h}, SOURCE_PORT={port}, SOURCE_USER={u}, \
                  SOURCE_PASSWORD={p}, SOURCE_AUTO_POSITION=1, SOURCE_CONNECT_RETRY=1, \
                  GET_SOURCE_PUBLIC_KEY=1"
+            ),
+            (Flavour::Mysql, Some(ca)) => format!(
+                "CHANGE REPLICATION SOURCE TO SOURCE_HOST={h}, SOURCE_PORT={port}, SOURCE_USER={u}, \
+                 SOURCE_PASSWORD={p}, SOURCE_AUTO_POSITION=1, SOURCE_CONNECT_RETRY=1, \
+                 SOURCE_SSL=1, SOURCE_SSL_CA={ca}, SOURCE_SSL_VERIFY_SERVER_CERT=0"
             ),
         }
     }
@@ -516,6 +541,8 @@ impl Flavour {
             (Flavour::Mysql, Received) => "Retrieved_Gtid_Set",
             (Flavour::Mysql, GtidMode) => "Auto_Position",
             (Flavour::Mysql, SourceLogFile) => "Source_Log_File",
+            (Flavour::Mariadb, SslAllowed) => "Master_SSL_Allowed",
+            (Flavour::Mysql, SslAllowed) => "Source_SSL_Allowed",
             (_, LastIoErrno) => "Last_IO_Errno",
             (_, LastIoError) => "Last_IO_Error",
             (_, LastSqlErrno) => "Last_SQL_Errno",
@@ -904,6 +931,9 @@ struct ReplicaStatus {
     /// Seconds_Behind_Master (MySQL 8: _Source); empty (NULL) while the
     /// replica is not replicating.
     seconds_behind: String,
+    /// Master_SSL_Allowed (MySQL 8: Source_): "Yes" when replication was
+    /// pointed over TLS.
+    ssl_allowed: String,
 }
 
 impl ReplicaStatus {
@@ -1083,6 +1113,7 @@ async fn replica_status(a: &mut Admin) -> Result<Option<ReplicaStatus>> {
         last_io_error: text(&row, f.column(Column::LastIoError)),
         last_sql_errno: number(&row, f.column(Column::LastSqlErrno)),
         last_sql_error: text(&row, f.column(Column::LastSqlError)),
+        ssl_allowed: text(&row, f.column(Column::SslAllowed)),
         seconds_behind: ["Seconds_Behind_Master", "Seconds_Behind_Source"]
             .iter()
             .map(|c| text(&row, c))
@@ -1252,7 +1283,39 @@ impl Mariadb {
             conn: tokio::sync::Mutex::new(None),
             desired: std::sync::Mutex::new(None),
             restarted_replication: std::sync::Mutex::new(None),
+            tls: Default::default(),
         }
+    }
+
+    /// Serves TLS, and replicates over it, with the certificate `tls`
+    /// holds (see mariadb_tls.rs).
+    pub fn with_tls(mut self, tls: std::sync::Arc<super::tls::EngineTls>) -> Mariadb {
+        self.tls = tls;
+        self
+    }
+
+    /// The server's copy of the node's certificate, if it has one.
+    fn tls_files(&self) -> Option<super::tls::TlsFiles> {
+        self.tls
+            .current()
+            .map(|_| super::tls::TlsFiles::new(&self.base.join("tls")))
+    }
+
+    /// CHANGE MASTER to `up` as the replication user, over TLS when this
+    /// node has a certificate.
+    fn point_at(&self, f: Flavour, up: &Upstream, password: &str) -> String {
+        f.change_source(
+            &up.host,
+            up.port,
+            REPLICATION_USER,
+            password,
+            self.tls_ca().as_deref(),
+        )
+    }
+
+    /// The CA a replica verifies its upstream with, if TLS is on.
+    fn tls_ca(&self) -> Option<PathBuf> {
+        self.tls_files().map(|f| f.ca())
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -1336,8 +1399,9 @@ impl Mariadb {
         *self.desired.lock().unwrap_or_else(|p| p.into_inner()) = spec.cloned();
     }
 
-    /// The base directory (root's, 0755) and the run directory.
-    fn ensure_dirs(&self, acct: &Account) -> Result<()> {
+    /// The base directory (root's, 0755), the run directory and the TLS
+    /// files; returns whether the TLS files changed.
+    fn ensure_dirs(&self, acct: &Account) -> Result<bool> {
         os::mkdir(&self.base, 0o755)?;
         check_cnf_path(&self.base)?;
         // A Unix socket path holds at most 107 bytes.
@@ -1348,7 +1412,11 @@ impl Mariadb {
             );
         }
         mkdir_owned(&self.run_dir(), 0o700, acct)?;
-        mkdir_owned(&self.tmp_dir(), 0o700, acct)
+        mkdir_owned(&self.tmp_dir(), 0o700, acct)?;
+        match (self.tls.current(), self.tls_files()) {
+            (Some(m), Some(f)) => f.install(&m, acct),
+            _ => Ok(false),
+        }
     }
 
     /// A MariaDB program, run in the base directory as the mysql user
@@ -1385,7 +1453,7 @@ impl Mariadb {
             semi_sync_master: wants_semi_sync(spec),
             temp: false,
             fence: &fence,
-        })
+        }) + &tls::server_conf(self.tls_files().as_ref(), spec.require_client_tls)
     }
 
     /// Writes my.cnf for `spec`; returns whether it changed.
@@ -1423,7 +1491,15 @@ impl Mariadb {
     /// Brings the running server to `spec` (see [`plan`]); returns what it saw.
     async fn converge(&self, a: &mut Admin, spec: &EngineSpec) -> Result<Observed> {
         let o = observe(a).await?;
-        let actions = plan(&o, spec, self.standby(), self.fenced());
+        let mut actions = plan(&o, spec, self.standby(), self.fenced());
+        // Pointed without TLS (before this node had a certificate): again,
+        // over TLS.
+        if let (Some(up), Some(r)) = (&spec.upstream, &o.replica) {
+            let follows = actions.iter().any(|a| matches!(a, Action::Follow(_)));
+            if self.tls_files().is_some() && r.ssl_allowed != "Yes" && !follows && self.standby() {
+                actions.insert(0, Action::Follow(up.clone()));
+            }
+        }
         if actions.is_empty() {
             return Ok(o);
         }
@@ -1434,7 +1510,7 @@ impl Mariadb {
                     let password = self.replication_password()?;
                     a.conn.query_drop(f.stop_replica()).await?;
                     a.conn
-                        .query_drop(f.change_source(&up.host, up.port, REPLICATION_USER, &password))
+                        .query_drop(self.point_at(f, up, &password))
                         .await
                         .context("pointing replication at the upstream")?;
                     a.conn.query_drop(f.start_replica()).await?;
@@ -1713,6 +1789,11 @@ impl Mariadb {
                 "--default-character-set=utf8mb4",
                 "--max-allowed-packet=1G",
             ]);
+        if let Some(ca) = self.tls_ca() {
+            // Encrypted, the upstream's certificate verified against the
+            // CA (not its name: it names the node, not the address).
+            c.arg("--ssl").arg(format!("--ssl-ca={}", ca.display()));
+        }
         Ok(c)
     }
 
@@ -1929,7 +2010,7 @@ impl Driver for Mariadb {
                     .context("setting the copy's replication position")?;
                 a.conn.query_drop(f.reset_replica_all()).await?;
                 a.conn
-                    .query_drop(f.change_source(&up.host, up.port, REPLICATION_USER, &password))
+                    .query_drop(self.point_at(f, up, &password))
                     .await
                     .context("pointing the copy at its upstream")?;
                 let _ = a.conn.disconnect().await;
@@ -2028,7 +2109,7 @@ impl Driver for Mariadb {
                 .await
                 .context("setting the replication position")?;
             a.conn
-                .query_drop(f.change_source(&up.host, up.port, REPLICATION_USER, &password))
+                .query_drop(self.point_at(f, up, &password))
                 .await
                 .context("pointing replication at the upstream")?;
             let _ = a.conn.disconnect().await;
@@ -2058,7 +2139,7 @@ impl Driver for Mariadb {
 
     async fn prepare(&self, spec: &EngineSpec) -> Result<()> {
         let acct = account()?;
-        self.ensure_dirs(&acct)?;
+        let tls_changed = self.ensure_dirs(&acct)?;
         if !self.has_data() {
             bail!(
                 "{} holds no MariaDB data directory",
@@ -2086,6 +2167,13 @@ impl Driver for Mariadb {
             }
         };
         let applied = async {
+            if tls_changed && self.tls_files().is_some() {
+                // A renewed certificate, same files: reloaded in place. (A
+                // server started without TLS gets it at its next start.)
+                if let Err(e) = a.conn.query_drop("FLUSH SSL").await {
+                    tracing::warn!("FLUSH SSL (reloading the certificate): {e}");
+                }
+            }
             self.apply_semi_sync(a, spec).await?;
             self.converge(a, spec).await?;
             anyhow::Ok(())
@@ -2499,9 +2587,7 @@ impl Mariadb {
         a.conn
             .query_drop(format!("SET GLOBAL gtid_slave_pos = {}", sql_string(pos)))
             .await?;
-        a.conn
-            .query_drop(f.change_source(&up.host, up.port, REPLICATION_USER, password))
-            .await?;
+        a.conn.query_drop(self.point_at(f, up, password)).await?;
         a.conn.query_drop(f.start_replica_io()).await?;
         let began = Instant::now();
         let verdict = loop {
@@ -2661,13 +2747,13 @@ mod tests {
     fn change_source_statements() {
         let pw = "p'a\\ss";
         assert_eq!(
-            Flavour::Mariadb.change_source("10.0.0.1", 3306, REPLICATION_USER, pw),
+            Flavour::Mariadb.change_source("10.0.0.1", 3306, REPLICATION_USER, pw, None),
             "CHANGE MASTER TO MASTER_HOST='10.0.0.1', MASTER_PORT=3306, \
              MASTER_USER='corral_replication', MASTER_PASSWORD='p\\'a\\\\ss', \
              MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1"
         );
         assert_eq!(
-            Flavour::Mysql.change_source("fd00::1", 3307, REPLICATION_USER, pw),
+            Flavour::Mysql.change_source("fd00::1", 3307, REPLICATION_USER, pw, None),
             "CHANGE REPLICATION SOURCE TO SOURCE_HOST='fd00::1', SOURCE_PORT=3307, \
              SOURCE_USER='corral_replication', SOURCE_PASSWORD='p\\'a\\\\ss', \
              SOURCE_AUTO_POSITION=1, SOURCE_CONNECT_RETRY=1, GET_SOURCE_PUBLIC_KEY=1"
