@@ -194,7 +194,8 @@ async fn run(args: Args) -> Result<()> {
     );
     let redis: Arc<dyn engine::Driver> = Arc::new(
         engine::redis::Redis::new(&config.state_dir, &identity.info.node_id)
-            .with_server(&args.redis_server),
+            .with_server(&args.redis_server)
+            .with_tls(engine_tls.clone()),
     );
     let mariadb: Arc<dyn engine::Driver> = Arc::new(
         engine::mariadb::Mariadb::new(&config.state_dir, &identity.info.node_id)

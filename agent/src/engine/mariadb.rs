@@ -1296,9 +1296,7 @@ impl Mariadb {
 
     /// The server's copy of the node's certificate, if it has one.
     fn tls_files(&self) -> Option<super::tls::TlsFiles> {
-        self.tls
-            .current()
-            .map(|_| super::tls::TlsFiles::new(&self.base.join("tls")))
+        self.tls.files_in(&self.base)
     }
 
     /// CHANGE MASTER to `up` as the replication user, over TLS when this
@@ -1413,10 +1411,7 @@ impl Mariadb {
         }
         mkdir_owned(&self.run_dir(), 0o700, acct)?;
         mkdir_owned(&self.tmp_dir(), 0o700, acct)?;
-        match (self.tls.current(), self.tls_files()) {
-            (Some(m), Some(f)) => f.install(&m, acct),
-            _ => Ok(false),
-        }
+        self.tls.install_in(&self.base, acct)
     }
 
     /// A MariaDB program, run in the base directory as the mysql user

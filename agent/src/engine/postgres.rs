@@ -85,18 +85,13 @@ impl Postgres {
 
     /// The server's copy of the node's certificate, if it has one.
     fn tls_files(&self) -> Option<TlsFiles> {
-        self.tls
-            .current()
-            .map(|_| TlsFiles::new(&self.base.join("tls")))
+        self.tls.files_in(&self.base)
     }
 
     /// Installs the node's current certificate for the server; returns
     /// whether the files changed.
     fn install_tls(&self, acct: &Account) -> Result<bool> {
-        match (self.tls.current(), self.tls_files()) {
-            (Some(m), Some(f)) => f.install(&m, acct),
-            _ => Ok(false),
-        }
+        self.tls.install_in(&self.base, acct)
     }
 
     pub fn data_dir(&self) -> PathBuf {

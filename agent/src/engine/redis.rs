@@ -108,6 +108,8 @@ use std::time::{Duration, Instant};
 mod acl;
 #[path = "redis_backup.rs"]
 mod backup;
+#[path = "redis_tls.rs"]
+mod tls;
 pub use acl::AGENT_USER;
 
 /// The server binary. Valkey and KeyDB ship `valkey-server` and
@@ -158,6 +160,8 @@ pub struct Redis {
     /// so a health check converging to the files on disk never interleaves
     /// with a promotion that is changing them.
     role_lock: tokio::sync::Mutex<()>,
+    /// The node's certificate (see redis_tls.rs; none: no TLS).
+    tls: std::sync::Arc<super::tls::EngineTls>,
 }
 
 /// The OS account the server runs as: [`SERVER_USER`].
@@ -512,7 +516,20 @@ impl Redis {
             bin: SERVER_BIN.to_string(),
             conn: tokio::sync::Mutex::new(None),
             role_lock: tokio::sync::Mutex::new(()),
+            tls: Default::default(),
         }
+    }
+
+    /// Speaks TLS (when the cluster requires it) with the certificate
+    /// `tls` holds (see redis_tls.rs).
+    pub fn with_tls(mut self, tls: std::sync::Arc<super::tls::EngineTls>) -> Redis {
+        self.tls = tls;
+        self
+    }
+
+    /// The server's copy of the node's certificate, if it has one.
+    fn tls_files(&self) -> Option<super::tls::TlsFiles> {
+        self.tls.files_in(&self.base)
     }
 
     /// The same driver running `server` (a name looked for in the usual
@@ -587,7 +604,9 @@ impl Redis {
                 socket.display()
             );
         }
-        mkdir_owned(&self.run_dir(), 0o700, acct)
+        mkdir_owned(&self.run_dir(), 0o700, acct)?;
+        self.tls.install_in(&self.base, acct)?;
+        Ok(())
     }
 
     fn binary(&self) -> Result<PathBuf> {
@@ -670,7 +689,11 @@ impl Redis {
             secrets: &secrets,
             upstream: upstream.as_ref(),
             min_replicas: min_replicas(spec, self.fenced()),
-        });
+        }) + &tls::conf(
+            self.tls_files().as_ref(),
+            spec.port,
+            spec.require_client_tls,
+        );
         write_owned(&self.conf_path(), &conf, acct)
     }
 
@@ -1211,7 +1234,7 @@ impl Driver for Redis {
             secrets: &secrets,
             upstream: Some(up),
             min_replicas: (0, SYNC_MAX_LAG),
-        });
+        }) + &tls::conf(self.tls_files().as_ref(), 0, spec.require_client_tls);
         write_owned(&self.clone_conf_path(), &conf, &acct)?;
         tracing::info!(
             upstream = %up.node,

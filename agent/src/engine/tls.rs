@@ -57,6 +57,21 @@ impl EngineTls {
     pub fn current(&self) -> Option<TlsMaterial> {
         self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
+
+    /// A driver's copy of the material, under its base directory
+    /// (`<base>/tls`), when there is material.
+    pub fn files_in(&self, base: &Path) -> Option<TlsFiles> {
+        self.current().map(|_| TlsFiles::new(&base.join("tls")))
+    }
+
+    /// Installs the current material under `base` for `acct`; returns
+    /// whether the files changed (nothing to do without material).
+    pub fn install_in(&self, base: &Path, acct: &Account) -> Result<bool> {
+        match (self.current(), self.files_in(base)) {
+            (Some(m), Some(f)) => f.install(&m, acct),
+            _ => Ok(false),
+        }
+    }
 }
 
 /// Where an engine's copy of the material lives: `<dir>/server.crt`,
