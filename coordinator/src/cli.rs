@@ -367,6 +367,10 @@ enum ClusterCmd {
         /// Zero-loss: every commit waits until at least one replica has it.
         #[arg(long)]
         sync: bool,
+        /// Clients must use TLS (plaintext is refused); without it TLS is
+        /// offered. Redis: the port then speaks TLS only.
+        #[arg(long)]
+        require_tls: bool,
         /// Return once the operation is accepted instead of waiting for it.
         #[arg(long)]
         no_wait: bool,
@@ -1196,6 +1200,7 @@ async fn run(api: &mut OperatorClient<Channel>, command: Command, json: bool) ->
             nodes,
             mode,
             sync,
+            require_tls,
             no_wait,
         }) => {
             corral_proto::names::validate("cluster", &name).map_err(|e| anyhow!(e))?;
@@ -1206,6 +1211,7 @@ async fn run(api: &mut OperatorClient<Channel>, command: Command, json: bool) ->
                     mode,
                     nodes,
                     sync,
+                    require_tls,
                 })
                 .await?
                 .into_inner();

@@ -115,8 +115,24 @@ pub const CA_FILE: &str = "corral-ca.crt";
 /// PostgreSQL, libpq's multi-host form with target_session_attrs so
 /// clients find the primary, over TLS verified against the cluster's CA
 /// (`verify-ca`: the server certificates name the nodes, not the addresses
-/// clients use); MySQL clients take one host, the primary.
+/// clients use); MySQL clients take one host, the primary, also over TLS
+/// (`ssl-mode=VERIFY_CA`). Redis stays `redis://` (its TLS is a cluster
+/// choice, see docs/database-tls.md).
 pub fn uri(engine: &str, user: &str, password: &str, hosts: &[String], database: &str) -> String {
+    uri_for(engine, user, password, hosts, database, false)
+}
+
+/// [`uri`] of a cluster that requires TLS (`cluster create --require-tls`):
+/// the same for PostgreSQL and MySQL (always TLS), `rediss://` for Redis,
+/// whose port then speaks TLS only.
+pub fn uri_for(
+    engine: &str,
+    user: &str,
+    password: &str,
+    hosts: &[String],
+    database: &str,
+    require_tls: bool,
+) -> String {
     let user = encode(user);
     let password = encode(password);
     let tls = format!("sslmode=verify-ca&sslrootcert={CA_FILE}");
@@ -129,13 +145,16 @@ pub fn uri(engine: &str, user: &str, password: &str, hosts: &[String], database:
             "postgresql://{user}:{password}@{}/{database}?{tls}",
             hosts.first().map(String::as_str).unwrap_or("")
         ),
+        // MySQL's URI form (MySQL Shell, X DevAPI): verified against the CA,
+        // not the name, as for PostgreSQL.
         Family::Mysql => format!(
-            "mysql://{user}:{password}@{}/{database}",
+            "mysql://{user}:{password}@{}/{database}?ssl-mode=VERIFY_CA&ssl-ca={CA_FILE}",
             hosts.first().map(String::as_str).unwrap_or("")
         ),
         // Redis has numbered databases, not named ones.
         Family::Redis => format!(
-            "redis://{user}:{password}@{}/{database}",
+            "{}://{user}:{password}@{}/{database}",
+            if require_tls { "rediss" } else { "redis" },
             hosts.first().map(String::as_str).unwrap_or("")
         ),
     }
@@ -201,7 +220,16 @@ mod tests {
         );
         assert_eq!(
             uri("mariadb", "admin", "p@ss/w:rd", &hosts, "defaultdb"),
-            "mysql://admin:p%40ss%2Fw%3Ard@10.0.0.1:5432/defaultdb"
+            "mysql://admin:p%40ss%2Fw%3Ard@10.0.0.1:5432/defaultdb?ssl-mode=VERIFY_CA&ssl-ca=corral-ca.crt"
         );
+        assert_eq!(
+            with_ca_file(&uri("mysql", "a", "p", &hosts[..1], "d"), "/c/ca.crt"),
+            "mysql://a:p@10.0.0.1:5432/d?ssl-mode=VERIFY_CA&ssl-ca=/c/ca.crt"
+        );
+        assert_eq!(
+            uri_for("redis", "a", "p", &hosts[..1], "0", true),
+            "rediss://a:p@10.0.0.1:5432/0"
+        );
+        assert!(uri("redis", "a", "p", &hosts[..1], "0").starts_with("redis://"));
     }
 }

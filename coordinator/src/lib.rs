@@ -36,6 +36,7 @@ pub mod backups;
 pub mod cli;
 pub mod cli_credentials;
 pub mod cli_identity;
+pub mod cluster_tls;
 pub mod config;
 pub mod engines;
 pub mod failover;

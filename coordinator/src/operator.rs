@@ -386,6 +386,7 @@ impl OperatorApi {
                     allowlist_version: 0,
                 },
             )?;
+            crate::cluster_tls::set(tx, &req.name, req.require_tls)?;
             for (i, n) in req.nodes.iter().enumerate() {
                 let role = if i == 0 { "primary" } else { "replica" };
                 store::assign_node(tx, n, &req.name, role)?;
@@ -1189,12 +1190,18 @@ impl pb::operator_server::Operator for OperatorApi {
                     .filter(|n| n.role != "primary")
                     .map(|n| bracket(host_of(&n.address))),
             );
-            let uri = crate::engines::uri(
+            let require_tls = self
+                .0
+                .store
+                .read(|c| crate::cluster_tls::required(c, &name))
+                .map_err(internal)?;
+            let uri = crate::engines::uri_for(
                 &row.engine,
                 &row.admin_user,
                 &password,
                 &hosts,
                 &row.database,
+                require_tls,
             );
             Ok(Response::new(pb::Credentials {
                 user: row.admin_user,
@@ -1884,6 +1891,7 @@ impl pb::operator_server::Operator for OperatorApi {
             },
             nodes: r.nodes.clone(),
             sync: false,
+            require_tls: false,
         };
         let op = self.audited(
             &who,

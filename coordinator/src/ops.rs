@@ -414,6 +414,10 @@ impl Ctx<'_> {
             lease_duration_ms: cluster.lease_ms,
             heartbeat_interval_ms: cluster.heartbeat_ms,
             wal_archive: crate::backups::wal_archive_of(self.coord, cluster)?,
+            require_client_tls: self
+                .coord
+                .store
+                .read(|c| crate::cluster_tls::required(c, &cluster.name))?,
             ..Default::default()
         })
     }

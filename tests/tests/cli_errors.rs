@@ -183,6 +183,7 @@ fn bad_api_input_is_refused_and_creates_nothing() {
         mode: String::new(),
         nodes: nodes.iter().map(|n| n.to_string()).collect(),
         sync: false,
+        require_tls: false,
     };
     // The CLI checks names too; the API must not rely on it.
     let cases = [

@@ -42,3 +42,32 @@ fn the_printed_postgres_connection_string_and_replication_use_tls() {
     })
     .unwrap();
 }
+
+#[test]
+fn a_cluster_that_requires_tls_refuses_plaintext_clients() {
+    let lab = Lab::start(1).unwrap();
+    lab.ctl_ok(&[
+        "cluster",
+        "create",
+        "--name",
+        "strict",
+        "--engine",
+        "postgres",
+        "--node",
+        "vm1",
+        "--require-tls",
+    ])
+    .unwrap();
+    let uri = lab
+        .ctl_ok(&["cluster", "credentials", "strict"])
+        .unwrap()
+        .trim()
+        .to_string();
+    let q = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+    assert_eq!(lab.psql(&uri, q).unwrap(), "t");
+    let start = uri.find("sslmode=").unwrap() + "sslmode=".len();
+    let end = uri[start..].find('&').map_or(uri.len(), |e| start + e);
+    let plain = format!("{}disable{}", &uri[..start], &uri[end..]);
+    let err = lab.psql(&plain, q).unwrap_err().to_string();
+    assert!(err.contains("pg_hba.conf rejects"), "{err}");
+}
