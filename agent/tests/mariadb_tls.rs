@@ -72,6 +72,16 @@ async fn replication_and_clients_use_tls_and_plaintext_is_refused_where_required
     a.insert(2, "streamed").await.unwrap();
     b.wait_row(2).await;
     assert_eq!(slave_status(&b, "Master_SSL_Allowed").await, "Yes");
+    // The replication account cannot connect without TLS, even with its
+    // password.
+    let plain = mysql_async::OptsBuilder::default()
+        .ip_or_hostname("127.0.0.1")
+        .tcp_port(a.port)
+        .user(Some("corral_replication"))
+        .pass(Some(secrets().replication_password))
+        .prefer_socket(false);
+    let err = mysql_async::Conn::new(plain).await.unwrap_err().to_string();
+    assert!(err.contains("Access denied"), "{err}");
 
     // Clients: TLS offered (verified against the CA), plaintext allowed...
     let ca_file = a.dir.join("client-ca.crt");

@@ -1209,8 +1209,14 @@ async fn connect_socket(socket: &Path) -> Result<Admin> {
 }
 
 /// A TCP session with `up` as the replication user.
-async fn connect_upstream(up: &Upstream, password: &str) -> Result<mysql_async::Conn> {
+/// Over TLS when `ca` is given (the replication account requires it then).
+async fn connect_upstream(
+    up: &Upstream,
+    password: &str,
+    ca: Option<&Path>,
+) -> Result<mysql_async::Conn> {
     let opts = mysql_async::OptsBuilder::default()
+        .ssl_opts(ca.map(tls::client_opts))
         .ip_or_hostname(up.host.clone())
         .tcp_port(up.port)
         .user(Some(REPLICATION_USER))
@@ -1729,7 +1735,7 @@ impl Mariadb {
     /// it cannot be had.
     async fn estimate_size(&self, up: &Upstream, password: &str) -> u64 {
         let size = async {
-            let mut c = connect_upstream(up, password).await?;
+            let mut c = connect_upstream(up, password, self.tls_ca().as_deref()).await?;
             let n: Option<Option<String>> = c
                 .query_first(
                     "SELECT CAST(COALESCE(SUM(data_length + index_length), 0) AS CHAR) \
@@ -2051,7 +2057,7 @@ impl Driver for Mariadb {
         }
         let password = self.replication_password()?;
         // The upstream first: nothing here changes if it cannot be reached.
-        let mut upc = connect_upstream(up, &password).await?;
+        let mut upc = connect_upstream(up, &password, self.tls_ca().as_deref()).await?;
         let theirs: Option<String> = upc
             .query_first("SELECT @@gtid_binlog_pos")
             .await
@@ -2352,6 +2358,13 @@ impl Driver for Mariadb {
                 .query_drop(f.replication_grants(&account_name(REPLICATION_USER, "%")))
                 .await
                 .with_context(|| format!("granting {REPLICATION_USER}'s privileges"))?;
+            a.conn
+                .query_drop(tls::replication_require(
+                    &account_name(REPLICATION_USER, "%"),
+                    self.tls_files().is_some(),
+                ))
+                .await
+                .with_context(|| format!("setting {REPLICATION_USER}'s TLS requirement"))?;
             a.conn
                 .query_drop(format!(
                     "CREATE DATABASE IF NOT EXISTS {} CHARACTER SET utf8mb4",

@@ -36,6 +36,28 @@ pub fn server_conf(files: Option<&TlsFiles>, require_client_tls: bool) -> String
     )
 }
 
+/// The replication account: TLS only when the node has a certificate
+/// (every replica then connects over TLS), so a plaintext attempt with the
+/// password is refused.
+pub fn replication_require(account: &str, tls: bool) -> String {
+    format!(
+        "ALTER USER {account} REQUIRE {}",
+        if tls { "SSL" } else { "NONE" }
+    )
+}
+
+/// TLS for the agent's own sessions with an upstream (clone size, rejoin
+/// checks). Encrypted, but the certificate is not verified: this client
+/// (rustls) insists on host names, and the certificate names the node, not
+/// the address. The password is not exposed by it (MariaDB's native
+/// authentication is a challenge and response); the replication streams
+/// and the dump do verify the chain.
+pub fn client_opts(ca: &std::path::Path) -> mysql_async::SslOpts {
+    mysql_async::SslOpts::default()
+        .with_root_certs(vec![ca.to_path_buf().into()])
+        .with_danger_accept_invalid_certs(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
