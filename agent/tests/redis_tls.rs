@@ -85,3 +85,56 @@ async fn a_tls_only_port_serves_clients_and_replicas_over_tls() {
         .await
         .is_err());
 }
+
+/// A session verifying the server's certificate against `ca`, by name.
+async fn verified(port: u16, ca: &CertAuthority) -> redis::RedisResult<()> {
+    let certs = redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(ca.cert_pem().as_bytes().to_vec()),
+    };
+    let client = redis::Client::build_with_tls(format!("rediss://localhost:{port}/"), certs)?;
+    let mut c = client.get_multiplexed_async_connection().await?;
+    redis::cmd("PING")
+        .query_async::<()>(&mut c)
+        .await
+        .or_else(|e| {
+            // Not logged in yet: the TLS session itself is what counts.
+            if e.code() == Some("NOAUTH") {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_certificate_is_served_after_prepare() {
+    use corral_agent::engine::tls::TlsMaterial;
+    sweep_stale();
+    let dir = std::env::temp_dir().join(format!("{DIR_PREFIX}{}-13", std::process::id()));
+    let _cleanup = Dirs(vec![dir.clone()]);
+    let (old, new) = (
+        CertAuthority::generate("old").unwrap(),
+        CertAuthority::generate("new").unwrap(),
+    );
+    let port = free_port(&[]);
+    let mut a = Node::new("node-tc", dir, port).with_tls(&old);
+    let mut spec = a.primary(false, &[]);
+    spec.require_client_tls = true;
+    a.driver.save_secrets(&Node::secrets()).unwrap();
+    a.driver.initialize().await.unwrap();
+    a.driver.prepare(&spec).await.unwrap();
+    a.start(&spec).await;
+    verified(port, &old).await.unwrap();
+    assert!(verified(port, &new).await.is_err());
+
+    let node = corral_proto::identity::Identity::Node(a.id.to_string());
+    let cert = new.issue(&node, &["localhost".into()]).unwrap();
+    let tls = a.tls.clone().unwrap();
+    tls.replace(TlsMaterial::new(&cert, new.cert_pem()));
+    a.driver.prepare(&spec).await.unwrap();
+    eventually!("the renewed certificate served", 20, {
+        verified(port, &new).await.map_err(|e| e.to_string())
+    });
+    assert!(verified(port, &old).await.is_err());
+}

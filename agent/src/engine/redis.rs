@@ -593,8 +593,9 @@ impl Redis {
         self.run_dir().join("clone.pid")
     }
 
-    /// The base directory (root's, 0755) and the run directory.
-    fn ensure_dirs(&self, acct: &Account) -> Result<()> {
+    /// The base directory (root's, 0755), the run directory and the TLS
+    /// files; returns whether the TLS files changed.
+    fn ensure_dirs(&self, acct: &Account) -> Result<bool> {
         os::mkdir(&self.base, 0o755)?;
         let socket = self.socket_path();
         if socket.as_os_str().len() > MAX_SOCKET_PATH {
@@ -605,8 +606,7 @@ impl Redis {
             );
         }
         mkdir_owned(&self.run_dir(), 0o700, acct)?;
-        self.tls.install_in(&self.base, acct)?;
-        Ok(())
+        self.tls.install_in(&self.base, acct)
     }
 
     fn binary(&self) -> Result<PathBuf> {
@@ -774,6 +774,27 @@ impl Redis {
         )
         .await
         .context("CONFIG SET min-replicas-to-write")
+    }
+
+    /// Has a running TLS server read its (renewed) certificate files again:
+    /// setting a file, even to the same path, reloads it. Best effort: a
+    /// server without TLS gets it at its next start.
+    async fn reload_tls(&self, spec: &EngineSpec) {
+        let Some(f) = self.tls_files().filter(|_| spec.require_client_tls) else {
+            return;
+        };
+        let mut c = cmd("CONFIG");
+        c.arg("SET");
+        for (k, v) in [
+            ("tls-cert-file", f.cert()),
+            ("tls-key-file", f.key()),
+            ("tls-ca-cert-file", f.ca()),
+        ] {
+            c.arg(k).arg(v.to_string_lossy().as_ref());
+        }
+        if let Err(e) = self.run::<()>(&c).await {
+            tracing::warn!("reloading the TLS certificate: {e:#}");
+        }
     }
 
     /// The ACL users as redis.conf declares them, on the running server.
@@ -1323,7 +1344,7 @@ impl Driver for Redis {
 
     async fn prepare(&self, spec: &EngineSpec) -> Result<()> {
         let acct = account()?;
-        self.ensure_dirs(&acct)?;
+        let tls_changed = self.ensure_dirs(&acct)?;
         if !self.has_data() {
             bail!(
                 "{} holds no Redis data directory",
@@ -1341,6 +1362,9 @@ impl Driver for Redis {
             self.set_upstream(up)?;
         }
         self.write_config(spec, &acct)?;
+        if tls_changed && self.find_running().is_some() {
+            self.reload_tls(spec).await;
+        }
         if self.find_running().is_some() {
             // Applied in place, not by a restart. The port is not changed
             // in place (the agent refuses to change it).

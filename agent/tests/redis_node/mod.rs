@@ -108,6 +108,8 @@ pub struct Node {
     pub driver: Redis,
     /// The server we started (reaped when it stops).
     pub child: Option<tokio::process::Child>,
+    /// The certificate the server presents, when made [`Node::with_tls`].
+    pub tls: Option<std::sync::Arc<corral_agent::engine::tls::EngineTls>>,
 }
 
 impl Node {
@@ -119,6 +121,7 @@ impl Node {
             dir,
             port,
             child: None,
+            tls: None,
         }
     }
 
@@ -127,9 +130,11 @@ impl Node {
     pub fn with_tls(mut self, ca: &corral_proto::pki::CertAuthority) -> Node {
         use corral_agent::engine::tls::{EngineTls, TlsMaterial};
         let node = corral_proto::identity::Identity::Node(self.id.to_string());
-        let cert = ca.issue(&node, &[]).unwrap();
-        let tls = EngineTls::new(TlsMaterial::new(&cert, ca.cert_pem()));
-        self.driver = Redis::new(&self.dir, self.id).with_tls(tls.into());
+        // Also named localhost, so a test client can verify it by name.
+        let cert = ca.issue(&node, &["localhost".into()]).unwrap();
+        let tls = std::sync::Arc::new(EngineTls::new(TlsMaterial::new(&cert, ca.cert_pem())));
+        self.driver = Redis::new(&self.dir, self.id).with_tls(tls.clone());
+        self.tls = Some(tls);
         self
     }
 
