@@ -65,6 +65,32 @@ pub fn acl_users(
 mod tests {
     use super::*;
 
+    /// secrets.json written before the agent had its own user: the first
+    /// read makes the agent's password and keeps it.
+    #[test]
+    fn an_old_secrets_file_gets_an_agent_password_once() {
+        let dir = std::env::temp_dir().join(format!("corral-redis-acl-{}", std::process::id()));
+        let driver = super::super::Redis::new(&dir, "vm1");
+        let base = dir.join("redis");
+        std::fs::create_dir_all(&base).unwrap();
+        let path = base.join("secrets.json");
+        std::fs::write(
+            &path,
+            r#"{"admin_password":"a","replication_password":"r"}"#,
+        )
+        .unwrap();
+        let first = driver.load_secrets().unwrap();
+        assert_eq!(first.agent_password.len(), 64);
+        assert!(std::fs::read_to_string(&path)
+            .unwrap()
+            .contains(&first.agent_password));
+        assert_eq!(
+            driver.load_secrets().unwrap().agent_password,
+            first.agent_password
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn only_the_agent_has_admin_commands() {
         let users = acl_users("admin", "a", "r", "g");
