@@ -750,6 +750,30 @@ impl Lab {
         Ok(cmd.output()?)
     }
 
+    /// `corralctl ARGS` writing into a pipe whose reader is already gone
+    /// (`corralctl ... | head -0`); returns its exit status and stderr.
+    pub fn ctl_into_closed_pipe(
+        &self,
+        args: &[&str],
+    ) -> Result<(std::process::ExitStatus, String)> {
+        let config = self.pki_dir().join("corralctl.toml");
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.ns("cli")])
+            .arg(bin("corralctl"))
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        drop(child.stdout.take());
+        let out = child.wait_with_output()?;
+        Ok((
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
     /// `corralctl ARGS`, which must succeed; returns stdout.
     pub fn ctl_ok(&self, args: &[&str]) -> Result<String> {
         let out = self.ctl(args)?;
