@@ -2,7 +2,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use corral_agent::{
     backup, credentials, engine, enroll, events, firewall, health, heartbeat, logs, members,
-    metrics, peers, renew, server, Config,
+    metrics, peers, renew, server, watchdog, Config,
 };
 use corral_proto::pb;
 use std::net::SocketAddr;
@@ -246,7 +246,7 @@ async fn run(args: Args) -> Result<()> {
             .clone()
             .run(engine.clone(), config.state_dir.clone()),
     );
-    let guardian = tokio::spawn(engine.clone().guard());
+    let guardian = tokio::spawn(engine.clone().guard(watchdog::Watchdog::from_env()));
     let peers = Arc::new(peers::Peers::new(creds.clone()));
     let rounds = tokio::spawn(peers.run(engine.clone()));
     let health_addr = health_listen;
@@ -269,6 +269,9 @@ async fn run(args: Args) -> Result<()> {
         false,
     )
     .await?;
+    // systemd (Type=notify) counts the agent started once it has fenced and
+    // listens.
+    watchdog::ready();
     let result = tonic::transport::Server::builder()
         .add_service(pb::agent_server::AgentServer::new(server::AgentApi {
             engine: engine.clone(),
@@ -330,5 +333,6 @@ async fn shutdown_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+    watchdog::stopping();
     tracing::info!("agent shutting down; the engine keeps running");
 }

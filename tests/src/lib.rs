@@ -593,6 +593,19 @@ impl Lab {
     /// Spawns an agent in VM `i` with `extra` arguments, not tracked as the
     /// VM's agent: for tests that expect it to exit.
     pub fn spawn_agent(&self, i: usize, extra: &[String]) -> Result<Child> {
+        self.spawn_agent_env(i, extra, &[])
+    }
+
+    /// Starts the agent of enrolled VM `i` again, with extra environment
+    /// (e.g. systemd's NOTIFY_SOCKET and WATCHDOG_USEC).
+    pub fn start_agent_env(&mut self, i: usize, env: &[(&str, &str)]) -> Result<()> {
+        let extra = ["--node-id".to_string(), format!("vm{i}")];
+        let child = self.spawn_agent_env(i, &extra, env)?;
+        self.agents[i - 1] = Some(child);
+        Ok(())
+    }
+
+    fn spawn_agent_env(&self, i: usize, extra: &[String], env: &[(&str, &str)]) -> Result<Child> {
         let mut args = vec![
             "--state-dir".to_string(),
             self.state_dir(i).to_string_lossy().into_owned(),
@@ -604,11 +617,12 @@ impl Lab {
             self.opts.heartbeat_interval_ms.to_string(),
         ];
         args.extend(extra.iter().cloned());
-        self.spawn_in(
+        self.spawn_in_env(
             &format!("vm{i}"),
             &bin("corral-agent"),
             &args,
             &format!("vm{i}-agent.log"),
+            env,
         )
     }
 

@@ -102,3 +102,60 @@ fn a_killed_agent_leaves_no_writable_engine_behind() {
 fn a_frozen_agent_leaves_no_writable_engine_behind() {
     the_primary_survives_its_agent("STOP");
 }
+
+/// Under systemd the unit is `Type=notify` with `WatchdogSec=`: the agent
+/// says when it is ready, and its guardian pings the watchdog only while it
+/// runs, so a frozen agent is restarted (the lease gate has fenced its
+/// engine long before). systemd's side is its socket: a datagram socket
+/// named by NOTIFY_SOCKET, which the test plays.
+#[test]
+fn the_agent_tells_systemd_it_is_ready_and_stops_pinging_when_frozen() {
+    use std::os::unix::net::UnixDatagram;
+    let mut lab = Lab::start(1).unwrap();
+    lab.signal_agent(1, "TERM").unwrap();
+    let path = lab.dir().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let receive = |for_how_long: Duration| {
+        let mut got = Vec::new();
+        let began = std::time::Instant::now();
+        let mut buf = [0u8; 512];
+        while began.elapsed() < for_how_long {
+            if let Ok(n) = socket.recv(&mut buf) {
+                got.extend(
+                    String::from_utf8_lossy(&buf[..n])
+                        .lines()
+                        .map(str::to_string),
+                );
+            }
+        }
+        got
+    };
+    lab.start_agent_env(
+        1,
+        &[
+            ("NOTIFY_SOCKET", path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "1000000"),
+        ],
+    )
+    .unwrap();
+    let first = receive(Duration::from_secs(10));
+    assert!(first.iter().any(|l| l == "READY=1"), "{first:?}");
+    let pings = |got: &[String]| got.iter().filter(|l| *l == "WATCHDOG=1").count();
+    // A quarter of the interval apart: several in 10 s.
+    assert!(pings(&first) >= 5, "{first:?}");
+
+    lab.signal_agent(1, "STOP").unwrap();
+    receive(Duration::from_millis(300)); // a ping already on its way
+    let frozen = receive(Duration::from_secs(3));
+    assert_eq!(pings(&frozen), 0, "a frozen agent pinged: {frozen:?}");
+    lab.signal_agent(1, "CONT").unwrap();
+    let thawed = receive(Duration::from_secs(3));
+    assert!(pings(&thawed) >= 1, "{thawed:?}");
+
+    lab.signal_agent(1, "TERM").unwrap();
+    let last = receive(Duration::from_millis(500));
+    assert!(last.iter().any(|l| l == "STOPPING=1"), "{last:?}");
+}

@@ -329,12 +329,14 @@ impl Engine {
     /// Runs for the agent's life: fences before the lease ends, keeps the
     /// lease gate open while it is renewed, lifts the fence when it is,
     /// repairs drift. Wakes at the next deadline, when woken, and at least
-    /// every 250 ms.
-    pub async fn guard(self: std::sync::Arc<Self>) {
+    /// every 250 ms. Each pass pings systemd's watchdog, so a guardian that
+    /// stops making progress gets the agent restarted.
+    pub async fn guard(self: std::sync::Arc<Self>, watchdog: crate::watchdog::Watchdog) {
         let mut last_drift_check = Instant::now();
         let mut last_full_check = Instant::now();
         loop {
             self.enforce().await;
+            watchdog.ping();
             if last_drift_check.elapsed() > DRIFT_CHECK_EVERY {
                 last_drift_check = Instant::now();
                 let full = last_full_check.elapsed() > DRIFT_FULL_CHECK_EVERY;
