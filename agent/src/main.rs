@@ -262,6 +262,7 @@ async fn run(args: Args) -> Result<()> {
         }
     });
 
+    let stop = Stop::default();
     let incoming = corral_proto::tls::serve_tls_live(
         config.listen,
         creds.server.clone(),
@@ -272,7 +273,7 @@ async fn run(args: Args) -> Result<()> {
     // systemd (Type=notify) counts the agent started once it has fenced and
     // listens.
     watchdog::ready();
-    let result = tonic::transport::Server::builder()
+    let serve = tonic::transport::Server::builder()
         .add_service(pb::agent_server::AgentServer::new(server::AgentApi {
             engine: engine.clone(),
             backups: backup::Backups::new(
@@ -287,7 +288,9 @@ async fn run(args: Args) -> Result<()> {
             engine,
             members,
         }))
-        .serve_with_incoming_shutdown(incoming, shutdown_signal())
+        .serve_with_incoming_shutdown(incoming, stop.signalled());
+    let result = stop
+        .within_grace(serve)
         .await
         .with_context(|| format!("serving the agent API on {}", config.listen));
     for task in [heartbeats, guardian, rounds, health, wal_uploads, renewals] {
@@ -316,6 +319,42 @@ async fn resolve_coordinator(engine: Arc<engine::Engine>, coordinator: String) {
             Err(_) => tracing::warn!(%coordinator, "resolving the coordinator: no answer in 10 s"),
         }
         tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
+
+/// How long requests in flight may take to finish after SIGTERM: a step
+/// waiting for an engine that cannot start must not keep the agent (and
+/// systemd's stop) waiting for ever.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// SIGTERM or Ctrl-C, then at most [`SHUTDOWN_GRACE`] for the requests in
+/// flight.
+#[derive(Default)]
+struct Stop(Arc<tokio::sync::Notify>);
+
+impl Stop {
+    fn signalled(&self) -> impl std::future::Future<Output = ()> + use<> {
+        let notify = self.0.clone();
+        async move {
+            shutdown_signal().await;
+            notify.notify_one();
+        }
+    }
+
+    async fn within_grace<T>(
+        &self,
+        serve: impl std::future::Future<Output = Result<T, tonic::transport::Error>>,
+    ) -> Result<(), tonic::transport::Error> {
+        tokio::select! {
+            r = serve => r.map(|_| ()),
+            _ = async {
+                self.0.notified().await;
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } => {
+                tracing::warn!("requests still running {} s after the signal: stopping without them", SHUTDOWN_GRACE.as_secs());
+                Ok(())
+            }
+        }
     }
 }
 
