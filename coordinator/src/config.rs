@@ -545,6 +545,7 @@ impl TargetConfig {
                         "secret_access_key",
                     )?,
                     allow_http: self.allow_http,
+                    scope: String::new(),
                 })
             }
             "" => bail!("{at}.kind is missing: \"local\" or \"s3\""),
