@@ -447,12 +447,11 @@ impl Backups {
         self.config.target(name)
     }
 
-    /// The target `name` as a node gets it for objects of `cluster`: the
-    /// agent refuses any object outside that cluster's prefixes.
+    /// The target `name` as a node gets it for objects of `cluster`: with
+    /// that cluster's own credentials if it has some, and scoped, so that
+    /// the agent refuses any object outside that cluster's prefixes.
     pub fn target_for(&self, name: &str, cluster: &str) -> Result<pb::BackupTarget> {
-        let mut t = self.config.target(name)?;
-        t.scope = cluster.to_string();
-        Ok(t)
+        crate::backup_credentials::target_for(&self.config, name, cluster)
     }
 }
 

@@ -32,6 +32,7 @@
 pub mod agents;
 pub mod alerts;
 pub mod allowlist;
+pub mod backup_credentials;
 pub mod backup_keys;
 pub mod backups;
 pub mod cli;
