@@ -7,7 +7,7 @@
 
 use corral_proto::archive;
 use corral_tests::s3::{archive_wal, lab_with_s3};
-use corral_tests::Lab;
+use corral_tests::{wait_until, Lab};
 use prost::Message;
 use serde_json::Value;
 use std::time::Duration;
@@ -103,4 +103,65 @@ fn a_node_of_cluster_b_cannot_read_or_delete_cluster_a_s_backups() {
         .unwrap();
     let rdb = std::fs::read(&out_file).unwrap();
     assert!(rdb.starts_with(b"REDIS"), "{:?}", &rdb[..rdb.len().min(16)]);
+}
+
+#[test]
+fn a_cluster_archiving_wal_with_the_master_key_is_moved_to_its_own_key() {
+    let (mut lab, _s3) = lab_with_s3(1, "");
+    lab.create_replicated("p", "vm1", &[]).unwrap();
+    archive_wal(&lab, "p", "s3");
+    let first = lab.operation("p", "configure_backups").unwrap();
+    // As a coordinator before per-cluster keys left it: the node archives
+    // with the master key under the old prefix, and no keyed archive is
+    // recorded.
+    lab.stop_coordinator().unwrap();
+    let store =
+        corral_coordinator::store::Store::open(&lab.dir().join("coordinator/corral.db")).unwrap();
+    store
+        .read(|c| Ok(c.execute("DELETE FROM backup_wal_keyed", ())?))
+        .unwrap();
+    drop(store);
+    let wal_file = lab.state_dir(1).join("wal-archive.json");
+    let read_wal = || {
+        let doc: Value =
+            serde_json::from_str(&std::fs::read_to_string(&wal_file).unwrap()).unwrap();
+        corral_proto::pb::WalArchive::decode(
+            &hex::decode(doc["wal_archive"].as_str().unwrap()).unwrap()[..],
+        )
+        .unwrap()
+    };
+    let master_hex = std::fs::read_to_string(lab.dir().join("coordinator/backup.key")).unwrap();
+    let mut legacy = read_wal();
+    assert!(legacy.prefix.ends_with("/k1/"), "{}", legacy.prefix);
+    legacy.prefix = legacy.prefix.trim_end_matches("k1/").to_string();
+    legacy.key = hex::decode(master_hex.trim()).unwrap();
+    legacy.target.as_mut().unwrap().scope.clear();
+    let doc = serde_json::json!({ "wal_archive": hex::encode(legacy.encode_to_vec()) });
+    std::fs::write(&wal_file, doc.to_string()).unwrap();
+
+    // The coordinator, restarted, reconfigures the cluster once.
+    lab.start_coordinator().unwrap();
+    wait_until(
+        Duration::from_secs(60),
+        "the cluster's WAL archive to move to its key",
+        || {
+            let op = lab.operation("p", "configure_backups")?;
+            Ok(op["id"] != first["id"] && op["state"] == "succeeded")
+        },
+    )
+    .unwrap();
+    let moved = lab.operation("p", "configure_backups").unwrap();
+    assert!(
+        moved["requested_by"]
+            .as_str()
+            .unwrap()
+            .contains("cluster's key"),
+        "{moved}"
+    );
+    let now = read_wal();
+    assert!(now.prefix.ends_with("/k1/"), "{}", now.prefix);
+    assert_eq!(now.target.unwrap().scope, "p");
+    let key: [u8; 32] = now.key.as_slice().try_into().unwrap();
+    let master: [u8; 32] = hex::decode(master_hex.trim()).unwrap().try_into().unwrap();
+    assert_ne!(key, master);
 }
