@@ -4,14 +4,17 @@
 //!
 //! The agents do the I/O: a backup streams from the engine of the node
 //! that takes it (a healthy replica when there is one) straight to the
-//! target, compressed and encrypted with the coordinator's key, which
-//! travels with each request over mutual TLS and is never stored on a node
-//! (except for WAL archiving, see the agent's `backup::wal`).
+//! target, compressed and encrypted with the cluster's key (derived from
+//! the coordinator's master key, see [`crate::backup_keys`]), which travels
+//! with each request over mutual TLS, only to nodes of that cluster, and is
+//! never stored on a node (except for WAL archiving, see the agent's
+//! `backup::wal`).
 //!
 //! Objects: `backups/<cluster>/<id>.cbk` for a backup,
-//! `wal/<cluster>/<created_at_ms>/<file>` for PostgreSQL's archived WAL
+//! `wal/<cluster>/<created_at_ms>/k1/<file>` for PostgreSQL's archived WAL
 //! (one directory per cluster incarnation, so a cluster re-created with a
-//! former name never mixes its WAL with the old one's).
+//! former name never mixes its WAL with the old one's; without `k1/`: WAL
+//! archived with the master key before per-cluster keys).
 
 use crate::backup_keys;
 use crate::config::{BackupConfig, LOCAL_TARGET};

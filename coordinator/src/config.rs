@@ -362,6 +362,13 @@ mod tests {
 /// prefix = "prod"
 /// access_key_id_env = "CORRAL_S3_KEY_ID"        # or access_key_id = "..."
 /// secret_access_key_env = "CORRAL_S3_SECRET"    # or secret_access_key = "..."
+///
+/// # Credentials of one cluster, handed only to its nodes (see
+/// # docs/backups-isolation.md); require_cluster_credentials = true makes
+/// # them mandatory for every cluster.
+/// [backup.targets.offsite.clusters.orders]
+/// access_key_id_env = "CORRAL_S3_ORDERS_KEY_ID"
+/// secret_access_key_env = "CORRAL_S3_ORDERS_SECRET"
 /// ```
 ///
 /// A target named `local` (a directory on each node, under the agent's
@@ -369,7 +376,7 @@ mod tests {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BackupConfig {
-    /// The 32-byte key every backup is encrypted with (created, 0600, at
+    /// The 32-byte master key every cluster's backup key is derived from (created, 0600, at
     /// first start). Without it no backup can be read: keep a copy apart.
     pub key_file: Option<std::path::PathBuf>,
     /// How long the final backup of a deleted cluster is kept.

@@ -3,10 +3,12 @@
 //! verifying and reading them back, restoring, and PostgreSQL's continuous
 //! WAL archiving ([`wal`]).
 //!
-//! The key comes with each request from the coordinator and is kept in
-//! memory only for the request, except for WAL archiving, which runs
-//! without the coordinator: its target and key are kept in
-//! `wal-archive.json` (0600, root) in the agent's state directory.
+//! The key (the cluster's own, derived by the coordinator) comes with each
+//! request from the coordinator and is kept in memory only for the
+//! request, except for WAL archiving, which runs without the coordinator:
+//! its target and key are kept in `wal-archive.json` (0600, root) in the
+//! agent's state directory. Each request's target names the cluster it is
+//! about, and [`scope`] refuses objects outside that cluster's prefixes.
 
 pub mod scope;
 pub mod target;
