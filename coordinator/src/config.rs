@@ -376,8 +376,9 @@ mod tests {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BackupConfig {
-    /// The 32-byte master key every cluster's backup key is derived from (created, 0600, at
-    /// first start). Without it no backup can be read: keep a copy apart.
+    /// The 32-byte master key every cluster's backup key is derived from
+    /// (created, 0600, at first start). Without it no backup can be read:
+    /// keep a copy apart.
     pub key_file: Option<std::path::PathBuf>,
     /// How long the final backup of a deleted cluster is kept.
     #[serde(deserialize_with = "duration")]

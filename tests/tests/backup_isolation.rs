@@ -3,7 +3,9 @@
 //! its WAL archive configuration) only B's key and a target scoped to B,
 //! with which cluster A's archive does not open; and with A's only node
 //! down, the coordinator refuses to read or delete A's backup through B's
-//! node rather than hand it A's key and objects.
+//! node rather than hand it A's key and objects. Also: per-cluster storage
+//! credentials reach only their cluster's nodes, and a cluster archiving
+//! WAL with the master key (before per-cluster keys) is moved to its own.
 
 use corral_proto::archive;
 use corral_tests::s3::{archive_wal, lab_with_s3};
@@ -164,4 +166,56 @@ fn a_cluster_archiving_wal_with_the_master_key_is_moved_to_its_own_key() {
     let key: [u8; 32] = now.key.as_slice().try_into().unwrap();
     let master: [u8; 32] = hex::decode(master_hex.trim()).unwrap().try_into().unwrap();
     assert_ne!(key, master);
+}
+
+#[test]
+fn a_cluster_s_nodes_use_its_own_storage_credentials() {
+    // Cluster a has credentials of its own, which the S3 server does not
+    // know; a target requiring per-cluster credentials has none for b.
+    let (mut lab, s3) = lab_with_s3(2, "");
+    let strict = s3
+        .target_toml("strict")
+        .replace("access_key_id = ", "require_cluster_credentials = true\n# ")
+        .replace("secret_access_key = ", "# ");
+    lab.opts.coordinator_config = Some(format!(
+        "{}\n[backup.targets.s3.clusters.a]\naccess_key_id = \"cluster-a-key\"\n\
+         secret_access_key = \"cluster-a-secret-0123456789\"\n{strict}",
+        s3.target_toml("s3")
+    ));
+    lab.stop_coordinator().unwrap();
+    lab.start_coordinator().unwrap();
+    for i in 1..=2 {
+        lab.wait_node_state(&format!("vm{i}"), "up", Duration::from_secs(20))
+            .unwrap();
+    }
+    for (name, vm) in [("a", "vm1"), ("b", "vm2")] {
+        lab.ctl_ok(&[
+            "cluster", "create", "--name", name, "--engine", "redis", "--nodes", vm,
+        ])
+        .unwrap();
+    }
+    // b's node gets the target's credentials: stored.
+    let b = backup_now(&lab, "b");
+    assert!(s3
+        .objects()
+        .contains(&format!("backups/b/{}.cbk", b["id"].as_str().unwrap())));
+    // a's node gets a's credentials only (the server refuses them here),
+    // never the shared ones.
+    let out = lab.ctl(&["backup", "now", "a", "--target", "s3"]).unwrap();
+    assert!(!out.status.success());
+    let list = lab.ctl_json(&["backup", "list", "a"]).unwrap();
+    let failed = list["backups"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(failed["state"], "failed", "{failed}");
+    assert!(
+        !s3.objects().iter().any(|o| o.starts_with("backups/a/")),
+        "{:?}",
+        s3.objects()
+    );
+    // The strict target has no credentials for b: refused, naming what to add.
+    let out = lab
+        .ctl(&["backup", "now", "b", "--target", "strict"])
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("[backup.targets.strict.clusters.b]"), "{err}");
 }
