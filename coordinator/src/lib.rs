@@ -32,6 +32,9 @@
 pub mod agents;
 pub mod alerts;
 pub mod allowlist;
+pub mod backup_credentials;
+pub mod backup_keys;
+pub mod backup_upgrade;
 pub mod backups;
 pub mod cli;
 pub mod cli_identity;
@@ -177,7 +180,10 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let failover = tokio::spawn(monitor::run_failover(coord.clone()));
     let history = tokio::spawn(history::run(coord.history.clone()));
     let alerts = tokio::spawn(alerts::run(coord.clone()));
-    let backup_jobs = tokio::spawn(backups::run(coord.clone()));
+    let backup_jobs = tokio::spawn({
+        let c = coord.clone();
+        async move { tokio::join!(backups::run(c.clone()), backup_upgrade::run(c)) }
+    });
     let http = http_listener.map(|listener| {
         let c = coord.clone();
         tokio::spawn(async move {

@@ -1696,12 +1696,17 @@ impl pb::operator_server::Operator for OperatorApi {
             .map_err(internal)?;
         let stream = client
             .read_backup_object(pb::ReadBackupObjectRequest {
-                target: Some(self.0.backups.target(&b.target).map_err(internal)?),
+                target: Some(
+                    self.0
+                        .backups
+                        .target_for(&b.target, &b.cluster)
+                        .map_err(internal)?,
+                ),
                 object: b.object.clone(),
                 key: if r.raw {
                     Vec::new()
                 } else {
-                    self.0.backups.key.bytes()
+                    self.0.backups.key.for_backup(&b)
                 },
             })
             .await?

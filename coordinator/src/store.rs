@@ -146,6 +146,7 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
         "INTEGER NOT NULL DEFAULT 0",
     ),
     ("nodes", "cert_not_after_ms", "INTEGER NOT NULL DEFAULT 0"),
+    ("backups", "key_scope", "TEXT NOT NULL DEFAULT ''"),
 ];
 
 fn migrate(conn: &Connection) -> Result<()> {

@@ -255,6 +255,10 @@ impl EngineSpec {
             if w.key.len() != 32 || w.prefix.is_empty() || w.target.is_none() {
                 return Err("a WAL archive needs a target, a prefix and a 32-byte key".into());
             }
+            if let Some(t) = &w.target {
+                crate::backup::scope::check_own(t, &req.cluster, &w.prefix)
+                    .map_err(|e| format!("the WAL archive: {e:#}"))?;
+            }
         }
         if req.role == "primary" && !req.resync_id.is_empty() {
             return Err("a primary cannot be resynced; promote another node first".into());
