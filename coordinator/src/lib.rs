@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //!
+//! - [`statelock`]: one coordinator per state directory.
 //! - [`store`]: what survives a restart (SQLite), and what deliberately does not.
 //! - [`fleet`]: the live view rebuilt from heartbeats; the liveness rule.
 //! - [`secrets`]: encryption at rest for database passwords.
@@ -49,6 +50,7 @@ pub mod operator;
 pub mod ops;
 pub mod revocation;
 pub mod secrets;
+pub mod statelock;
 pub mod store;
 pub mod upcalls;
 
@@ -97,6 +99,8 @@ pub struct Coordinator {
     pub lifetimes: identities::Lifetimes,
     /// The coordinator's own certificate, which must not be revoked.
     pub coordinator_fingerprint: String,
+    /// This process's hold of the state directory (one coordinator each).
+    _state_lock: statelock::StateLock,
 }
 
 impl Coordinator {
@@ -105,6 +109,8 @@ impl Coordinator {
     pub fn open(config: &Config) -> Result<Arc<Coordinator>> {
         std::fs::create_dir_all(&config.state_dir)
             .with_context(|| format!("creating {}", config.state_dir.display()))?;
+        // Before the store is opened: a second coordinator touches nothing.
+        let state_lock = statelock::StateLock::take(&config.state_dir)?;
         let ca = CertAuthority::load(&config.pki_dir).with_context(|| {
             format!(
                 "loading the CA from {} (run `corralctl pki init --dir {}` first)",
@@ -150,6 +156,7 @@ impl Coordinator {
             backups: backups::Backups::open(config.file.backup.clone(), &config.state_dir)
                 .context("opening the backup key ([backup] in the configuration file)")?,
             certificates,
+            _state_lock: state_lock,
         }))
     }
 }
