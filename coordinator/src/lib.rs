@@ -11,6 +11,9 @@
 //! - [`revocation`]: who may still call: revoked certificates and each
 //!   node's current one, checked on every call.
 //! - [`identities`]: forgetting nodes, revoking and renewing certificates.
+//! - [`limits`], [`ratelimit`]: bounds on what callers send, and rate
+//!   limits for callers without a certificate.
+//! - [`retention`]: how long audit rows, events and operation logs stay.
 //! - [`operator`]: the API operators call (through `corralctl`).
 //! - [`ops`]: the operation runner: one operation at a time per cluster,
 //!   each step logged, resumed after a restart.
@@ -43,11 +46,14 @@ pub mod fleet;
 pub mod history;
 pub mod http;
 pub mod identities;
+pub mod limits;
 pub mod logs;
 pub mod monitor;
 pub mod notify;
 pub mod operator;
 pub mod ops;
+pub mod ratelimit;
+pub mod retention;
 pub mod revocation;
 pub mod secrets;
 pub mod statelock;
@@ -101,6 +107,10 @@ pub struct Coordinator {
     pub coordinator_fingerprint: String,
     /// This process's hold of the state directory (one coordinator each).
     _state_lock: statelock::StateLock,
+    /// Per-source rate limits of callers without a certificate.
+    pub anonymous: ratelimit::Anonymous,
+    /// Enrollments handled at once (each holds the store briefly).
+    pub enroll_slots: tokio::sync::Semaphore,
 }
 
 impl Coordinator {
@@ -157,6 +167,8 @@ impl Coordinator {
                 .context("opening the backup key ([backup] in the configuration file)")?,
             certificates,
             _state_lock: state_lock,
+            anonymous: ratelimit::Anonymous::new(config.file.limits.clone()),
+            enroll_slots: tokio::sync::Semaphore::new(4),
         }))
     }
 }
@@ -185,6 +197,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let history = tokio::spawn(history::run(coord.history.clone()));
     let alerts = tokio::spawn(alerts::run(coord.clone()));
     let backup_jobs = tokio::spawn(backups::run(coord.clone()));
+    let retention = tokio::spawn(retention::run(coord.clone(), config.file.retention.clone()));
     let http = http_listener.map(|listener| {
         let c = coord.clone();
         tokio::spawn(async move {
@@ -204,9 +217,10 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         .add_service(pb::identities_server::IdentitiesServer::new(
             identities::IdentitiesApi(coord.clone()),
         ))
-        .add_service(pb::agent_upcalls_server::AgentUpcallsServer::new(
-            upcalls::Upcalls(coord.clone()),
-        ))
+        .add_service(
+            pb::agent_upcalls_server::AgentUpcallsServer::new(upcalls::Upcalls(coord.clone()))
+                .max_decoding_message_size(limits::MAX_UPCALL_MESSAGE),
+        )
         .add_service(pb::operator_server::OperatorServer::new(
             operator::OperatorApi(coord.clone()),
         ))
@@ -217,6 +231,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     failover.abort();
     alerts.abort();
     backup_jobs.abort();
+    retention.abort();
     history.abort();
     if let Some(h) = http {
         h.abort();
