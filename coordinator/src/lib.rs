@@ -13,6 +13,7 @@
 //! - [`identities`]: forgetting nodes, revoking and renewing certificates.
 //! - [`limits`], [`ratelimit`]: bounds on what callers send, and rate
 //!   limits for callers without a certificate.
+//! - [`listing`]: paged lists of the audit log, events and operations.
 //! - [`retention`]: how long audit rows, events and operation logs stay.
 //! - [`operator`]: the API operators call (through `corralctl`).
 //! - [`ops`]: the operation runner: one operation at a time per cluster,
@@ -47,6 +48,7 @@ pub mod history;
 pub mod http;
 pub mod identities;
 pub mod limits;
+pub mod listing;
 pub mod logs;
 pub mod monitor;
 pub mod notify;
