@@ -49,10 +49,17 @@ impl StateLock {
                 return Err(e).with_context(|| format!("locking {}", path.display()))
             }
         }
-        file.set_len(0)?;
-        file.rewind()?;
-        writeln!(file, "{}", std::process::id())?;
-        file.sync_all()?;
+        // The pid is only there to be named to a second coordinator: a
+        // full disk must not keep this one from starting.
+        let pid = (|| {
+            file.set_len(0)?;
+            file.rewind()?;
+            writeln!(file, "{}", std::process::id())?;
+            file.sync_all()
+        })();
+        if let Err(e) = pid {
+            tracing::warn!("writing this coordinator's pid to {}: {e}", path.display());
+        }
         Ok(StateLock { _file: file })
     }
 }
