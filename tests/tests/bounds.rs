@@ -4,17 +4,14 @@
 
 use corral_coordinator::store::{self, Store};
 use corral_proto::pb;
-use corral_proto::pki::{self, CertKey, COORDINATOR_DNS};
+#[path = "support/flood.rs"]
+mod flood;
+use corral_proto::pki::{self, CertKey};
 use corral_tests::{bin, mount_tmpfs, sh, wait_until, Lab, LabOptions};
+use flood::{channel, flood, flood_count};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn channel(lab: &Lab, me: Option<&CertKey>) -> tonic::transport::Channel {
-    let ca = pki::read(&lab.pki_dir().join("ca.crt")).unwrap();
-    let tls = corral_proto::tls::client_config(&ca, me, COORDINATOR_DNS);
-    corral_proto::tls::channel(&lab.ctl_addr(), tls, Duration::from_secs(10)).unwrap()
-}
 
 fn admin(lab: &Lab) -> CertKey {
     CertKey {
@@ -41,48 +38,6 @@ fn term_and_primary(lab: &Lab, cluster: &str) -> (u64, String) {
     (c["term"].as_u64().unwrap(), primary)
 }
 
-/// `count` enrollments without a certificate, each with a 1 MiB node id
-/// (every other one 200 KiB, under the message cap), from `workers` tasks
-/// at once: (how many were refused, the codes seen).
-fn flood(lab: &Lab, count: usize, workers: usize) -> (usize, Vec<tonic::Code>) {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let mut tasks = Vec::new();
-        for w in 0..workers {
-            let mut client = pb::agent_upcalls_client::AgentUpcallsClient::new(channel(lab, None))
-                .max_encoding_message_size(usize::MAX);
-            let n = count / workers + usize::from(w < count % workers);
-            tasks.push(tokio::spawn(async move {
-                let mut codes = Vec::new();
-                for i in 0..n {
-                    let size = if i % 2 == 0 { 1 << 20 } else { 200 << 10 };
-                    let req = pb::EnrollRequest {
-                        token: "corral1.not-a-token".into(),
-                        node_id: "x".repeat(size),
-                        csr_pem: String::new(),
-                    };
-                    if let Err(s) = client.enroll(req).await {
-                        codes.push(s.code());
-                    }
-                }
-                codes
-            }));
-        }
-        let mut codes = Vec::new();
-        for t in tasks {
-            codes.extend(t.await.unwrap());
-        }
-        (codes.len(), codes)
-    })
-}
-
-fn flood_count() -> usize {
-    std::env::var("CORRAL_FLOOD_COUNT")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(500)
-}
-
 #[test]
 fn an_enrollment_flood_neither_grows_the_store_nor_fails_the_primary_over() {
     let lab = Lab::start(2).unwrap();
@@ -91,7 +46,7 @@ fn an_enrollment_flood_neither_grows_the_store_nor_fails_the_primary_over() {
     let before = term_and_primary(&lab, "flood");
     let bytes = store_bytes(&lab);
 
-    let count = flood_count();
+    let count = flood_count(500);
     let began = Instant::now();
     let (refused, codes) = flood(&lab, count, 8);
     eprintln!("{count} bad enrollments in {:?}", began.elapsed());
