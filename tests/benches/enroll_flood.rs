@@ -23,15 +23,15 @@ fn enroll(lab: &Lab, id: &str) -> CertKey {
     let (csr_pem, key_pem) = pki::new_csr(id).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let r = rt
-        .block_on(
-            pb::agent_upcalls_client::AgentUpcallsClient::new(flood::channel(lab, None)).enroll(
-                pb::EnrollRequest {
+        .block_on(async {
+            pb::agent_upcalls_client::AgentUpcallsClient::new(flood::channel(lab, None))
+                .enroll(pb::EnrollRequest {
                     token,
                     node_id: id.into(),
                     csr_pem,
-                },
-            ),
-        )
+                })
+                .await
+        })
         .unwrap()
         .into_inner();
     CertKey {
