@@ -18,6 +18,10 @@ use tonic::{Request, Response, Status};
 
 pub struct Upcalls(pub Arc<Coordinator>);
 
+/// How long an enrollment waits for one of the coordinator's enrollment
+/// slots before it is refused as busy.
+const ENROLL_WAIT: Duration = Duration::from_secs(5);
+
 /// Why an enrollment was refused; each maps to a gRPC code and a message
 /// that tells the operator what to do.
 #[derive(Debug, thiserror::Error)]
@@ -87,9 +91,12 @@ impl pb::agent_upcalls_server::AgentUpcalls for Upcalls {
                 return Err(Status::resource_exhausted(msg));
             }
         }
-        let Ok(_slot) = coord.enroll_slots.try_acquire() else {
+        // A few at once, each waiting its turn for a while (enrolling takes
+        // milliseconds): many callers cannot fill the blocking threads.
+        let slot = tokio::time::timeout(ENROLL_WAIT, coord.enroll_slots.acquire()).await;
+        let Ok(Ok(_slot)) = slot else {
             return Err(Status::resource_exhausted(
-                "the coordinator is busy with other enrollments: retry in a second",
+                "the coordinator is busy with other enrollments: retry in a few seconds",
             ));
         };
         let req = req.into_inner();
