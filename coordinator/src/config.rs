@@ -38,6 +38,12 @@ pub struct FileConfig {
     pub notify: NotifyConfig,
     #[serde(default)]
     pub backup: BackupConfig,
+    /// Rate limits for callers without a certificate (docs/limits.md).
+    #[serde(default)]
+    pub limits: crate::limits::LimitsConfig,
+    /// How long audit rows, events and operation logs are kept.
+    #[serde(default)]
+    pub retention: crate::retention::RetentionConfig,
 }
 
 impl FileConfig {
@@ -52,6 +58,8 @@ impl FileConfig {
         let config: FileConfig = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
         config.alerts.validate()?;
         config.backup.validate()?;
+        config.limits.validate()?;
+        config.retention.validate()?;
         Ok(config)
     }
 }
@@ -261,7 +269,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     ms.map(Duration::from_millis).ok_or_else(bad)
 }
 
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     parse_duration(&s).map_err(serde::de::Error::custom)
 }
@@ -318,6 +326,12 @@ mod tests {
         assert_eq!(c.backup.final_backup_retain, b.final_backup_retain);
         assert_eq!(c.backup.missed_after, b.missed_after);
         assert_eq!(c.backup.key_file, b.key_file);
+        let (l, r) = (
+            crate::limits::LimitsConfig::default(),
+            crate::retention::RetentionConfig::default(),
+        );
+        assert_eq!(format!("{:?}", c.limits), format!("{l:?}"));
+        assert_eq!(format!("{:?}", c.retention), format!("{r:?}"));
     }
 
     #[test]

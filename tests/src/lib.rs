@@ -227,6 +227,23 @@ pub fn teardown(k: u32) {
     let _ = sh("ip", &["link", "del", &format!("crlb{k}")]);
 }
 
+/// Mounts a tmpfs of `mib` MiB on `dir` (under a lab's directory, its
+/// teardown unmounts it).
+pub fn mount_tmpfs(dir: &Path, mib: u64) -> Result<()> {
+    sh(
+        "mount",
+        &[
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={mib}m,mode=0755"),
+            "tmpfs",
+            &dir.to_string_lossy(),
+        ],
+    )?;
+    Ok(())
+}
+
 /// Unmounts the filesystems mounted under `dir` (LabOptions::small_disk).
 fn unmount_under(dir: &str) {
     if let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") {
@@ -410,17 +427,7 @@ impl Lab {
         if let Some((i, mib)) = self.opts.small_disk {
             let dir = self.state_dir(i);
             std::fs::create_dir_all(&dir)?;
-            sh(
-                "mount",
-                &[
-                    "-t",
-                    "tmpfs",
-                    "-o",
-                    &format!("size={mib}m,mode=0755"),
-                    "tmpfs",
-                    &dir.to_string_lossy(),
-                ],
-            )?;
+            mount_tmpfs(&dir, mib)?;
         }
         self.start_coordinator()?;
         if self.opts.enroll {
