@@ -13,7 +13,7 @@ help:
 	@echo "make demo       install what is missing, build, start a coordinator and 3 namespace VMs with a PostgreSQL cluster"
 	@echo "make demo-stop  remove the demo"
 	@echo "make test       install what is missing, fmt --check, clippy -D warnings, every test"
-	@echo "make bench      agent footprint, switchover, bootstrap, failover (PostgreSQL, MariaDB, Redis), allowlist, fleet (1,000 simulated nodes) and backup throughput benchmarks (release build)"
+	@echo "make bench      agent footprint, switchover, bootstrap, failover (PostgreSQL, MariaDB, Redis), allowlist, fleet (1,000 simulated nodes), backup throughput and enrollment-flood benchmarks (release build)"
 	@echo "make sweep      remove namespaces left by killed test runs"
 	@echo "make package    Debian packages (cargo-deb)"
 
@@ -46,6 +46,7 @@ bench: deps
 	CORRAL_BIN_DIR=$(RELEASE_BIN) $(CARGO) bench -p corral-tests --bench allowlist
 	CORRAL_BIN_DIR=$(RELEASE_BIN) $(CARGO) bench -p corral-tests --bench fleet
 	CORRAL_BIN_DIR=$(RELEASE_BIN) $(CARGO) bench -p corral-tests --bench backup
+	CORRAL_BIN_DIR=$(RELEASE_BIN) CORRAL_FLOOD_COUNT=10000 $(CARGO) bench -p corral-tests --bench enroll_flood
 	CORRAL_BIN_DIR=$(RELEASE_BIN) CORRAL_BENCH_ENGINE=mariadb CORRAL_BENCH_SYNC=1 $(CARGO) bench -p corral-tests --bench switchover
 	CORRAL_BIN_DIR=$(RELEASE_BIN) CORRAL_BENCH_ENGINE=mariadb CORRAL_BENCH_SYNC=1 CORRAL_BENCH_FAILOVERS=10 $(CARGO) bench -p corral-tests --bench failover
 	CORRAL_BIN_DIR=$(RELEASE_BIN) CORRAL_BENCH_ENGINE=redis CORRAL_BENCH_FAILOVERS=10 $(CARGO) bench -p corral-tests --bench failover

@@ -93,6 +93,25 @@ pub struct Refused {
     pub reason: String,
 }
 
+/// How many times an enrollment the coordinator defers (RESOURCE_EXHAUSTED:
+/// rate limit, busy) is tried again before the agent gives up (about an
+/// hour at most).
+const ENROLL_RETRIES: u32 = 120;
+
+/// How long to wait before trying a deferred enrollment again: what the
+/// coordinator asked ("retry in 12s"), else a backoff from 1 s to 30 s;
+/// plus up to a second of jitter, so nodes deferred together spread out.
+fn retry_after(message: &str, attempt: u32) -> Duration {
+    let asked = message
+        .split("retry in ")
+        .nth(1)
+        .and_then(|rest| rest.split('s').next())
+        .and_then(|n| n.trim().parse::<u64>().ok());
+    let base = asked.unwrap_or_else(|| 1u64 << attempt.min(5)).clamp(1, 30);
+    let jitter = u64::from(std::process::id() % 1000) + u64::from(attempt) * 137 % 1000;
+    Duration::from_secs(base) + Duration::from_millis(jitter % 1000)
+}
+
 struct Paths {
     info: PathBuf,
     cert: PathBuf,
@@ -262,13 +281,30 @@ async fn enroll(
     let tls = corral_proto::tls::client_config(&ca_pem, None, COORDINATOR_DNS);
     let channel = corral_proto::tls::channel(coordinator, tls, Duration::from_secs(15))?;
     let mut client = pb::agent_upcalls_client::AgentUpcallsClient::new(channel);
-    let response = client
-        .enroll(pb::EnrollRequest {
-            token: token.to_string(),
-            node_id: node_id.to_string(),
-            csr_pem,
-        })
-        .await
+    let request = pb::EnrollRequest {
+        token: token.to_string(),
+        node_id: node_id.to_string(),
+        csr_pem,
+    };
+    let mut attempt = 0;
+    let response = loop {
+        match client.enroll(request.clone()).await {
+            // Many nodes enrolling at once from one address (behind NAT)
+            // or a busy coordinator: wait as asked, and try again.
+            Err(s) if s.code() == tonic::Code::ResourceExhausted && attempt < ENROLL_RETRIES => {
+                let wait = retry_after(s.message(), attempt);
+                tracing::warn!(
+                    "enrollment deferred by the coordinator ({}); trying again in {} s",
+                    s.message(),
+                    wait.as_secs()
+                );
+                tokio::time::sleep(wait).await;
+                attempt += 1;
+            }
+            other => break other,
+        }
+    };
+    let response = response
         .map_err(|s| match s.code() {
             tonic::Code::PermissionDenied
             | tonic::Code::AlreadyExists
@@ -354,6 +390,21 @@ mod tests {
         names.sort();
         assert_eq!(names.len(), 3, "{names:?}"); // ca.crt, node.N.crt, node.N.key
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_deferred_enrollment_waits_as_asked_or_backs_off() {
+        let secs = |m: &str, a: u32| retry_after(m, a).as_secs();
+        let asked = "too many enrollment attempts from 10.0.0.1 without a certificate: retry in 12s (the limit is ...)";
+        assert_eq!(secs(asked, 0), 12);
+        assert_eq!(secs(asked, 7), 12);
+        assert_eq!(secs("retry in 600s", 0), 30, "capped");
+        let busy = "the coordinator is busy with other enrollments: retry in a few seconds";
+        assert_eq!(
+            (0..7).map(|a| secs(busy, a)).collect::<Vec<_>>(),
+            [1, 2, 4, 8, 16, 30, 30]
+        );
+        assert!(retry_after(busy, 0) < Duration::from_secs(2));
     }
 
     #[test]

@@ -14,6 +14,14 @@ use std::sync::Mutex;
 /// time), the oldest are dropped and a `events_dropped` event says so.
 const CAPACITY: usize = 1000;
 
+/// A heartbeat carries at most this many events, and at most this many
+/// bytes of them; the rest ride on the next ones (the coordinator stores
+/// at most 200 a heartbeat and cuts a message at 4 KiB).
+const PER_HEARTBEAT: usize = 100;
+const BYTES_PER_HEARTBEAT: usize = 64 * 1024;
+/// A longer message is cut to this many bytes when it is recorded.
+const MAX_MESSAGE: usize = 4000;
+
 pub struct Events {
     inner: Mutex<Inner>,
 }
@@ -47,8 +55,16 @@ impl Events {
 
     /// Records an event, and logs it.
     pub fn push(&self, kind: &str, message: impl Into<String>) {
-        let message = message.into();
+        let mut message = message.into();
         tracing::info!(event = kind, "{message}");
+        if message.len() > MAX_MESSAGE {
+            let mut end = MAX_MESSAGE;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+            message.push_str("... (cut)");
+        }
         let mut inner = self.lock();
         if inner.queue.len() >= CAPACITY {
             inner.queue.pop_front();
@@ -64,8 +80,9 @@ impl Events {
         });
     }
 
-    /// Every unacknowledged event, oldest first (a note about dropped events
-    /// comes after the ones still held).
+    /// The oldest unacknowledged events, at most [`PER_HEARTBEAT`] of them
+    /// and [`BYTES_PER_HEARTBEAT`] (a note about dropped events comes after
+    /// the ones still held).
     pub fn pending(&self) -> Vec<AgentEvent> {
         let mut inner = self.lock();
         if inner.dropped > 0 {
@@ -81,7 +98,17 @@ impl Events {
             inner.next_seq += 1;
             inner.queue.push_back(note);
         }
-        inner.queue.iter().cloned().collect()
+        let mut bytes = 0;
+        inner
+            .queue
+            .iter()
+            .take(PER_HEARTBEAT)
+            .take_while(|e| {
+                bytes += e.kind.len() + e.message.len();
+                bytes <= BYTES_PER_HEARTBEAT
+            })
+            .cloned()
+            .collect()
     }
 
     /// Drops every event with `seq <= acked`.
@@ -118,13 +145,35 @@ mod tests {
         }
         let pending = ev.pending();
         assert_eq!(pending.first().unwrap().message, "5");
-        let last = pending.last().unwrap();
+        assert_eq!(pending.len(), PER_HEARTBEAT);
+        // The note is sent once the events before it are acknowledged.
+        let mut last = pending.last().unwrap().clone();
+        while last.kind != "events_dropped" {
+            ev.ack(last.seq);
+            last = ev.pending().last().unwrap().clone();
+        }
+        let last = &last;
         assert_eq!(last.kind, "events_dropped");
         assert!(
             last.message.starts_with("5 older events"),
             "{}",
             last.message
         );
+    }
+
+    #[test]
+    fn a_heartbeat_carries_a_bounded_batch_and_long_messages_are_cut() {
+        let ev = Events::new();
+        for _ in 0..50 {
+            ev.push("x", "m".repeat(10_000));
+        }
+        let batch = ev.pending();
+        assert!(batch.iter().all(|e| e.message.len() < MAX_MESSAGE + 20));
+        let bytes: usize = batch.iter().map(|e| e.kind.len() + e.message.len()).sum();
+        assert!(bytes <= BYTES_PER_HEARTBEAT, "{bytes}");
+        assert_eq!(batch.len(), BYTES_PER_HEARTBEAT / (MAX_MESSAGE + 10));
+        ev.ack(batch.last().unwrap().seq);
+        assert_eq!(ev.pending().len(), batch.len(), "the rest follow");
     }
 
     #[test]

@@ -40,6 +40,7 @@ pub mod metrics;
 pub mod peers;
 pub mod renew;
 pub mod server;
+pub mod watchdog;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -2,7 +2,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use corral_agent::{
     backup, credentials, engine, enroll, events, firewall, health, heartbeat, logs, members,
-    metrics, peers, renew, server, Config,
+    metrics, peers, renew, server, watchdog, Config,
 };
 use corral_proto::pb;
 use std::net::SocketAddr;
@@ -261,7 +261,7 @@ async fn run(args: Args) -> Result<()> {
             .clone()
             .run(engine.clone(), config.state_dir.clone()),
     );
-    let guardian = tokio::spawn(engine.clone().guard());
+    let guardian = tokio::spawn(engine.clone().guard(watchdog::Watchdog::from_env()));
     let peers = Arc::new(peers::Peers::new(creds.clone()));
     let rounds = tokio::spawn(peers.run(engine.clone()));
     let health_addr = health_listen;
@@ -277,6 +277,7 @@ async fn run(args: Args) -> Result<()> {
         }
     });
 
+    let stop = Stop::default();
     let incoming = corral_proto::tls::serve_tls_live(
         config.listen,
         creds.server.clone(),
@@ -284,7 +285,10 @@ async fn run(args: Args) -> Result<()> {
         false,
     )
     .await?;
-    let result = tonic::transport::Server::builder()
+    // systemd (Type=notify) counts the agent started once it has fenced and
+    // listens.
+    watchdog::ready();
+    let serve = tonic::transport::Server::builder()
         .add_service(pb::agent_server::AgentServer::new(server::AgentApi {
             engine: engine.clone(),
             backups: backup::Backups::new(
@@ -299,7 +303,9 @@ async fn run(args: Args) -> Result<()> {
             engine,
             members,
         }))
-        .serve_with_incoming_shutdown(incoming, shutdown_signal())
+        .serve_with_incoming_shutdown(incoming, stop.signalled());
+    let result = stop
+        .within_grace(serve)
         .await
         .with_context(|| format!("serving the agent API on {}", config.listen));
     for task in [
@@ -339,6 +345,42 @@ async fn resolve_coordinator(engine: Arc<engine::Engine>, coordinator: String) {
     }
 }
 
+/// How long requests in flight may take to finish after SIGTERM: a step
+/// waiting for an engine that cannot start must not keep the agent (and
+/// systemd's stop) waiting for ever.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// SIGTERM or Ctrl-C, then at most [`SHUTDOWN_GRACE`] for the requests in
+/// flight.
+#[derive(Default)]
+struct Stop(Arc<tokio::sync::Notify>);
+
+impl Stop {
+    fn signalled(&self) -> impl std::future::Future<Output = ()> + use<> {
+        let notify = self.0.clone();
+        async move {
+            shutdown_signal().await;
+            notify.notify_one();
+        }
+    }
+
+    async fn within_grace<T>(
+        &self,
+        serve: impl std::future::Future<Output = Result<T, tonic::transport::Error>>,
+    ) -> Result<(), tonic::transport::Error> {
+        tokio::select! {
+            r = serve => r.map(|_| ()),
+            _ = async {
+                self.0.notified().await;
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } => {
+                tracing::warn!("requests still running {} s after the signal: stopping without them", SHUTDOWN_GRACE.as_secs());
+                Ok(())
+            }
+        }
+    }
+}
+
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     match signal(SignalKind::terminate()) {
@@ -353,5 +395,6 @@ async fn shutdown_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+    watchdog::stopping();
     tracing::info!("agent shutting down; the engine keeps running");
 }

@@ -217,6 +217,7 @@ fn s3_desc(endpoint: &str) -> pb::BackupTarget {
         access_key_id: ACCESS_KEY.into(),
         secret_access_key: SECRET_KEY.into(),
         allow_http: true,
+        scope: String::new(),
     }
 }
 

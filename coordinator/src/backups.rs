@@ -4,15 +4,19 @@
 //!
 //! The agents do the I/O: a backup streams from the engine of the node
 //! that takes it (a healthy replica when there is one) straight to the
-//! target, compressed and encrypted with the coordinator's key, which
-//! travels with each request over mutual TLS and is never stored on a node
-//! (except for WAL archiving, see the agent's `backup::wal`).
+//! target, compressed and encrypted with the cluster's key (derived from
+//! the coordinator's master key, see [`crate::backup_keys`]), which travels
+//! with each request over mutual TLS, only to nodes of that cluster, and is
+//! never stored on a node (except for WAL archiving, see the agent's
+//! `backup::wal`).
 //!
 //! Objects: `backups/<cluster>/<id>.cbk` for a backup,
-//! `wal/<cluster>/<created_at_ms>/<file>` for PostgreSQL's archived WAL
+//! `wal/<cluster>/<created_at_ms>/k1/<file>` for PostgreSQL's archived WAL
 //! (one directory per cluster incarnation, so a cluster re-created with a
-//! former name never mixes its WAL with the old one's).
+//! former name never mixes its WAL with the old one's; without `k1/`: WAL
+//! archived with the master key before per-cluster keys).
 
+use crate::backup_keys;
 use crate::config::{BackupConfig, LOCAL_TARGET};
 use crate::fleet::Liveness;
 use crate::ops::Ctx;
@@ -65,12 +69,19 @@ CREATE TABLE IF NOT EXISTS backups (
     verified_at_ms INTEGER NOT NULL DEFAULT 0,
     verify_summary TEXT NOT NULL DEFAULT '',
     verify_ok INTEGER NOT NULL DEFAULT 0,
-    start_wal TEXT NOT NULL DEFAULT ''
+    start_wal TEXT NOT NULL DEFAULT '',
+    key_scope TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS backups_by_cluster ON backups(cluster, started_at_ms);
 -- Where a cluster's WAL is archived when not the default (after an
--- in-place restore, which starts a new archive).
+-- in-place restore, which starts a new archive). backup_wal held the
+-- archives written with the master key (before per-cluster keys); they are
+-- read through the prefixes their backups recorded, never written again.
 CREATE TABLE IF NOT EXISTS backup_wal (
+    cluster TEXT PRIMARY KEY,
+    prefix TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS backup_wal_keyed (
     cluster TEXT PRIMARY KEY,
     prefix TEXT NOT NULL
 );
@@ -118,12 +129,15 @@ pub struct BackupRow {
     pub verify_ok: bool,
     /// PostgreSQL: the WAL segment the backup starts in.
     pub start_wal: String,
+    /// What its key was derived for ([`crate::backup_keys`]); empty: the
+    /// master key (backups taken before per-cluster keys).
+    pub key_scope: String,
 }
 
 const COLS: &str = "id, cluster, kind, state, reason, target, node, role, engine, version, \
     started_at_ms, finished_at_ms, plain_bytes, stored_bytes, sha256, position, position_time_ms, \
     expires_at_ms, operation, object, key_id, wal_target, wal_prefix, verified_at_ms, \
-    verify_summary, verify_ok, start_wal";
+    verify_summary, verify_ok, start_wal, key_scope";
 
 fn from_row(r: &Row) -> rusqlite::Result<BackupRow> {
     Ok(BackupRow {
@@ -154,6 +168,7 @@ fn from_row(r: &Row) -> rusqlite::Result<BackupRow> {
         verify_summary: r.get(24)?,
         verify_ok: r.get(25)?,
         start_wal: r.get(26)?,
+        key_scope: r.get(27)?,
     })
 }
 
@@ -162,7 +177,7 @@ pub fn put(c: &Connection, b: &BackupRow) -> Result<()> {
     c.prepare_cached(&format!(
         "INSERT OR REPLACE INTO backups ({COLS}) VALUES \
          (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, \
-          ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27)"
+          ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28)"
     ))?
     .execute(params![
         b.id,
@@ -192,6 +207,7 @@ pub fn put(c: &Connection, b: &BackupRow) -> Result<()> {
         b.verify_summary,
         b.verify_ok,
         b.start_wal,
+        b.key_scope,
     ])?;
     Ok(())
 }
@@ -392,8 +408,21 @@ impl BackupKey {
         })
     }
 
-    pub fn bytes(&self) -> Vec<u8> {
-        self.key.to_vec()
+    /// The key for `scope` ([`backup_keys::derive`]); the master key
+    /// itself only for the empty scope of backups taken before per-cluster
+    /// keys.
+    pub fn for_scope(&self, scope: &str) -> Vec<u8> {
+        backup_keys::derive(&self.key, scope).to_vec()
+    }
+
+    /// The key `cluster`'s new backups and WAL are encrypted with.
+    pub fn for_cluster(&self, cluster: &ClusterRow) -> Vec<u8> {
+        self.for_scope(&backup_keys::scope_of(cluster))
+    }
+
+    /// The key backup `b` was encrypted with.
+    pub fn for_backup(&self, b: &BackupRow) -> Vec<u8> {
+        self.for_scope(&b.key_scope)
     }
 }
 
@@ -415,8 +444,17 @@ impl Backups {
         })
     }
 
+    /// The target `name` as configured (for its kind; never sent to a
+    /// node: see [`Backups::target_for`]).
     pub fn target(&self, name: &str) -> Result<pb::BackupTarget> {
         self.config.target(name)
+    }
+
+    /// The target `name` as a node gets it for objects of `cluster`: with
+    /// that cluster's own credentials if it has some, and scoped, so that
+    /// the agent refuses any object outside that cluster's prefixes.
+    pub fn target_for(&self, name: &str, cluster: &str) -> Result<pb::BackupTarget> {
+        crate::backup_credentials::target_for(&self.config, name, cluster)
     }
 }
 
@@ -448,19 +486,22 @@ pub fn object_name(cluster: &str, id: &str) -> String {
     format!("backups/{cluster}/{id}.cbk")
 }
 
-/// Where `cluster` archives its WAL: `wal/<name>/<created_at_ms>/`, or
-/// the new archive an in-place restore started.
+/// Where `cluster` archives its WAL: `wal/<name>/<created_at_ms>/k1/`,
+/// or the new archive an in-place restore started. (Archives written with
+/// the master key, before per-cluster keys, are `wal/<name>/<created>/`
+/// and its `restored-…/`: never written again, so that no archive mixes
+/// two keys.)
 pub fn wal_prefix(c: &Connection, cluster: &ClusterRow) -> Result<String> {
     let set: Option<String> = c
-        .prepare_cached("SELECT prefix FROM backup_wal WHERE cluster = ?1")?
+        .prepare_cached("SELECT prefix FROM backup_wal_keyed WHERE cluster = ?1")?
         .query_row([&cluster.name], |r| r.get(0))
         .optional()?;
-    Ok(set.unwrap_or_else(|| format!("wal/{}/{}/", cluster.name, cluster.created_at_ms)))
+    Ok(set.unwrap_or_else(|| format!("wal/{}/{}/k1/", cluster.name, cluster.created_at_ms)))
 }
 
 pub fn set_wal_prefix(c: &Connection, cluster: &str, prefix: &str) -> Result<()> {
     c.execute(
-        "INSERT OR REPLACE INTO backup_wal (cluster, prefix) VALUES (?1, ?2)",
+        "INSERT OR REPLACE INTO backup_wal_keyed (cluster, prefix) VALUES (?1, ?2)",
         params![cluster, prefix],
     )?;
     Ok(())
@@ -471,6 +512,7 @@ pub fn set_wal_prefix(c: &Connection, cluster: &str, prefix: &str) -> Result<()>
 pub fn forget_cluster(c: &Connection, cluster: &str) -> Result<()> {
     remove_schedule(c, cluster)?;
     c.execute("DELETE FROM backup_wal WHERE cluster = ?1", [cluster])?;
+    c.execute("DELETE FROM backup_wal_keyed WHERE cluster = ?1", [cluster])?;
     Ok(())
 }
 
@@ -494,8 +536,8 @@ pub fn wal_archive_of(coord: &Coordinator, cluster: &ClusterRow) -> Result<Optio
         return Ok(None);
     };
     Ok(Some(pb::WalArchive {
-        target: Some(coord.backups.target(&s.target)?),
-        key: coord.backups.key.bytes(),
+        target: Some(coord.backups.target_for(&s.target, &cluster.name)?),
+        key: coord.backups.key.for_cluster(cluster),
         prefix,
     }))
 }
@@ -565,29 +607,19 @@ pub fn source_node(coord: &Coordinator, nodes: &[NodeRow]) -> Result<NodeRow> {
 }
 
 /// A node that can read `b`'s objects: the node that took it when the
-/// target is local; for a shared target, that node or any node up.
+/// target is local; for a shared target, that node or another node of the
+/// backup's cluster, else a node in no cluster. Never a node of another
+/// cluster: it would be handed this cluster's key and objects.
 pub fn reader_node(coord: &Coordinator, b: &BackupRow) -> Result<NodeRow> {
     let target = coord.backups.target(&b.target)?;
-    let nodes = coord.store.read(store::list_nodes)?;
     let now = Instant::now();
-    let up = |n: &&NodeRow| coord.fleet.liveness_of(&n.id, now) == Liveness::Up;
-    if let Some(n) = nodes.iter().filter(up).find(|n| n.id == b.node) {
-        return Ok(n.clone());
-    }
-    if target.kind == "local" {
-        bail!(
-            "backup {} is in the local target of node {}, which is not up; it can be read only there",
-            b.id,
-            b.node
-        );
-    }
-    // Prefer a node of the backup's cluster.
-    nodes
-        .iter()
-        .filter(up)
-        .max_by_key(|n| n.cluster.as_deref() == Some(b.cluster.as_str()))
-        .cloned()
-        .ok_or_else(|| anyhow!("no node is up to read backup {} through", b.id))
+    let up: Vec<NodeRow> = coord
+        .store
+        .read(store::list_nodes)?
+        .into_iter()
+        .filter(|n| coord.fleet.liveness_of(&n.id, now) == Liveness::Up)
+        .collect();
+    backup_keys::pick_reader(&up, &b.id, &b.cluster, &b.node, target.kind == "local")
 }
 
 impl Ctx<'_> {
@@ -652,7 +684,8 @@ impl Ctx<'_> {
     }
 
     async fn run_backup(&self, cluster: &ClusterRow, row: &mut BackupRow) -> Result<()> {
-        let target = self.coord.backups.target(&row.target)?;
+        let target = self.coord.backups.target_for(&row.target, &cluster.name)?;
+        row.key_scope = backup_keys::scope_of(cluster);
         let nodes = self
             .coord
             .store
@@ -673,7 +706,7 @@ impl Ctx<'_> {
             id: row.id.clone(),
             cluster: cluster.name.clone(),
             target: Some(target),
-            key: self.coord.backups.key.bytes(),
+            key: self.coord.backups.key.for_backup(row),
             object: row.object.clone(),
         };
         let r = self
@@ -713,8 +746,8 @@ impl Ctx<'_> {
             node.id
         ));
         let req = pb::VerifyBackupRequest {
-            target: Some(self.coord.backups.target(&row.target)?),
-            key: self.coord.backups.key.bytes(),
+            target: Some(self.coord.backups.target_for(&row.target, &row.cluster)?),
+            key: self.coord.backups.key.for_backup(&row),
             object: row.object.clone(),
             engine: row.engine.clone(),
             sha256: row.sha256.clone(),
@@ -786,9 +819,15 @@ impl Ctx<'_> {
                 // (An in-place restore flushed before erasing the nodes.)
                 self.flush_source_wal(&row).await;
             }
+            // The WAL archive a backup recorded was written with the
+            // backup's own key (a legacy archive, with the master key).
             Some(pb::WalArchive {
-                target: Some(self.coord.backups.target(&row.wal_target)?),
-                key: self.coord.backups.key.bytes(),
+                target: Some(
+                    self.coord
+                        .backups
+                        .target_for(&row.wal_target, &row.cluster)?,
+                ),
+                key: self.coord.backups.key.for_backup(&row),
                 prefix: row.wal_prefix.clone(),
             })
         } else {
@@ -809,8 +848,8 @@ impl Ctx<'_> {
             }
         ));
         Ok(Some(pb::RestoreSource {
-            target: Some(self.coord.backups.target(&row.target)?),
-            key: self.coord.backups.key.bytes(),
+            target: Some(self.coord.backups.target_for(&row.target, &row.cluster)?),
+            key: self.coord.backups.key.for_backup(&row),
             object: row.object.clone(),
             engine: row.engine.clone(),
             sha256: row.sha256.clone(),
@@ -901,7 +940,7 @@ impl Ctx<'_> {
             .ok_or_else(|| anyhow!("backup {id} no longer exists"))?;
         let cluster = self.cluster()?;
         let m = self.members()?;
-        let target = self.coord.backups.target(&row.target)?;
+        let target = self.coord.backups.target_for(&row.target, &row.cluster)?;
         if target.kind == "local" && row.node != m.primary.id {
             bail!(
                 "backup {id} is in the local target of node {}, but the primary that would \
@@ -924,7 +963,7 @@ impl Ctx<'_> {
         ));
         let req = pb::VerifyBackupRequest {
             target: Some(target),
-            key: self.coord.backups.key.bytes(),
+            key: self.coord.backups.key.for_backup(&row),
             object: row.object.clone(),
             engine: row.engine.clone(),
             sha256: row.sha256.clone(),
@@ -960,7 +999,7 @@ impl Ctx<'_> {
         // A new WAL archive: the restored timeline must not meet the one
         // the cluster wrote before.
         let prefix = format!(
-            "wal/{}/{}/restored-{}/",
+            "wal/{}/{}/k1-restored-{}/",
             cluster.name,
             cluster.created_at_ms,
             corral_proto::now_ms()
@@ -1000,6 +1039,7 @@ impl Ctx<'_> {
                 expires_at_ms: now + keep.as_millis() as i64,
                 operation: self.op.id.clone(),
                 object: object_name(&cluster.name, &id),
+                key_scope: backup_keys::scope_of(cluster),
                 ..Default::default()
             };
             self.coord.store.read(|c| put(c, &row))?;
@@ -1030,7 +1070,7 @@ pub async fn delete_backup(coord: &Arc<Coordinator>, b: &BackupRow) -> Result<()
         let mut client = coord.agents.client(&node.id, &address)?;
         client
             .delete_backup_objects(pb::DeleteBackupObjectsRequest {
-                target: Some(coord.backups.target(&b.target)?),
+                target: Some(coord.backups.target_for(&b.target, &b.cluster)?),
                 prefix: b.object.clone(),
                 wal_before: String::new(),
             })
@@ -1042,18 +1082,27 @@ pub async fn delete_backup(coord: &Arc<Coordinator>, b: &BackupRow) -> Result<()
     Ok(())
 }
 
-/// Pure: for each WAL archive (target, prefix) the backups use, the oldest
-/// segment any of its succeeded backups starts in; archived segments
-/// before it serve no restore. An archive with a backup whose start is
-/// unknown is left out (nothing of it is pruned).
-pub fn wal_horizons(backups: &[BackupRow]) -> Vec<(String, String, String)> {
-    let mut oldest: std::collections::BTreeMap<(&str, &str), Option<&str>> = Default::default();
+/// One WAL archive's pruning horizon: (cluster, target, prefix, oldest
+/// segment kept).
+pub type Horizon = (String, String, String, String);
+
+/// Pure: for each WAL archive (cluster, target, prefix) the backups use,
+/// the oldest segment any of its succeeded backups starts in; archived
+/// segments before it serve no restore. An archive with a backup whose
+/// start is unknown is left out (nothing of it is pruned).
+pub fn wal_horizons(backups: &[BackupRow]) -> Vec<Horizon> {
+    let mut oldest: std::collections::BTreeMap<(&str, &str, &str), Option<&str>> =
+        Default::default();
     for b in backups {
         if b.state != state::SUCCEEDED || b.wal_prefix.is_empty() {
             continue;
         }
         let entry = oldest
-            .entry((b.wal_target.as_str(), b.wal_prefix.as_str()))
+            .entry((
+                b.cluster.as_str(),
+                b.wal_target.as_str(),
+                b.wal_prefix.as_str(),
+            ))
             .or_insert(Some(b.start_wal.as_str()));
         *entry = match (*entry, b.start_wal.as_str()) {
             (None, _) | (_, "") => None,
@@ -1062,25 +1111,26 @@ pub fn wal_horizons(backups: &[BackupRow]) -> Vec<(String, String, String)> {
     }
     oldest
         .into_iter()
-        .filter_map(|((t, p), o)| {
+        .filter_map(|((c, t, p), o)| {
             o.filter(|o| !o.is_empty())
-                .map(|o| (t.to_string(), p.to_string(), o.to_string()))
+                .map(|o| (c.to_string(), t.to_string(), p.to_string(), o.to_string()))
         })
         .collect()
 }
 
 /// Deletes the archived WAL no backup needs (see [`wal_horizons`]), in
-/// shared (s3) WAL archives, through any node that is up.
+/// shared (s3) WAL archives, through a node of the archive's cluster (or a
+/// node in no cluster) that is up.
 async fn prune_wal(
     coord: &Arc<Coordinator>,
     backups: &[BackupRow],
     done: &mut std::collections::HashMap<String, String>,
 ) -> Result<()> {
-    for (target_name, prefix, before) in wal_horizons(backups) {
+    for (cluster, target_name, prefix, before) in wal_horizons(backups) {
         if done.get(&prefix) == Some(&before) {
             continue;
         }
-        let target = coord.backups.target(&target_name)?;
+        let target = coord.backups.target_for(&target_name, &cluster)?;
         if target.kind != "s3" {
             continue; // a local WAL archive is spread over the nodes
         }
@@ -1089,9 +1139,16 @@ async fn prune_wal(
             .store
             .read(store::list_nodes)?
             .into_iter()
-            .find(|n| coord.fleet.liveness_of(&n.id, now) == Liveness::Up)
+            .filter(|n| backup_keys::may_read(n, &cluster))
+            .max_by_key(|n| {
+                (
+                    coord.fleet.liveness_of(&n.id, now) == Liveness::Up,
+                    n.cluster.as_deref() == Some(cluster.as_str()),
+                )
+            })
+            .filter(|n| coord.fleet.liveness_of(&n.id, now) == Liveness::Up)
         else {
-            return Ok(());
+            continue;
         };
         let mut client = coord.agents.client(&node.id, &node.address)?;
         let r = client
@@ -1284,6 +1341,7 @@ pub fn new_backup_operation(
             started_at_ms: now,
             operation: op.id.clone(),
             object: object_name(&cluster.name, &id),
+            key_scope: backup_keys::scope_of(cluster),
             ..Default::default()
         },
     )?;
@@ -1410,19 +1468,19 @@ mod tests {
             with("f", state::SUCCEEDED, "wal/x/1/", ""),
             with("g", state::SUCCEEDED, "", ""),
         ];
+        let h = |p: &str, s: &str| {
+            (
+                "c".to_string(),
+                "s3".to_string(),
+                p.to_string(),
+                s.to_string(),
+            )
+        };
         assert_eq!(
             wal_horizons(&all),
             vec![
-                (
-                    "s3".to_string(),
-                    "wal/c/1/".to_string(),
-                    "000000010000000000000004".to_string()
-                ),
-                (
-                    "s3".to_string(),
-                    "wal/c/2/".to_string(),
-                    "000000020000000000000010".to_string()
-                ),
+                h("wal/c/1/", "000000010000000000000004"),
+                h("wal/c/2/", "000000020000000000000010"),
             ]
         );
     }
@@ -1487,7 +1545,7 @@ mod tests {
         let path = dir.join("backup.key");
         let k1 = BackupKey::load_or_create(&path).unwrap();
         let k2 = BackupKey::load_or_create(&path).unwrap();
-        assert_eq!(k1.bytes(), k2.bytes());
+        assert_eq!(k1.for_scope(""), k2.for_scope(""));
         assert_eq!(k1.id, k2.id);
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
@@ -1495,6 +1553,66 @@ mod tests {
         std::fs::write(&path, "zz").unwrap();
         let e = BackupKey::load_or_create(&path).err().unwrap().to_string();
         assert!(e.contains("not a backup key"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_store_from_before_cluster_keys_opens_and_its_backups_keep_the_master_key() {
+        let dir = corral_proto::unique_temp_dir("corral-bk-legacy").unwrap();
+        let path = dir.join("corral.db");
+        {
+            // The backups table as coordinators before per-cluster keys
+            // wrote it: no key_scope column.
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(&SCHEMA.replace(",\n    key_scope TEXT NOT NULL DEFAULT ''", ""))
+                .unwrap();
+            let cols: Vec<String> = c
+                .prepare("SELECT name FROM pragma_table_info('backups')")
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap();
+            assert!(!cols.contains(&"key_scope".to_string()), "{cols:?}");
+            c.execute(
+                "INSERT INTO backups (id, cluster, kind, state, target, engine, started_at_ms, \
+                 object) VALUES ('bk-old', 'a', 'manual', 'succeeded', 's3', 'postgres', 1, \
+                 'backups/a/bk-old.cbk')",
+                [],
+            )
+            .unwrap();
+        }
+        let store = crate::store::Store::open(&path).unwrap();
+        let old = store.read(|c| get(c, "bk-old")).unwrap().unwrap();
+        assert_eq!(old.key_scope, "");
+        let key = BackupKey::load_or_create(&dir.join("backup.key")).unwrap();
+        // Old backups were encrypted with the master key: an archive made
+        // with it opens with the key handed for that backup.
+        let mut sealed = Vec::new();
+        let mut w = corral_proto::archive::Writer::new(
+            &mut sealed,
+            &key.key,
+            corral_proto::archive::Header {
+                meta: serde_json::json!({}),
+            },
+        )
+        .unwrap();
+        std::io::Write::write_all(&mut w, b"old rows").unwrap();
+        w.finish().unwrap();
+        let handed: [u8; 32] = key.for_backup(&old).try_into().unwrap();
+        let mut plain = Vec::new();
+        std::io::Read::read_to_end(
+            &mut corral_proto::archive::Reader::new(&sealed[..], &handed).unwrap(),
+            &mut plain,
+        )
+        .unwrap();
+        assert_eq!(plain, b"old rows");
+        // A new backup of the cluster gets the cluster's derived key.
+        let new = BackupRow {
+            key_scope: backup_keys::scope_for("a", 1),
+            ..old.clone()
+        };
+        assert_ne!(key.for_backup(&new), key.for_backup(&old));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

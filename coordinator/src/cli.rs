@@ -626,9 +626,16 @@ enum AlertsCmd {
 
 #[derive(Subcommand, Debug)]
 enum OperationCmd {
+    /// The newest operations, oldest first; --before pages back.
     List {
         #[arg(long)]
         cluster: Option<String>,
+        /// At most this many (the coordinator caps a page at 10,000).
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+        /// Only operations created before this one (an id printed here).
+        #[arg(long, default_value = "")]
+        before: String,
     },
     Show {
         id: String,
@@ -637,9 +644,14 @@ enum OperationCmd {
 
 #[derive(Subcommand, Debug)]
 enum AuditCmd {
+    /// The newest entries, oldest first; --before pages back.
     List {
+        /// At most this many (the coordinator caps a page at 10,000).
         #[arg(long, default_value_t = 100)]
         limit: u32,
+        /// Only entries with an id below this one.
+        #[arg(long, default_value_t = 0)]
+        before: i64,
     },
 }
 
@@ -650,8 +662,12 @@ enum EventCmd {
         node: Option<String>,
         #[arg(long)]
         cluster: Option<String>,
+        /// At most this many (the coordinator caps a page at 10,000).
         #[arg(long, default_value_t = 100)]
         limit: u32,
+        /// Only events with an id below this one.
+        #[arg(long, default_value_t = 0)]
+        before: i64,
     },
 }
 
@@ -940,6 +956,14 @@ pub(crate) fn table(header: &[&str]) -> Table {
     t.load_preset(UTF8_FULL_CONDENSED)
         .set_header(header.to_vec());
     t
+}
+
+/// After a page of a list: how to see the older entries, if any remain.
+fn more_before(next: &dyn std::fmt::Display) {
+    let next = next.to_string();
+    if !next.is_empty() && next != "0" {
+        eprintln!("older entries: add --before {next}");
+    }
 }
 
 fn ago(ms: i64) -> String {
@@ -1535,10 +1559,16 @@ async fn run(api: &mut OperatorClient<Channel>, command: Command, json: bool) ->
                 print_nodes(&r.nodes);
             }
         }
-        Command::Operation(OperationCmd::List { cluster }) => {
+        Command::Operation(OperationCmd::List {
+            cluster,
+            limit,
+            before,
+        }) => {
             let r = api
                 .list_operations(pb::ListOperationsRequest {
                     cluster: cluster.unwrap_or_default(),
+                    limit,
+                    before,
                 })
                 .await?
                 .into_inner();
@@ -1566,6 +1596,7 @@ async fn run(api: &mut OperatorClient<Channel>, command: Command, json: bool) ->
                 ]);
             }
             println!("{t}");
+            more_before(&r.next_before);
         }
         Command::Operation(OperationCmd::Show { id }) => {
             let o = api
@@ -1578,9 +1609,9 @@ async fn run(api: &mut OperatorClient<Channel>, command: Command, json: bool) ->
                 print_operation(&o);
             }
         }
-        Command::Audit(AuditCmd::List { limit }) => {
+        Command::Audit(AuditCmd::List { limit, before }) => {
             let r = api
-                .list_audit(pb::ListAuditRequest { limit })
+                .list_audit(pb::ListAuditRequest { limit, before })
                 .await?
                 .into_inner();
             if json {
@@ -1598,17 +1629,20 @@ async fn run(api: &mut OperatorClient<Channel>, command: Command, json: bool) ->
                 ]);
             }
             println!("{t}");
+            more_before(&r.next_before);
         }
         Command::Event(EventCmd::List {
             node,
             cluster,
             limit,
+            before,
         }) => {
             let r = api
                 .list_events(pb::ListEventsRequest {
                     node: node.unwrap_or_default(),
                     cluster: cluster.unwrap_or_default(),
                     limit,
+                    before,
                 })
                 .await?
                 .into_inner();
@@ -1626,6 +1660,7 @@ async fn run(api: &mut OperatorClient<Channel>, command: Command, json: bool) ->
                 ]);
             }
             println!("{t}");
+            more_before(&r.next_before);
         }
         Command::Node(NodeCmd::Metrics {
             cluster,

@@ -38,6 +38,12 @@ pub struct FileConfig {
     pub notify: NotifyConfig,
     #[serde(default)]
     pub backup: BackupConfig,
+    /// Rate limits for callers without a certificate (docs/limits.md).
+    #[serde(default)]
+    pub limits: crate::limits::LimitsConfig,
+    /// How long audit rows, events and operation logs are kept.
+    #[serde(default)]
+    pub retention: crate::retention::RetentionConfig,
 }
 
 impl FileConfig {
@@ -52,6 +58,8 @@ impl FileConfig {
         let config: FileConfig = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
         config.alerts.validate()?;
         config.backup.validate()?;
+        config.limits.validate()?;
+        config.retention.validate()?;
         Ok(config)
     }
 }
@@ -261,7 +269,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     ms.map(Duration::from_millis).ok_or_else(bad)
 }
 
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     parse_duration(&s).map_err(serde::de::Error::custom)
 }
@@ -318,6 +326,12 @@ mod tests {
         assert_eq!(c.backup.final_backup_retain, b.final_backup_retain);
         assert_eq!(c.backup.missed_after, b.missed_after);
         assert_eq!(c.backup.key_file, b.key_file);
+        let (l, r) = (
+            crate::limits::LimitsConfig::default(),
+            crate::retention::RetentionConfig::default(),
+        );
+        assert_eq!(format!("{:?}", c.limits), format!("{l:?}"));
+        assert_eq!(format!("{:?}", c.retention), format!("{r:?}"));
     }
 
     #[test]
@@ -362,6 +376,13 @@ mod tests {
 /// prefix = "prod"
 /// access_key_id_env = "CORRAL_S3_KEY_ID"        # or access_key_id = "..."
 /// secret_access_key_env = "CORRAL_S3_SECRET"    # or secret_access_key = "..."
+///
+/// # Credentials of one cluster, handed only to its nodes (see
+/// # docs/backups-isolation.md); require_cluster_credentials = true makes
+/// # them mandatory for every cluster.
+/// [backup.targets.offsite.clusters.orders]
+/// access_key_id_env = "CORRAL_S3_ORDERS_KEY_ID"
+/// secret_access_key_env = "CORRAL_S3_ORDERS_SECRET"
 /// ```
 ///
 /// A target named `local` (a directory on each node, under the agent's
@@ -369,8 +390,9 @@ mod tests {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BackupConfig {
-    /// The 32-byte key every backup is encrypted with (created, 0600, at
-    /// first start). Without it no backup can be read: keep a copy apart.
+    /// The 32-byte master key every cluster's backup key is derived from
+    /// (created, 0600, at first start). Without it no backup can be read:
+    /// keep a copy apart.
     pub key_file: Option<std::path::PathBuf>,
     /// How long the final backup of a deleted cluster is kept.
     #[serde(deserialize_with = "duration")]
@@ -417,6 +439,12 @@ pub struct TargetConfig {
     pub secret_access_key_env: String,
     /// Allow an http:// endpoint (a test server); refused otherwise.
     pub allow_http: bool,
+    /// s3: credentials per cluster (`[backup.targets.NAME.clusters.CLUSTER]`),
+    /// handed only to that cluster's nodes instead of the target's own.
+    pub clusters: BTreeMap<String, ClusterCredentials>,
+    /// s3: refuse to hand the target's own credentials to any node: every
+    /// cluster backing up here needs its own section under `clusters`.
+    pub require_cluster_credentials: bool,
 }
 
 /// Credentials stay out of debug output (and so out of logs).
@@ -435,6 +463,11 @@ impl std::fmt::Debug for TargetConfig {
             .field("secret_access_key", &hidden(&self.secret_access_key))
             .field("secret_access_key_env", &self.secret_access_key_env)
             .field("allow_http", &self.allow_http)
+            .field("clusters", &self.clusters.keys().collect::<Vec<_>>())
+            .field(
+                "require_cluster_credentials",
+                &self.require_cluster_credentials,
+            )
             .finish()
     }
 }
@@ -451,6 +484,7 @@ impl BackupConfig {
             corral_proto::names::validate("backup target", name)
                 .map_err(|e| anyhow::anyhow!("backup.targets.{name}: {e}"))?;
             t.resolve(name)?;
+            validate_clusters(name, t)?;
         }
         Ok(())
     }
@@ -479,18 +513,40 @@ impl BackupConfig {
     }
 }
 
+/// A credential given in the file (`value`) or in the environment
+/// variable `env`, for the section `at`.
+pub(crate) fn credential(at: &str, value: &str, env: &str, key: &str) -> Result<String> {
+    match (value.is_empty(), env.is_empty()) {
+        (false, true) => Ok(value.to_string()),
+        (true, false) => std::env::var(env).map_err(|_| {
+            anyhow::anyhow!(
+                "{at}.{key}_env names {env}, which is not set in the coordinator's environment"
+            )
+        }),
+        (false, false) => bail!("{at}: give {key} or {key}_env, not both"),
+        (true, true) => {
+            bail!("{at}: an s3 target needs {key} (or {key}_env naming an environment variable)")
+        }
+    }
+}
+
 impl TargetConfig {
     fn resolve(&self, name: &str) -> Result<corral_proto::pb::BackupTarget> {
         let at = format!("backup.targets.{name}");
+        let shared_optional = self.require_cluster_credentials
+            && [
+                &self.access_key_id,
+                &self.access_key_id_env,
+                &self.secret_access_key,
+                &self.secret_access_key_env,
+            ]
+            .iter()
+            .all(|v| v.is_empty());
         let from_env = |value: &str, env: &str, key: &str| -> Result<String> {
-            match (value.is_empty(), env.is_empty()) {
-                (false, true) => Ok(value.to_string()),
-                (true, false) => std::env::var(env).map_err(|_| {
-                    anyhow::anyhow!("{at}.{key}_env names {env}, which is not set in the coordinator's environment")
-                }),
-                (false, false) => bail!("{at}: give {key} or {key}_env, not both"),
-                (true, true) => bail!("{at}: an s3 target needs {key} (or {key}_env naming an environment variable)"),
+            if shared_optional {
+                return Ok(String::new());
             }
+            credential(&at, value, env, key)
         };
         match self.kind.as_str() {
             "local" => {
@@ -545,12 +601,67 @@ impl TargetConfig {
                         "secret_access_key",
                     )?,
                     allow_http: self.allow_http,
+                    scope: String::new(),
                 })
             }
             "" => bail!("{at}.kind is missing: \"local\" or \"s3\""),
             other => bail!("{at}.kind = {other:?}: \"local\" or \"s3\""),
         }
     }
+}
+
+/// `[backup.targets.NAME.clusters.CLUSTER]`.
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterCredentials {
+    pub access_key_id: String,
+    pub access_key_id_env: String,
+    pub secret_access_key: String,
+    pub secret_access_key_env: String,
+}
+
+/// Credentials stay out of debug output (and so out of logs).
+impl std::fmt::Debug for ClusterCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterCredentials")
+            .field("access_key_id_env", &self.access_key_id_env)
+            .field("secret_access_key_env", &self.secret_access_key_env)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClusterCredentials {
+    /// (access key id, secret) resolved, for the section `at`.
+    pub(crate) fn resolve(&self, at: &str) -> Result<(String, String)> {
+        Ok((
+            credential(
+                at,
+                &self.access_key_id,
+                &self.access_key_id_env,
+                "access_key_id",
+            )?,
+            credential(
+                at,
+                &self.secret_access_key,
+                &self.secret_access_key_env,
+                "secret_access_key",
+            )?,
+        ))
+    }
+}
+
+/// Checks a target's per-cluster sections (at start-up).
+fn validate_clusters(name: &str, t: &TargetConfig) -> Result<()> {
+    let at = format!("backup.targets.{name}");
+    if t.kind != "s3" && (!t.clusters.is_empty() || t.require_cluster_credentials) {
+        bail!("{at}: per-cluster credentials apply to s3 targets only");
+    }
+    for (cluster, c) in &t.clusters {
+        corral_proto::names::validate("cluster", cluster)
+            .map_err(|e| anyhow::anyhow!("{at}.clusters.{cluster}: {e}"))?;
+        c.resolve(&format!("{at}.clusters.{cluster}"))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -154,15 +154,16 @@ impl Fleet {
     /// [`Fleet::lease_until`]. The floor is what a previous coordinator
     /// process may have granted just before this one started: the
     /// cluster's lease from this process's start, or the previous lease
-    /// length from its last change if that ends later (a lease is never
-    /// shortened once granted).
+    /// length if the lease was ever changed (a lease is never shortened
+    /// once granted). Both count from this process's start by the
+    /// monotonic clock: when the change was made is written in wall-clock
+    /// time, and a clock stepped forward would make it look old enough to
+    /// ignore while a grant of the old length still runs. Grants made by
+    /// this process are in [`Fleet::record_grant`] with their own length.
     pub fn lease_until_of(&self, node: &str, c: &crate::store::ClusterRow) -> Instant {
         let mut floor = self.started + c.lease();
-        if c.prev_lease_ms > 0 && c.lease_changed_at_ms > 0 {
-            let ago = (corral_proto::now_ms() - c.lease_changed_at_ms).max(0) as u64;
-            if let Some(changed) = Instant::now().checked_sub(Duration::from_millis(ago)) {
-                floor = floor.max(changed + Duration::from_millis(u64::from(c.prev_lease_ms)));
-            }
+        if c.prev_lease_ms > 0 {
+            floor = floor.max(self.started + Duration::from_millis(u64::from(c.prev_lease_ms)));
         }
         self.lease_until(node, floor)
     }
@@ -267,6 +268,46 @@ impl Fleet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wall_clock_step_does_not_shorten_the_lease_floor_after_a_lease_change() {
+        let f = Fleet::new();
+        let mut c = crate::store::ClusterRow {
+            name: "c1".into(),
+            engine: "postgres".into(),
+            mode: "replicated".into(),
+            state: "ready".into(),
+            port: 5432,
+            database: "postgres".into(),
+            admin_user: "admin".into(),
+            admin_password_enc: Vec::new(),
+            created_at_ms: 0,
+            sync: false,
+            termination_protection: false,
+            replication_password_enc: None,
+            term: 1,
+            auto_failover: true,
+            lease_ms: 10_000,
+            heartbeat_ms: 500,
+            prev_lease_ms: 0,
+            lease_changed_at_ms: 0,
+            allowlist_version: 0,
+        };
+        // Shortened to 2 s by a previous process just now, and then the
+        // wall clock is stepped an hour forward: by the wall clock the
+        // change is an hour old, yet a 10 s grant may still run.
+        c.set_lease(2_000, corral_proto::now_ms() - 3_600_000);
+        let until = f.lease_until_of("n1", &c);
+        assert!(
+            until >= f.started() + Duration::from_millis(10_000),
+            "the floor must be the previous 10 s lease from this start, got {:?}",
+            until - f.started()
+        );
+        // A grant of this process counts from its own receipt.
+        let later = f.started() + Duration::from_secs(30);
+        f.record_grant("n1", later);
+        assert_eq!(f.lease_until_of("n1", &c), later);
+    }
 
     #[test]
     fn liveness_table() {

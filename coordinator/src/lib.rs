@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //!
+//! - [`statelock`]: one coordinator per state directory.
 //! - [`store`]: what survives a restart (SQLite), and what deliberately does not.
 //! - [`fleet`]: the live view rebuilt from heartbeats; the liveness rule.
 //! - [`secrets`]: encryption at rest for database passwords.
@@ -10,6 +11,10 @@
 //! - [`revocation`]: who may still call: revoked certificates and each
 //!   node's current one, checked on every call.
 //! - [`identities`]: forgetting nodes, revoking and renewing certificates.
+//! - [`limits`], [`ratelimit`]: bounds on what callers send, and rate
+//!   limits for callers without a certificate.
+//! - [`listing`]: paged lists of the audit log, events and operations.
+//! - [`retention`]: how long audit rows, events and operation logs stay.
 //! - [`operator`]: the API operators call (through `corralctl`).
 //! - [`ops`]: the operation runner: one operation at a time per cluster,
 //!   each step logged, resumed after a restart.
@@ -32,6 +37,9 @@
 pub mod agents;
 pub mod alerts;
 pub mod allowlist;
+pub mod backup_credentials;
+pub mod backup_keys;
+pub mod backup_upgrade;
 pub mod backups;
 pub mod cli;
 pub mod cli_credentials;
@@ -44,13 +52,18 @@ pub mod fleet;
 pub mod history;
 pub mod http;
 pub mod identities;
+pub mod limits;
+pub mod listing;
 pub mod logs;
 pub mod monitor;
 pub mod notify;
 pub mod operator;
 pub mod ops;
+pub mod ratelimit;
+pub mod retention;
 pub mod revocation;
 pub mod secrets;
+pub mod statelock;
 pub mod store;
 pub mod upcalls;
 
@@ -99,6 +112,12 @@ pub struct Coordinator {
     pub lifetimes: identities::Lifetimes,
     /// The coordinator's own certificate, which must not be revoked.
     pub coordinator_fingerprint: String,
+    /// This process's hold of the state directory (one coordinator each).
+    _state_lock: statelock::StateLock,
+    /// Per-source rate limits of callers without a certificate.
+    pub anonymous: ratelimit::Anonymous,
+    /// Enrollments handled at once (each holds the store briefly).
+    pub enroll_slots: tokio::sync::Semaphore,
 }
 
 impl Coordinator {
@@ -107,6 +126,8 @@ impl Coordinator {
     pub fn open(config: &Config) -> Result<Arc<Coordinator>> {
         std::fs::create_dir_all(&config.state_dir)
             .with_context(|| format!("creating {}", config.state_dir.display()))?;
+        // Before the store is opened: a second coordinator touches nothing.
+        let state_lock = statelock::StateLock::take(&config.state_dir)?;
         let ca = CertAuthority::load(&config.pki_dir).with_context(|| {
             format!(
                 "loading the CA from {} (run `corralctl pki init --dir {}` first)",
@@ -152,6 +173,9 @@ impl Coordinator {
             backups: backups::Backups::open(config.file.backup.clone(), &config.state_dir)
                 .context("opening the backup key ([backup] in the configuration file)")?,
             certificates,
+            _state_lock: state_lock,
+            anonymous: ratelimit::Anonymous::new(config.file.limits.clone()),
+            enroll_slots: tokio::sync::Semaphore::new(4),
         }))
     }
 }
@@ -179,7 +203,11 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let failover = tokio::spawn(monitor::run_failover(coord.clone()));
     let history = tokio::spawn(history::run(coord.history.clone()));
     let alerts = tokio::spawn(alerts::run(coord.clone()));
-    let backup_jobs = tokio::spawn(backups::run(coord.clone()));
+    let backup_jobs = tokio::spawn({
+        let c = coord.clone();
+        async move { tokio::join!(backups::run(c.clone()), backup_upgrade::run(c)) }
+    });
+    let retention = tokio::spawn(retention::run(coord.clone(), config.file.retention.clone()));
     let http = http_listener.map(|listener| {
         let c = coord.clone();
         tokio::spawn(async move {
@@ -199,9 +227,10 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         .add_service(pb::identities_server::IdentitiesServer::new(
             identities::IdentitiesApi(coord.clone()),
         ))
-        .add_service(pb::agent_upcalls_server::AgentUpcallsServer::new(
-            upcalls::Upcalls(coord.clone()),
-        ))
+        .add_service(
+            pb::agent_upcalls_server::AgentUpcallsServer::new(upcalls::Upcalls(coord.clone()))
+                .max_decoding_message_size(limits::MAX_UPCALL_MESSAGE),
+        )
         .add_service(pb::operator_server::OperatorServer::new(
             operator::OperatorApi(coord.clone()),
         ))
@@ -212,6 +241,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     failover.abort();
     alerts.abort();
     backup_jobs.abort();
+    retention.abort();
     history.abort();
     if let Some(h) = http {
         h.abort();

@@ -8,7 +8,7 @@
 
 use crate::fleet::Liveness;
 use crate::store::{self, ClusterRow, NodeRow, OperationRow};
-use crate::{allowlist, ops, Coordinator};
+use crate::{allowlist, listing, ops, Coordinator};
 use corral_proto::identity::{peer_identity, Identity, Role};
 use corral_proto::pb;
 use corral_proto::{names, now_ms};
@@ -1251,17 +1251,25 @@ impl pb::operator_server::Operator for OperatorApi {
         req: Request<pb::ListOperationsRequest>,
     ) -> Result<Response<pb::ListOperationsResponse>, Status> {
         authorize(&req, Role::Viewer)?;
-        let cluster = Some(req.get_ref().cluster.as_str()).filter(|c| !c.is_empty());
-        let rows = self
+        let r = req.get_ref();
+        let cluster = Some(r.cluster.as_str()).filter(|c| !c.is_empty());
+        let limit = listing::page_size(r.limit, listing::DEFAULT_OPERATIONS);
+        let (rows, next) = self
             .0
             .store
-            .read(|c| store::list_operations(c, cluster))
-            .map_err(internal)?;
+            .read(|c| listing::operations(c, cluster, limit, &r.before))
+            .map_err(|e| match e.downcast::<listing::UnknownCursor>() {
+                Ok(u) => Status::invalid_argument(u.to_string()),
+                Err(e) => internal(e),
+            })?;
         let operations = rows
             .into_iter()
             .map(|r| self.operation_pb(r))
             .collect::<Result<_, _>>()?;
-        Ok(Response::new(pb::ListOperationsResponse { operations }))
+        Ok(Response::new(pb::ListOperationsResponse {
+            operations,
+            next_before: next.unwrap_or_default(),
+        }))
     }
 
     async fn list_audit(
@@ -1269,27 +1277,16 @@ impl pb::operator_server::Operator for OperatorApi {
         req: Request<pb::ListAuditRequest>,
     ) -> Result<Response<pb::ListAuditResponse>, Status> {
         authorize(&req, Role::Admin)?;
-        let limit = match req.get_ref().limit {
-            0 => 1000,
-            n => n,
-        };
-        let rows = self
+        let r = req.get_ref();
+        let limit = listing::page_size(r.limit, listing::DEFAULT_AUDIT);
+        let (rows, next) = self
             .0
             .store
-            .read(|c| store::list_audit(c, limit))
+            .read(|c| listing::audit(c, limit, r.before))
             .map_err(internal)?;
         Ok(Response::new(pb::ListAuditResponse {
-            entries: rows
-                .into_iter()
-                .map(|r| pb::AuditEntry {
-                    id: r.id,
-                    at_ms: r.at_ms,
-                    who: r.who,
-                    action: r.action,
-                    target: r.target,
-                    result: r.result,
-                })
-                .collect(),
+            entries: rows.into_iter().map(listing::audit_pb).collect(),
+            next_before: next.unwrap_or_default(),
         }))
     }
 
@@ -1301,24 +1298,15 @@ impl pb::operator_server::Operator for OperatorApi {
         let r = req.get_ref();
         let node = Some(r.node.as_str()).filter(|s| !s.is_empty());
         let cluster = Some(r.cluster.as_str()).filter(|s| !s.is_empty());
-        let limit = if r.limit == 0 { 200 } else { r.limit };
-        let rows = self
+        let limit = listing::page_size(r.limit, listing::DEFAULT_EVENTS);
+        let (rows, next) = self
             .0
             .store
-            .read(|c| store::list_events(c, node, cluster, limit))
+            .read(|c| listing::events(c, node, cluster, limit, r.before))
             .map_err(internal)?;
         Ok(Response::new(pb::ListEventsResponse {
-            events: rows
-                .into_iter()
-                .map(|e| pb::Event {
-                    id: e.id,
-                    at_ms: e.at_ms,
-                    node: e.node,
-                    cluster: e.cluster,
-                    kind: e.kind,
-                    message: e.message,
-                })
-                .collect(),
+            events: rows.into_iter().map(listing::event_pb).collect(),
+            next_before: next.unwrap_or_default(),
         }))
     }
 
@@ -1704,12 +1692,17 @@ impl pb::operator_server::Operator for OperatorApi {
             .map_err(internal)?;
         let stream = client
             .read_backup_object(pb::ReadBackupObjectRequest {
-                target: Some(self.0.backups.target(&b.target).map_err(internal)?),
+                target: Some(
+                    self.0
+                        .backups
+                        .target_for(&b.target, &b.cluster)
+                        .map_err(internal)?,
+                ),
                 object: b.object.clone(),
                 key: if r.raw {
                     Vec::new()
                 } else {
-                    self.0.backups.key.bytes()
+                    self.0.backups.key.for_backup(&b)
                 },
             })
             .await?

@@ -146,6 +146,7 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
         "INTEGER NOT NULL DEFAULT 0",
     ),
     ("nodes", "cert_not_after_ms", "INTEGER NOT NULL DEFAULT 0"),
+    ("backups", "key_scope", "TEXT NOT NULL DEFAULT ''"),
 ];
 
 fn migrate(conn: &Connection) -> Result<()> {
@@ -666,7 +667,7 @@ pub fn use_token(c: &Connection, hash: &str, node: &str) -> Result<()> {
 
 // --------------------------------------------------------------- operations
 
-fn op_from_row(r: &rusqlite::Row) -> rusqlite::Result<OperationRow> {
+pub(crate) fn op_from_row(r: &rusqlite::Row) -> rusqlite::Result<OperationRow> {
     Ok(OperationRow {
         id: r.get(0)?,
         cluster: r.get(1)?,
@@ -680,7 +681,7 @@ fn op_from_row(r: &rusqlite::Row) -> rusqlite::Result<OperationRow> {
     })
 }
 
-const OP_COLS: &str =
+pub(crate) const OP_COLS: &str =
     "id, cluster, kind, state, params, requested_by, created_at_ms, updated_at_ms, error";
 
 pub fn insert_operation(c: &Connection, op: &OperationRow) -> Result<()> {
@@ -796,26 +797,6 @@ pub struct AuditRow {
     pub result: String,
 }
 
-pub fn list_audit(c: &Connection, limit: u32) -> Result<Vec<AuditRow>> {
-    let mut st = c.prepare(
-        "SELECT id, at_ms, who, action, target, result FROM \
-         (SELECT * FROM audit ORDER BY id DESC LIMIT ?1) ORDER BY id",
-    )?;
-    let rows = st
-        .query_map([limit], |r| {
-            Ok(AuditRow {
-                id: r.get(0)?,
-                at_ms: r.get(1)?,
-                who: r.get(2)?,
-                action: r.get(3)?,
-                target: r.get(4)?,
-                result: r.get(5)?,
-            })
-        })?
-        .collect::<rusqlite::Result<_>>()?;
-    Ok(rows)
-}
-
 pub struct EventRow {
     pub id: i64,
     pub at_ms: i64,
@@ -851,7 +832,7 @@ pub fn insert_event(
     Ok(())
 }
 
-fn event_from_row(r: &rusqlite::Row) -> rusqlite::Result<EventRow> {
+pub(crate) fn event_from_row(r: &rusqlite::Row) -> rusqlite::Result<EventRow> {
     Ok(EventRow {
         id: r.get(0)?,
         at_ms: r.get(1)?,
@@ -860,23 +841,6 @@ fn event_from_row(r: &rusqlite::Row) -> rusqlite::Result<EventRow> {
         kind: r.get(4)?,
         message: r.get(5)?,
     })
-}
-
-pub fn list_events(
-    c: &Connection,
-    node: Option<&str>,
-    cluster: Option<&str>,
-    limit: u32,
-) -> Result<Vec<EventRow>> {
-    let mut st = c.prepare(
-        "SELECT id, at_ms, node, cluster, kind, message FROM \
-         (SELECT * FROM events WHERE (?1 IS NULL OR node = ?1) AND (?2 IS NULL OR cluster = ?2) \
-          ORDER BY id DESC LIMIT ?3) ORDER BY id",
-    )?;
-    let rows = st
-        .query_map(params![node, cluster, limit], event_from_row)?
-        .collect::<rusqlite::Result<_>>()?;
-    Ok(rows)
 }
 
 // -------------------------------------------------------------------- alerts
@@ -1111,7 +1075,13 @@ mod tests {
             Ok(())
         })
         .unwrap();
-        assert_eq!(s.read(|c| list_events(c, None, None, 10)).unwrap().len(), 2);
+        assert_eq!(
+            s.read(|c| crate::listing::events(c, None, None, 10, 0))
+                .unwrap()
+                .0
+                .len(),
+            2
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -1154,7 +1124,10 @@ mod tests {
         drop(s);
         let s = Store::open(&dir.join("corral.db")).unwrap();
         assert!(s.read(|c| get_node(c, "vm1")).unwrap().is_some());
-        assert_eq!(s.read(|c| list_audit(c, 10)).unwrap().len(), 1);
+        assert_eq!(
+            s.read(|c| crate::listing::audit(c, 10, 0)).unwrap().0.len(),
+            1
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -1,7 +1,9 @@
 //! The API agents call: enrollment and heartbeats.
 
 use crate::fleet::Live;
+use crate::limits;
 use crate::operator::host_of;
+use crate::ratelimit::AuditNow;
 use crate::store;
 use crate::Coordinator;
 use anyhow::anyhow;
@@ -9,11 +11,16 @@ use corral_proto::identity::{peer_identity, Identity};
 use corral_proto::pb;
 use corral_proto::token::JoinToken;
 use corral_proto::{names, now_ms};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::{Request, Response, Status};
 
 pub struct Upcalls(pub Arc<Coordinator>);
+
+/// How long an enrollment waits for one of the coordinator's enrollment
+/// slots before it is refused as busy.
+const ENROLL_WAIT: Duration = Duration::from_secs(5);
 
 /// Why an enrollment was refused; each maps to a gRPC code and a message
 /// that tells the operator what to do.
@@ -56,28 +63,63 @@ impl pb::agent_upcalls_server::AgentUpcalls for Upcalls {
         &self,
         req: Request<pb::EnrollRequest>,
     ) -> Result<Response<pb::EnrollResponse>, Status> {
-        let coord = &self.0;
-        let who = peer_identity(&req)
+        let coord = self.0.clone();
+        let identity = peer_identity(&req).ok();
+        let who = identity
+            .as_ref()
             .map(|i| i.who())
-            .unwrap_or_else(|_| "anonymous".into());
-        let req = req.into_inner();
-        let result = enroll(coord, &req);
-        let target = format!("node {}", req.node_id);
-        match &result {
-            Ok(cert) => {
-                tracing::info!(node = %req.node_id, "node enrolled");
-                if let Ok(fp) = corral_proto::pki::fingerprint_pem(cert) {
-                    coord.trust.enrolled(&req.node_id, &fp);
-                }
-                coord.store.audit(&who, "node.enroll", &target, "ok");
-            }
-            Err(e) => {
-                tracing::warn!(node = %req.node_id, "enrollment refused: {e}");
-                coord
-                    .store
-                    .audit(&who, "node.enroll", &target, &format!("refused: {e}"));
+            .unwrap_or_else(|| "anonymous".into());
+        // Callers without a certificate are limited per source address
+        // before anything else is done for them.
+        let anonymous = identity
+            .is_none()
+            .then(|| req.remote_addr().map(|a| a.ip().to_canonical()))
+            .flatten();
+        if let Some(ip) = anonymous {
+            if let Err(wait) = coord.anonymous.take(ip, Instant::now()) {
+                let msg = format!(
+                    "too many enrollment attempts from {ip} without a certificate: retry in \
+                     {}s (the limit is [limits] anonymous_per_minute in the coordinator's \
+                     configuration)",
+                    wait.as_secs().max(1)
+                );
+                let (c, target, m) = (coord.clone(), format!("source {ip}"), msg.clone());
+                let _ = tokio::task::spawn_blocking(move || {
+                    audit_refusal(&c, Some(ip), &who, &target, &m)
+                })
+                .await;
+                return Err(Status::resource_exhausted(msg));
             }
         }
+        // A few at once, each waiting its turn for a while (enrolling takes
+        // milliseconds): many callers cannot fill the blocking threads.
+        let slot = tokio::time::timeout(ENROLL_WAIT, coord.enroll_slots.acquire()).await;
+        let Ok(Ok(_slot)) = slot else {
+            return Err(Status::resource_exhausted(
+                "the coordinator is busy with other enrollments: retry in a few seconds",
+            ));
+        };
+        let req = req.into_inner();
+        let c = coord.clone();
+        let (result, req) = tokio::task::spawn_blocking(move || {
+            let result = limits::check_enroll(&req)
+                .map_err(|e| EnrollRefusal::Malformed(e).into())
+                .and_then(|()| enroll(&c, &req));
+            let target = format!("node {}", target_id(&req.node_id));
+            match &result {
+                Ok(cert) => {
+                    tracing::info!(node = %req.node_id, "node enrolled");
+                    if let Ok(fp) = corral_proto::pki::fingerprint_pem(cert) {
+                        c.trust.enrolled(&req.node_id, &fp);
+                    }
+                    c.store.audit(&who, "node.enroll", &target, "ok");
+                }
+                Err(e) => audit_refusal(&c, anonymous, &who, &target, &format!("{e}")),
+            }
+            (result, req)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("enrolling: {e}")))?;
         let cert = result.map_err(|e| match e.downcast::<EnrollRefusal>() {
             Ok(r) => Status::from(r),
             Err(e) => Status::internal(format!("enrolling: {e:#}")),
@@ -94,7 +136,12 @@ impl pb::agent_upcalls_server::AgentUpcalls for Upcalls {
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         use std::sync::atomic::Ordering::Relaxed;
-        let result = heartbeat(&self.0, req);
+        // The store is a blocking SQLite file: kept off the runtime's
+        // threads, so a slow disk delays no other call.
+        let coord = self.0.clone();
+        let result = tokio::task::spawn_blocking(move || heartbeat(&coord, req))
+            .await
+            .unwrap_or_else(|e| Err(Status::internal(format!("answering the heartbeat: {e}"))));
         let counters = &self.0.counters;
         counters.heartbeats.fetch_add(1, Relaxed);
         if result.is_err() {
@@ -148,44 +195,25 @@ fn heartbeat(
                 Status::permission_denied(format!("node {node} is not enrolled here"))
             })?;
         if row.address != hb.agent_address {
-            coord
+            // Best effort: the live view has the new address either way,
+            // and a full disk must not cost the node its assignment.
+            if let Err(e) = coord
                 .store
                 .read(|c| store::set_node_address(c, &node, &hb.agent_address))
-                .map_err(|e| Status::internal(format!("{e:#}")))?;
-        }
-    }
-    let mut acked = 0;
-    if !hb.events.is_empty() {
-        acked = coord
-            .store
-            .tx(|tx| {
-                let cluster = store::get_node(tx, &node)?
-                    .and_then(|n| n.cluster)
-                    .unwrap_or_default();
-                let mut max = 0;
-                for ev in &hb.events {
-                    store::insert_event(
-                        tx,
-                        ev.at_ms,
-                        &node,
-                        &cluster,
-                        &ev.kind,
-                        &ev.message,
-                        Some(ev.seq),
-                    )?;
-                    max = max.max(ev.seq);
-                }
-                Ok(max)
-            })
-            .map_err(|e| Status::internal(format!("recording events: {e:#}")))?;
-        for ev in &hb.events {
-            tracing::info!(node = %node, kind = %ev.kind, "agent event: {}", ev.message);
+            {
+                coord.counters.error("heartbeat_address");
+                tracing::warn!(node = %node, "recording the node's new address: {e:#}");
+            }
         }
     }
     let interval = Duration::from_millis(u64::from(hb.interval_ms.clamp(50, 60_000)));
     let engine = hb.engine.unwrap_or_default();
+    // The assignment (and the lease in it) first: storing events is best
+    // effort and comes after, so a store that cannot write (disk full)
+    // costs events a delay, never the primary its lease.
     let assignment = assign(coord, &node, &engine, received)
         .map_err(|e| Status::internal(format!("reading the node's assignment: {e:#}")))?;
+    let acked = record_events(coord, &node, &hb.events);
     let at_ms = now_ms();
     let metrics = hb.metrics.unwrap_or_default();
     coord
@@ -208,6 +236,87 @@ fn heartbeat(
         acked_event_seq: acked,
         assignment,
     }))
+}
+
+/// Stores the agent's events (at most [`limits::MAX_EVENTS_PER_HEARTBEAT`],
+/// each cut to its limits) and returns the highest sequence number stored,
+/// which the agent may forget; 0 when nothing could be stored (the agent
+/// sends them again with its next heartbeat). A failure is logged and
+/// counted, never the heartbeat's.
+fn record_events(coord: &Coordinator, node: &str, events: &[pb::AgentEvent]) -> u64 {
+    let events = limits::bounded_events(events);
+    if events.is_empty() {
+        return 0;
+    }
+    let stored = coord.store.tx(|tx| {
+        let cluster = store::get_node(tx, node)?
+            .and_then(|n| n.cluster)
+            .unwrap_or_default();
+        let mut max = 0;
+        for ev in &events {
+            store::insert_event(
+                tx,
+                ev.at_ms,
+                node,
+                &cluster,
+                &ev.kind,
+                &ev.message,
+                Some(ev.seq),
+            )?;
+            max = max.max(ev.seq);
+        }
+        Ok(max)
+    });
+    match stored {
+        Ok(max) => {
+            for ev in &events {
+                tracing::info!(node = %node, kind = %ev.kind, "agent event: {}", ev.message);
+            }
+            max
+        }
+        Err(e) => {
+            coord.counters.error("heartbeat_events");
+            tracing::warn!(node = %node, "storing {} agent events (kept by the agent for its next heartbeat): {e:#}", events.len());
+            0
+        }
+    }
+}
+
+/// A refused enrollment in the audit log and the coordinator's log: for a
+/// caller without a certificate, a few rows a minute per source address
+/// and one summary row for the rest.
+fn audit_refusal(coord: &Coordinator, source: Option<IpAddr>, who: &str, target: &str, why: &str) {
+    let now = match source {
+        Some(ip) => {
+            let (now, summary) = coord.anonymous.refused(ip, Instant::now());
+            if let Some(n) = summary {
+                coord.store.audit(
+                    who,
+                    "node.enroll",
+                    &format!("source {ip}"),
+                    &crate::ratelimit::summary_text(n),
+                );
+            }
+            now
+        }
+        None => AuditNow::Row,
+    };
+    if now == AuditNow::Row {
+        tracing::warn!(target_node = %target, "enrollment refused: {why}");
+        coord
+            .store
+            .audit(who, "node.enroll", target, &format!("refused: {why}"));
+    }
+}
+
+/// A node id as it is shown in the audit log: as is when it is a valid
+/// name, else a short escaped prefix.
+fn target_id(id: &str) -> String {
+    if names::validate("node", id).is_ok() {
+        id.to_string()
+    } else {
+        limits::shown(id)
+    }
 }
 
 /// What the coordinator tells a node of a cluster in answer to a heartbeat

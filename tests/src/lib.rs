@@ -227,6 +227,23 @@ pub fn teardown(k: u32) {
     let _ = sh("ip", &["link", "del", &format!("crlb{k}")]);
 }
 
+/// Mounts a tmpfs of `mib` MiB on `dir` (under a lab's directory, its
+/// teardown unmounts it).
+pub fn mount_tmpfs(dir: &Path, mib: u64) -> Result<()> {
+    sh(
+        "mount",
+        &[
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={mib}m,mode=0755"),
+            "tmpfs",
+            &dir.to_string_lossy(),
+        ],
+    )?;
+    Ok(())
+}
+
 /// Unmounts the filesystems mounted under `dir` (LabOptions::small_disk).
 fn unmount_under(dir: &str) {
     if let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") {
@@ -410,17 +427,7 @@ impl Lab {
         if let Some((i, mib)) = self.opts.small_disk {
             let dir = self.state_dir(i);
             std::fs::create_dir_all(&dir)?;
-            sh(
-                "mount",
-                &[
-                    "-t",
-                    "tmpfs",
-                    "-o",
-                    &format!("size={mib}m,mode=0755"),
-                    "tmpfs",
-                    &dir.to_string_lossy(),
-                ],
-            )?;
+            mount_tmpfs(&dir, mib)?;
         }
         self.start_coordinator()?;
         if self.opts.enroll {
@@ -593,6 +600,19 @@ impl Lab {
     /// Spawns an agent in VM `i` with `extra` arguments, not tracked as the
     /// VM's agent: for tests that expect it to exit.
     pub fn spawn_agent(&self, i: usize, extra: &[String]) -> Result<Child> {
+        self.spawn_agent_env(i, extra, &[])
+    }
+
+    /// Starts the agent of enrolled VM `i` again, with extra environment
+    /// (e.g. systemd's NOTIFY_SOCKET and WATCHDOG_USEC).
+    pub fn start_agent_env(&mut self, i: usize, env: &[(&str, &str)]) -> Result<()> {
+        let extra = ["--node-id".to_string(), format!("vm{i}")];
+        let child = self.spawn_agent_env(i, &extra, env)?;
+        self.agents[i - 1] = Some(child);
+        Ok(())
+    }
+
+    fn spawn_agent_env(&self, i: usize, extra: &[String], env: &[(&str, &str)]) -> Result<Child> {
         let mut args = vec![
             "--state-dir".to_string(),
             self.state_dir(i).to_string_lossy().into_owned(),
@@ -604,11 +624,12 @@ impl Lab {
             self.opts.heartbeat_interval_ms.to_string(),
         ];
         args.extend(extra.iter().cloned());
-        self.spawn_in(
+        self.spawn_in_env(
             &format!("vm{i}"),
             &bin("corral-agent"),
             &args,
             &format!("vm{i}-agent.log"),
+            env,
         )
     }
 
@@ -748,6 +769,30 @@ impl Lab {
             cmd.env(k, v);
         }
         Ok(cmd.output()?)
+    }
+
+    /// `corralctl ARGS` writing into a pipe whose reader is already gone
+    /// (`corralctl ... | head -0`); returns its exit status and stderr.
+    pub fn ctl_into_closed_pipe(
+        &self,
+        args: &[&str],
+    ) -> Result<(std::process::ExitStatus, String)> {
+        let config = self.pki_dir().join("corralctl.toml");
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.ns("cli")])
+            .arg(bin("corralctl"))
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        drop(child.stdout.take());
+        let out = child.wait_with_output()?;
+        Ok((
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
     }
 
     /// `corralctl ARGS`, which must succeed; returns stdout.

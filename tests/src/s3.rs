@@ -90,6 +90,49 @@ impl S3Server {
     }
 }
 
+/// A lab of `vms` VMs whose coordinator knows the S3 server as target
+/// `s3` (and any `extra` configuration).
+pub fn lab_with_s3(vms: usize, extra: &str) -> (crate::Lab, S3Server) {
+    let mut lab = crate::Lab::start_with(crate::LabOptions {
+        vms,
+        ..Default::default()
+    })
+    .unwrap();
+    let s3 = S3Server::start(&lab.host_ip(), lab.dir()).unwrap();
+    lab.opts.coordinator_config = Some(format!("{}\n{extra}", s3.target_toml("s3")));
+    lab.stop_coordinator().unwrap();
+    lab.start_coordinator().unwrap();
+    for i in 1..=vms {
+        lab.wait_node_state(&format!("vm{i}"), "up", Duration::from_secs(20))
+            .unwrap();
+    }
+    (lab, s3)
+}
+
+/// Gives PostgreSQL cluster `cluster` a schedule to `target` (which makes
+/// it archive its WAL there, and takes no backup before next year) and
+/// waits until its nodes are configured for it.
+pub fn archive_wal(lab: &crate::Lab, cluster: &str, target: &str) {
+    lab.ctl_ok(&[
+        "backup",
+        "schedule",
+        cluster,
+        "--cron",
+        "0 0 1 1 *",
+        "--retain",
+        "7",
+        "--target",
+        target,
+    ])
+    .unwrap();
+    crate::wait_until(
+        Duration::from_secs(60),
+        "WAL archiving to be configured",
+        || Ok(lab.operation(cluster, "configure_backups")?["state"] == "succeeded"),
+    )
+    .unwrap();
+}
+
 impl Drop for S3Server {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -6,29 +6,10 @@
 //! unreachable target, a full disk) recorded with their reason and
 //! announced as alerts.
 
-use corral_tests::s3::S3Server;
+use corral_tests::s3::{archive_wal, lab_with_s3, S3Server};
 use corral_tests::{wait_until, Lab, LabOptions};
 use serde_json::Value;
 use std::time::Duration;
-
-/// A lab whose coordinator knows the S3 server as target `s3` (and any
-/// `extra` configuration).
-fn lab_with_s3(vms: usize, extra: &str) -> (Lab, S3Server) {
-    let mut lab = Lab::start_with(LabOptions {
-        vms,
-        ..Default::default()
-    })
-    .unwrap();
-    let s3 = S3Server::start(&lab.host_ip(), lab.dir()).unwrap();
-    lab.opts.coordinator_config = Some(format!("{}\n{extra}", s3.target_toml("s3")));
-    lab.stop_coordinator().unwrap();
-    lab.start_coordinator().unwrap();
-    for i in 1..=vms {
-        lab.wait_node_state(&format!("vm{i}"), "up", Duration::from_secs(20))
-            .unwrap();
-    }
-    (lab, s3)
-}
 
 fn backups(lab: &Lab, cluster: &str) -> Vec<Value> {
     lab.ctl_json(&["backup", "list", cluster]).unwrap()["backups"]
@@ -68,26 +49,8 @@ fn now_rfc3339() -> String {
 fn postgres_backup_to_s3_restores_into_new_clusters_and_to_a_point_in_time() {
     let (lab, s3) = lab_with_s3(4, "");
     let creds = lab.create_replicated("src", "vm1,vm2", &[]).unwrap();
-    // A schedule makes the cluster archive its WAL to the target (and
-    // takes no backup before next year).
-    lab.ctl_ok(&[
-        "backup",
-        "schedule",
-        "src",
-        "--cron",
-        "0 0 1 1 *",
-        "--retain",
-        "7",
-        "--target",
-        "s3",
-    ])
-    .unwrap();
-    wait_until(
-        Duration::from_secs(60),
-        "WAL archiving to be configured",
-        || Ok(lab.operation("src", "configure_backups")?["state"] == "succeeded"),
-    )
-    .unwrap();
+    // A schedule makes the cluster archive its WAL to the target.
+    archive_wal(&lab, "src", "s3");
     sql(
         &lab,
         &creds,

@@ -146,6 +146,20 @@ fn bad_cli_input_is_refused_and_creates_nothing() {
     refused(&lab, &["frobnicate"], "unrecognized subcommand");
 
     assert_eq!(state(&lab), before, "a refused command changed the store");
+    // `corralctl ... | head` stops quietly when the reader goes: no panic.
+    for args in [
+        &["cluster", "show", "taken"][..],
+        &["node", "list"],
+        &["audit", "list", "-o", "json"],
+    ] {
+        let (status, stderr) = lab.ctl_into_closed_pipe(args).unwrap();
+        assert!(
+            status.success(),
+            "corralctl {} into a closed pipe: {status}\n{stderr}",
+            args.join(" ")
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
     // The refusals are on the record, with their reasons.
     let audit = lab.ctl_json(&["audit", "list"]).unwrap();
     let refusals = audit["entries"]

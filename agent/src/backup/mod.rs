@@ -3,11 +3,14 @@
 //! verifying and reading them back, restoring, and PostgreSQL's continuous
 //! WAL archiving ([`wal`]).
 //!
-//! The key comes with each request from the coordinator and is kept in
-//! memory only for the request, except for WAL archiving, which runs
-//! without the coordinator: its target and key are kept in
-//! `wal-archive.json` (0600, root) in the agent's state directory.
+//! The key (the cluster's own, derived by the coordinator) comes with each
+//! request from the coordinator and is kept in memory only for the
+//! request, except for WAL archiving, which runs without the coordinator:
+//! its target and key are kept in `wal-archive.json` (0600, root) in the
+//! agent's state directory. Each request's target names the cluster it is
+//! about, and [`scope`] refuses objects outside that cluster's prefixes.
 
+pub mod scope;
 pub mod target;
 pub mod wal;
 
@@ -69,6 +72,14 @@ impl Backups {
         Target::open(t, &local_default(&self.state_dir))
     }
 
+    /// The target, once `name` is checked to lie in its cluster scope.
+    fn scoped(&self, t: Option<&pb::BackupTarget>, name: &str) -> Result<Target> {
+        if let Some(t) = t {
+            scope::check(t, name)?;
+        }
+        self.target(t)
+    }
+
     /// TakeBackup: starts the backup `req.id` unless it runs or ran, then
     /// waits for its outcome. The backup goes on if the caller goes away.
     pub async fn take(self: &Arc<Self>, req: pb::TakeBackupRequest) -> Result<pb::BackupResult> {
@@ -121,6 +132,9 @@ impl Backups {
                 "the engine is not running ({}), so it cannot be backed up",
                 status.message
             );
+        }
+        if let Some(t) = &req.target {
+            scope::check_own(t, &spec.cluster, &req.object)?;
         }
         let target = self.target(req.target.as_ref())?;
         let driver = self.engine.driver();
@@ -197,7 +211,7 @@ impl Backups {
     /// own check, in a scratch directory.
     pub async fn verify(&self, req: pb::VerifyBackupRequest) -> Result<pb::VerifyBackupResponse> {
         let key = key_of(&req.key)?;
-        let target = self.target(req.target.as_ref())?;
+        let target = self.scoped(req.target.as_ref(), &req.object)?;
         let driver = self
             .engine
             .driver_for(&req.engine)
@@ -229,7 +243,7 @@ impl Backups {
         if req.prefix.is_empty() {
             bail!("refusing to delete with an empty prefix (it would mean every object)");
         }
-        let target = self.target(req.target.as_ref())?;
+        let target = self.scoped(req.target.as_ref(), &req.prefix)?;
         if req.wal_before.is_empty() {
             return target.delete_prefix(&req.prefix).await;
         }
@@ -252,7 +266,7 @@ impl Backups {
         &self,
         req: pb::ReadBackupObjectRequest,
     ) -> Result<tokio::sync::mpsc::Receiver<Result<bytes::Bytes, String>>> {
-        let target = self.target(req.target.as_ref())?;
+        let target = self.scoped(req.target.as_ref(), &req.object)?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         if req.key.is_empty() {
             use futures::StreamExt;
@@ -421,13 +435,12 @@ pub async fn restore(
     progress: impl Fn(u64, u64) + Send + Sync + 'static,
 ) -> Result<()> {
     let key = key_of(&source.key)?;
-    let target = Target::open(
-        source
-            .target
-            .as_ref()
-            .context("the restore names no target")?,
-        &local_default(state_dir),
-    )?;
+    let described = source
+        .target
+        .as_ref()
+        .context("the restore names no target")?;
+    scope::check(described, &source.object)?;
+    let target = Target::open(described, &local_default(state_dir))?;
     let mut recovery = None;
     let wal_dir = state_dir.join("restore-wal");
     if source.to_time_ms > 0 {
@@ -435,6 +448,9 @@ pub async fn restore(
             .wal
             .as_ref()
             .context("a point-in-time restore needs the source's WAL archive")?;
+        if let Some(t) = &wal.target {
+            scope::check(t, &wal.prefix)?;
+        }
         let _ = std::fs::remove_dir_all(&wal_dir);
         wal::fetch_all(wal, &wal_dir, state_dir, &source.start_wal).await?;
         recovery = Some(Recovery {

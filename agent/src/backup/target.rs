@@ -1238,6 +1238,7 @@ mod tests {
             access_key_id: "AKIDEXAMPLE".into(),
             secret_access_key: "sekrit-do-not-print".into(),
             allow_http: true,
+            scope: String::new(),
         }
     }
 

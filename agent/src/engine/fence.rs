@@ -98,7 +98,11 @@ impl Engine {
                 self.allowlist_applied
                     .store(want.allowlist_version, Ordering::SeqCst);
                 drop(applied);
-                if self.firewall_broken.swap(false, Ordering::SeqCst) {
+                *self
+                    .firewall_error_logged
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = None;
+                if self.lock_firewall_broken().take().is_some() {
                     self.events.push(
                         "firewall_restored",
                         "the firewall applies again; the engine may start",
@@ -115,12 +119,13 @@ impl Engine {
                 if fenced {
                     self.fenced_now.store(true, Ordering::SeqCst);
                 }
-                tracing::error!(
-                    fenced,
-                    allowlist = want.allowlist_version,
-                    "applying the firewall: {e:#}"
-                );
-                self.update(|s| s.message = format!("applying the firewall: {e:#}"));
+                let message = format!("applying the firewall: {e:#}");
+                if self.firewall_error_is_news(&message) {
+                    tracing::error!(fenced, allowlist = want.allowlist_version, "{message}");
+                } else {
+                    tracing::debug!(fenced, allowlist = want.allowlist_version, "{message}");
+                }
+                self.update(|s| s.message = message);
                 drop(applied);
                 if needs_firewall(&want.rules) {
                     self.stop_unfenceable(&e).await;
@@ -213,7 +218,7 @@ impl Engine {
     /// its engine (the supervisor does not start it again until the
     /// firewall applies, see [`Engine::start_refused`]).
     async fn stop_unfenceable(&self, e: &anyhow::Error) {
-        self.firewall_broken.store(true, Ordering::SeqCst);
+        *self.lock_firewall_broken() = Some(format!("{e:#}"));
         let Some(pid) = self.driver().find_running() else {
             return;
         };
@@ -231,11 +236,46 @@ impl Engine {
     }
 
     /// Why the supervisor must not start the engine now, if it must not.
-    pub(super) fn start_refused(&self) -> Option<&'static str> {
-        self.firewall_broken.load(Ordering::SeqCst).then_some(
-            "not started: the firewall cannot be applied, and a primary that cannot be fenced \
-             must not take writes",
-        )
+    pub(super) fn start_refused(&self) -> Option<String> {
+        self.lock_firewall_broken().as_ref().map(|e| {
+            format!(
+                "not started: the firewall cannot be applied ({e}), and a primary that cannot \
+                 be fenced must not take writes"
+            )
+        })
+    }
+
+    /// A primary's step that failed while its engine was stopped for want
+    /// of a firewall failed because of that: say so, rather than only
+    /// "connection closed".
+    pub(super) fn with_firewall_cause(&self, e: anyhow::Error) -> anyhow::Error {
+        match self.start_refused() {
+            Some(why) => e.context(format!("the engine is {why}")),
+            None => e,
+        }
+    }
+
+    /// Whether `message` should be logged at its level: the first time,
+    /// when it changes, and once a minute while it lasts.
+    fn firewall_error_is_news(&self, message: &str) -> bool {
+        let mut last = self
+            .firewall_error_logged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let news = match &*last {
+            Some((m, at)) => m != message || at.elapsed() >= Duration::from_secs(60),
+            None => true,
+        };
+        if news {
+            *last = Some((message.to_string(), Instant::now()));
+        }
+        news
+    }
+
+    fn lock_firewall_broken(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.firewall_broken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// The events of a change that was applied.
@@ -329,12 +369,14 @@ impl Engine {
     /// Runs for the agent's life: fences before the lease ends, keeps the
     /// lease gate open while it is renewed, lifts the fence when it is,
     /// repairs drift. Wakes at the next deadline, when woken, and at least
-    /// every 250 ms.
-    pub async fn guard(self: std::sync::Arc<Self>) {
+    /// every 250 ms. Each pass pings systemd's watchdog, so a guardian that
+    /// stops making progress gets the agent restarted.
+    pub async fn guard(self: std::sync::Arc<Self>, watchdog: crate::watchdog::Watchdog) {
         let mut last_drift_check = Instant::now();
         let mut last_full_check = Instant::now();
         loop {
             self.enforce().await;
+            watchdog.ping();
             if last_drift_check.elapsed() > DRIFT_CHECK_EVERY {
                 last_drift_check = Instant::now();
                 let full = last_full_check.elapsed() > DRIFT_FULL_CHECK_EVERY;

@@ -261,6 +261,10 @@ impl EngineSpec {
             if w.key.len() != 32 || w.prefix.is_empty() || w.target.is_none() {
                 return Err("a WAL archive needs a target, a prefix and a 32-byte key".into());
             }
+            if let Some(t) = &w.target {
+                crate::backup::scope::check_own(t, &req.cluster, &w.prefix)
+                    .map_err(|e| format!("the WAL archive: {e:#}"))?;
+            }
         }
         if req.role == "primary" && !req.resync_id.is_empty() {
             return Err("a primary cannot be resynced; promote another node first".into());
@@ -585,7 +589,11 @@ pub struct Engine {
     gate_until: Mutex<Option<crate::lease::BootTime>>,
     /// The firewall of a primary serving replicas could not be written: its
     /// engine is stopped and not started until it can (see [`fence`]).
-    firewall_broken: std::sync::atomic::AtomicBool,
+    /// Holds why.
+    firewall_broken: Mutex<Option<String>>,
+    /// The last firewall error logged, and when: the guardian retries every
+    /// 250 ms, the log says it again only when it changes or once a minute.
+    firewall_error_logged: Mutex<Option<(String, Instant)>>,
     /// The agent's health port, filtered by the allowlist like the engine's.
     health_port: Option<u16>,
     /// When the last successful health check ran.
@@ -648,7 +656,8 @@ impl Engine {
             firewall,
             fence: tokio::sync::Mutex::new(None),
             gate_until: Mutex::new(None),
-            firewall_broken: std::sync::atomic::AtomicBool::new(false),
+            firewall_broken: Mutex::new(None),
+            firewall_error_logged: Mutex::new(None),
             health_port,
             fenced_now: std::sync::atomic::AtomicBool::new(false),
             last_check: Mutex::new(None),
@@ -888,6 +897,12 @@ impl Engine {
             }
         }
         self.check_term(req.term, "configure")?;
+        if let Some(why) = self.start_refused() {
+            bail!(Conflict(format!(
+                "the engine is {why}; fix nftables on this node (the agent's log says what \
+                 fails), then retry"
+            )));
+        }
         // The engine cannot change while a cluster is stored (refused
         // above), so this only ever picks the driver of a new node.
         self.select_driver(&spec.engine)?;
@@ -900,10 +915,10 @@ impl Engine {
             .map(|c| c.last_resync.clone())
             .unwrap_or_default();
         match spec.role.as_str() {
-            "primary" => {
-                self.converge_primary(&req, current.as_ref(), cluster)
-                    .await?
-            }
+            "primary" => self
+                .converge_primary(&req, current.as_ref(), cluster)
+                .await
+                .map_err(|e| self.with_firewall_cause(e))?,
             _ => {
                 let upstream = spec
                     .upstream
