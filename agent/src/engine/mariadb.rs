@@ -2358,10 +2358,15 @@ impl Driver for Mariadb {
                 .query_drop(f.replication_grants(&account_name(REPLICATION_USER, "%")))
                 .await
                 .with_context(|| format!("granting {REPLICATION_USER}'s privileges"))?;
+            // Only once the server itself speaks TLS: one started before
+            // this node had a certificate (an upgrade) gets it at its next
+            // start, and its replicas must still reach it meanwhile.
+            let have_ssl = show(&mut a.conn, "SHOW GLOBAL VARIABLES LIKE 'have_ssl'").await?;
+            let serves_tls = have_ssl.get("have_ssl").is_some_and(|v| v == "YES");
             a.conn
                 .query_drop(tls::replication_require(
                     &account_name(REPLICATION_USER, "%"),
-                    self.tls_files().is_some(),
+                    self.tls_files().is_some() && serves_tls,
                 ))
                 .await
                 .with_context(|| format!("setting {REPLICATION_USER}'s TLS requirement"))?;
