@@ -45,7 +45,7 @@ impl Client {
                 .map_err(|_| anyhow!("connect timed out after {timeout:?}"))??;
             return Ok(Client::Mysql(conn));
         }
-        let mut config: tokio_postgres::Config = uri.parse()?;
+        let mut config: tokio_postgres::Config = without_libpq_tls(uri).parse()?;
         config.connect_timeout(timeout);
         // connect_timeout bounds each TCP connect; this bounds
         // authentication too (a node that accepts but never answers).
@@ -207,5 +207,46 @@ impl Failure {
         match self {
             Failure::Refused(m) | Failure::Broken(m) => m,
         }
+    }
+}
+
+/// The connection strings Corral prints ask libpq for TLS verified against
+/// the cluster CA (`sslmode=verify-ca&sslrootcert=...`), which
+/// tokio-postgres cannot parse. The harness's own client speaks plaintext,
+/// which clusters accept unless created with `--require-tls`; TLS itself is
+/// shown with psql and the engines' own views (tests/tests/dbtls.rs).
+fn without_libpq_tls(uri: &str) -> String {
+    let Some((base, query)) = uri.split_once('?') else {
+        return uri.to_string();
+    };
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|kv| !kv.starts_with("sslmode=") && !kv.starts_with("sslrootcert="))
+        .collect();
+    if kept.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn libpq_tls_settings_are_left_out_and_the_rest_kept() {
+        assert_eq!(
+            super::without_libpq_tls(
+                "postgresql://u:p@h1:5432,h2:5432/db?target_session_attrs=read-write&sslmode=verify-ca&sslrootcert=/x/ca.crt"
+            ),
+            "postgresql://u:p@h1:5432,h2:5432/db?target_session_attrs=read-write"
+        );
+        assert_eq!(
+            super::without_libpq_tls("postgresql://h/db?sslmode=verify-ca"),
+            "postgresql://h/db"
+        );
+        assert_eq!(
+            super::without_libpq_tls("postgresql://h/db"),
+            "postgresql://h/db"
+        );
     }
 }
