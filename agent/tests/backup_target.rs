@@ -7,6 +7,9 @@
 //! unmounted by Drop; leftovers of a killed run are swept by the next
 //! one). The tmpfs test needs root.
 
+#[path = "scratch/mod.rs"]
+mod scratch;
+
 use anyhow::{anyhow, Result};
 use corral_agent::backup::target::{ObjectInfo, Target};
 use corral_proto::pb;
@@ -103,31 +106,10 @@ fn unmount_under(dir: &Path) {
 
 /// Removes the directories of earlier runs whose process is gone.
 fn sweep_stale() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
-        let Some(rest) = name.strip_prefix(DIR_PREFIX) else {
-            continue;
-        };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
-            continue;
-        };
-        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
-            unmount_under(&e.path());
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
+    scratch::sweep_stale(&std::env::temp_dir(), DIR_PREFIX, unmount_under);
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use scratch::free_port;
 
 /// An s3s-fs server with the bucket `BUCKET`, killed when dropped.
 struct S3Server {

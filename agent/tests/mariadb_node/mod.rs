@@ -6,6 +6,9 @@ use corral_agent::engine::mariadb::Mariadb;
 pub use corral_agent::engine::{Driver, EngineSpec, Secrets, Upstream};
 use corral_proto::pb;
 pub use mysql_async::prelude::*;
+#[path = "../scratch/mod.rs"]
+mod scratch;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Once;
@@ -52,31 +55,10 @@ pub fn kill_servers(dir: &Path) {
 
 /// Removes the directories (and servers) of test runs that are gone.
 pub fn sweep_stale() {
-    let Ok(entries) = std::fs::read_dir("/tmp") else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(PREFIX) else {
-            continue;
-        };
-        let Some(Ok(pid)) = rest.split('-').next().map(str::parse::<u32>) else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            kill_servers(&e.path());
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
+    scratch::sweep_stale(Path::new("/tmp"), PREFIX, kill_servers);
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use scratch::free_port;
 
 /// One node: a driver, its state directory, its port, its running server.
 pub struct Node {

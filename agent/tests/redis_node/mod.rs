@@ -1,6 +1,9 @@
 //! The Redis test harness shared by the driver's tests (see redis.rs).
 #![allow(dead_code, unused_imports)]
 
+#[path = "../scratch/mod.rs"]
+mod scratch;
+
 pub use corral_agent::engine::redis::{Redis, AGENT_USER};
 pub use corral_agent::engine::{BackupInfo, Driver, EngineSpec, Health, Secrets, Upstream};
 pub use redis::aio::MultiplexedConnection;
@@ -73,22 +76,9 @@ pub fn kill_servers_in(dir: &Path) {
 
 /// Removes the directories (and servers) of earlier runs whose process is gone.
 pub fn sweep_stale() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
-        let Some(rest) = name.strip_prefix(DIR_PREFIX) else {
-            continue;
-        };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
-            continue;
-        };
-        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
-            kill_servers_in(&e.path());
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
+    scratch::sweep_stale(&std::env::temp_dir(), DIR_PREFIX, |dir| {
+        kill_servers_in(dir)
+    });
 }
 
 pub fn free_port(taken: &[u16]) -> u16 {
