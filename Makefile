@@ -26,6 +26,7 @@ build: deps
 lint: deps
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	scripts/check-structure.sh
 
 # Unit tests and the namespace end-to-end tests (root: they create
 # namespaces). Labs are independent, so tests run in parallel.
