@@ -265,6 +265,16 @@ impl Fleet {
     }
 }
 
+/// "10.0.0.1:7401" -> "10.0.0.1"; "[fd31::1]:7401" -> "fd31::1".
+pub fn host_of(address: &str) -> &str {
+    match address.rsplit_once(':') {
+        Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) => {
+            host.trim_start_matches('[').trim_end_matches(']')
+        }
+        _ => address,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

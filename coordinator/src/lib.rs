@@ -7,15 +7,16 @@
 //! - [`store`]: what survives a restart (SQLite), and what deliberately does not.
 //! - [`fleet`]: the live view rebuilt from heartbeats; the liveness rule.
 //! - [`secrets`]: encryption at rest for database passwords.
-//! - [`upcalls`]: the API agents call: enrollment and heartbeats.
 //! - [`revocation`]: who may still call: revoked certificates and each
 //!   node's current one, checked on every call.
-//! - [`identities`]: forgetting nodes, revoking and renewing certificates.
 //! - [`limits`], [`ratelimit`]: bounds on what callers send, and rate
 //!   limits for callers without a certificate.
 //! - [`listing`]: paged lists of the audit log, events and operations.
 //! - [`retention`]: how long audit rows, events and operation logs stay.
-//! - [`operator`]: the API operators call (through `corralctl`).
+//! - [`api`]: what the coordinator serves, each a thin adapter: the operator
+//!   and identities gRPC APIs, the agents' upcalls, `/metrics`.
+//! - [`service`]: the rules of every operator request (validation, roles,
+//!   refusals, audit, the operation it records), with no protocol types.
 //! - [`ops`]: the operation runner: one operation at a time per cluster,
 //!   each step logged, resumed after a restart.
 //! - [`agents`]: mutual-TLS clients to the agents.
@@ -29,7 +30,6 @@
 //! - [`history`]: each node's metrics over the last hour and 7 days.
 //! - [`alerts`]: alert rules over the live fleet, and notices of events.
 //! - [`notify`]: delivery to Alertmanager, webhooks and email.
-//! - [`http`]: `/metrics` for Prometheus; the coordinator's own counters.
 //! - [`logs`]: `corralctl logs`: a node's log relayed from its agent.
 //! - [`cli`]: `corralctl`, the operator CLI ([`cli_identity`]: its
 //!   `node forget` and online `pki` commands).
@@ -37,6 +37,7 @@
 pub mod agents;
 pub mod alerts;
 pub mod allowlist;
+pub mod api;
 pub mod backup_credentials;
 pub mod backup_keys;
 pub mod backup_upgrade;
@@ -50,22 +51,19 @@ pub mod engines;
 pub mod failover;
 pub mod fleet;
 pub mod history;
-pub mod http;
-pub mod identities;
 pub mod limits;
 pub mod listing;
 pub mod logs;
 pub mod monitor;
 pub mod notify;
-pub mod operator;
 pub mod ops;
 pub mod ratelimit;
 pub mod retention;
 pub mod revocation;
 pub mod secrets;
+pub mod service;
 pub mod statelock;
 pub mod store;
-pub mod upcalls;
 
 use anyhow::{Context, Result};
 use corral_proto::pb;
@@ -87,7 +85,7 @@ pub struct Config {
     /// The configuration file (alert rules, notification channels).
     pub file: config::FileConfig,
     /// How long the node and operator certificates signed here are valid.
-    pub lifetimes: identities::Lifetimes,
+    pub lifetimes: service::identities::Lifetimes,
 }
 
 /// Shared state of a running coordinator; every service holds an `Arc` of it.
@@ -102,14 +100,14 @@ pub struct Coordinator {
     pub judgements: monitor::Judgements,
     pub history: Arc<history::History>,
     pub alerts: alerts::Alerts,
-    pub counters: http::Counters,
+    pub counters: api::http::Counters,
     /// The backup key, targets and settings.
     pub backups: backups::Backups,
     /// The CA's and the coordinator's certificates, with their expiry.
     pub certificates: Vec<(String, i64)>,
     /// Revoked certificates and each node's current one.
     pub trust: revocation::Trust,
-    pub lifetimes: identities::Lifetimes,
+    pub lifetimes: service::identities::Lifetimes,
     /// The coordinator's own certificate, which must not be revoked.
     pub coordinator_fingerprint: String,
     /// This process's hold of the state directory (one coordinator each).
@@ -169,7 +167,7 @@ impl Coordinator {
             judgements: monitor::Judgements::default(),
             history: Arc::new(history),
             alerts: alerts::Alerts::new(config.file.alerts.clone(), notifier),
-            counters: http::Counters::default(),
+            counters: api::http::Counters::default(),
             backups: backups::Backups::open(config.file.backup.clone(), &config.state_dir)
                 .context("opening the backup key ([backup] in the configuration file)")?,
             certificates,
@@ -194,7 +192,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
 
     // Bound before anything starts: a taken port is a start-up error.
     let http_listener = match config.http_listen {
-        Some(listen) => Some(http::bind(listen).await?),
+        Some(listen) => Some(api::http::bind(listen).await?),
         None => None,
     };
 
@@ -211,7 +209,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let http = http_listener.map(|listener| {
         let c = coord.clone();
         tokio::spawn(async move {
-            if let Err(e) = http::serve(c, listener).await {
+            if let Err(e) = api::http::serve(c, listener).await {
                 tracing::error!("{e:#}");
             }
         })
@@ -225,14 +223,14 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
             coord.clone(),
         )))
         .add_service(pb::identities_server::IdentitiesServer::new(
-            identities::IdentitiesApi(coord.clone()),
+            api::identities::IdentitiesApi(service::Service(coord.clone())),
         ))
         .add_service(
-            pb::agent_upcalls_server::AgentUpcallsServer::new(upcalls::Upcalls(coord.clone()))
+            pb::agent_upcalls_server::AgentUpcallsServer::new(api::upcalls::Upcalls(coord.clone()))
                 .max_decoding_message_size(limits::MAX_UPCALL_MESSAGE),
         )
         .add_service(pb::operator_server::OperatorServer::new(
-            operator::OperatorApi(coord.clone()),
+            api::operator::OperatorApi(service::Service(coord.clone())),
         ))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

@@ -10,8 +10,8 @@
 //! mid-way re-runs the unfinished operation from the top without doing
 //! anything twice.
 
+use crate::fleet::host_of;
 use crate::fleet::Liveness;
-use crate::operator::host_of;
 use crate::store::{self, op_state, ClusterRow, NodeRow, OperationRow};
 use crate::Coordinator;
 use anyhow::{anyhow, bail, Context, Result};

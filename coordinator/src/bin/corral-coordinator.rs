@@ -117,7 +117,7 @@ async fn main() -> std::process::ExitCode {
         listen: args.listen,
         http_listen,
         file,
-        lifetimes: corral_coordinator::identities::Lifetimes {
+        lifetimes: corral_coordinator::service::identities::Lifetimes {
             node: args.node_cert_lifetime,
             operator: args.operator_cert_lifetime,
         },

@@ -4,7 +4,8 @@
 //! - no import cycle between the files of a crate ([`cycles`] says what
 //!   counts as an edge);
 //! - no `.rs` file over 800 lines, tests included;
-//! - no function over 120 lines outside test code ([`lengths`]).
+//! - no function over 120 lines outside test code ([`lengths`]);
+//! - no protocol crate in the coordinator's service layer ([`FORBIDDEN`]).
 //!
 //! `check-structure [--report] [ROOT]`: ROOT is the repository (default: the
 //! current directory). `--report` also prints the figures the architecture
@@ -25,6 +26,10 @@ use std::process::ExitCode;
 
 const MAX_FILE_LINES: usize = 800;
 const MAX_FN_LINES: usize = 120;
+
+/// Folders that must not name a crate: the service layer holds the rules
+/// every API shares, so no protocol crate may appear in it.
+const FORBIDDEN: &[(&str, &str)] = &[("coordinator/src/service/", "tonic")];
 
 fn main() -> ExitCode {
     match run() {
@@ -68,6 +73,18 @@ fn run() -> Result<bool> {
                     rel.display()
                 ),
             ));
+        }
+        for (dir, name) in FORBIDDEN {
+            if rel.starts_with(dir) && names_crate(&text, name) {
+                problems.push((
+                    format!("crate {} {name}", rel.display()),
+                    format!(
+                        "{}: names `{name}`, which {dir} must not: the adapter in \
+                         coordinator/src/api/ does the protocol",
+                        rel.display()
+                    ),
+                ));
+            }
         }
         if is_test_path(rel) {
             continue;
@@ -173,6 +190,11 @@ fn print_report(
         println!("  {n:5} {f}");
     }
     println!("import cycles: {cycles}");
+}
+
+/// Whether `text` uses crate `name` (`name::` or `use name`).
+fn names_crate(text: &str, name: &str) -> bool {
+    text.contains(&format!("{name}::")) || text.contains(&format!("use {name}"))
 }
 
 /// Integration tests, benches and the e2e crate are test code: their files

@@ -6,15 +6,14 @@
 //! [`crate::revocation::Trust`] that checks every call; every request is
 //! audited, refusals included.
 
-use crate::operator::{authorize, confirmed, internal, OperatorApi};
+use super::rules::confirmed;
+use super::{internal, Caller, Error, Service};
 use crate::revocation::{self, short, Revocation, FORGOTTEN};
 use crate::{store, Coordinator};
-use corral_proto::identity::{peer_identity, Identity, Role};
+use corral_proto::identity::{Identity, Role};
 use corral_proto::{names, now_ms, pb, pki};
 use rusqlite::{params, Connection, OptionalExtension};
-use std::sync::Arc;
 use std::time::Duration;
-use tonic::{Request, Response, Status};
 
 /// How long the certificates the coordinator signs are valid.
 #[derive(Debug, Clone, Copy)]
@@ -32,22 +31,6 @@ impl Default for Lifetimes {
     }
 }
 
-pub struct IdentitiesApi(pub Arc<Coordinator>);
-
-impl IdentitiesApi {
-    fn api(&self) -> OperatorApi {
-        OperatorApi(self.0.clone())
-    }
-}
-
-/// The caller's certificate fingerprint (the gate let the call through, so
-/// it holds one unless the caller is anonymous).
-fn caller_fingerprint<T>(req: &Request<T>) -> Result<String, Status> {
-    revocation::caller(req)
-        .map(|(fp, _)| fp)
-        .ok_or_else(|| Status::unauthenticated("no client certificate"))
-}
-
 fn info(fp: &str, r: &Revocation) -> pb::CertificateInfo {
     pb::CertificateInfo {
         fingerprint: fp.to_string(),
@@ -60,40 +43,39 @@ fn info(fp: &str, r: &Revocation) -> pb::CertificateInfo {
     }
 }
 
-#[tonic::async_trait]
-impl pb::identities_server::Identities for IdentitiesApi {
-    async fn forget_node(
+impl Service {
+    pub async fn forget_node(
         &self,
-        req: Request<pb::ForgetNodeRequest>,
-    ) -> Result<Response<pb::ForgetNodeResponse>, Status> {
-        let r = req.get_ref().clone();
+        caller: &Caller,
+        req: pb::ForgetNodeRequest,
+    ) -> Result<pb::ForgetNodeResponse, Error> {
+        let r = req.clone();
         let (action, target) = ("node.forget", format!("node {}", r.node));
-        let api = self.api();
-        let who = api.authorize_audited(&req, Role::Admin, action, &target)?;
-        let revoked = api.audited(&who, action, &target, || {
-            names::validate("node", &r.node).map_err(Status::invalid_argument)?;
+        let who = self.authorize_audited(caller, Role::Admin, action, &target)?;
+        let revoked = self.audited(&who, action, &target, || {
+            names::validate("node", &r.node).map_err(Error::invalid_argument)?;
             confirmed("node forget", &r.node, &r.confirm)?;
-            api.refusable_tx(|tx| forget(tx, &r.node, &who))
+            self.refusable_tx(|tx| forget(tx, &r.node, &who))
         })?;
         tracing::info!(node = %r.node, by = %who, "node forgotten; its certificates are revoked");
         self.0.trust.forgot(&r.node, revoked.clone());
         self.0.fleet.forget(&r.node);
-        Ok(Response::new(pb::ForgetNodeResponse {
+        Ok(pb::ForgetNodeResponse {
             revoked: revoked.iter().map(|(fp, r)| info(fp, r)).collect(),
-        }))
+        })
     }
 
-    async fn revoke_certificate(
+    pub async fn revoke_certificate(
         &self,
-        req: Request<pb::RevokeCertificateRequest>,
-    ) -> Result<Response<pb::RevokeCertificateResponse>, Status> {
-        let r = req.get_ref().clone();
+        caller: &Caller,
+        req: pb::RevokeCertificateRequest,
+    ) -> Result<pb::RevokeCertificateResponse, Error> {
+        let r = req.clone();
         let target = revoke_target(&r);
         let action = "certificate.revoke";
-        let api = self.api();
-        let who = api.authorize_audited(&req, Role::Admin, action, &target)?;
-        let own = caller_fingerprint(&req)?;
-        let revoked = api.audited(&who, action, &target, || {
+        let who = self.authorize_audited(caller, Role::Admin, action, &target)?;
+        let own = caller.fingerprint()?;
+        let revoked = self.audited(&who, action, &target, || {
             let wanted = wanted(&r)?;
             let reason = match r.reason.trim() {
                 "" => "revoked by an administrator".to_string(),
@@ -103,45 +85,42 @@ impl pb::identities_server::Identities for IdentitiesApi {
                 coordinator: &self.0.coordinator_fingerprint,
                 caller: &own,
             };
-            api.refusable_tx(|tx| revoke(tx, &wanted, &guard, &who, &reason))
+            self.refusable_tx(|tx| revoke(tx, &wanted, &guard, &who, &reason))
         })?;
         for (fp, r) in &revoked {
             tracing::info!(fingerprint = short(fp), subject = %r.subject, by = %who, "certificate revoked: {}", r.reason);
         }
         self.0.trust.revoked(revoked.clone());
-        Ok(Response::new(pb::RevokeCertificateResponse {
+        Ok(pb::RevokeCertificateResponse {
             revoked: revoked.iter().map(|(fp, r)| info(fp, r)).collect(),
-        }))
+        })
     }
 
-    async fn list_certificates(
+    pub async fn list_certificates(
         &self,
-        req: Request<pb::ListCertificatesRequest>,
-    ) -> Result<Response<pb::ListCertificatesResponse>, Status> {
-        authorize(&req, Role::Admin)?;
+        caller: &Caller,
+        _req: pb::ListCertificatesRequest,
+    ) -> Result<pb::ListCertificatesResponse, Error> {
+        caller.authorize(Role::Admin)?;
         let certificates = self.0.store.read(list).map_err(internal)?;
-        Ok(Response::new(pb::ListCertificatesResponse { certificates }))
+        Ok(pb::ListCertificatesResponse { certificates })
     }
 
-    async fn renew_operator_certificate(
+    pub async fn renew_operator_certificate(
         &self,
-        req: Request<pb::RenewCertificateRequest>,
-    ) -> Result<Response<pb::RenewCertificateResponse>, Status> {
+        caller: &Caller,
+        req: pb::RenewCertificateRequest,
+    ) -> Result<pb::RenewCertificateResponse, Error> {
         let (action, target) = ("certificate.renew", "own certificate".to_string());
-        let api = self.api();
-        let who = api.authorize_audited(&req, Role::Viewer, action, &target)?;
-        let old = caller_fingerprint(&req)?;
-        let identity = peer_identity(&req)?;
+        let who = self.authorize_audited(caller, Role::Viewer, action, &target)?;
+        let old = caller.fingerprint()?;
+        let identity = caller.identity()?;
         let Identity::Operator { role, name } = &identity else {
-            return Err(Status::permission_denied("not an operator certificate"));
+            return Err(Error::permission_denied("not an operator certificate"));
         };
-        let (cert, not_after) = api.audited(&who, action, &target, || {
-            let (cert, not_after) = sign(
-                &self.0,
-                &req.get_ref().csr_pem,
-                &identity,
-                self.0.lifetimes.operator,
-            )?;
+        let (cert, not_after) = self.audited(&who, action, &target, || {
+            let (cert, not_after) =
+                sign(&self.0, &req.csr_pem, &identity, self.0.lifetimes.operator)?;
             let fp = pki::fingerprint_pem(&cert).map_err(internal)?;
             self.0
                 .store
@@ -161,11 +140,11 @@ impl pb::identities_server::Identities for IdentitiesApi {
             Ok((cert, not_after))
         })?;
         tracing::info!(operator = %name, "operator certificate renewed");
-        Ok(Response::new(pb::RenewCertificateResponse {
+        Ok(pb::RenewCertificateResponse {
             certificate_pem: cert,
             ca_pem: self.0.ca.cert_pem().to_string(),
             not_after_ms: not_after,
-        }))
+        })
     }
 }
 
@@ -175,16 +154,16 @@ fn sign(
     csr_pem: &str,
     identity: &Identity,
     lifetime: Duration,
-) -> Result<(String, i64), Status> {
+) -> Result<(String, i64), Error> {
     if csr_pem.len() > 16 << 10 {
-        return Err(Status::invalid_argument(
+        return Err(Error::invalid_argument(
             "certificate signing request larger than 16 KiB",
         ));
     }
     let cert = coord
         .ca
         .sign_csr(csr_pem, identity, lifetime)
-        .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        .map_err(|e| Error::invalid_argument(format!("{e:#}")))?;
     let not_after = pki::not_after_ms(&cert).map_err(internal)?;
     Ok((cert, not_after))
 }
@@ -194,12 +173,13 @@ fn sign(
 /// with the new one ([`crate::revocation`]).
 pub fn renew_node(
     coord: &Coordinator,
-    req: Request<pb::RenewCertificateRequest>,
-) -> Result<Response<pb::RenewCertificateResponse>, Status> {
-    let node = match peer_identity(&req)? {
+    caller: &Caller,
+    req: pb::RenewCertificateRequest,
+) -> Result<pb::RenewCertificateResponse, Error> {
+    let node = match caller.identity()? {
         Identity::Node(id) => id,
         other => {
-            return Err(Status::permission_denied(format!(
+            return Err(Error::permission_denied(format!(
                 "node certificates are renewed by their node's agent; certificate {other} is \
                  not a node certificate (operators use `corralctl pki renew`)"
             )))
@@ -207,29 +187,24 @@ pub fn renew_node(
     };
     let identity = Identity::Node(node.clone());
     let (who, target) = (identity.common_name(), format!("node {node}"));
-    let issued = sign(
-        coord,
-        &req.get_ref().csr_pem,
-        &identity,
-        coord.lifetimes.node,
-    )
-    .and_then(|(cert, not_after)| {
-        let fp = pki::fingerprint_pem(&cert).map_err(internal)?;
-        let superseded = coord
-            .store
-            .tx(|c| match revocation::node_certificate(c, &node)? {
-                None => Ok(None),
-                Some(_) => Ok(Some(revocation::set_renewal(c, &node, &fp, not_after)?)),
-            })
-            .map_err(internal)?
-            .ok_or_else(|| {
-                Status::permission_denied(format!(
-                    "node {node} is not enrolled with this coordinator"
-                ))
-            })?;
-        coord.trust.renewed(&node, &fp, superseded);
-        Ok((cert, fp, not_after))
-    });
+    let issued =
+        sign(coord, &req.csr_pem, &identity, coord.lifetimes.node).and_then(|(cert, not_after)| {
+            let fp = pki::fingerprint_pem(&cert).map_err(internal)?;
+            let superseded = coord
+                .store
+                .tx(|c| match revocation::node_certificate(c, &node)? {
+                    None => Ok(None),
+                    Some(_) => Ok(Some(revocation::set_renewal(c, &node, &fp, not_after)?)),
+                })
+                .map_err(internal)?
+                .ok_or_else(|| {
+                    Error::permission_denied(format!(
+                        "node {node} is not enrolled with this coordinator"
+                    ))
+                })?;
+            coord.trust.renewed(&node, &fp, superseded);
+            Ok((cert, fp, not_after))
+        });
     let result = match &issued {
         Ok((_, fp, not_after)) => format!(
             "ok: certificate {}… valid until {}",
@@ -241,11 +216,11 @@ pub fn renew_node(
     coord.store.audit(&who, "node.renew", &target, &result);
     let (cert, _, not_after) = issued?;
     tracing::info!(%node, "node certificate renewed");
-    Ok(Response::new(pb::RenewCertificateResponse {
+    Ok(pb::RenewCertificateResponse {
         certificate_pem: cert,
         ca_pem: coord.ca.cert_pem().to_string(),
         not_after_ms: not_after,
-    }))
+    })
 }
 
 /// Deletes `node` (refused while it serves a cluster) and revokes its
@@ -254,9 +229,9 @@ fn forget(
     tx: &Connection,
     node: &str,
     who: &str,
-) -> anyhow::Result<Result<Vec<(String, Revocation)>, Status>> {
+) -> anyhow::Result<Result<Vec<(String, Revocation)>, Error>> {
     let Some(row) = store::get_node(tx, node)? else {
-        return Ok(Err(Status::not_found(format!(
+        return Ok(Err(Error::not_found(format!(
             "unknown node {node:?}: see `corralctl node list` for enrolled nodes"
         ))));
     };
@@ -269,7 +244,7 @@ fn forget(
         } else {
             "remove it first".to_string()
         };
-        return Ok(Err(Status::failed_precondition(format!(
+        return Ok(Err(Error::failed_precondition(format!(
             "node {node} serves cluster {cluster} as its {}: {first} (`corralctl node remove \
              {cluster} {node} --confirm {node}`), or delete the cluster",
             row.role
@@ -326,14 +301,14 @@ enum Wanted {
     Operator(String),
 }
 
-fn wanted(r: &pb::RevokeCertificateRequest) -> Result<Wanted, Status> {
+fn wanted(r: &pb::RevokeCertificateRequest) -> Result<Wanted, Error> {
     let given = [
         !r.fingerprint.is_empty(),
         !r.certificate_pem.is_empty(),
         !r.operator.is_empty(),
     ];
     if given.iter().filter(|g| **g).count() != 1 {
-        return Err(Status::invalid_argument(
+        return Err(Error::invalid_argument(
             "name exactly one of: a certificate file, a fingerprint, an operator",
         ));
     }
@@ -347,7 +322,7 @@ fn wanted(r: &pb::RevokeCertificateRequest) -> Result<Wanted, Status> {
             not_after_ms: 0,
         });
     }
-    let bad = |e: anyhow::Error| Status::invalid_argument(format!("the certificate: {e:#}"));
+    let bad = |e: anyhow::Error| Error::invalid_argument(format!("the certificate: {e:#}"));
     let fp = pki::fingerprint_pem(&r.certificate_pem).map_err(bad)?;
     let (_, not_after_ms) = pki::validity_ms(&r.certificate_pem).map_err(bad)?;
     let subject = pki::identity_pem(&r.certificate_pem)
@@ -361,7 +336,7 @@ fn wanted(r: &pb::RevokeCertificateRequest) -> Result<Wanted, Status> {
 }
 
 /// Accepts a SHA-256 fingerprint as hex, with or without colons, any case.
-pub fn normalize_fingerprint(s: &str) -> Result<String, Status> {
+pub fn normalize_fingerprint(s: &str) -> Result<String, Error> {
     let hex: String = s
         .trim()
         .chars()
@@ -371,7 +346,7 @@ pub fn normalize_fingerprint(s: &str) -> Result<String, Status> {
     if hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit()) {
         Ok(hex)
     } else {
-        Err(Status::invalid_argument(format!(
+        Err(Error::invalid_argument(format!(
             "{:?} is not a certificate fingerprint: expected the SHA-256 of the certificate, 64 \
              hex digits (as `corralctl pki list` shows them)",
             s.chars().take(100).collect::<String>()
@@ -386,15 +361,15 @@ struct Guard<'a> {
 }
 
 impl Guard<'_> {
-    fn check(&self, fp: &str) -> Result<(), Status> {
+    fn check(&self, fp: &str) -> Result<(), Error> {
         if fp == self.coordinator {
-            return Err(Status::failed_precondition(
+            return Err(Error::failed_precondition(
                 "that is the coordinator's own certificate; revoking it here protects nothing. \
                  Issue the coordinator a new certificate instead",
             ));
         }
         if fp == self.caller {
-            return Err(Status::failed_precondition(
+            return Err(Error::failed_precondition(
                 "that is the certificate this request is made with: revoke it with another \
                  admin's certificate, so that someone can still administer this coordinator",
             ));
@@ -413,7 +388,7 @@ fn revoke(
     guard: &Guard,
     who: &str,
     reason: &str,
-) -> anyhow::Result<Result<Vec<(String, Revocation)>, Status>> {
+) -> anyhow::Result<Result<Vec<(String, Revocation)>, Error>> {
     let mut targets = match wanted {
         Wanted::Certificate {
             fp,
@@ -447,7 +422,7 @@ fn revoke(
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             if rows.is_empty() {
-                return Ok(Err(Status::not_found(format!(
+                return Ok(Err(Error::not_found(format!(
                     "no unrevoked certificate of operator {name:?} is known here: the coordinator \
                      knows those it issued (`pki renew`) and those used at least once. Revoke \
                      another one by its file (--cert) or fingerprint"

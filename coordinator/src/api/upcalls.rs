@@ -1,8 +1,8 @@
 //! The API agents call: enrollment and heartbeats.
 
+use crate::fleet::host_of;
 use crate::fleet::Live;
 use crate::limits;
-use crate::operator::host_of;
 use crate::ratelimit::AuditNow;
 use crate::store;
 use crate::Coordinator;
@@ -154,7 +154,9 @@ impl pb::agent_upcalls_server::AgentUpcalls for Upcalls {
         &self,
         req: Request<pb::RenewCertificateRequest>,
     ) -> Result<Response<pb::RenewCertificateResponse>, Status> {
-        crate::identities::renew_node(&self.0, req)
+        let caller = super::status::caller_of(&req);
+        let renewed = crate::service::identities::renew_node(&self.0, &caller, req.into_inner())?;
+        Ok(Response::new(renewed))
     }
 }
 
