@@ -5,7 +5,8 @@
 //! module's edges to its own submodules do not count: a folder's `mod.rs`
 //! declares, re-exports and dispatches to its children, and the children may
 //! use what it defines. Every other edge does, so a cycle through siblings,
-//! cousins or a parent's parent is reported.
+//! cousins or a parent's parent is reported. `#[cfg(test)]` modules are
+//! left out: test code may use what sits above it.
 
 use crate::modules::Crate;
 use std::collections::BTreeSet;

@@ -25,7 +25,7 @@ struct Lengths {
     owner: Vec<String>,
 }
 
-fn is_test_code(attrs: &[syn::Attribute]) -> bool {
+pub fn is_test_code(attrs: &[syn::Attribute]) -> bool {
     attrs.iter().any(|a| {
         let path = a.path();
         let last = path.segments.last().map(|s| s.ident.to_string());

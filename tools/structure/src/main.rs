@@ -120,9 +120,10 @@ fn run() -> Result<bool> {
             problems.push((
                 format!("cycle {}", crate_root.display()),
                 format!(
-                    "import cycle among {} files: {} -> back to the first. Move what both sides \
-                     need into a module below them both",
+                    "import cycle among {} files ({}): {} -> back to the first. Move what both \
+                     sides need into a module below them both",
                     component.len(),
+                    component.iter().map(|&i| name(i)).collect::<Vec<_>>().join(", "),
                     walk.join(" -> ")
                 ),
             ));

@@ -214,6 +214,9 @@ impl<'ast> Visit<'ast> for Walker {
                     inline_parents,
                 });
             }
+            // Test code may use what sits above it (fixtures, the store):
+            // it is compiled only in test builds and shapes no layer.
+            Some(_) if crate::lengths::is_test_code(&m.attrs) => {}
             Some((_, items)) => {
                 self.module.push(name);
                 self.inline.push(self.module.clone());
