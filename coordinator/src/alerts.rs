@@ -36,15 +36,7 @@ const NOTICE_MS: i64 = 5 * 60 * 1000;
 /// How long `corralctl alerts history` remembers alerts that ended.
 pub const HISTORY_KEEP_MS: i64 = 90 * 24 * 3600 * 1000;
 
-/// Long operations whose completion is announced (the seed's "notify you
-/// when the request is finished").
-pub const ANNOUNCED_OPERATIONS: &[&str] = &[
-    crate::ops::RESYNC,
-    crate::ops::ADD_NODE,
-    crate::ops::CREATE_CLUSTER,
-    "restore",
-    "migrate",
-];
+pub use crate::model::ANNOUNCED_OPERATIONS;
 
 /// What one node looked like at an evaluation.
 #[derive(Debug, Clone)]
@@ -789,8 +781,8 @@ pub fn snapshot(coord: &Coordinator) -> Result<Snapshot> {
 /// What an unfinished operation may stop: its nodes for the operations on
 /// nodes, else the whole cluster (a failover, a switchover, a deletion).
 fn busy_keys(op: &store::OperationRow) -> Vec<String> {
-    use crate::ops::{ADD_NODE, REBOOT, REJOIN, REMOVE_NODE, RESYNC};
-    if crate::ops::BACKGROUND.contains(&op.kind.as_str()) {
+    use crate::model::{ADD_NODE, REBOOT, REJOIN, REMOVE_NODE, RESYNC};
+    if crate::model::BACKGROUND.contains(&op.kind.as_str()) {
         return Vec::new(); // a backup or a verification stops nothing
     }
     let params: serde_json::Value = serde_json::from_str(&op.params).unwrap_or_default();

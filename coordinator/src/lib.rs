@@ -54,6 +54,7 @@ pub mod history;
 pub mod limits;
 pub mod listing;
 pub mod logs;
+pub mod model;
 pub mod monitor;
 pub mod notify;
 pub mod ops;

@@ -742,9 +742,9 @@ pub fn unfinished_operation_of(c: &Connection, cluster: &str) -> Result<Option<O
 
 /// The oldest unfinished operation of `cluster` that holds failover
 /// decisions back: any but a backup or a verification
-/// ([`crate::ops::BACKGROUND`]), which run beside a failover.
+/// ([`crate::model::BACKGROUND`]), which run beside a failover.
 pub fn holding_operation_of(c: &Connection, cluster: &str) -> Result<Option<OperationRow>> {
-    let background = crate::ops::BACKGROUND
+    let background = crate::model::BACKGROUND
         .iter()
         .map(|k| format!("'{k}'"))
         .collect::<Vec<_>>()
@@ -991,12 +991,12 @@ mod tests {
             updated_at_ms: at,
             error: String::new(),
         };
-        insert_operation(&c, &op("o1", crate::ops::BACKUP, 1)).unwrap();
-        insert_operation(&c, &op("o2", crate::ops::VERIFY_BACKUP, 2)).unwrap();
+        insert_operation(&c, &op("o1", crate::model::BACKUP, 1)).unwrap();
+        insert_operation(&c, &op("o2", crate::model::VERIFY_BACKUP, 2)).unwrap();
         assert!(holding_operation_of(&c, "c").unwrap().is_none());
         // Other operations still wait for them.
         assert_eq!(unfinished_operation_of(&c, "c").unwrap().unwrap().id, "o1");
-        insert_operation(&c, &op("o3", crate::ops::RESYNC, 3)).unwrap();
+        insert_operation(&c, &op("o3", crate::model::RESYNC, 3)).unwrap();
         assert_eq!(holding_operation_of(&c, "c").unwrap().unwrap().id, "o3");
     }
 

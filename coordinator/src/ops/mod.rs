@@ -49,26 +49,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
-pub const CREATE_CLUSTER: &str = "create_cluster";
-pub const ADD_NODE: &str = "add_node";
-pub const REMOVE_NODE: &str = "remove_node";
-pub const PROMOTE: &str = "promote";
-pub const RESYNC: &str = "resync";
-pub const REBOOT: &str = "reboot";
-pub const DELETE_CLUSTER: &str = "delete_cluster";
-pub const SET_SYNC: &str = "set_sync";
-pub const FAILOVER: &str = "failover";
-pub const REJOIN: &str = "rejoin";
-pub const BACKUP: &str = "backup";
-pub const VERIFY_BACKUP: &str = "verify_backup";
-pub const CONFIGURE_BACKUPS: &str = "configure_backups";
-pub const RESTORE: &str = "restore";
-/// Operations that run beside the cluster's life: they neither hold back
-/// a failover nor silence alerts (a failover makes them fail, if at all,
-/// and they are retried by the operator or the next schedule).
-pub const BACKGROUND: &[&str] = &[BACKUP, VERIFY_BACKUP];
-/// Who requests scheduled backups.
-pub const SCHEDULER: &str = "coordinator (backup schedule)";
+pub use crate::model::{
+    ADD_NODE, AUTO_FAILOVER, BACKGROUND, BACKUP, CONFIGURE_BACKUPS, CREATE_CLUSTER, DELETE_CLUSTER,
+    FAILOVER, PROMOTE, REBOOT, REJOIN, REMOVE_NODE, RESTORE, RESYNC, SCHEDULER, SET_SYNC,
+    VERIFY_BACKUP,
+};
 
 /// The longest an operation of `kind` may run before it is given up and
 /// fails, releasing the cluster. Generous for those that move data (a clone
@@ -127,8 +112,6 @@ const STREAMING_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a failover keeps trying to repoint a replica that is up before
 /// leaving it to the monitor (which repoints it when it next reports).
 const REPOINT_GIVE_UP: Duration = Duration::from_secs(10);
-/// Who the audit trail names for what the coordinator decided by itself.
-pub const AUTO_FAILOVER: &str = "coordinator (auto-failover)";
 /// How long a switchover waits for the target to replay the old primary's
 /// last WAL before giving up and restarting the old primary.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);

@@ -123,7 +123,11 @@ fn run() -> Result<bool> {
                     "import cycle among {} files ({}): {} -> back to the first. Move what both \
                      sides need into a module below them both",
                     component.len(),
-                    component.iter().map(|&i| name(i)).collect::<Vec<_>>().join(", "),
+                    component
+                        .iter()
+                        .map(|&i| name(i))
+                        .collect::<Vec<_>>()
+                        .join(", "),
                     walk.join(" -> ")
                 ),
             ));
