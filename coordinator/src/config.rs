@@ -22,6 +22,8 @@
 //! Unknown keys are refused (a misspelt threshold must not silently keep
 //! its default), and every error names the file and the key.
 
+pub(crate) use crate::durations::duration;
+pub use crate::durations::parse_duration;
 use crate::notify::NotifyConfig;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Deserializer};
@@ -244,34 +246,6 @@ impl RulesOverride {
                 .unwrap_or(base.certificate_expiry_days),
         }
     }
-}
-
-/// A duration as people write it: `90s`, `5m`, `4h`, `7d`, `250ms`, `0`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || {
-        format!("invalid duration {s:?}: use a number with ms, s, m, h or d, e.g. 30s, 5m or 4h")
-    };
-    let s = s.trim();
-    if s == "0" {
-        return Ok(Duration::ZERO);
-    }
-    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    let ms = match unit {
-        "ms" => Some(n),
-        "s" => n.checked_mul(1000),
-        "m" => n.checked_mul(60_000),
-        "h" => n.checked_mul(3_600_000),
-        "d" => n.checked_mul(86_400_000),
-        _ => return Err(bad()),
-    };
-    ms.map(Duration::from_millis).ok_or_else(bad)
-}
-
-pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    parse_duration(&s).map_err(serde::de::Error::custom)
 }
 
 fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {

@@ -47,6 +47,7 @@ pub mod cli_credentials;
 pub mod cli_identity;
 pub mod cluster_tls;
 pub mod config;
+pub mod durations;
 pub mod engines;
 pub mod failover;
 pub mod fleet;

@@ -6,7 +6,7 @@
 //! Pruning runs shortly after start-up and then periodically, off the async
 //! runtime, in small batches so heartbeats never wait long for the store.
 
-use crate::config::duration;
+use crate::durations::duration;
 use crate::Coordinator;
 use anyhow::Result;
 use rusqlite::{params, Connection};
