@@ -38,9 +38,6 @@ pub mod agents;
 pub mod alerts;
 pub mod allowlist;
 pub mod api;
-pub mod backup_credentials;
-pub mod backup_keys;
-pub mod backup_upgrade;
 pub mod backups;
 pub mod cli;
 pub mod cli_credentials;
@@ -205,7 +202,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let alerts = tokio::spawn(alerts::run(coord.clone()));
     let backup_jobs = tokio::spawn({
         let c = coord.clone();
-        async move { tokio::join!(backups::run(c.clone()), backup_upgrade::run(c)) }
+        async move { tokio::join!(backups::run(c.clone()), backups::upgrade::run(c)) }
     });
     let retention = tokio::spawn(retention::run(coord.clone(), config.file.retention.clone()));
     let http = http_listener.map(|listener| {

@@ -9,7 +9,7 @@
 //! and raises `backup_failed`.
 
 use super::*;
-use crate::backup_keys;
+use crate::backups::keys as backup_keys;
 use crate::backups::*;
 use crate::config::LOCAL_TARGET;
 

@@ -80,7 +80,7 @@ impl Ctx<'_> {
             term: cluster.term,
             lease_duration_ms: cluster.lease_ms,
             heartbeat_interval_ms: cluster.heartbeat_ms,
-            wal_archive: crate::backup_upgrade::wal_archive_to_configure(self.coord, cluster)?,
+            wal_archive: crate::backups::upgrade::wal_archive_to_configure(self.coord, cluster)?,
             require_client_tls: self
                 .coord
                 .store

@@ -106,7 +106,7 @@ pub struct BackupRow {
     pub verify_ok: bool,
     /// PostgreSQL: the WAL segment the backup starts in.
     pub start_wal: String,
-    /// What its key was derived for ([`crate::backup_keys`]); empty: the
+    /// What its key was derived for ([`crate::backups::keys`]); empty: the
     /// master key (backups taken before per-cluster keys).
     pub key_scope: String,
 }
