@@ -139,7 +139,7 @@ impl Fleet {
     /// Until when a lease of `node` may run: the end of the last one this
     /// process granted, and no earlier than `floor` (what a previous
     /// process may have granted just before it stopped; see
-    /// [`crate::monitor`]).
+    /// [`crate::failover::monitor`]).
     pub fn lease_until(&self, node: &str, floor: Instant) -> Instant {
         self.grants
             .lock()

@@ -21,11 +21,10 @@
 //!   each step logged, resumed after a restart.
 //! - [`agents`]: mutual-TLS clients to the agents.
 //! - [`allowlist`]: a cluster's IP allowlist: validation, changes, lockout guard.
-//! - [`monitor`]: turns missing heartbeats into `node_down` events, and runs
-//!   the failover monitor (judging each cluster, starting failovers and
-//!   rejoins).
 //! - [`failover`]: the failover decision, a pure function of the observed
-//!   cluster and the time.
+//!   cluster and the time, and its [`failover::monitor`], which turns
+//!   missing heartbeats into `node_down` events and judges each cluster
+//!   (starting failovers and rejoins).
 //! - [`config`]: the configuration file: alert rules and notification channels.
 //! - [`history`]: each node's metrics over the last hour and 7 days.
 //! - [`alerts`]: alert rules over the live fleet, and notices of events.
@@ -53,7 +52,6 @@ pub mod limits;
 pub mod listing;
 pub mod logs;
 pub mod model;
-pub mod monitor;
 pub mod notify;
 pub mod ops;
 pub mod ratelimit;
@@ -96,7 +94,7 @@ pub struct Coordinator {
     pub ca_fingerprint: String,
     pub agents: agents::AgentClients,
     pub ops: ops::Runner,
-    pub judgements: monitor::Judgements,
+    pub judgements: failover::monitor::Judgements,
     pub history: Arc<history::History>,
     pub alerts: alerts::Alerts,
     pub counters: api::http::Counters,
@@ -163,7 +161,7 @@ impl Coordinator {
             agents: agents::AgentClients::new(ca.cert_pem().to_string(), me),
             ca,
             ops: ops::Runner::default(),
-            judgements: monitor::Judgements::default(),
+            judgements: failover::monitor::Judgements::default(),
             history: Arc::new(history),
             alerts: alerts::Alerts::new(config.file.alerts.clone(), notifier),
             counters: api::http::Counters::default(),
@@ -196,8 +194,8 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     };
 
     ops::resume_unfinished(&coord);
-    let monitor = tokio::spawn(monitor::run(coord.clone()));
-    let failover = tokio::spawn(monitor::run_failover(coord.clone()));
+    let monitor = tokio::spawn(failover::monitor::run(coord.clone()));
+    let failover = tokio::spawn(failover::monitor::run_failover(coord.clone()));
     let history = tokio::spawn(history::run(coord.history.clone()));
     let alerts = tokio::spawn(alerts::run(coord.clone()));
     let backup_jobs = tokio::spawn({

@@ -1,5 +1,5 @@
 //! `failover`: runs after the monitor's transaction has raised the term and
-//! made the candidate primary of record ([`crate::monitor`]). Waits out a
+//! made the candidate primary of record ([`crate::failover::monitor`]). Waits out a
 //! lease granted just before the raise, promotes the candidate, repoints
 //! the replicas that are up, records the timeline.
 //!
