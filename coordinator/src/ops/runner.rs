@@ -111,7 +111,7 @@ async fn run(coord: &Arc<Coordinator>, id: &str) -> Result<()> {
                 store::log_operation(tx, id, "done")?;
                 store::set_operation_state(tx, id, op_state::SUCCEEDED, "")?;
                 // The seed's "notify you when the request is finished".
-                if crate::alerts::ANNOUNCED_OPERATIONS.contains(&op.kind.as_str()) {
+                if crate::model::ANNOUNCED_OPERATIONS.contains(&op.kind.as_str()) {
                     store::insert_event(
                         tx,
                         corral_proto::now_ms(),
