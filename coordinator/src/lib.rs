@@ -30,8 +30,7 @@
 //! - [`alerts`]: alert rules over the live fleet, and notices of events.
 //! - [`notify`]: delivery to Alertmanager, webhooks and email.
 //! - [`logs`]: `corralctl logs`: a node's log relayed from its agent.
-//! - [`cli`]: `corralctl`, the operator CLI ([`cli_identity`]: its
-//!   `node forget` and online `pki` commands).
+//! - [`cli`]: `corralctl`, the operator CLI, one file per command group.
 
 pub mod agents;
 pub mod alerts;
@@ -39,8 +38,6 @@ pub mod allowlist;
 pub mod api;
 pub mod backups;
 pub mod cli;
-pub mod cli_credentials;
-pub mod cli_identity;
 pub mod cluster_tls;
 pub mod config;
 pub mod durations;

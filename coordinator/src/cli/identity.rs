@@ -2,7 +2,8 @@
 //! renew, list. They call the coordinator's Identities service; `pki init`
 //! and `pki issue-operator` stay offline (see [`crate::cli`]).
 
-use crate::cli::{print_json, table, ConnConfig};
+use super::connection::ConnConfig;
+use super::output::{print_json, table};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
 use corral_proto::identity::Identity;

@@ -9,7 +9,8 @@
 //! of another installation), the string keeps `corral-ca.crt` and
 //! corralctl says where to save the CA (`ca_pem` of `--output json`).
 
-use crate::cli::{print_json, ConnConfig};
+use super::connection::ConnConfig;
+use super::output::print_json;
 use anyhow::Result;
 use corral_proto::pb::{self, operator_client::OperatorClient};
 use corral_proto::pki;
