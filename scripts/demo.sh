@@ -78,7 +78,7 @@ if [[ -x $ALERTMANAGER ]]; then
         --storage.path="$DIR/alertmanager" --web.listen-address="$NET.1:9093" --cluster.listen-address= \
         >"$DIR/alertmanager.log" 2>&1 < /dev/null &
     cat >"$DIR/coordinator.toml" <<TOML
-# Alert rules (defaults shown in README "Alerts") and where alerts go.
+# Alert rules (defaults shown in docs/monitoring.md, "Alerts") and where alerts go.
 [alerts]
 repeat_interval = "1h"
 [[notify.alertmanager]]

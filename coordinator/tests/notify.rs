@@ -343,7 +343,7 @@ async fn read_request(sock: &mut TcpStream) -> Option<Received> {
     })
 }
 
-/// The receiver's side of the README's recipe: HMAC-SHA256 over
+/// The receiver's side of the recipe in docs/monitoring.md: HMAC-SHA256 over
 /// "<timestamp>.<body>", compared in constant time, and a fresh timestamp.
 fn verify_signature(secret: &str, r: &Received, body: &[u8]) -> bool {
     let Some(ts) = r.headers.get("x-corral-timestamp") else {

@@ -16,7 +16,7 @@
 //!   length plus the same margin after it confirmed.
 //!
 //! The defaults were chosen from measurement on a 2-core machine under
-//! `stress-ng --cpu 2` (README, "Failover"): a heartbeat every 500 ms and a
+//! `stress-ng --cpu 2` (docs/failover.md): a heartbeat every 500 ms and a
 //! 2 s lease never lapsed under load, and give writes back in under 3 s.
 
 use std::time::Duration;

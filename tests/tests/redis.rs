@@ -112,7 +112,7 @@ fn three_node_redis_cluster_replicates_and_switches_over() {
 fn failover_after_killing_the_primary_vm_under_a_writer() {
     let mut lab = Lab::start(3).unwrap();
     let creds = ha::cluster_of(&mut lab, "ha", "redis", &["--sync"]).unwrap();
-    // Zero-loss mode as the README describes it: each write is counted
+    // Zero-loss mode as docs/redis.md describes it: each write is counted
     // only once a replica has it (WAIT 1).
     let through = format!("{}?wait=1", lab.haproxy_uri(&creds));
     let writer = Writer::start(&through, ha::WRITES, Duration::from_millis(10));

@@ -47,7 +47,7 @@ pub(super) fn alertmanager_body(alerts: &[Arc<Alert>]) -> serde_json::Value {
     serde_json::Value::Array(list)
 }
 
-/// The webhook's JSON body (see README, "Notification channels").
+/// The webhook's JSON body (see docs/monitoring.md, "Notification channels").
 pub(super) fn webhook_body(alert: &Alert, sent_at_ms: i64) -> Vec<u8> {
     let body = serde_json::json!({
         "version": "1",
