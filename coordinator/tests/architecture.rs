@@ -182,3 +182,19 @@ fn the_manual_names_only_existing_paths() {
         stale.join("\n")
     );
 }
+
+#[test]
+fn the_configuration_page_shows_the_example_file() {
+    let page = read("docs/configuration.md");
+    let example = read("packaging/coordinator.toml.example");
+    let block = page
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|b| b.split("\n```").next())
+        .expect("docs/configuration.md has no toml block");
+    assert_eq!(
+        block,
+        example.trim_end(),
+        "docs/configuration.md's example differs from packaging/coordinator.toml.example: copy the file into the page"
+    );
+}
