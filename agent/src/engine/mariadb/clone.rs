@@ -319,3 +319,22 @@ pub fn dump_position(end_of_dump: &str) -> Option<String> {
     parse_gtid_list(pos).ok()?;
     Some(pos.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dump_positions() {
+        let end =
+            "-- SET GLOBAL gtid_slave_pos='0-1-9';\n/*!40103 SET TIME_ZONE=@OLD_TIME_ZONE */;\n";
+        assert_eq!(dump_position(end).as_deref(), Some("0-1-9"));
+        assert_eq!(
+            dump_position("-- SET GLOBAL gtid_slave_pos='';\n").as_deref(),
+            Some("")
+        );
+        assert_eq!(dump_position("-- Dump completed\n"), None);
+        assert_eq!(dump_position("-- SET GLOBAL gtid_slave_pos='0-1-x';"), None);
+        assert_eq!(dump_position("-- SET GLOBAL gtid_slave_pos='0-1-9"), None);
+    }
+}

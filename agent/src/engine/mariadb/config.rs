@@ -104,3 +104,105 @@ pub(super) fn render_config(c: &ServerConfig) -> String {
 pub(super) fn wants_semi_sync(spec: &EngineSpec) -> bool {
     spec.role == "primary" && spec.sync && !spec.replicas.is_empty()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::replication::tests::spec;
+    use super::*;
+
+    #[test]
+    fn config_by_role() {
+        let (d, s, p, f) = (
+            Path::new("/s/mariadb/data"),
+            Path::new("/s/mariadb/run/mariadbd.sock"),
+            Path::new("/s/mariadb/run/mariadbd.pid"),
+            Path::new("/s/mariadb/fence.cnf"),
+        );
+        let c = |read_only, semi, temp| {
+            render_config(&ServerConfig {
+                datadir: d,
+                tmpdir: Path::new("/s/mariadb/tmp"),
+                socket: s,
+                pid_file: p,
+                port: 3307,
+                server_id: 42,
+                report_host: "vm2",
+                read_only,
+                semi_sync_master: semi,
+                temp,
+                fence: f,
+            })
+        };
+        let replica = c(true, false, false);
+        for line in [
+            "[mariadbd]",
+            "datadir = /s/mariadb/data",
+            "tmpdir = /s/mariadb/tmp",
+            "socket = /s/mariadb/run/mariadbd.sock",
+            "port = 3307",
+            "bind_address = *",
+            "server_id = 42",
+            "report_host = vm2",
+            "log_bin = binlog",
+            "log_slave_updates = ON",
+            "binlog_format = ROW",
+            "gtid_strict_mode = ON",
+            "gtid_domain_id = 0",
+            "skip_slave_start = ON",
+            "read_only = ON",
+            "rpl_semi_sync_master_enabled = OFF",
+            "rpl_semi_sync_slave_enabled = ON",
+            "sync_binlog = 1",
+            "innodb_flush_log_at_trx_commit = 1",
+            "innodb_buffer_pool_size = 128M",
+            "!include /s/mariadb/fence.cnf",
+        ] {
+            assert!(
+                replica.lines().any(|l| l == line),
+                "{line:?} missing from:\n{replica}"
+            );
+        }
+        // The fence comes last: it overrides read_only.
+        assert!(replica
+            .trim_end()
+            .ends_with("!include /s/mariadb/fence.cnf"));
+        let primary = c(false, true, false);
+        assert!(primary.lines().any(|l| l == "read_only = OFF"));
+        assert!(primary
+            .lines()
+            .any(|l| l == "rpl_semi_sync_master_enabled = ON"));
+        assert!(primary
+            .lines()
+            .any(|l| l == "rpl_semi_sync_master_wait_point = AFTER_SYNC"));
+        let temp = c(false, true, true);
+        assert!(temp.lines().any(|l| l == "skip_networking = ON"));
+        assert!(!temp.contains("bind_address"));
+        assert!(!temp.contains("!include"));
+        assert!(!temp.contains("report_host"));
+        assert!(temp
+            .lines()
+            .any(|l| l == "rpl_semi_sync_slave_enabled = OFF"));
+        assert!(temp
+            .lines()
+            .any(|l| l == "rpl_semi_sync_master_enabled = OFF"));
+    }
+
+    #[test]
+    fn semi_sync_needs_a_primary_with_replicas() {
+        let mut s = spec("primary");
+        s.sync = true;
+        assert!(!wants_semi_sync(&s));
+        s.replicas = vec!["vm2".into()];
+        assert!(wants_semi_sync(&s));
+        s.role = "replica".into();
+        assert!(!wants_semi_sync(&s));
+    }
+
+    #[test]
+    fn cnf_paths_need_no_quoting() {
+        assert!(check_cnf_path(Path::new("/var/lib/corral-agent/mariadb")).is_ok());
+        for bad in ["/a b", "/a#b", "/a\"b", "/a\\b", "/a;b"] {
+            assert!(check_cnf_path(Path::new(bad)).is_err(), "{bad}");
+        }
+    }
+}

@@ -140,3 +140,106 @@ pub fn server_id(node_id: &str) -> u32 {
     });
     h.max(1)
 }
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+
+    pub(in crate::engine::mariadb) fn g(domain: u32, server: u32, seq: u64) -> Gtid {
+        Gtid {
+            domain,
+            server,
+            seq,
+        }
+    }
+
+    #[test]
+    fn gtid_lists_parse() {
+        assert_eq!(parse_gtid_list("").unwrap(), vec![]);
+        assert_eq!(parse_gtid_list("  ").unwrap(), vec![]);
+        assert_eq!(parse_gtid_list("0-1-100").unwrap(), vec![g(0, 1, 100)]);
+        assert_eq!(
+            parse_gtid_list("0-1-100,1-2-5").unwrap(),
+            vec![g(0, 1, 100), g(1, 2, 5)]
+        );
+        assert_eq!(
+            parse_gtid_list("1-2-5, 0-4294967295-18446744073709551615\n").unwrap(),
+            vec![g(1, 2, 5), g(0, u32::MAX, u64::MAX)]
+        );
+        for bad in ["0-1", "a-1-2", "0-1-x", "0-1-2-3", "0--1-2"] {
+            assert!(parse_gtid_list(bad).is_err(), "{bad} should not parse");
+        }
+        assert_eq!(format_gtids(&[g(0, 1, 100), g(1, 2, 5)]), "0-1-100,1-2-5");
+    }
+
+    #[test]
+    fn domain_zero_sequence() {
+        assert_eq!(domain0_seq(""), 0);
+        assert_eq!(domain0_seq("0-1-100,1-2-5"), 100);
+        assert_eq!(domain0_seq("1-2-5,0-3-7"), 7);
+        assert_eq!(domain0_seq("1-2-5"), 0);
+        assert_eq!(domain0_seq("garbage"), 0);
+        assert_eq!(
+            last_in_domain(&[g(0, 1, 4), g(0, 2, 9)], 0),
+            Some(g(0, 2, 9))
+        );
+    }
+
+    #[test]
+    fn mysql_gtid_sets_count_transactions() {
+        assert_eq!(gtid_set_count(""), 0);
+        assert_eq!(
+            gtid_set_count("3e11fa47-71ca-11e1-9e33-c80aa9429562:1-5"),
+            5
+        );
+        assert_eq!(
+            gtid_set_count(
+                "3e11fa47-71ca-11e1-9e33-c80aa9429562:1-5:7,\n4e11fa47-71ca-11e1-9e33-c80aa9429562:1-3"
+            ),
+            9
+        );
+        // MySQL 8.3 tags.
+        assert_eq!(
+            gtid_set_count("3e11fa47-71ca-11e1-9e33-c80aa9429562:tag:1-2"),
+            2
+        );
+    }
+
+    #[test]
+    fn containment_of_a_former_primary() {
+        let up = vec![g(0, 1, 10)];
+        assert_eq!(containment(&[], &up), Containment::Contained);
+        assert_eq!(containment(&[g(0, 1, 10)], &up), Containment::Contained);
+        // Ahead of the upstream: ours only.
+        assert_eq!(
+            containment(&[g(0, 1, 11)], &up),
+            Containment::Diverged(vec![g(0, 1, 11)])
+        );
+        // Same number, another server: a different transaction.
+        assert_eq!(
+            containment(&[g(0, 2, 10)], &up),
+            Containment::Diverged(vec![g(0, 2, 10)])
+        );
+        // A domain the upstream never saw.
+        assert_eq!(
+            containment(&[g(0, 1, 10), g(1, 3, 1)], &up),
+            Containment::Diverged(vec![g(1, 3, 1)])
+        );
+        // Behind: only the upstream's binlog can tell.
+        assert_eq!(
+            containment(&[g(0, 2, 7)], &up),
+            Containment::Unknown(vec![g(0, 2, 7)])
+        );
+        assert_eq!(
+            containment(&[g(0, 2, 7)], &[]),
+            Containment::Diverged(vec![g(0, 2, 7)])
+        );
+    }
+
+    #[test]
+    fn server_ids_are_stable_and_never_zero() {
+        assert_eq!(server_id("vm1"), server_id("vm1"));
+        assert_ne!(server_id("vm1"), server_id("vm2"));
+        assert_ne!(server_id(""), 0);
+    }
+}

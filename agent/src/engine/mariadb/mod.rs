@@ -111,8 +111,6 @@ mod replication;
 mod settings;
 mod statements;
 mod status;
-#[cfg(test)]
-mod tests;
 mod tls;
 pub use backup::{position_from_binlog_info, position_from_output};
 pub use binlog::*;

@@ -259,3 +259,194 @@ impl Mariadb {
         verdict
     }
 }
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+
+    pub(in crate::engine::mariadb) fn spec(role: &str) -> EngineSpec {
+        EngineSpec {
+            cluster: "orders".into(),
+            engine: "mariadb".into(),
+            role: role.into(),
+            port: 3306,
+            admin_user: "admin".into(),
+            database: "app".into(),
+            replicas: vec![],
+            sync: false,
+            upstream: (role == "replica").then(|| Upstream {
+                node: "vm1".into(),
+                host: "10.0.0.1".into(),
+                port: 3306,
+            }),
+            wal_archive: false,
+            require_client_tls: false,
+        }
+    }
+
+    fn following(host: &str) -> ReplicaStatus {
+        ReplicaStatus {
+            host: host.into(),
+            port: 3306,
+            user: REPLICATION_USER.into(),
+            io_running: "Yes".into(),
+            sql_running: "Yes".into(),
+            received: "0-1-12".into(),
+            gtid_mode: "Slave_Pos".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn stats_come_from_the_observation() {
+        let replica = Observed {
+            connections: Some(4),
+            replica: Some(ReplicaStatus {
+                seconds_behind: "2".into(),
+                ..following("10.0.0.1")
+            }),
+            ..Default::default()
+        };
+        let s = engine_stats(&replica, 12);
+        assert_eq!(s["connections"], 4.0);
+        assert_eq!(s["lag_seconds"], 2.0);
+        assert_eq!(s["gtid_seq"], 12.0);
+        // Not replicating (NULL), or a primary: no lag figure.
+        let stopped = Observed {
+            replica: Some(following("10.0.0.1")),
+            ..Default::default()
+        };
+        assert!(!engine_stats(&stopped, 0).contains_key("lag_seconds"));
+        assert!(!engine_stats(&Observed::default(), 0).contains_key("connections"));
+    }
+
+    #[test]
+    fn replicas_converge_to_their_upstream() {
+        let up = spec("replica").upstream.unwrap();
+        let fresh = Observed {
+            read_only: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            plan(&fresh, &spec("replica"), true, false),
+            vec![Action::Follow(up.clone())]
+        );
+        let streaming = Observed {
+            read_only: true,
+            replica: Some(following("10.0.0.1")),
+            ..Default::default()
+        };
+        assert_eq!(plan(&streaming, &spec("replica"), true, false), vec![]);
+        let elsewhere = Observed {
+            replica: Some(following("10.0.0.9")),
+            ..streaming.clone()
+        };
+        assert_eq!(
+            plan(&elsewhere, &spec("replica"), true, false),
+            vec![Action::Follow(up.clone())]
+        );
+        let mut stopped = streaming.clone();
+        stopped.replica.as_mut().unwrap().io_running = "No".into();
+        stopped.replica.as_mut().unwrap().sql_running = "No".into();
+        stopped.read_only = false;
+        assert_eq!(
+            plan(&stopped, &spec("replica"), true, false),
+            vec![Action::StartReplication, Action::SetReadOnly(true)]
+        );
+        let mut broken = streaming.clone();
+        broken.replica.as_mut().unwrap().sql_running = "No".into();
+        broken.replica.as_mut().unwrap().last_sql_errno = 1062;
+        assert_eq!(plan(&broken, &spec("replica"), true, false), vec![]);
+        // Connecting is not stopped.
+        let mut connecting = streaming.clone();
+        connecting.replica.as_mut().unwrap().io_running = "Connecting".into();
+        assert_eq!(plan(&connecting, &spec("replica"), true, false), vec![]);
+    }
+
+    #[test]
+    fn primaries_follow_nobody_and_the_fence() {
+        let replicating = Observed {
+            read_only: true,
+            replica: Some(following("10.0.0.1")),
+            ..Default::default()
+        };
+        assert_eq!(
+            plan(&replicating, &spec("primary"), false, false),
+            vec![Action::ForgetUpstream, Action::SetReadOnly(false)]
+        );
+        let writable = Observed::default();
+        assert_eq!(plan(&writable, &spec("primary"), false, false), vec![]);
+        assert_eq!(
+            plan(&writable, &spec("primary"), false, true),
+            vec![Action::SetReadOnly(true)]
+        );
+    }
+
+    #[test]
+    fn role_and_marker_must_agree() {
+        // Promotion under way (primary spec, replica data): left alone.
+        let replicating = Observed {
+            read_only: true,
+            replica: Some(following("10.0.0.1")),
+            ..Default::default()
+        };
+        assert_eq!(plan(&replicating, &spec("primary"), true, false), vec![]);
+        // A former primary not yet rejoined: left alone.
+        assert_eq!(
+            plan(&Observed::default(), &spec("replica"), false, false),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn reports() {
+        let replica = Observed {
+            binlog_pos: "0-1-10".into(),
+            applied_pos: "0-1-11".into(),
+            read_only: true,
+            replica: Some(following("10.0.0.1")),
+            ..Default::default()
+        };
+        let r = replication_report(&replica, true);
+        assert!(r.in_recovery && r.streaming);
+        assert_eq!((r.lsn, r.receive_lsn, r.upstream_lsn), (11, 12, 12));
+        assert_eq!(r.upstream_host, "10.0.0.1");
+        assert!(r.standbys.is_empty());
+        assert_eq!((r.timeline, r.system_identifier.as_str()), (0, ""));
+
+        let primary = Observed {
+            binlog_pos: "0-1-20".into(),
+            applied_pos: "0-2-3".into(),
+            replica_hosts: vec!["vm2".into(), "vm3".into()],
+            semi_source_enabled: true,
+            semi_source_active: true,
+            semi_clients: 2,
+            ..Default::default()
+        };
+        let r = replication_report(&primary, false);
+        assert!(!r.in_recovery);
+        assert_eq!(r.lsn, 20);
+        assert_eq!(r.synchronous_standby_names, "semi-sync");
+        let names: Vec<_> = r.standbys.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["vm2", "vm3"]);
+        assert!(r
+            .standbys
+            .iter()
+            .all(|s| s.state == "streaming" && s.sync_state == "quorum"));
+        let one_async = Observed {
+            semi_clients: 1,
+            ..primary.clone()
+        };
+        assert!(replication_report(&one_async, false)
+            .standbys
+            .iter()
+            .all(|s| s.sync_state == "potential"));
+        let plain = Observed {
+            semi_source_enabled: false,
+            ..primary
+        };
+        let r = replication_report(&plain, false);
+        assert_eq!(r.synchronous_standby_names, "");
+        assert!(r.standbys.iter().all(|s| s.sync_state == "async"));
+    }
+}

@@ -339,3 +339,167 @@ impl Flavour {
         format!("GRANT {privs} ON *.* TO {account}")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting() {
+        assert_eq!(sql_string("plain"), "'plain'");
+        assert_eq!(sql_string("it's"), "'it\\'s'");
+        assert_eq!(sql_string("back\\slash"), "'back\\\\slash'");
+        assert_eq!(sql_string("a\\'b"), "'a\\\\\\'b'");
+        assert_eq!(sql_string("nul\0nl\ncr\r"), "'nul\\0nl\\ncr\\r'");
+        assert_eq!(quote_ident("we`ird"), "`we``ird`");
+        assert_eq!(account_name("admin", "%"), "'admin'@'%'");
+    }
+
+    #[test]
+    fn flavour_from_version() {
+        assert_eq!(
+            Flavour::detect("10.11.6-MariaDB-0+deb12u1-log"),
+            Flavour::Mariadb
+        );
+        assert_eq!(Flavour::detect("5.5.5-10.11.6-MariaDB"), Flavour::Mariadb);
+        assert_eq!(Flavour::detect("8.0.36"), Flavour::Mysql);
+        assert_eq!(Flavour::detect("8.0.36-0ubuntu0.22.04.1"), Flavour::Mysql);
+    }
+
+    #[test]
+    fn change_source_statements() {
+        let pw = "p'a\\ss";
+        assert_eq!(
+            Flavour::Mariadb.change_source("10.0.0.1", 3306, REPLICATION_USER, pw, None),
+            "CHANGE MASTER TO MASTER_HOST='10.0.0.1', MASTER_PORT=3306, \
+             MASTER_USER='corral_replication', MASTER_PASSWORD='p\\'a\\\\ss', \
+             MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1"
+        );
+        assert_eq!(
+            Flavour::Mysql.change_source("fd00::1", 3307, REPLICATION_USER, pw, None),
+            "CHANGE REPLICATION SOURCE TO SOURCE_HOST='fd00::1', SOURCE_PORT=3307, \
+             SOURCE_USER='corral_replication', SOURCE_PASSWORD='p\\'a\\\\ss', \
+             SOURCE_AUTO_POSITION=1, SOURCE_CONNECT_RETRY=1, GET_SOURCE_PUBLIC_KEY=1"
+        );
+    }
+
+    #[test]
+    fn replication_commands_by_flavour() {
+        let m = Flavour::Mariadb;
+        let y = Flavour::Mysql;
+        assert_eq!(m.start_replica(), "START SLAVE");
+        assert_eq!(y.start_replica(), "START REPLICA");
+        assert_eq!(m.stop_replica(), "STOP SLAVE");
+        assert_eq!(y.stop_replica(), "STOP REPLICA");
+        assert_eq!(m.stop_replica_io(), "STOP SLAVE IO_THREAD");
+        assert_eq!(y.start_replica_io(), "START REPLICA IO_THREAD");
+        assert_eq!(m.reset_replica_all(), "RESET SLAVE ALL");
+        assert_eq!(y.reset_replica_all(), "RESET REPLICA ALL");
+        assert_eq!(m.replica_status(), "SHOW SLAVE STATUS");
+        assert_eq!(y.replica_status(), "SHOW REPLICA STATUS");
+        assert_eq!(m.replica_hosts(), "SHOW SLAVE HOSTS");
+        assert_eq!(y.replica_hosts(), "SHOW REPLICAS");
+        assert_eq!(m.shutdown(), "SHUTDOWN WAIT FOR ALL SLAVES");
+        assert_eq!(y.shutdown(), "SHUTDOWN");
+        assert_eq!(m.column(Column::IoRunning), "Slave_IO_Running");
+        assert_eq!(y.column(Column::IoRunning), "Replica_IO_Running");
+        assert_eq!(m.column(Column::Received), "Gtid_IO_Pos");
+        assert_eq!(y.column(Column::Received), "Retrieved_Gtid_Set");
+        assert_eq!(m.column(Column::Host), "Master_Host");
+        assert_eq!(y.column(Column::Host), "Source_Host");
+        assert!(m.uses_gtid("Slave_Pos") && !m.uses_gtid("No"));
+        assert!(y.uses_gtid("1") && !y.uses_gtid("0"));
+        assert_eq!(
+            m.wait_applied("0-1-5", 60),
+            "SELECT MASTER_GTID_WAIT('0-1-5', 60)"
+        );
+        assert_eq!(
+            y.wait_applied("u:1-5", 60),
+            "SELECT WAIT_FOR_EXECUTED_GTID_SET('u:1-5', 60)"
+        );
+        assert_eq!(m.position("0-1-5,1-1-9"), 5);
+        assert_eq!(y.position("u:1-5,v:1-2"), 7);
+    }
+
+    #[test]
+    fn read_only_by_flavour() {
+        assert_eq!(Flavour::Mariadb.read_only_variable(), "read_only");
+        assert_eq!(Flavour::Mysql.read_only_variable(), "super_read_only");
+        assert_eq!(
+            Flavour::Mariadb.set_read_only(true),
+            "SET GLOBAL read_only = ON"
+        );
+        assert_eq!(
+            Flavour::Mariadb.set_read_only(false),
+            "SET GLOBAL read_only = OFF"
+        );
+        assert_eq!(
+            Flavour::Mysql.set_read_only(true),
+            "SET GLOBAL super_read_only = ON"
+        );
+        assert_eq!(
+            Flavour::Mysql.set_read_only(false),
+            "SET GLOBAL super_read_only = OFF, GLOBAL read_only = OFF"
+        );
+    }
+
+    #[test]
+    fn semi_sync_names_by_flavour() {
+        use SemiSync::*;
+        let m = Flavour::Mariadb;
+        let y = Flavour::Mysql;
+        assert_eq!(
+            m.set_semi_sync(SourceEnabled, "ON"),
+            "SET GLOBAL rpl_semi_sync_master_enabled = ON"
+        );
+        assert_eq!(
+            y.set_semi_sync(SourceEnabled, "ON"),
+            "SET GLOBAL rpl_semi_sync_source_enabled = ON"
+        );
+        assert_eq!(
+            m.semi_sync(SourceWaitPoint),
+            "rpl_semi_sync_master_wait_point"
+        );
+        assert_eq!(y.semi_sync(SourceTimeout), "rpl_semi_sync_source_timeout");
+        assert_eq!(m.semi_sync(ReplicaEnabled), "rpl_semi_sync_slave_enabled");
+        assert_eq!(y.semi_sync(ReplicaEnabled), "rpl_semi_sync_replica_enabled");
+        assert_eq!(m.semi_sync(SourceClients), "Rpl_semi_sync_master_clients");
+        assert_eq!(y.semi_sync(SourceStatus), "Rpl_semi_sync_source_status");
+    }
+
+    #[test]
+    fn account_statements_by_flavour() {
+        let acct = account_name("admin", "%");
+        assert_eq!(
+            Flavour::Mariadb.user_statements(&acct, &Credential::NativeHash("*ABC")),
+            vec![
+                "CREATE USER IF NOT EXISTS 'admin'@'%' IDENTIFIED BY PASSWORD '*ABC'",
+                "ALTER USER 'admin'@'%' IDENTIFIED BY PASSWORD '*ABC'",
+            ]
+        );
+        assert_eq!(
+            Flavour::Mysql.user_statements(&acct, &Credential::Plain("o'k\\")),
+            vec![
+                "CREATE USER IF NOT EXISTS 'admin'@'%' IDENTIFIED BY 'o\\'k\\\\'",
+                "ALTER USER 'admin'@'%' IDENTIFIED BY 'o\\'k\\\\'",
+            ]
+        );
+        assert_eq!(
+            Flavour::Mariadb.admin_grants(&acct),
+            vec![
+                "GRANT ALL PRIVILEGES ON *.* TO 'admin'@'%' WITH GRANT OPTION",
+                "REVOKE READ_ONLY ADMIN ON *.* FROM 'admin'@'%'",
+            ]
+        );
+        assert_eq!(
+            Flavour::Mysql.admin_grants(&acct),
+            vec!["GRANT ALL PRIVILEGES ON *.* TO 'admin'@'%' WITH GRANT OPTION"]
+        );
+        assert!(Flavour::Mariadb
+            .replication_grants(&acct)
+            .contains("REPLICATION SLAVE, BINLOG MONITOR"));
+        assert!(Flavour::Mysql
+            .replication_grants(&acct)
+            .contains("REPLICATION SLAVE, REPLICATION CLIENT"));
+    }
+}
