@@ -144,3 +144,113 @@ pub(super) fn conf_min_replicas(conf: &str) -> Option<(u32, u32)> {
     };
     Some((get("min-replicas-to-write")?, get("min-replicas-max-lag")?))
 }
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+
+    pub(in crate::engine::redis) fn spec(role: &str) -> EngineSpec {
+        EngineSpec {
+            cluster: "cache".into(),
+            engine: "redis".into(),
+            role: role.into(),
+            port: 6379,
+            admin_user: "admin".into(),
+            database: "defaultdb".into(),
+            replicas: if role == "primary" {
+                vec!["vm2".into()]
+            } else {
+                vec![]
+            },
+            sync: false,
+            upstream: (role == "replica").then(|| Upstream {
+                node: "vm1".into(),
+                host: "10.0.0.1".into(),
+                port: 6379,
+            }),
+            wal_archive: false,
+            require_client_tls: false,
+        }
+    }
+
+    fn secrets() -> StoredSecrets {
+        StoredSecrets {
+            admin_password: "admin \"pass\" \\ é".into(),
+            replication_password: "repl-pass-0123456789".into(),
+            agent_password: "agent-pass".into(),
+        }
+    }
+
+    #[test]
+    fn quoting_reads_back_byte_for_byte() {
+        assert_eq!(conf_quote("a b"), "\"a b\"");
+        assert_eq!(conf_quote("x\"y\\z"), "\"x\\\"y\\\\z\"");
+        assert_eq!(conf_quote("é\n"), "\"\\xc3\\xa9\\n\"");
+    }
+
+    fn input<'a>(
+        s: &'a StoredSecrets,
+        up: Option<&'a Upstream>,
+        admin: &'a str,
+        min: (u32, u32),
+    ) -> ConfInput<'a> {
+        ConfInput {
+            port: 6379,
+            announce_port: 6379,
+            socket: Path::new("/s/run/redis.sock"),
+            pidfile: Path::new("/s/run/redis.pid"),
+            dir: Path::new("/s/data"),
+            node_id: "vm2",
+            admin_user: admin,
+            secrets: s,
+            upstream: up,
+            min_replicas: min,
+        }
+    }
+
+    #[test]
+    fn config_of_a_replica_and_a_primary() {
+        let s = secrets();
+        let up = spec("replica").upstream.unwrap();
+        let conf = render_conf(&input(&s, Some(&up), "admin", (0, 10)));
+        for line in [
+            "port 6379",
+            "bind * -::*",
+            "unixsocket \"/s/run/redis.sock\"",
+            "unixsocketperm 700",
+            "appendonly yes",
+            "appendfsync everysec",
+            "repl-diskless-sync-delay 0",
+            "replica-announce-ip \"vm2\"",
+            "replicaof \"10.0.0.1\" 6379",
+            "masteruser \"corral_replication\"",
+            "masterauth \"repl-pass-0123456789\"",
+            "user \"admin\" \"reset\" \"on\" \">admin \\\"pass\\\" \\\\ \\xc3\\xa9\" \"~*\" \"&*\" \"+@all\" \"-@admin\"",
+            "user \"corral_agent\" \"reset\" \"on\" \">agent-pass\" \"~*\" \"&*\" \"+@all\"",
+            "user \"corral_replication\" \"reset\" \"on\" \">repl-pass-0123456789\" \"+psync\" \"+replconf\" \"+ping\"",
+        ] {
+            assert!(conf.lines().any(|l| l == line), "missing {line:?} in\n{conf}");
+        }
+        assert_eq!(conf_min_replicas(&conf), Some((0, 10)));
+        let conf = render_conf(&input(&s, None, "default", (1, 10)));
+        assert!(!conf.contains("replicaof"));
+        assert_eq!(conf.matches("user \"default\"").count(), 1, "{conf}");
+        assert_eq!(conf_min_replicas(&conf), Some((1, 10)));
+    }
+
+    #[test]
+    fn write_settings() {
+        let mut p = spec("primary");
+        assert_eq!(min_replicas(&p, false), (0, SYNC_MAX_LAG));
+        p.sync = true;
+        assert_eq!(min_replicas(&p, false), (1, SYNC_MAX_LAG));
+        assert_eq!(min_replicas(&p, true), (FENCE_MIN_REPLICAS, 1));
+        p.replicas.clear();
+        assert_eq!(
+            min_replicas(&p, false),
+            (0, SYNC_MAX_LAG),
+            "no replica to wait for"
+        );
+        assert_eq!(min_replicas(&spec("replica"), false).0, 0);
+    }
+}

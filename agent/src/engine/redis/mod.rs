@@ -115,8 +115,6 @@ mod layout;
 mod live;
 mod settings;
 mod shutdown;
-#[cfg(test)]
-mod tests;
 mod tls;
 pub use acl::AGENT_USER;
 use config::*;
