@@ -128,6 +128,14 @@ pub struct NodeSeries<'a> {
 /// same on the agent's `/metrics` (its own node) and the coordinator's
 /// (every node).
 pub fn node_and_engine(e: &mut Exposition, rows: &[NodeSeries]) {
+    node_gauges(e, rows);
+    let engine_rows = engine_rows(rows);
+    engine_state(e, &engine_rows);
+    engine_stats(e, &engine_rows);
+}
+
+/// The node's own gauges (CPU, memory, disk, network, load) for rows with metrics.
+fn node_gauges(e: &mut Exposition, rows: &[NodeSeries]) {
     type Get = fn(&pb::Metrics) -> f64;
     let gauges: [(&str, &str, Get); 10] = [
         ("corral_node_cpu_usage_ratio", "CPU in use, 0 to 1.", |m| {
@@ -177,6 +185,12 @@ pub fn node_and_engine(e: &mut Exposition, rows: &[NodeSeries]) {
             }
         }
     }
+}
+
+/// The rows whose agent reports an engine in some state.
+fn engine_rows<'a, 'b>(
+    rows: &'a [NodeSeries<'b>],
+) -> Vec<(&'a NodeSeries<'b>, &'b pb::EngineStatus)> {
     let engine_rows: Vec<(&NodeSeries, &pb::EngineStatus)> = rows
         .iter()
         .filter_map(|r| {
@@ -185,11 +199,16 @@ pub fn node_and_engine(e: &mut Exposition, rows: &[NodeSeries]) {
                 .map(|s| (r, s))
         })
         .collect();
+    engine_rows
+}
+
+/// Whether each engine is up, what it says it is, and how often it was restarted.
+fn engine_state(e: &mut Exposition, engine_rows: &[(&NodeSeries, &pb::EngineStatus)]) {
     let f = e.gauge(
         "corral_engine_up",
         "1 while the engine runs and answers its health query.",
     );
-    for (r, s) in &engine_rows {
+    for (r, s) in engine_rows {
         let up = s.state == pb::EngineState::Running as i32 && s.healthy;
         f.add(&r.labels, if up { 1.0 } else { 0.0 });
     }
@@ -197,7 +216,7 @@ pub fn node_and_engine(e: &mut Exposition, rows: &[NodeSeries]) {
         "corral_engine_info",
         "The engine's version and the role it reports itself (1).",
     );
-    for (r, s) in &engine_rows {
+    for (r, s) in engine_rows {
         let state = pb::EngineState::try_from(s.state).map_or("unknown", pb::EngineState::label);
         let mut labels = r.labels.to_vec();
         labels.extend([
@@ -211,9 +230,13 @@ pub fn node_and_engine(e: &mut Exposition, rows: &[NodeSeries]) {
         "corral_engine_restarts",
         "Times the agent's supervisor restarted the engine since the agent started.",
     );
-    for (r, s) in &engine_rows {
+    for (r, s) in engine_rows {
         f.add(&r.labels, s.restarts as f64);
     }
+}
+
+/// The engine-specific statistics, one gauge per known key, for the engines reporting it.
+fn engine_stats(e: &mut Exposition, engine_rows: &[(&NodeSeries, &pb::EngineStatus)]) {
     let stats: [(&str, &str, &str); 6] = [
         (
             "connections",
@@ -244,7 +267,7 @@ pub fn node_and_engine(e: &mut Exposition, rows: &[NodeSeries]) {
     ];
     for (key, name, help) in stats {
         let f = e.gauge(name, help);
-        for (r, s) in &engine_rows {
+        for (r, s) in engine_rows {
             if let Some(v) = s.stats.get(key) {
                 f.add(&r.labels, *v);
             }
