@@ -10,9 +10,13 @@
 //! agent's state directory. Each request's target names the cluster it is
 //! about, and [`scope`] refuses objects outside that cluster's prefixes.
 
+pub mod key;
 pub mod scope;
 pub mod target;
 pub mod wal;
+pub mod wal_config;
+
+pub use key::key_of;
 
 use crate::engine::{Driver, Engine, EngineSpec, ProgressFn, Recovery};
 use anyhow::{anyhow, bail, Context, Result};
@@ -41,16 +45,6 @@ pub struct Backups {
 
 /// Results kept for retries.
 const KEEP_RESULTS: usize = 64;
-
-/// The 32-byte key a request carries.
-pub fn key_of(bytes: &[u8]) -> Result<[u8; 32]> {
-    bytes.try_into().map_err(|_| {
-        anyhow!(
-            "the backup key must be 32 bytes, got {}; the coordinator sends its key file's",
-            bytes.len()
-        )
-    })
-}
 
 /// Where a local target with no path keeps its objects.
 pub fn local_default(state_dir: &Path) -> PathBuf {

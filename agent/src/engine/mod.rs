@@ -960,7 +960,7 @@ impl Engine {
                 } else {
                     req.resync_id.clone()
                 };
-                crate::backup::wal::save(&self.state_dir, req.wal_archive.as_ref())
+                crate::backup::wal_config::save(&self.state_dir, req.wal_archive.as_ref())
                     .context("recording where WAL is archived")?;
                 self.set_stored(Stored {
                     spec: spec.clone(),
@@ -1071,7 +1071,7 @@ impl Engine {
                     .into()
             ));
         }
-        crate::backup::wal::save(&self.state_dir, req.wal_archive.as_ref())
+        crate::backup::wal_config::save(&self.state_dir, req.wal_archive.as_ref())
             .context("recording where WAL is archived")?;
         self.set_stored(Stored {
             spec: spec.clone(),
@@ -1419,7 +1419,7 @@ impl Engine {
         self.driver().wipe().await?;
         self.driver().forget_secrets()?;
         // The WAL archive's key goes with the cluster.
-        crate::backup::wal::save(&self.state_dir, None)?;
+        crate::backup::wal_config::save(&self.state_dir, None)?;
         match std::fs::remove_file(spec_path(&self.state_dir)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
