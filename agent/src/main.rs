@@ -132,7 +132,9 @@ fn hostname() -> String {
         .unwrap_or_default()
 }
 
-async fn run(args: Args) -> Result<()> {
+/// The agent's settings from its flags, and its state directory made
+/// ready (created, traversable for the engines' users).
+fn config_of(args: &Args) -> Result<Config> {
     if args.listen.ip().is_unspecified() {
         anyhow::bail!(
             "--listen {} is advertised to the coordinator, so it must be this VM's own address, not {}",
@@ -141,11 +143,11 @@ async fn run(args: Args) -> Result<()> {
         );
     }
     let config = Config {
-        state_dir: args.state_dir,
-        coordinator: args.coordinator,
+        state_dir: args.state_dir.clone(),
+        coordinator: args.coordinator.clone(),
         listen: args.listen,
         heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms),
-        pg_bin_dir: args.pg_bin_dir,
+        pg_bin_dir: args.pg_bin_dir.clone(),
         health_listen: args
             .health_listen
             .unwrap_or_else(|| SocketAddr::new(args.listen.ip(), DEFAULT_HEALTH_PORT)),
@@ -163,18 +165,85 @@ async fn run(args: Args) -> Result<()> {
         std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o711))
             .with_context(|| format!("chmod {}", config.state_dir.display()))?;
     }
-    let stored = enroll::load(&config.state_dir)?;
-    let node_id = args
-        .node_id
-        .or_else(|| stored.as_ref().map(|s| s.info.node_id.clone()))
-        .unwrap_or_else(hostname);
-    let join = match (args.join, args.join_file) {
+    Ok(config)
+}
+
+/// How to enroll, if this node has no certificate yet.
+fn join_of(args: Args) -> enroll::Join {
+    match (args.join, args.join_file) {
         (_, Some(path)) => enroll::Join::File(path),
         (Some(t), None) if t == "-" => enroll::Join::Stdin,
         (Some(t), None) => enroll::Join::Token(t),
         (None, None) => enroll::Join::None,
+    }
+}
+
+/// One driver per engine name the coordinator may ask for, each presenting
+/// the node's certificate.
+fn drivers(
+    config: &Config,
+    node_id: &str,
+    redis_server: &str,
+    engine_tls: &Arc<engine::tls::EngineTls>,
+) -> engine::Drivers {
+    let postgres: Arc<dyn engine::Driver> = Arc::new(
+        engine::postgres::Postgres::new(config.pg_bin_dir.clone(), &config.state_dir, node_id)
+            .with_tls(engine_tls.clone()),
+    );
+    let redis: Arc<dyn engine::Driver> = Arc::new(
+        engine::redis::Redis::new(&config.state_dir, node_id)
+            .with_server(redis_server)
+            .with_tls(engine_tls.clone()),
+    );
+    let mariadb: Arc<dyn engine::Driver> = Arc::new(
+        engine::mariadb::Mariadb::new(&config.state_dir, node_id).with_tls(engine_tls.clone()),
+    );
+    vec![
+        ("postgres", postgres),
+        ("mariadb", mariadb.clone()),
+        ("mysql", mariadb),
+        ("redis", redis.clone()),
+        ("valkey", redis.clone()),
+        ("keydb", redis),
+    ]
+}
+
+/// The HTTP health endpoints and the agent's own /metrics.
+fn spawn_health(
+    health_addr: SocketAddr,
+    engine: Arc<engine::Engine>,
+    telemetry: Arc<metrics::Telemetry>,
+    node: String,
+) -> tokio::task::JoinHandle<()> {
+    let exporter = health::Exporter {
+        engine: engine.clone(),
+        telemetry,
+        node,
     };
-    let identity = enroll::ensure(&config.state_dir, &config.coordinator, &join, &node_id).await?;
+    tokio::spawn(async move {
+        if let Err(e) = health::serve(health_addr, engine, exporter).await {
+            tracing::error!("{e:#}");
+        }
+    })
+}
+
+/// This node's certificate: the stored one, or a new one from enrolling
+/// with the join token (under `--node-id`, the stored id or the hostname).
+async fn enroll_node(config: &Config, args: Args) -> Result<enroll::NodeIdentity> {
+    let stored = enroll::load(&config.state_dir)?;
+    let node_id = args
+        .node_id
+        .clone()
+        .or_else(|| stored.as_ref().map(|s| s.info.node_id.clone()))
+        .unwrap_or_else(hostname);
+    let join = join_of(args);
+    enroll::ensure(&config.state_dir, &config.coordinator, &join, &node_id).await
+}
+
+async fn run(args: Args) -> Result<()> {
+    let config = config_of(&args)?;
+    let redis_server = args.redis_server.clone();
+    let identity = enroll_node(&config, args).await?;
     tracing::info!(node = %identity.info.node_id, coordinator = %config.coordinator, "agent starting");
 
     let events = Arc::new(events::Events::new());
@@ -184,31 +253,7 @@ async fn run(args: Args) -> Result<()> {
         &identity.cert,
         &identity.ca_pem,
     )));
-    let postgres: Arc<dyn engine::Driver> = Arc::new(
-        engine::postgres::Postgres::new(
-            config.pg_bin_dir.clone(),
-            &config.state_dir,
-            &identity.info.node_id,
-        )
-        .with_tls(engine_tls.clone()),
-    );
-    let redis: Arc<dyn engine::Driver> = Arc::new(
-        engine::redis::Redis::new(&config.state_dir, &identity.info.node_id)
-            .with_server(&args.redis_server)
-            .with_tls(engine_tls.clone()),
-    );
-    let mariadb: Arc<dyn engine::Driver> = Arc::new(
-        engine::mariadb::Mariadb::new(&config.state_dir, &identity.info.node_id)
-            .with_tls(engine_tls.clone()),
-    );
-    let drivers: engine::Drivers = vec![
-        ("postgres", postgres),
-        ("mariadb", mariadb.clone()),
-        ("mysql", mariadb),
-        ("redis", redis.clone()),
-        ("valkey", redis.clone()),
-        ("keydb", redis),
-    ];
+    let drivers = drivers(&config, &identity.info.node_id, &redis_server, &engine_tls);
     let health_listen = config.health_listen;
     let engine = engine::Engine::new(
         config.state_dir.clone(),
@@ -264,18 +309,12 @@ async fn run(args: Args) -> Result<()> {
     let guardian = tokio::spawn(engine.clone().guard(watchdog::Watchdog::from_env()));
     let peers = Arc::new(peers::Peers::new(creds.clone()));
     let rounds = tokio::spawn(peers.run(engine.clone()));
-    let health_addr = health_listen;
-    let exporter = health::Exporter {
-        engine: engine.clone(),
+    let health = spawn_health(
+        health_listen,
+        engine.clone(),
         telemetry,
-        node: identity.info.node_id.clone(),
-    };
-    let health_engine = engine.clone();
-    let health = tokio::spawn(async move {
-        if let Err(e) = health::serve(health_addr, health_engine, exporter).await {
-            tracing::error!("{e:#}");
-        }
-    });
+        identity.info.node_id.clone(),
+    );
 
     let stop = Stop::default();
     let incoming = corral_proto::tls::serve_tls_live(
