@@ -1094,6 +1094,6 @@ async fn apply_and_matches_hold_10000_entries() {
         let count = |set: &str| set_elements(&listed, set).as_array().map_or(0, Vec::len);
         assert_eq!(count("allow4") + count("allow6"), 10_000, "{label}");
     }
-    // The timings above are figures, not assertions: see the README's
+    // The timings above are figures, not assertions: see docs/benchmarks.md's
     // allowlist benchmark.
 }

@@ -80,7 +80,7 @@ impl Lab {
     }
 
     /// Starts agent `i` (node id `vmI`), enrolling with `token` if given
-    /// (from a file, as the README says to: not on the command line).
+    /// (from a file, as docs/operating.md says to: not on the command line).
     pub fn start_agent(&mut self, i: usize, token: Option<&str>) -> Result<()> {
         let mut extra = Vec::new();
         if let Some(t) = token {
