@@ -22,7 +22,6 @@ use crate::store::{self, ClusterRow, NodeRow};
 use crate::Coordinator;
 use anyhow::{anyhow, bail, Context, Result};
 use corral_proto::pb;
-use keys as backup_keys;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -84,16 +83,16 @@ impl BackupKey {
         })
     }
 
-    /// The key for `scope` ([`backup_keys::derive`]); the master key
+    /// The key for `scope` ([`keys::derive`]); the master key
     /// itself only for the empty scope of backups taken before per-cluster
     /// keys.
     pub fn for_scope(&self, scope: &str) -> Vec<u8> {
-        backup_keys::derive(&self.key, scope).to_vec()
+        keys::derive(&self.key, scope).to_vec()
     }
 
     /// The key `cluster`'s new backups and WAL are encrypted with.
     pub fn for_cluster(&self, cluster: &ClusterRow) -> Vec<u8> {
-        self.for_scope(&backup_keys::scope_of(cluster))
+        self.for_scope(&keys::scope_of(cluster))
     }
 
     /// The key backup `b` was encrypted with.
@@ -265,7 +264,7 @@ pub fn reader_node(coord: &Coordinator, b: &BackupRow) -> Result<NodeRow> {
         .into_iter()
         .filter(|n| coord.fleet.liveness_of(&n.id, now) == Liveness::Up)
         .collect();
-    backup_keys::pick_reader(&up, &b.id, &b.cluster, &b.node, target.kind == "local")
+    keys::pick_reader(&up, &b.id, &b.cluster, &b.node, target.kind == "local")
 }
 
 /// Deletes backup `b`'s objects through a node that can reach them, then
@@ -379,7 +378,7 @@ pub(crate) mod tests {
         assert_eq!(plain, b"old rows");
         // A new backup of the cluster gets the cluster's derived key.
         let new = BackupRow {
-            key_scope: backup_keys::scope_for("a", 1),
+            key_scope: keys::scope_for("a", 1),
             ..old.clone()
         };
         assert_ne!(key.for_backup(&new), key.for_backup(&old));

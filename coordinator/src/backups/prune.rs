@@ -2,7 +2,7 @@
 //! which archived WAL no remaining backup needs.
 
 use super::delete_backup;
-use super::keys as backup_keys;
+use super::keys;
 use crate::fleet::Liveness;
 use crate::store::backups::*;
 use crate::store::{self};
@@ -108,7 +108,7 @@ pub(super) async fn prune_wal(
             .store
             .read(store::list_nodes)?
             .into_iter()
-            .filter(|n| backup_keys::may_read(n, &cluster))
+            .filter(|n| keys::may_read(n, &cluster))
             .max_by_key(|n| {
                 (
                     coord.fleet.liveness_of(&n.id, now) == Liveness::Up,

@@ -1,7 +1,7 @@
 //! Scheduled backups: cron parsing, when a schedule is due, and the loop that
 //! starts backup operations and runs retention.
 
-use super::keys as backup_keys;
+use super::keys;
 use super::prune::{prune_pass, prune_wal};
 use super::{fmt_duration, fmt_time, new_id, object_name};
 use crate::store::backups::*;
@@ -198,7 +198,7 @@ pub fn new_backup_operation(
             started_at_ms: now,
             operation: op.id.clone(),
             object: object_name(&cluster.name, &id),
-            key_scope: backup_keys::scope_of(cluster),
+            key_scope: keys::scope_of(cluster),
             ..Default::default()
         },
     )?;

@@ -9,7 +9,7 @@
 //! and raises `backup_failed`.
 
 use super::*;
-use crate::backups::keys as backup_keys;
+use crate::backups::keys;
 use crate::backups::*;
 use crate::config::LOCAL_TARGET;
 
@@ -76,7 +76,7 @@ impl Ctx<'_> {
 
     pub(super) async fn run_backup(&self, cluster: &ClusterRow, row: &mut BackupRow) -> Result<()> {
         let target = self.coord.backups.target_for(&row.target, &cluster.name)?;
-        row.key_scope = backup_keys::scope_of(cluster);
+        row.key_scope = keys::scope_of(cluster);
         let nodes = self
             .coord
             .store
@@ -149,7 +149,7 @@ impl Ctx<'_> {
                 expires_at_ms: now + keep.as_millis() as i64,
                 operation: self.op.id.clone(),
                 object: object_name(&cluster.name, &id),
-                key_scope: backup_keys::scope_of(cluster),
+                key_scope: keys::scope_of(cluster),
                 ..Default::default()
             };
             self.coord.store.read(|c| put(c, &row))?;

@@ -146,7 +146,7 @@ impl Mariadb {
     }
 
     /// mariadb-dump of everything on `up`, as the replication user, with
-    /// the password in `options` (see mariadb_client.rs).
+    /// the password in `options` (see client.rs).
     pub(super) fn dump_command(
         &self,
         up: &Upstream,

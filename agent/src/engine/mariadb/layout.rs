@@ -17,7 +17,7 @@ impl Mariadb {
     }
 
     /// Serves TLS, and replicates over it, with the certificate `tls`
-    /// holds (see mariadb_tls.rs).
+    /// holds (see tls.rs).
     pub fn with_tls(mut self, tls: std::sync::Arc<super::super::tls::EngineTls>) -> Mariadb {
         self.tls = tls;
         self

@@ -23,7 +23,7 @@
 //!   `data.clone/` (a clone being loaded), `data.old/` (the previous data
 //!   while a clone moves in), `temp.cnf` (a temporary server's settings),
 //!   `data.restore/` and `restore.cnf` (a backup being restored, see
-//!   mariadb_backup.rs), `tmp/backup-*` (mariadb-backup's work directory).
+//!   backup.rs), `tmp/backup-*` (mariadb-backup's work directory).
 //!
 //! The server runs as the `mysql` user, never root. The agent administers it
 //! as `root@localhost` over the socket, authenticated by `unix_socket` (the
@@ -773,7 +773,7 @@ impl Driver for Mariadb {
     }
 
     /// `mariadb-backup --stream=xbstream` of the running server (see
-    /// mariadb_backup.rs).
+    /// backup.rs).
     fn backup(
         &self,
         _spec: &EngineSpec,

@@ -96,7 +96,7 @@ impl Flavour {
 
     /// Points replication at `host:port` by GTID, retrying every second.
     /// Over TLS, verified against the CA in `ca`, when given (see
-    /// mariadb_tls.rs).
+    /// tls.rs).
     pub fn change_source(
         self,
         host: &str,

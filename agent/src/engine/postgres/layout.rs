@@ -15,7 +15,7 @@ impl Postgres {
         }
     }
 
-    /// Serves TLS with the certificate `tls` holds (see `postgres_tls.rs`).
+    /// Serves TLS with the certificate `tls` holds (see `tls.rs`).
     pub fn with_tls(mut self, tls: std::sync::Arc<EngineTls>) -> Postgres {
         self.tls = tls;
         self

@@ -28,13 +28,13 @@ pub(super) fn conf_quote(v: &str) -> String {
 pub(super) struct StoredSecrets {
     pub(super) admin_password: String,
     pub(super) replication_password: String,
-    /// The agent's own ACL user's (see redis_acl.rs); made by the agent,
+    /// The agent's own ACL user's (see acl.rs); made by the agent,
     /// absent from files written before it existed (then made at once).
     #[serde(default)]
     pub(super) agent_password: String,
 }
 
-/// The ACL users and their rules, in `ACL SETUSER` form (see redis_acl.rs).
+/// The ACL users and their rules, in `ACL SETUSER` form (see acl.rs).
 pub(super) fn acl_users(admin_user: &str, s: &StoredSecrets) -> Vec<(String, Vec<String>)> {
     acl::acl_users(
         admin_user,

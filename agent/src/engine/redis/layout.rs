@@ -21,7 +21,7 @@ impl Redis {
     }
 
     /// Speaks TLS (when the cluster requires it) with the certificate
-    /// `tls` holds (see redis_tls.rs).
+    /// `tls` holds (see tls.rs).
     pub fn with_tls(mut self, tls: std::sync::Arc<super::super::tls::EngineTls>) -> Redis {
         self.tls = tls;
         self

@@ -25,7 +25,7 @@
 //!   and `data.old/` (the previous data, until the new copy is complete).
 //! - While restoring a backup: `restore.conf` and `data.restore/` (the
 //!   temporary server turning the RDB into the append-only file; see
-//!   redis_backup.rs).
+//!   backup.rs).
 //!
 //! # Users
 //!
@@ -140,7 +140,7 @@ pub struct Redis {
     /// so a health check converging to the files on disk never interleaves
     /// with a promotion that is changing them.
     role_lock: tokio::sync::Mutex<()>,
-    /// The node's certificate (see redis_tls.rs; none: no TLS).
+    /// The node's certificate (see tls.rs; none: no TLS).
     tls: std::sync::Arc<super::tls::EngineTls>,
 }
 
@@ -583,7 +583,7 @@ impl Driver for Redis {
         self.base.join("server.log")
     }
 
-    /// An RDB snapshot streamed from the running server (see redis_backup.rs).
+    /// An RDB snapshot streamed from the running server (see backup.rs).
     fn backup(
         &self,
         _spec: &EngineSpec,
