@@ -1,9 +1,10 @@
 //! The README's five-minute tour, run line by line against a lab set up as
 //! `make demo` sets up its cluster (PostgreSQL `demo` on vm1..vm3, sync,
-//! a table `hello`). Two things differ from the demo and are substituted:
-//! the path of `corralctl.toml` and the namespaces' prefix (`cdemo-` is
-//! the lab's `crlK-`). Every line must succeed, and what the tour's
-//! comments promise is checked after the line that promises it.
+//! a table `hello`). Three things differ from the demo and are substituted:
+//! the path of `corralctl.toml`, the binaries' directory and the
+//! namespaces' prefix (`cdemo-` is the lab's `crlK-`). Every line must
+//! succeed, and what the tour's comments promise is checked after the line
+//! that promises it.
 
 use corral_tests::{bin, wait_until, Lab};
 use std::process::Command;
@@ -31,10 +32,18 @@ fn tour() -> Vec<String> {
 /// `corralctl` the built binary; returns stdout, or fails with stderr.
 fn run(lab: &Lab, line: &str) -> String {
     let config = lab.pki_dir().join("corralctl.toml");
-    let line = line.replace("cdemo-", &lab.ns("")).replace(
-        "/tmp/corral-demo/pki/corralctl.toml",
-        &config.to_string_lossy(),
-    );
+    let bin_dir = bin("corralctl")
+        .parent()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let line = line
+        .replace("cdemo-", &lab.ns(""))
+        .replace(
+            "/tmp/corral-demo/pki/corralctl.toml",
+            &config.to_string_lossy(),
+        )
+        .replace("$PWD/target/debug", &bin_dir);
     let script = format!(
         "set -eo pipefail\ncorralctl() {{ {} \"$@\"; }}\n{line}\n",
         bin("corralctl").display()
