@@ -11,6 +11,8 @@
 //! about, and [`scope`] refuses objects outside that cluster's prefixes.
 
 pub mod key;
+pub mod read;
+pub mod restore;
 pub mod scope;
 pub mod target;
 pub mod wal;
@@ -18,16 +20,16 @@ pub mod wal_config;
 
 pub use key::key_of;
 
-use crate::engine::{Driver, Engine, EngineSpec, ProgressFn, Recovery};
+use crate::engine::Engine;
 use anyhow::{anyhow, bail, Context, Result};
 use corral_proto::archive;
 use corral_proto::pb;
-use sha2::{Digest, Sha256};
+use read::read_checked;
 use std::collections::HashMap;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use target::Target;
+use target::{local_default, Target};
 use tokio::sync::watch;
 
 /// A backup's outcome, shared by every caller waiting for it.
@@ -45,11 +47,6 @@ pub struct Backups {
 
 /// Results kept for retries.
 const KEEP_RESULTS: usize = 64;
-
-/// Where a local target with no path keeps its objects.
-pub fn local_default(state_dir: &Path) -> PathBuf {
-    state_dir.join("backups")
-}
 
 impl Backups {
     pub fn new(engine: Arc<Engine>, node: String, state_dir: PathBuf) -> Arc<Backups> {
@@ -309,189 +306,6 @@ impl Backups {
     }
 }
 
-/// Bytes read from a stored object and out of it.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Counts {
-    pub stored: u64,
-    pub plain: u64,
-}
-
-/// Counts and hashes what passes through.
-struct Hashing<'a, R> {
-    inner: R,
-    hash: &'a mut Sha256,
-    bytes: &'a mut u64,
-}
-
-impl<R: Read> Read for Hashing<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hash.update(&buf[..n]);
-        *self.bytes += n as u64;
-        Ok(n)
-    }
-}
-
-/// Decrypts and keeps the first error, so that whatever the consumer
-/// (a tar process, a driver) makes of a broken stream, the report names
-/// the damaged chunk.
-struct Checked<'a, R: Read> {
-    inner: &'a mut archive::Reader<R>,
-    first_error: Option<String>,
-    plain: u64,
-}
-
-impl<R: Read> Read for Checked<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self.inner.read(buf) {
-            Ok(n) => {
-                self.plain += n as u64;
-                Ok(n)
-            }
-            Err(e) => {
-                if self.first_error.is_none() {
-                    self.first_error = Some(e.to_string());
-                }
-                Err(e)
-            }
-        }
-    }
-}
-
-/// Reads the stored object `input` through `key` into `consume`, then
-/// checks that the whole object was sound: every chunk authenticated to
-/// the end, and (when `expected` is given) its sha256 as recorded at
-/// backup time. A damaged object is reported as such, naming where,
-/// whatever `consume` made of it.
-pub fn read_checked<T>(
-    input: &mut dyn Read,
-    key: &[u8; 32],
-    expected: &str,
-    object: &str,
-    consume: impl FnOnce(&mut dyn Read) -> Result<T>,
-) -> Result<(T, Counts)> {
-    let mut hash = Sha256::new();
-    let mut stored = 0u64;
-    let hashing = Hashing {
-        inner: input,
-        hash: &mut hash,
-        bytes: &mut stored,
-    };
-    let damaged = |what: String| {
-        anyhow!(
-            "backup object {object} is damaged: {what}; it cannot be restored (another \
-             backup can: `corralctl backup list`)"
-        )
-    };
-    let mut reader = archive::Reader::new(hashing, key).map_err(|e| match e {
-        archive::Error::WrongKey { .. } => anyhow!(
-            "backup object {object} was encrypted with another key ({e}); the coordinator's \
-             backup key file must be the one it was taken with"
-        ),
-        e => damaged(e.to_string()),
-    })?;
-    let mut checked = Checked {
-        inner: &mut reader,
-        first_error: None,
-        plain: 0,
-    };
-    let out = consume(&mut checked);
-    if let Some(e) = checked.first_error.take() {
-        return Err(damaged(e));
-    }
-    let out = out?;
-    // The consumer may stop at the end of its format (a tar's end marker);
-    // the rest must still authenticate, up to the final chunk.
-    let rest = std::io::copy(&mut checked, &mut std::io::sink());
-    if let Some(e) = checked.first_error.take() {
-        return Err(damaged(e));
-    }
-    rest.map_err(|e| damaged(e.to_string()))?;
-    let plain = checked.plain;
-    drop(reader);
-    let sha = hex::encode(hash.finalize());
-    if !expected.is_empty() && sha != expected {
-        return Err(damaged(format!(
-            "its sha256 is {sha}, but {expected} was recorded when it was taken"
-        )));
-    }
-    Ok((out, Counts { stored, plain }))
-}
-
-/// Fills the empty data directory of a new primary from a backup (and, for
-/// a point in time, the WAL archive). Blocking parts run on a blocking
-/// thread; `progress` gets the stored bytes read.
-pub async fn restore(
-    driver: Arc<dyn Driver>,
-    spec: &EngineSpec,
-    source: &pb::RestoreSource,
-    state_dir: &Path,
-    progress: impl Fn(u64, u64) + Send + Sync + 'static,
-) -> Result<()> {
-    let key = key_of(&source.key)?;
-    let described = source
-        .target
-        .as_ref()
-        .context("the restore names no target")?;
-    scope::check(described, &source.object)?;
-    let target = Target::open(described, &local_default(state_dir))?;
-    let mut recovery = None;
-    let wal_dir = state_dir.join("restore-wal");
-    if source.to_time_ms > 0 {
-        let wal = source
-            .wal
-            .as_ref()
-            .context("a point-in-time restore needs the source's WAL archive")?;
-        if let Some(t) = &wal.target {
-            scope::check(t, &wal.prefix)?;
-        }
-        let _ = std::fs::remove_dir_all(&wal_dir);
-        wal::fetch_all(wal, &wal_dir, state_dir, &source.start_wal).await?;
-        recovery = Some(Recovery {
-            to_time_ms: source.to_time_ms,
-            wal_dir: wal_dir.clone(),
-        });
-    }
-    let spec = spec.clone();
-    let expected = source.sha256.clone();
-    let object = source.object.clone();
-    let total = source.stored_bytes;
-    let outcome = target
-        .get_stream(&source.object, move |input| {
-            let mut counting = Progressing {
-                inner: input,
-                done: 0,
-                total,
-                progress: &progress,
-            };
-            read_checked(&mut counting, &key, &expected, &object, |r| {
-                driver.restore(&spec, r, recovery.as_ref())
-            })
-        })
-        .await;
-    let _ = std::fs::remove_dir_all(&wal_dir);
-    outcome.map(|_| ())
-}
-
-/// Reports the stored bytes read (of `total`, 0 when unknown).
-struct Progressing<'a, R: ?Sized> {
-    inner: &'a mut R,
-    done: u64,
-    total: u64,
-    progress: ProgressFn<'a>,
-}
-
-impl<R: Read + ?Sized> Read for Progressing<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.done += n as u64;
-        if self.done % (8 << 20) < n as u64 {
-            (self.progress)(self.done, self.total.max(self.done));
-        }
-        Ok(n)
-    }
-}
-
 /// A name no other scratch directory of this process has.
 fn unique() -> String {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -500,103 +314,4 @@ fn unique() -> String {
         std::process::id(),
         NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::Write;
-
-    fn archive_of(data: &[u8], key: &[u8; 32]) -> (Vec<u8>, String) {
-        let mut out = Vec::new();
-        let mut w = archive::Writer::new(
-            &mut out,
-            key,
-            archive::Header {
-                meta: serde_json::json!({}),
-            },
-        )
-        .unwrap();
-        w.write_all(data).unwrap();
-        let s = w.finish().unwrap();
-        (out, s.sha256_hex)
-    }
-
-    #[test]
-    fn read_checked_passes_a_sound_object_and_counts_it() {
-        let key = [7u8; 32];
-        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
-        let (obj, sha) = archive_of(&data, &key);
-        let (got, counts) = read_checked(&mut &obj[..], &key, &sha, "o", |r| {
-            let mut v = Vec::new();
-            r.read_to_end(&mut v)?;
-            Ok(v)
-        })
-        .unwrap();
-        assert_eq!(got, data);
-        assert_eq!(counts.stored, obj.len() as u64);
-        assert_eq!(counts.plain, data.len() as u64);
-    }
-
-    #[test]
-    fn a_changed_byte_is_named_even_when_the_consumer_hides_it() {
-        let key = [7u8; 32];
-        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 253) as u8).collect();
-        let (mut obj, sha) = archive_of(&data, &key);
-        let at = obj.len() / 2;
-        obj[at] ^= 1;
-        // A consumer that swallows read errors (as a tar process would
-        // report "broken pipe") still yields an error naming the damage.
-        let err = read_checked(&mut &obj[..], &key, &sha, "backups/c/b1", |r| {
-            let mut v = Vec::new();
-            let _ = r.read_to_end(&mut v);
-            Ok(())
-        })
-        .unwrap_err()
-        .to_string();
-        assert!(
-            err.contains("backup object backups/c/b1 is damaged"),
-            "{err}"
-        );
-        assert!(err.contains("chunk"), "{err}");
-    }
-
-    #[test]
-    fn a_consumer_stopping_early_does_not_skip_the_check_of_the_rest() {
-        let key = [9u8; 32];
-        let data = vec![1u8; 3 << 20];
-        let (mut obj, sha) = archive_of(&data, &key);
-        let last = obj.len() - 3;
-        obj[last] ^= 0x40;
-        let err = read_checked(&mut &obj[..], &key, &sha, "o", |r| {
-            let mut first = [0u8; 10];
-            r.read_exact(&mut first)?;
-            Ok(())
-        })
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("damaged"), "{err}");
-    }
-
-    #[test]
-    fn a_recorded_checksum_that_differs_is_refused() {
-        let key = [3u8; 32];
-        let (obj, _) = archive_of(b"hello", &key);
-        let err = read_checked(&mut &obj[..], &key, &"0".repeat(64), "o", |r| {
-            std::io::copy(r, &mut std::io::sink())?;
-            Ok(())
-        })
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("was recorded when it was taken"), "{err}");
-    }
-
-    #[test]
-    fn a_wrong_key_says_so() {
-        let (obj, sha) = archive_of(b"hello", &[1u8; 32]);
-        let err = read_checked(&mut &obj[..], &[2u8; 32], &sha, "o", |_| Ok(()))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("another key"), "{err}");
-    }
 }

@@ -11,9 +11,10 @@
 //! in `wal-archive.json` (0600) so that archiving goes on across agent
 //! restarts without the coordinator.
 
+use super::key_of;
+use super::target::local_default;
 use super::target::Target;
 pub use super::wal_config::{load, save};
-use super::{key_of, local_default};
 use crate::engine::Engine;
 use anyhow::{bail, Context, Result};
 use corral_proto::archive;

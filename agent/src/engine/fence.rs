@@ -20,7 +20,9 @@
 //!   fence can hold must not take writes (the coordinator then fails over
 //!   as for a lost primary).
 
-use super::{Engine, Stored};
+use super::record::Stored;
+use super::transitions::Guard;
+use super::Engine;
 use crate::firewall::Rules;
 use crate::lease::BootTime;
 use corral_proto::lease::fence_ahead;
@@ -442,12 +444,12 @@ impl Engine {
         always.extend(self.coordinator_ips());
         always.sort();
         always.dedup();
-        let fenced = self.should_fence(s, BootTime::now());
+        let guard = self.fence_needed(s, BootTime::now());
         FenceState {
             rules: Rules {
                 engine_port: Some(s.spec.port),
-                fenced,
-                gated: !fenced && self.may_be_fenced(s),
+                fenced: guard == Guard::Fenced,
+                gated: guard == Guard::Gated,
                 health_port: self.health_port,
                 allow,
                 always,

@@ -18,7 +18,9 @@
 //!   until its last confirmation has expired. A restarted agent does not
 //!   know what it confirmed before, so it assumes it just did.
 
-use super::{Conflict, Engine, Stored};
+use super::record::Stored;
+use super::transitions::{self, Guard};
+use super::{Conflict, Engine};
 use crate::lease::{self, BootTime, Source};
 use anyhow::Result;
 use corral_proto::lease::{fence_ahead, margin};
@@ -65,18 +67,21 @@ impl Engine {
         }
     }
 
-    /// Whether the node, as `stored` describes it, is a primary that another
-    /// node may take over from: one that is fenced without a lease.
-    pub(super) fn may_be_fenced(&self, stored: &Stored) -> bool {
-        stored.spec.role == "primary" && !required_confirmers(stored).is_empty()
-    }
-
     /// Whether the node, as `stored` describes it, must be fenced at `now`.
     pub(super) fn should_fence(&self, stored: &Stored, now: BootTime) -> bool {
-        self.may_be_fenced(stored)
+        self.fence_needed(stored, now) == Guard::Fenced
+    }
+
+    /// The fence the node, as `stored` describes it, needs at `now`
+    /// ([`transitions::guard`]).
+    pub(super) fn fence_needed(&self, stored: &Stored, now: BootTime) -> Guard {
+        let primary = stored.spec.role == "primary";
+        let confirmed = primary && !required_confirmers(stored).is_empty();
+        let lease_ending = confirmed
             && self
                 .lock_lease()
-                .must_fence(now, fence_ahead(stored.cluster.lease()))
+                .must_fence(now, fence_ahead(stored.cluster.lease()));
+        transitions::guard(primary, confirmed, lease_ending)
     }
 
     /// Whether this node may take writes now: a primary holding its lease
