@@ -7,7 +7,7 @@
 //! `CORRAL_BENCH_SECONDS` sets the sampling window (default 30).
 
 use corral_tests::procstat::{clock_ticks, cpu_ticks, status_kib};
-use corral_tests::{bin, Lab, LabOptions};
+use corral_tests::{bin, Lab};
 use std::time::{Duration, Instant};
 
 fn main() {
@@ -22,11 +22,7 @@ fn main() {
         "binaries: {}",
         bin("corral-agent").parent().unwrap().display()
     );
-    let lab = Lab::start_with(LabOptions {
-        vms: 3,
-        ..Default::default()
-    })
-    .expect("lab");
+    let lab = Lab::start(3).expect("lab");
     lab.create_replicated("bench", "vm1,vm2,vm3", &[])
         .expect("cluster create");
     let c = lab

@@ -9,7 +9,7 @@
 //! with `make bench` (release binaries).
 
 use corral_tests::procstat::{clock_ticks, cpu_ticks_with_children, status_kib};
-use corral_tests::{wait_until, Lab, LabOptions};
+use corral_tests::{wait_until, Lab};
 use std::time::{Duration, Instant};
 
 /// The agent's CPU (% of one core, children included) and RSS (MiB) over
@@ -85,11 +85,7 @@ fn main() {
     let entries = env_num("CORRAL_BENCH_ENTRIES", 10_000) as usize;
     let conns = env_num("CORRAL_BENCH_CONNECTIONS", 300) as usize;
     let window = Duration::from_secs(env_num("CORRAL_BENCH_SECONDS", 30));
-    let lab = Lab::start_with(LabOptions {
-        vms: 1,
-        ..Default::default()
-    })
-    .unwrap();
+    let lab = Lab::start(1).unwrap();
     let creds = lab.create_replicated("bench", "vm1", &[]).unwrap();
     let uri = lab.node_uri(&creds, 1);
     let agent = *lab

@@ -29,7 +29,7 @@
 //! Run with `make bench` (release binaries).
 
 use corral_tests::s3::S3Server;
-use corral_tests::{sh, Lab, LabOptions};
+use corral_tests::{sh, Lab};
 use serde_json::Value;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -134,11 +134,7 @@ fn superuser_sql(lab: &Lab, port: &str, sql: &str) -> String {
 /// A lab of three VMs whose coordinator knows the S3 server as target `s3`
 /// and a directory on the lab's disk as target `disk`.
 fn lab_with_s3() -> (Lab, S3Server) {
-    let mut lab = Lab::start_with(LabOptions {
-        vms: 3,
-        ..Default::default()
-    })
-    .unwrap();
+    let mut lab = Lab::start(3).unwrap();
     let s3 = S3Server::start(&lab.host_ip(), lab.dir()).unwrap();
     // `disk`: a local target whose directory every VM sees (as a shared
     // mount would be), on the same filesystem as the data.

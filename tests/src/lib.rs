@@ -179,6 +179,16 @@ impl Lab {
         })
     }
 
+    /// A lab of `vms` VMs where only the coordinator runs: no agent is
+    /// started or enrolled (the test does that itself).
+    pub fn unenrolled(vms: usize) -> Result<Lab> {
+        Lab::start_with(LabOptions {
+            vms,
+            enroll: false,
+            ..Default::default()
+        })
+    }
+
     pub fn start_with(opts: LabOptions) -> Result<Lab> {
         for b in ["corral-coordinator", "corral-agent", "corralctl"] {
             if !bin(b).exists() {

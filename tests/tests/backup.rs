@@ -7,7 +7,7 @@
 //! announced as alerts.
 
 use corral_tests::s3::{archive_wal, lab_with_s3, S3Server};
-use corral_tests::{wait_until, Lab, LabOptions};
+use corral_tests::{wait_until, Lab};
 use serde_json::Value;
 use std::time::Duration;
 
@@ -476,11 +476,7 @@ fn mariadb_and_redis_backups_to_s3_restore_into_new_clusters() {
 
 #[test]
 fn retention_final_backups_and_failures() {
-    let mut lab = Lab::start_with(LabOptions {
-        vms: 2,
-        ..Default::default()
-    })
-    .unwrap();
+    let mut lab = Lab::start(2).unwrap();
     let s3 = S3Server::start(&lab.host_ip(), lab.dir()).unwrap();
     // A local target on a 1 MiB filesystem that fills up, and an S3
     // endpoint where nothing listens. (Mounted in vm1's mount namespace,

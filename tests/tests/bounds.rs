@@ -7,7 +7,7 @@ use corral_proto::pb;
 #[path = "support/flood.rs"]
 mod flood;
 use corral_proto::pki::{self, CertKey};
-use corral_tests::{bin, mount_tmpfs, sh, wait_until, Lab, LabOptions};
+use corral_tests::{bin, mount_tmpfs, sh, wait_until, Lab};
 use flood::{channel, flood, flood_count};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -206,12 +206,7 @@ fn fence_events(lab: &Lab, node: &str) -> usize {
 
 #[test]
 fn a_list_longer_than_a_page_returns_the_cap_and_a_cursor_that_pages_on() {
-    let lab = Lab::start_with(LabOptions {
-        vms: 1,
-        enroll: false,
-        ..Default::default()
-    })
-    .unwrap();
+    let lab = Lab::unenrolled(1).unwrap();
     // More audit rows than a page holds, written beside the running
     // coordinator (the store is SQLite in WAL mode).
     let s = Store::open(&lab.dir().join("coordinator/corral.db")).unwrap();
@@ -270,12 +265,7 @@ fn a_list_longer_than_a_page_returns_the_cap_and_a_cursor_that_pages_on() {
 
 #[test]
 fn a_second_coordinator_on_the_same_state_directory_exits_naming_it() {
-    let lab = Lab::start_with(LabOptions {
-        vms: 1,
-        enroll: false,
-        ..Default::default()
-    })
-    .unwrap();
+    let lab = Lab::unenrolled(1).unwrap();
     let dir = lab.dir().join("coordinator");
     let mut second = Command::new(bin("corral-coordinator"))
         .args(["--state-dir", &dir.to_string_lossy()])

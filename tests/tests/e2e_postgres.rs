@@ -2,7 +2,7 @@
 //! creation, a client writing and reading rows, engine supervision, node
 //! liveness and a coordinator restart.
 
-use corral_tests::{wait_until, Lab, LabOptions};
+use corral_tests::{wait_until, Lab};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -174,11 +174,7 @@ fn killed_postgres_is_restarted_by_the_agent_and_reported() {
 
 #[test]
 fn a_killed_vm_is_down_within_three_heartbeat_intervals() {
-    let mut lab = Lab::start_with(LabOptions {
-        vms: 2,
-        ..Default::default()
-    })
-    .unwrap();
+    let mut lab = Lab::start(2).unwrap();
     let interval = Duration::from_millis(lab.opts.heartbeat_interval_ms);
     lab.kill_vm(2);
     let killed = Instant::now();

@@ -3,7 +3,7 @@
 
 use corral_proto::pb;
 use corral_proto::pki::{self, CertKey, COORDINATOR_DNS};
-use corral_tests::{bin, sh, Lab, LabOptions};
+use corral_tests::{bin, sh, Lab};
 use serde_json::Value;
 use std::path::Path;
 use std::time::Duration;
@@ -108,12 +108,7 @@ fn coordinator_log(lab: &Lab) -> String {
 
 #[test]
 fn reused_and_expired_tokens_are_refused() {
-    let mut lab = Lab::start_with(LabOptions {
-        vms: 2,
-        enroll: false,
-        ..Default::default()
-    })
-    .unwrap();
+    let mut lab = Lab::unenrolled(2).unwrap();
     let token = lab.token().unwrap();
     lab.start_agent(1, Some(&token)).unwrap();
     lab.wait_node_state("vm1", "up", Duration::from_secs(30))
@@ -155,12 +150,7 @@ fn reused_and_expired_tokens_are_refused() {
 
 #[test]
 fn a_token_for_another_ca_is_refused_and_not_consumed() {
-    let mut lab = Lab::start_with(LabOptions {
-        vms: 1,
-        enroll: false,
-        ..Default::default()
-    })
-    .unwrap();
+    let mut lab = Lab::unenrolled(1).unwrap();
     let other = lab.dir().join("other-pki");
     let out = sh(
         &bin("corralctl").to_string_lossy(),
@@ -387,12 +377,7 @@ fn every_api_checks_whose_certificate_it_is() {
 
 #[test]
 fn roles_limit_what_an_operator_may_do() {
-    let lab = Lab::start_with(LabOptions {
-        vms: 1,
-        enroll: false,
-        ..Default::default()
-    })
-    .unwrap();
+    let lab = Lab::unenrolled(1).unwrap();
     let prefix = lab.dir().join("viewer");
     sh(
         &bin("corralctl").to_string_lossy(),

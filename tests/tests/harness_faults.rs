@@ -11,7 +11,7 @@
 
 use corral_tests::checker::WriteChecker;
 use corral_tests::stress::Stress;
-use corral_tests::{wait_until, Lab, LabOptions};
+use corral_tests::{wait_until, Lab};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -275,12 +275,7 @@ fn status(lab: &Lab, proxy: &str, server: &str) -> String {
 
 #[test]
 fn haproxy_follows_health_endpoints_and_ends_sessions_of_a_demoted_primary() {
-    let mut lab = Lab::start_with(LabOptions {
-        vms: 2,
-        enroll: false,
-        ..Default::default()
-    })
-    .unwrap();
+    let mut lab = Lab::unenrolled(2).unwrap();
     let _pg = [start_postgres(&lab, 1), start_postgres(&lab, 2)];
     let (_h1, dir1) = start_fake_health(&lab, 1);
     let (_h2, dir2) = start_fake_health(&lab, 2);
@@ -350,12 +345,7 @@ fn haproxy_follows_health_endpoints_and_ends_sessions_of_a_demoted_primary() {
 
 #[test]
 fn the_checker_flags_two_writable_nodes_and_accepts_a_hand_over() {
-    let lab = Lab::start_with(LabOptions {
-        vms: 2,
-        enroll: false,
-        ..Default::default()
-    })
-    .unwrap();
+    let lab = Lab::unenrolled(2).unwrap();
     let _pg = [start_postgres(&lab, 1), start_postgres(&lab, 2)];
     let uris: Vec<(String, String)> = (1..=2)
         .map(|i| (format!("vm{i}"), plain_uri(&lab, i)))

@@ -1,7 +1,7 @@
 //! The harness itself: labs come up, carry IPv4 and IPv6, and leave nothing
 //! behind, even when the test that owns them panics or its process dies.
 
-use corral_tests::{sh, sweep_stale, Lab, LabOptions};
+use corral_tests::{sh, sweep_stale, Lab};
 
 fn lab_exists(k: u32) -> bool {
     let netns = sh("ip", &["netns", "list"]).unwrap();
@@ -12,12 +12,7 @@ fn lab_exists(k: u32) -> bool {
 
 #[test]
 fn lab_carries_ipv4_and_ipv6_and_is_removed_on_drop() {
-    let lab = Lab::start_with(LabOptions {
-        vms: 2,
-        enroll: false,
-        ..Default::default()
-    })
-    .unwrap();
+    let lab = Lab::unenrolled(2).unwrap();
     let k = lab.k;
     assert!(lab_exists(k));
     let ping4 = lab
@@ -52,12 +47,7 @@ fn lab_is_removed_when_its_test_panics() {
     let k = std::sync::Arc::new(std::sync::Mutex::new(0));
     let k2 = k.clone();
     let result = std::panic::catch_unwind(move || {
-        let lab = Lab::start_with(LabOptions {
-            vms: 1,
-            enroll: false,
-            ..Default::default()
-        })
-        .unwrap();
+        let lab = Lab::unenrolled(1).unwrap();
         *k2.lock().unwrap() = lab.k;
         panic!("deliberate failure inside a lab");
     });

@@ -5,7 +5,7 @@
 
 use corral_proto::pb;
 use corral_proto::pki::{self, CertKey, COORDINATOR_DNS};
-use corral_tests::{wait_until, Lab, LabOptions};
+use corral_tests::{wait_until, Lab};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -132,12 +132,7 @@ fn a_revoked_node_is_refused_and_cannot_confirm_its_primary() {
 
 #[test]
 fn a_revoked_operator_is_refused_on_its_next_call_even_on_an_open_connection() {
-    let lab = Lab::start_with(LabOptions {
-        vms: 1,
-        enroll: false,
-        ..Default::default()
-    })
-    .unwrap();
+    let lab = Lab::unenrolled(1).unwrap();
     let issue = |name: &str, role: &str| lab.issue_operator(name, role).unwrap();
     let read = |prefix: &Path| CertKey {
         cert_pem: pki::read(&prefix.with_extension("crt")).unwrap(),
@@ -287,12 +282,7 @@ fn listed_current(lab: &Lab, node: &str) -> String {
 /// Three VMs enrolled with certificates of `lifetime`, serving a
 /// PostgreSQL cluster `shop` (vm1 its primary); its credentials.
 fn short_lived(lifetime: &str) -> (Lab, Value) {
-    let mut lab = Lab::start_with(LabOptions {
-        vms: 3,
-        enroll: false,
-        ..Default::default()
-    })
-    .unwrap();
+    let mut lab = Lab::unenrolled(3).unwrap();
     lab.stop_coordinator().unwrap();
     lab.start_coordinator_env(&[("CORRAL_NODE_CERT_LIFETIME", lifetime)])
         .unwrap();
@@ -430,12 +420,7 @@ fn a_renewal_just_before_a_coordinator_outage_keeps_the_primary_writable() {
 
 #[test]
 fn join_tokens_stay_off_the_command_line() {
-    let lab = Lab::start_with(LabOptions {
-        vms: 1,
-        enroll: false,
-        ..Default::default()
-    })
-    .unwrap();
+    let lab = Lab::unenrolled(1).unwrap();
     let dir = lab.state_dir(1);
     let run = |args: &[&str]| {
         let (code, stderr) = lab.run_agent_to_exit(1, args, &dir).unwrap();

@@ -1,7 +1,7 @@
 //! `corralctl logs`: a node's engine and agent logs, streamed from its VM
 //! through the coordinator.
 
-use corral_tests::{bin, wait_until, Lab, LabOptions};
+use corral_tests::{bin, wait_until, Lab};
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -52,11 +52,7 @@ fn fail_statement(lab: &Lab, uri: &str, marker: &str) {
 
 #[test]
 fn logs_of_engines_and_agents_stream_through_the_coordinator() {
-    let lab = Lab::start_with(LabOptions {
-        vms: 2,
-        ..Default::default()
-    })
-    .unwrap();
+    let lab = Lab::start(2).unwrap();
     lab.ctl_ok(&[
         "cluster", "create", "--name", "c1", "--engine", "postgres", "--node", "vm1",
     ])

@@ -1,12 +1,12 @@
 //! `corralctl alerts`: the alerts firing now with the notification
 //! channels' state, and the history of alerts and notices.
 
+use super::connection::Api;
 use super::output::{ago, print_json, table};
 use anyhow::Result;
 use clap::Subcommand;
 use comfy_table::Table;
-use corral_proto::pb::{self, operator_client::OperatorClient};
-use tonic::transport::Channel;
+use corral_proto::pb::{self};
 
 #[derive(Subcommand, Debug)]
 pub(super) enum AlertsCmd {
@@ -21,11 +21,7 @@ pub(super) enum AlertsCmd {
     },
 }
 
-pub(super) async fn run(
-    api: &mut OperatorClient<Channel>,
-    cmd: AlertsCmd,
-    json: bool,
-) -> Result<()> {
+pub(super) async fn run(api: &mut Api, cmd: AlertsCmd, json: bool) -> Result<()> {
     match cmd {
         AlertsCmd::List => {
             let r = api

@@ -2,13 +2,13 @@
 //! cluster's engine port; show, change (waiting until every node applied
 //! it), history.
 
+use super::connection::Api;
 use super::output::{fmt_time, print_json};
 use anyhow::{Context, Result};
 use clap::Subcommand;
-use corral_proto::pb::{self, operator_client::OperatorClient};
+use corral_proto::pb::{self};
 use std::path::PathBuf;
 use std::time::Duration;
-use tonic::transport::Channel;
 
 #[derive(Subcommand, Debug)]
 pub(super) enum AllowlistCmd {
@@ -70,11 +70,7 @@ impl AllowlistChange {
     }
 }
 
-pub(super) async fn run(
-    api: &mut OperatorClient<Channel>,
-    cmd: AllowlistCmd,
-    json: bool,
-) -> Result<()> {
+pub(super) async fn run(api: &mut Api, cmd: AllowlistCmd, json: bool) -> Result<()> {
     let (cluster, how, change) = match cmd {
         AllowlistCmd::Show { cluster } => {
             let a = api
@@ -173,7 +169,7 @@ pub(super) fn print_allowlist(a: &pb::Allowlist) {
 
 /// Waits until every node that is up holds the list's version.
 pub(super) async fn wait_allowlist(
-    api: &mut OperatorClient<Channel>,
+    api: &mut Api,
     cluster: &str,
     json: bool,
 ) -> Result<pb::Allowlist> {

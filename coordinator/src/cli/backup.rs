@@ -1,15 +1,15 @@
 //! `corralctl backup`: take, list, show, delete, download, schedule,
 //! restore and verify backups.
 
+use super::connection::Api;
 use super::operation::follow;
 use super::output::{ago, parse_duration, print_json, table};
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use comfy_table::Table;
-use corral_proto::pb::{self, operator_client::OperatorClient};
+use corral_proto::pb::{self};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tonic::transport::Channel;
 
 #[derive(Subcommand, Debug)]
 pub(super) enum BackupCmd {
@@ -220,11 +220,7 @@ pub(super) fn download_extension(engine: &str) -> &'static str {
     }
 }
 
-pub(super) async fn run(
-    api: &mut OperatorClient<Channel>,
-    cmd: BackupCmd,
-    json: bool,
-) -> Result<()> {
+pub(super) async fn run(api: &mut Api, cmd: BackupCmd, json: bool) -> Result<()> {
     match cmd {
         BackupCmd::Now {
             cluster,
@@ -341,11 +337,7 @@ pub(super) async fn run(
 
 /// Backup `id`, refused unless it is of `cluster` (the commands name both,
 /// so a mistyped id never acts on another cluster's backup).
-pub(super) async fn backup_of(
-    api: &mut OperatorClient<Channel>,
-    cluster: &str,
-    id: &str,
-) -> Result<pb::Backup> {
+pub(super) async fn backup_of(api: &mut Api, cluster: &str, id: &str) -> Result<pb::Backup> {
     let b = api
         .get_backup(pb::GetBackupRequest { id: id.into() })
         .await?
@@ -409,7 +401,7 @@ pub(super) fn print_backup(b: &pb::Backup) {
 /// `backup schedule`: set it (`--cron` with `--retain`), remove it
 /// (`--off`) or, with neither, show it.
 pub(super) async fn schedule(
-    api: &mut OperatorClient<Channel>,
+    api: &mut Api,
     cluster: String,
     cron: Option<String>,
     retain: Option<Retain>,
@@ -499,7 +491,7 @@ pub(super) struct RestoreTarget {
 
 /// `backup restore`: into a new cluster, or in place once confirmed.
 pub(super) async fn restore(
-    api: &mut OperatorClient<Channel>,
+    api: &mut Api,
     cluster: String,
     id: String,
     target: RestoreTarget,
@@ -540,7 +532,7 @@ pub(super) async fn restore(
 /// `backup download`: to `file`, or to a name after the backup's id and
 /// format.
 async fn save(
-    api: &mut OperatorClient<Channel>,
+    api: &mut Api,
     cluster: &str,
     id: &str,
     file: Option<PathBuf>,
@@ -562,12 +554,7 @@ async fn save(
 
 /// Writes a downloaded backup to `path` (a temporary name renamed once
 /// complete, so a failed download leaves no file that looks whole).
-pub(super) async fn download(
-    api: &mut OperatorClient<Channel>,
-    id: &str,
-    raw: bool,
-    path: &Path,
-) -> Result<()> {
+pub(super) async fn download(api: &mut Api, id: &str, raw: bool, path: &Path) -> Result<()> {
     use std::io::Write;
     let mut stream = api
         .download_backup(pb::DownloadBackupRequest { id: id.into(), raw })

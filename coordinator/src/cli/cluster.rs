@@ -3,13 +3,13 @@
 //! files.
 
 use super::allowlist::{self, AllowlistCmd};
+use super::connection::Api;
 use super::node::print_nodes;
 use super::operation::{follow, wait_operation};
 use super::output::{ago, print_json, table};
 use anyhow::{anyhow, bail, Result};
 use clap::Subcommand;
-use corral_proto::pb::{self, operator_client::OperatorClient};
-use tonic::transport::Channel;
+use corral_proto::pb::{self};
 
 #[derive(Subcommand, Debug)]
 pub(super) enum ClusterCmd {
@@ -150,11 +150,7 @@ pub(super) fn on_off(v: bool) -> &'static str {
     }
 }
 
-pub(super) async fn run(
-    api: &mut OperatorClient<Channel>,
-    cmd: ClusterCmd,
-    json: bool,
-) -> Result<()> {
+pub(super) async fn run(api: &mut Api, cmd: ClusterCmd, json: bool) -> Result<()> {
     match cmd {
         ClusterCmd::Credentials { .. } => unreachable!("handled in main_with"),
         ClusterCmd::Create {
@@ -258,7 +254,7 @@ pub(super) async fn run(
 }
 
 /// `cluster list`.
-pub(super) async fn list(api: &mut OperatorClient<Channel>, json: bool) -> Result<()> {
+pub(super) async fn list(api: &mut Api, json: bool) -> Result<()> {
     let r = api
         .list_clusters(pb::ListClustersRequest {})
         .await?
@@ -287,11 +283,7 @@ pub(super) async fn list(api: &mut OperatorClient<Channel>, json: bool) -> Resul
 }
 
 /// `cluster show`: the cluster, its settings and its nodes.
-pub(super) async fn show(
-    api: &mut OperatorClient<Channel>,
-    name: String,
-    json: bool,
-) -> Result<()> {
+pub(super) async fn show(api: &mut Api, name: String, json: bool) -> Result<()> {
     let c = api
         .get_cluster(pb::GetClusterRequest { name })
         .await?
@@ -313,7 +305,7 @@ pub(super) async fn show(
 
 /// `cluster set`: the settings given, the last of each kept.
 pub(super) async fn set(
-    api: &mut OperatorClient<Channel>,
+    api: &mut Api,
     name: String,
     settings: Vec<(String, Setting)>,
     no_wait: bool,

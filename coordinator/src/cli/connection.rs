@@ -123,3 +123,6 @@ pub(super) fn rpc_error(addr: &str, s: tonic::Status) -> anyhow::Error {
         _ => anyhow!("{}", s.message()),
     }
 }
+
+/// The operator API client every command is given.
+pub(super) type Api = corral_proto::pb::operator_client::OperatorClient<Channel>;

@@ -1,11 +1,11 @@
 //! `corralctl audit list` and `corralctl event list`: paged tables of the
 //! audit trail and of what was observed on nodes.
 
+use super::connection::Api;
 use super::output::{ago, more_before, print_json, table};
 use anyhow::Result;
 use clap::Subcommand;
-use corral_proto::pb::{self, operator_client::OperatorClient};
-use tonic::transport::Channel;
+use corral_proto::pb::{self};
 
 #[derive(Subcommand, Debug)]
 pub(super) enum AuditCmd {
@@ -37,11 +37,7 @@ pub(super) enum EventCmd {
 }
 
 /// `audit list`.
-pub(super) async fn audit(
-    api: &mut OperatorClient<Channel>,
-    cmd: AuditCmd,
-    json: bool,
-) -> Result<()> {
+pub(super) async fn audit(api: &mut Api, cmd: AuditCmd, json: bool) -> Result<()> {
     match cmd {
         AuditCmd::List { limit, before } => {
             let r = api
@@ -70,11 +66,7 @@ pub(super) async fn audit(
 }
 
 /// `event list`.
-pub(super) async fn events(
-    api: &mut OperatorClient<Channel>,
-    cmd: EventCmd,
-    json: bool,
-) -> Result<()> {
+pub(super) async fn events(api: &mut Api, cmd: EventCmd, json: bool) -> Result<()> {
     match cmd {
         EventCmd::List {
             node,

@@ -2,11 +2,11 @@
 //! printed as it arrives (plain lines or JSON), until the stream ends,
 //! Ctrl-C or a closed stdout.
 
+use super::connection::Api;
 use super::output::parse_duration;
 use anyhow::{Context, Result};
-use corral_proto::pb::{self, operator_client::OperatorClient};
+use corral_proto::pb::{self};
 use std::time::Duration;
-use tonic::transport::Channel;
 
 // The arguments of `corralctl logs` (its help is the variant's, in mod.rs).
 #[derive(clap::Args, Debug)]
@@ -30,11 +30,7 @@ pub(super) struct LogsArgs {
     follow: bool,
 }
 
-pub(super) async fn run(
-    api: &mut OperatorClient<Channel>,
-    args: LogsArgs,
-    json: bool,
-) -> Result<()> {
+pub(super) async fn run(api: &mut Api, args: LogsArgs, json: bool) -> Result<()> {
     let LogsArgs {
         cluster,
         node,

@@ -33,6 +33,7 @@ use anyhow::Result;
 use backup::BackupCmd;
 use clap::{Parser, Subcommand, ValueEnum};
 use cluster::ClusterCmd;
+use connection::Api;
 use connection::{rpc_error, ConnConfig};
 use corral_proto::pb::{self, operator_client::OperatorClient};
 use events::{AuditCmd, EventCmd};
@@ -42,7 +43,6 @@ use output::print_json;
 use pki::PkiCmd;
 use std::path::PathBuf;
 use token::TokenCmd;
-use tonic::transport::Channel;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -131,7 +131,7 @@ pub async fn main_with(cli: Cli) -> Result<()> {
 
 /// Runs one command against the operator API (the commands `main_with`
 /// handles itself never reach here).
-async fn run(api: &mut OperatorClient<Channel>, command: Command, json: bool) -> Result<()> {
+async fn run(api: &mut Api, command: Command, json: bool) -> Result<()> {
     match command {
         Command::Pki(_) => unreachable!("handled in main_with"),
         Command::Whoami => {

@@ -1,15 +1,15 @@
 //! `corralctl node`: list, add, remove, promote, reboot, metrics (`node
 //! forget` is in identity.rs), and the nodes table `cluster show` prints too.
 
+use super::connection::Api;
 use super::identity::ForgetArgs;
 use super::metrics::render_metrics;
 use super::operation::follow;
 use super::output::{ago, parse_duration, print_json, table};
 use anyhow::Result;
 use clap::Subcommand;
-use corral_proto::pb::{self, operator_client::OperatorClient};
+use corral_proto::pb::{self};
 use std::time::Duration;
-use tonic::transport::Channel;
 
 #[derive(Subcommand, Debug)]
 pub(super) enum NodeCmd {
@@ -67,7 +67,7 @@ pub(super) enum NodeCmd {
     },
 }
 
-pub(super) async fn run(api: &mut OperatorClient<Channel>, cmd: NodeCmd, json: bool) -> Result<()> {
+pub(super) async fn run(api: &mut Api, cmd: NodeCmd, json: bool) -> Result<()> {
     match cmd {
         NodeCmd::Forget(_) => unreachable!("handled in main_with"),
         NodeCmd::Add {
@@ -164,7 +164,7 @@ pub(super) async fn run(api: &mut OperatorClient<Channel>, cmd: NodeCmd, json: b
 
 /// `node reboot`: restart a node's engine.
 pub(super) async fn reboot(
-    api: &mut OperatorClient<Channel>,
+    api: &mut Api,
     cluster: String,
     node: String,
     force: bool,
@@ -197,7 +197,7 @@ pub(super) async fn reboot(
 
 /// `node metrics`: a node's figures over time, as sparklines.
 pub(super) async fn metrics(
-    api: &mut OperatorClient<Channel>,
+    api: &mut Api,
     cluster: String,
     node: String,
     since: Duration,

@@ -1,12 +1,12 @@
 //! `corralctl operation`: list and show durable operations; and following
 //! one until it ends, which every command that starts an operation does.
 
+use super::connection::Api;
 use super::output::{ago, fmt_time, more_before, print_json, table};
 use anyhow::{bail, Result};
 use clap::Subcommand;
-use corral_proto::pb::{self, operator_client::OperatorClient};
+use corral_proto::pb::{self};
 use std::time::Duration;
-use tonic::transport::Channel;
 
 #[derive(Subcommand, Debug)]
 pub(super) enum OperationCmd {
@@ -26,11 +26,7 @@ pub(super) enum OperationCmd {
     },
 }
 
-pub(super) async fn run(
-    api: &mut OperatorClient<Channel>,
-    cmd: OperationCmd,
-    json: bool,
-) -> Result<()> {
+pub(super) async fn run(api: &mut Api, cmd: OperationCmd, json: bool) -> Result<()> {
     match cmd {
         OperationCmd::List {
             cluster,
@@ -101,10 +97,7 @@ pub(super) fn print_operation(op: &pb::Operation) {
 
 /// Follows an operation until it ends, echoing new log lines to stderr and,
 /// on a terminal, drawing a progress bar for its long steps.
-pub(super) async fn wait_operation(
-    api: &mut OperatorClient<Channel>,
-    id: &str,
-) -> Result<pb::Operation> {
+pub(super) async fn wait_operation(api: &mut Api, id: &str) -> Result<pb::Operation> {
     use std::io::IsTerminal;
     let tty = std::io::stderr().is_terminal();
     let mut bar: Option<indicatif::ProgressBar> = None;
@@ -154,7 +147,7 @@ pub(super) async fn wait_operation(
 
 /// Waits for an accepted operation (unless `no_wait`) and fails if it failed.
 pub(super) async fn follow(
-    api: &mut OperatorClient<Channel>,
+    api: &mut Api,
     op: pb::Operation,
     no_wait: bool,
     json: bool,

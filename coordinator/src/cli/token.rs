@@ -1,11 +1,11 @@
 //! `corralctl token create`: a single-use join token for enrolling an agent.
 
+use super::connection::Api;
 use super::output::{parse_duration, print_json};
 use anyhow::{anyhow, bail, Result};
 use clap::Subcommand;
-use corral_proto::pb::{self, operator_client::OperatorClient};
+use corral_proto::pb::{self};
 use std::time::Duration;
-use tonic::transport::Channel;
 
 #[derive(Subcommand, Debug)]
 pub(super) enum TokenCmd {
@@ -17,11 +17,7 @@ pub(super) enum TokenCmd {
     },
 }
 
-pub(super) async fn run(
-    api: &mut OperatorClient<Channel>,
-    cmd: TokenCmd,
-    json: bool,
-) -> Result<()> {
+pub(super) async fn run(api: &mut Api, cmd: TokenCmd, json: bool) -> Result<()> {
     match cmd {
         TokenCmd::Create { ttl } => {
             let secs = u32::try_from(ttl.as_secs()).map_err(|_| anyhow!("--ttl is too long"))?;
