@@ -5,6 +5,7 @@
 //! older rows remain, the page says where the next one starts (the oldest
 //! row's id, passed back as `before`).
 
+use crate::store::row::in_order;
 use crate::store::{self, AuditRow, EventRow, OperationRow};
 use anyhow::Result;
 use rusqlite::{params, Connection};
@@ -47,16 +48,10 @@ pub fn audit(c: &Connection, limit: u32, before: i64) -> Result<(Vec<AuditRow>, 
          WHERE ?1 <= 0 OR id < ?1 ORDER BY id DESC LIMIT ?2",
     )?;
     let rows = st
-        .query_map(params![before, i64::from(limit) + 1], |r| {
-            Ok(AuditRow {
-                id: r.get(0)?,
-                at_ms: r.get(1)?,
-                who: r.get(2)?,
-                action: r.get(3)?,
-                target: r.get(4)?,
-                result: r.get(5)?,
-            })
-        })?
+        .query_map(
+            params![before, i64::from(limit) + 1],
+            |r| in_order!(r => AuditRow { id, at_ms, who, action, target, result }),
+        )?
         .collect::<rusqlite::Result<_>>()?;
     Ok(finish(rows, limit, |r| r.id))
 }

@@ -2,6 +2,7 @@
 //! of every backup and schedule (the backups themselves live in the
 //! targets, see [`crate::backups`]).
 
+use super::row::in_order;
 use super::ClusterRow;
 use anyhow::Result;
 use rusqlite::{params, Connection, OptionalExtension, Row};
@@ -117,35 +118,11 @@ const COLS: &str = "id, cluster, kind, state, reason, target, node, role, engine
     verify_summary, verify_ok, start_wal, key_scope";
 
 fn from_row(r: &Row) -> rusqlite::Result<BackupRow> {
-    Ok(BackupRow {
-        id: r.get(0)?,
-        cluster: r.get(1)?,
-        kind: r.get(2)?,
-        state: r.get(3)?,
-        reason: r.get(4)?,
-        target: r.get(5)?,
-        node: r.get(6)?,
-        role: r.get(7)?,
-        engine: r.get(8)?,
-        version: r.get(9)?,
-        started_at_ms: r.get(10)?,
-        finished_at_ms: r.get(11)?,
-        plain_bytes: r.get::<_, i64>(12)? as u64,
-        stored_bytes: r.get::<_, i64>(13)? as u64,
-        sha256: r.get(14)?,
-        position: r.get(15)?,
-        position_time_ms: r.get(16)?,
-        expires_at_ms: r.get(17)?,
-        operation: r.get(18)?,
-        object: r.get(19)?,
-        key_id: r.get(20)?,
-        wal_target: r.get(21)?,
-        wal_prefix: r.get(22)?,
-        verified_at_ms: r.get(23)?,
-        verify_summary: r.get(24)?,
-        verify_ok: r.get(25)?,
-        start_wal: r.get(26)?,
-        key_scope: r.get(27)?,
+    in_order!(r => BackupRow {
+        id, cluster, kind, state, reason, target, node, role, engine, version, started_at_ms,
+        finished_at_ms, plain_bytes, stored_bytes, sha256, position, position_time_ms,
+        expires_at_ms, operation, object, key_id, wal_target, wal_prefix, verified_at_ms,
+        verify_summary, verify_ok, start_wal, key_scope
     })
 }
 
@@ -234,14 +211,8 @@ pub fn schedule_of(c: &Connection, cluster: &str) -> Result<Option<ScheduleRow>>
 }
 
 fn schedule_from_row(r: &Row) -> rusqlite::Result<ScheduleRow> {
-    Ok(ScheduleRow {
-        cluster: r.get(0)?,
-        cron: r.get(1)?,
-        retain_count: r.get(2)?,
-        retain_ms: r.get(3)?,
-        target: r.get(4)?,
-        last_run_ms: r.get(5)?,
-        created_at_ms: r.get(6)?,
+    in_order!(r => ScheduleRow {
+        cluster, cron, retain_count, retain_ms, target, last_run_ms, created_at_ms
     })
 }
 

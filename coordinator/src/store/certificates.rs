@@ -2,6 +2,7 @@
 //! what was revoked and why, and each node's and operator's current and
 //! renewed certificate (the rules that read them: [`crate::revocation`]).
 
+use super::row::in_order;
 use anyhow::Result;
 use corral_proto::now_ms;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -67,15 +68,7 @@ pub fn get_revocation(c: &Connection, fp: &str) -> Result<Option<Revocation>> {
         "SELECT subject, not_after_ms, revoked_at_ms, revoked_by, reason \
              FROM revoked_certificates WHERE fingerprint = ?1",
         [fp],
-        |r| {
-            Ok(Revocation {
-                subject: r.get(0)?,
-                not_after_ms: r.get(1)?,
-                at_ms: r.get(2)?,
-                by: r.get(3)?,
-                reason: r.get(4)?,
-            })
-        },
+        |r| in_order!(r => Revocation { subject, not_after_ms, at_ms, by, reason }),
     )
     .optional()?)
 }

@@ -1,6 +1,7 @@
 //! `clusters`: a cluster's engine, mode, lifecycle state, settings, term,
 //! lease and allowlist (with its change history).
 
+use super::row::in_order;
 use anyhow::{Context, Result};
 use corral_proto::now_ms;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -60,26 +61,10 @@ impl ClusterRow {
 // ------------------------------------------------------------------ clusters
 
 fn cluster_from_row(r: &rusqlite::Row) -> rusqlite::Result<ClusterRow> {
-    Ok(ClusterRow {
-        name: r.get(0)?,
-        engine: r.get(1)?,
-        mode: r.get(2)?,
-        state: r.get(3)?,
-        port: r.get(4)?,
-        database: r.get(5)?,
-        admin_user: r.get(6)?,
-        admin_password_enc: r.get(7)?,
-        created_at_ms: r.get(8)?,
-        sync: r.get(9)?,
-        termination_protection: r.get(10)?,
-        replication_password_enc: r.get(11)?,
-        term: r.get::<_, i64>(12)? as u64,
-        auto_failover: r.get(13)?,
-        lease_ms: r.get(14)?,
-        heartbeat_ms: r.get(15)?,
-        prev_lease_ms: r.get(16)?,
-        lease_changed_at_ms: r.get(17)?,
-        allowlist_version: r.get::<_, i64>(18)? as u64,
+    in_order!(r => ClusterRow {
+        name, engine, mode, state, port, database, admin_user, admin_password_enc, created_at_ms,
+        sync, termination_protection, replication_password_enc, term, auto_failover, lease_ms,
+        heartbeat_ms, prev_lease_ms, lease_changed_at_ms, allowlist_version
     })
 }
 

@@ -1,6 +1,7 @@
 //! `audit` (who asked for what, and the result) and `events` (what agents
 //! and the liveness monitor observed).
 
+use super::row::in_order;
 use anyhow::Result;
 use corral_proto::now_ms;
 use rusqlite::{params, Connection};
@@ -66,14 +67,7 @@ pub fn insert_event(
 }
 
 pub(crate) fn event_from_row(r: &rusqlite::Row) -> rusqlite::Result<EventRow> {
-    Ok(EventRow {
-        id: r.get(0)?,
-        at_ms: r.get(1)?,
-        node: r.get(2)?,
-        cluster: r.get(3)?,
-        kind: r.get(4)?,
-        message: r.get(5)?,
-    })
+    in_order!(r => EventRow { id, at_ms, node, cluster, kind, message })
 }
 
 pub fn last_event_id(c: &Connection) -> Result<i64> {

@@ -29,6 +29,7 @@ mod clusters;
 mod events;
 mod nodes;
 mod operations;
+pub(crate) mod row;
 mod schema;
 mod tokens;
 

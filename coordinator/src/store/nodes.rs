@@ -1,6 +1,7 @@
 //! `nodes`: every enrolled node, its agent address, and the cluster and role
 //! the coordinator assigned it.
 
+use super::row::in_order;
 use anyhow::Result;
 use corral_proto::now_ms;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -20,14 +21,7 @@ pub struct NodeRow {
 // --------------------------------------------------------------------- nodes
 
 fn node_from_row(r: &rusqlite::Row) -> rusqlite::Result<NodeRow> {
-    Ok(NodeRow {
-        id: r.get(0)?,
-        address: r.get(1)?,
-        cluster: r.get(2)?,
-        role: r.get(3)?,
-        enrolled_at_ms: r.get(4)?,
-        cert_not_after_ms: r.get(5)?,
-    })
+    in_order!(r => NodeRow { id, address, cluster, role, enrolled_at_ms, cert_not_after_ms })
 }
 
 const NODE_COLS: &str = "id, address, cluster, role, enrolled_at_ms, cert_not_after_ms";

@@ -1,6 +1,7 @@
 //! `operations` and `operation_log`: every durable operation, its state and
 //! the steps it logged.
 
+use super::row::in_order;
 use anyhow::Result;
 use corral_proto::now_ms;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -21,16 +22,8 @@ pub struct OperationRow {
 // --------------------------------------------------------------- operations
 
 pub(crate) fn op_from_row(r: &rusqlite::Row) -> rusqlite::Result<OperationRow> {
-    Ok(OperationRow {
-        id: r.get(0)?,
-        cluster: r.get(1)?,
-        kind: r.get(2)?,
-        state: r.get(3)?,
-        params: r.get(4)?,
-        requested_by: r.get(5)?,
-        created_at_ms: r.get(6)?,
-        updated_at_ms: r.get(7)?,
-        error: r.get(8)?,
+    in_order!(r => OperationRow {
+        id, cluster, kind, state, params, requested_by, created_at_ms, updated_at_ms, error
     })
 }
 

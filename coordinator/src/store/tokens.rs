@@ -1,6 +1,7 @@
 //! `join_tokens`: the hash of each join token's secret, its expiry, and who
 //! used it.
 
+use super::row::in_order;
 use anyhow::Result;
 use corral_proto::now_ms;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -27,13 +28,7 @@ pub fn get_token(c: &Connection, hash: &str) -> Result<Option<TokenRow>> {
     Ok(c.query_row(
         "SELECT expires_at_ms, used_at_ms, used_by_node FROM join_tokens WHERE secret_hash = ?1",
         [hash],
-        |r| {
-            Ok(TokenRow {
-                expires_at_ms: r.get(0)?,
-                used_at_ms: r.get(1)?,
-                used_by_node: r.get(2)?,
-            })
-        },
+        |r| in_order!(r => TokenRow { expires_at_ms, used_at_ms, used_by_node }),
     )
     .optional()?)
 }
