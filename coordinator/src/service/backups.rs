@@ -13,12 +13,10 @@ impl Service {
     pub async fn backup_now(
         &self,
         caller: &Caller,
-        req: pb::BackupNowRequest,
+        r: pb::BackupNowRequest,
     ) -> Result<pb::Operation, Error> {
-        let r = req.clone();
         let target = format!("cluster {}", r.cluster);
-        let who = self.authorize_audited(caller, Role::Operator, "backup.now", &target)?;
-        self.start_operation(&who, "backup.now", &target, || {
+        self.operation_request(caller, Role::Operator, "backup.now", &target, |who| {
             let target_name = self.backup_target_of(&r.cluster, &r.target)?;
             names::validate("cluster", &r.cluster).map_err(Error::invalid_argument)?;
             let id = self.refusable_tx(|tx| {
@@ -37,7 +35,7 @@ impl Service {
                     &row,
                     crate::backups::kind::MANUAL,
                     &target_name,
-                    &who,
+                    who,
                 )?))
             })?;
             self.0
@@ -156,12 +154,10 @@ impl Service {
     pub async fn verify_backup(
         &self,
         caller: &Caller,
-        req: pb::VerifyBackupOperatorRequest,
+        r: pb::VerifyBackupOperatorRequest,
     ) -> Result<pb::Operation, Error> {
-        let r = req.clone();
         let target = format!("backup {}", r.id);
-        let who = self.authorize_audited(caller, Role::Operator, "backup.verify", &target)?;
-        self.start_operation(&who, "backup.verify", &target, || {
+        self.operation_request(caller, Role::Operator, "backup.verify", &target, |who| {
             let b = self.backup_row(&r.id)?;
             if b.state != crate::backups::state::SUCCEEDED {
                 return Err(Error::failed_precondition(format!(
@@ -176,7 +172,7 @@ impl Service {
                 kind: ops::VERIFY_BACKUP.into(),
                 state: store::op_state::PENDING.into(),
                 params: serde_json::json!({ "backup": b.id }).to_string(),
-                requested_by: who.clone(),
+                requested_by: who.to_string(),
                 created_at_ms: now,
                 updated_at_ms: now,
                 error: String::new(),

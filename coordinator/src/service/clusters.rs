@@ -150,12 +150,10 @@ impl Service {
     pub async fn delete_cluster(
         &self,
         caller: &Caller,
-        req: pb::DeleteClusterRequest,
+        r: pb::DeleteClusterRequest,
     ) -> Result<pb::Operation, Error> {
-        let r = req.clone();
         let target = format!("cluster {}", r.name);
-        let who = self.authorize_audited(caller, Role::Operator, "cluster.delete", &target)?;
-        self.start_operation(&who, "cluster.delete", &target, || {
+        self.operation_request(caller, Role::Operator, "cluster.delete", &target, |who| {
             confirmed("cluster deletion", &r.name, &r.confirm)?;
             let (params, summary) = if r.no_final_backup {
                 (
@@ -175,7 +173,7 @@ impl Service {
                 )
             };
             self.begin_operation(
-                &who,
+                who,
                 &r.name,
                 ops::DELETE_CLUSTER,
                 plan(params, summary),
@@ -197,19 +195,17 @@ impl Service {
     pub async fn resync_cluster(
         &self,
         caller: &Caller,
-        req: pb::ResyncClusterRequest,
+        r: pb::ResyncClusterRequest,
     ) -> Result<pb::Operation, Error> {
-        let r = req.clone();
         let target = if r.node.is_empty() {
             format!("cluster {}", r.name)
         } else {
             format!("cluster {} node {}", r.name, r.node)
         };
-        let who = self.authorize_audited(caller, Role::Operator, "cluster.resync", &target)?;
-        self.start_operation(&who, "cluster.resync", &target, || {
+        self.operation_request(caller, Role::Operator, "cluster.resync", &target, |who| {
             confirmed("resync", &r.name, &r.confirm)?;
             self.begin_operation(
-                &who,
+                who,
                 &r.name,
                 ops::RESYNC,
                 plan(serde_json::json!({}), ""),

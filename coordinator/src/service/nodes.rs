@@ -13,14 +13,12 @@ impl Service {
     pub async fn add_node(
         &self,
         caller: &Caller,
-        req: pb::AddNodeRequest,
+        r: pb::AddNodeRequest,
     ) -> Result<pb::Operation, Error> {
-        let r = req.clone();
         let target = format!("cluster {} node {}", r.cluster, r.node);
-        let who = self.authorize_audited(caller, Role::Operator, "node.add", &target)?;
-        self.start_operation(&who, "node.add", &target, || {
+        self.operation_request(caller, Role::Operator, "node.add", &target, |who| {
             self.begin_operation(
-                &who,
+                who,
                 &r.cluster,
                 ops::ADD_NODE,
                 plan(
@@ -56,15 +54,13 @@ impl Service {
     pub async fn remove_node(
         &self,
         caller: &Caller,
-        req: pb::RemoveNodeRequest,
+        r: pb::RemoveNodeRequest,
     ) -> Result<pb::Operation, Error> {
-        let r = req.clone();
         let target = format!("cluster {} node {}", r.cluster, r.node);
-        let who = self.authorize_audited(caller, Role::Operator, "node.remove", &target)?;
-        self.start_operation(&who, "node.remove", &target, || {
+        self.operation_request(caller, Role::Operator, "node.remove", &target, |who| {
             confirmed("node removal", &r.node, &r.confirm)?;
             self.begin_operation(
-                &who,
+                who,
                 &r.cluster,
                 ops::REMOVE_NODE,
                 plan(
@@ -108,20 +104,18 @@ impl Service {
     pub async fn promote_node(
         &self,
         caller: &Caller,
-        req: pb::PromoteNodeRequest,
+        r: pb::PromoteNodeRequest,
     ) -> Result<pb::Operation, Error> {
-        let r = req.clone();
         let target = format!(
             "cluster {} node {}{}",
             r.cluster,
             r.node,
             if r.force { " (force)" } else { "" }
         );
-        let who = self.authorize_audited(caller, Role::Operator, "node.promote", &target)?;
-        self.start_operation(&who, "node.promote", &target, || {
+        self.operation_request(caller, Role::Operator, "node.promote", &target, |who| {
             confirmed("promotion (a switchover pauses writes) of node", &r.node, &r.confirm)?;
             self.begin_operation(
-                &who,
+                who,
                 &r.cluster,
                 ops::PROMOTE,
                 plan(
@@ -176,14 +170,12 @@ impl Service {
     pub async fn reboot_node(
         &self,
         caller: &Caller,
-        req: pb::RebootNodeRequest,
+        r: pb::RebootNodeRequest,
     ) -> Result<pb::Operation, Error> {
-        let r = req.clone();
         let target = format!("cluster {} node {}", r.cluster, r.node);
-        let who = self.authorize_audited(caller, Role::Operator, "node.reboot", &target)?;
-        self.start_operation(&who, "node.reboot", &target, || {
+        self.operation_request(caller, Role::Operator, "node.reboot", &target, |who| {
             self.begin_operation(
-                &who,
+                who,
                 &r.cluster,
                 ops::REBOOT,
                 plan(

@@ -1,10 +1,11 @@
 //! The rules every request shares: lookups, one-transaction refusals, operation records, switchover fitness.
 
 use super::internal;
-use super::{Error, Service};
+use super::{Caller, Error, Service};
 use crate::fleet::Liveness;
 use crate::ops;
 use crate::store::{self, ClusterRow, NodeRow, OperationRow};
+use corral_proto::identity::Role;
 use corral_proto::pb;
 use corral_proto::{names, now_ms};
 use rusqlite::Transaction;
@@ -132,6 +133,22 @@ impl Service {
             store::log_operation(tx, &op.id, &format!("requested by {who}: {}", plan.summary))?;
             Ok(Ok(op))
         })
+    }
+
+    /// An operator request that records a durable operation: `caller`
+    /// must hold `min` (a refusal is audited), `record` checks the request
+    /// and writes the operation in one transaction, its outcome is
+    /// audited as `action` on `target`, and the runner starts it.
+    pub(crate) fn operation_request(
+        &self,
+        caller: &Caller,
+        min: Role,
+        action: &str,
+        target: &str,
+        record: impl FnOnce(&str) -> Result<OperationRow, Error>,
+    ) -> Result<pb::Operation, Error> {
+        let who = self.authorize_audited(caller, min, action, target)?;
+        self.start_operation(&who, action, target, || record(&who))
     }
 
     /// Runs an operation request: authorised, audited, recorded, started.
