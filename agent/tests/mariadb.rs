@@ -16,6 +16,7 @@
 mod mariadb_node;
 
 use corral_agent::engine::mariadb::Mariadb;
+use corral_agent::engine::Backup;
 use corral_proto::pb;
 use mariadb_node::*;
 use std::path::Path;

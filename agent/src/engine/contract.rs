@@ -71,12 +71,46 @@ pub struct Health {
 /// Reports bytes done / total of a long step.
 pub type ProgressFn<'a> = &'a (dyn Fn(u64, u64) + Send + Sync);
 
+/// The backup part of the contract, implemented in each engine's
+/// `backup.rs`. Blocking: the agent runs these on a blocking thread
+/// (`crate::backup`), with `out` and `input` wired to the (compressing,
+/// encrypting) target stream.
+pub trait Backup {
+    /// Writes a consistent backup of the running engine to `out`, as one
+    /// stream in the engine's own format (PostgreSQL: a tar of the data
+    /// directory with the WAL it needs; MariaDB: xbstream; Redis: an RDB
+    /// file). A replica backs itself up (the primary is not loaded).
+    fn backup(
+        &self,
+        spec: &EngineSpec,
+        out: &mut dyn std::io::Write,
+        progress: ProgressFn<'_>,
+    ) -> Result<BackupInfo>;
+    /// Fills the absent or empty data directory from a stream [`Backup::backup`]
+    /// wrote; the engine is stopped. The caller starts the engine afterwards
+    /// (with `prepare` and `start`). PostgreSQL with `recovery`: recovers to
+    /// its time using the WAL segments fetched into its directory; an engine
+    /// without point-in-time recovery refuses a `recovery`.
+    fn restore(
+        &self,
+        spec: &EngineSpec,
+        input: &mut dyn std::io::Read,
+        recovery: Option<&Recovery>,
+    ) -> Result<()>;
+    /// Restores a stream into `scratch` (an empty directory owned by the
+    /// engine's user; the caller removes it) and checks it the way the
+    /// engine would use it, without touching the running engine; returns
+    /// what it found, e.g. "PostgreSQL 15.8 started on the restored data:
+    /// 3 databases".
+    fn verify(&self, input: &mut dyn std::io::Read, scratch: &Path) -> Result<String>;
+}
+
 /// The one contract every engine implements.
 ///
 /// **Who calls it.** Only [`super::Engine`]: its steps (`configure.rs`,
 /// `promote.rs`, `stop.rs`), its supervisor (`supervise.rs`: `find_running`,
 /// `start`, `check`), its guardian (`fence.rs`: `set_fenced`), and the
-/// backup service (`crate::backup`: `backup`, `restore`, `verify`,
+/// backup service (`crate::backup`: the [`Backup`] streams,
 /// `wal_spool`, `switch_wal`). The steps run one at a time per node (the
 /// Engine's step lock), so a driver never sees two of `initialize`,
 /// `clone_data`, `rejoin`, `prepare`, `promote`, `wipe` at once; `check`
@@ -108,7 +142,7 @@ pub type ProgressFn<'a> = &'a (dyn Fn(u64, u64) + Send + Sync);
 /// replication"); the Engine adds the step and the node, and reports them
 /// as events and in the engine's status.
 #[tonic::async_trait]
-pub trait Driver: Send + Sync + 'static {
+pub trait Driver: Backup + Send + Sync + 'static {
     /// Whether the node holds a data directory for the engine.
     fn has_data(&self) -> bool;
     /// Whether the data on disk is a standby's (set up to follow another).
@@ -161,49 +195,8 @@ pub trait Driver: Send + Sync + 'static {
     /// `corralctl logs`.
     fn log_path(&self) -> PathBuf;
 
-    // ---------------------------------------------------------- backups
-    //
-    // Blocking: the agent runs these on a blocking thread, with `out` and
-    // `input` wired to the (compressing, encrypting) target stream.
+    // ------------------------------------------ WAL (the streams: [`Backup`])
 
-    /// Writes a consistent backup of the running engine to `out`, as one
-    /// stream in the engine's own format (PostgreSQL: a tar of the data
-    /// directory with the WAL it needs; MariaDB: xbstream; Redis: an RDB
-    /// file). A replica backs itself up (the primary is not loaded).
-    fn backup(
-        &self,
-        spec: &EngineSpec,
-        out: &mut dyn std::io::Write,
-        progress: ProgressFn<'_>,
-    ) -> Result<BackupInfo> {
-        let _ = (spec, out, progress);
-        bail!("backups of {} are not supported yet", self.engine_label())
-    }
-    /// Fills the absent or empty data directory from a stream [`Driver::backup`]
-    /// wrote; the engine is stopped. The caller starts the engine afterwards
-    /// (with `prepare` and `start`). PostgreSQL with `recovery`: recovers to
-    /// its time using the WAL segments fetched into its directory.
-    fn restore(
-        &self,
-        spec: &EngineSpec,
-        input: &mut dyn std::io::Read,
-        recovery: Option<&Recovery>,
-    ) -> Result<()> {
-        let _ = (spec, input, recovery);
-        bail!("restores of {} are not supported yet", self.engine_label())
-    }
-    /// Restores a stream into `scratch` (an empty directory owned by the
-    /// engine's user; the caller removes it) and checks it the way the
-    /// engine would use it, without touching the running engine; returns
-    /// what it found, e.g. "PostgreSQL 15.8 started on the restored data:
-    /// 3 databases".
-    fn verify(&self, input: &mut dyn std::io::Read, scratch: &Path) -> Result<String> {
-        let _ = (input, scratch);
-        bail!(
-            "verifying backups of {} is not supported yet",
-            self.engine_label()
-        )
-    }
     /// PostgreSQL: the directory the engine's archive_command copies each
     /// finished WAL segment to, for the agent to upload (with
     /// `EngineSpec::wal_archive`). None: the engine has no WAL archive.

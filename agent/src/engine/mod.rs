@@ -34,7 +34,7 @@ mod supervise;
 pub mod tls;
 mod transitions;
 
-pub use contract::{BackupInfo, Driver, Drivers, EngineSpec, Health, ProgressFn, Recovery};
+pub use contract::{Backup, BackupInfo, Driver, Drivers, EngineSpec, Health, ProgressFn, Recovery};
 pub use contract::{Secrets, Upstream};
 pub use fence::FenceState;
 pub use process::process_alive;

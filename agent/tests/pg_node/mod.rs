@@ -3,7 +3,9 @@
 #![allow(dead_code)]
 
 use corral_agent::engine::postgres::Postgres;
-pub use corral_agent::engine::{BackupInfo, Driver, EngineSpec, Recovery, Secrets, Upstream};
+pub use corral_agent::engine::{
+    Backup, BackupInfo, Driver, EngineSpec, Recovery, Secrets, Upstream,
+};
 use corral_proto::pb;
 #[path = "../scratch/mod.rs"]
 mod scratch;

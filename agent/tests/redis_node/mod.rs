@@ -5,7 +5,7 @@
 mod scratch;
 
 pub use corral_agent::engine::redis::{Redis, AGENT_USER};
-pub use corral_agent::engine::{BackupInfo, Driver, EngineSpec, Health, Secrets, Upstream};
+pub use corral_agent::engine::{Backup, BackupInfo, Driver, EngineSpec, Health, Secrets, Upstream};
 pub use redis::aio::MultiplexedConnection;
 pub use redis::{AsyncConnectionConfig, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo};
 pub use std::os::unix::fs::{MetadataExt, PermissionsExt};

@@ -43,7 +43,7 @@ use super::super::os::{
     self, failure_summary, log_tail, mkdir_owned, pump, remove_dir, PumpError, Reaped, TAIL_LINES,
 };
 use super::{account, binary, render_config, server_id, Mariadb, ServerConfig, REPLICA_MARKER};
-use crate::engine::{BackupInfo, Driver, EngineSpec, ProgressFn, Recovery};
+use crate::engine::contract::{Backup, BackupInfo, Driver, EngineSpec, ProgressFn, Recovery};
 use anyhow::{anyhow, bail, Context, Result};
 use std::io::{BufRead, Read, Write};
 use std::os::unix::process::CommandExt;
@@ -401,9 +401,13 @@ impl Mariadb {
     fn restore_dir(&self) -> PathBuf {
         self.base.join("data.restore")
     }
+}
 
-    pub(super) fn backup_stream(
+/// Backups of Mariadb (see [`Backup`]): blocking, run on a blocking thread.
+impl Backup for Mariadb {
+    fn backup(
         &self,
+        _spec: &EngineSpec,
         out: &mut dyn Write,
         progress: ProgressFn<'_>,
     ) -> Result<BackupInfo> {
@@ -500,7 +504,7 @@ impl Mariadb {
         })
     }
 
-    pub(super) fn restore_stream(
+    fn restore(
         &self,
         spec: &EngineSpec,
         input: &mut dyn Read,
@@ -587,7 +591,7 @@ impl Mariadb {
         Ok(())
     }
 
-    pub(super) fn verify_stream(&self, input: &mut dyn Read, scratch: &Path) -> Result<String> {
+    fn verify(&self, input: &mut dyn Read, scratch: &Path) -> Result<String> {
         let acct = account()?;
         let ids = mysql_ids()?;
         mkdir_owned(scratch, 0o700, &acct)?;

@@ -88,7 +88,7 @@ use super::os::{
     self, log_tail, mkdir_owned, remove_dir, remove_file, run, tail, write_owned, write_readable,
     Account, TAIL_LINES,
 };
-use super::{BackupInfo, Driver, EngineSpec, Health, ProgressFn, Recovery, Secrets, Upstream};
+use super::{Driver, EngineSpec, Health, ProgressFn, Secrets, Upstream};
 use anyhow::{anyhow, bail, Context, Result};
 use corral_proto::pb;
 use mysql_async::prelude::*;
@@ -770,29 +770,5 @@ impl Driver for Mariadb {
 
     fn log_path(&self) -> PathBuf {
         self.base.join("server.log")
-    }
-
-    /// `mariadb-backup --stream=xbstream` of the running server (see
-    /// backup.rs).
-    fn backup(
-        &self,
-        _spec: &EngineSpec,
-        out: &mut dyn std::io::Write,
-        progress: ProgressFn<'_>,
-    ) -> Result<BackupInfo> {
-        self.backup_stream(out, progress)
-    }
-
-    fn restore(
-        &self,
-        spec: &EngineSpec,
-        input: &mut dyn std::io::Read,
-        recovery: Option<&Recovery>,
-    ) -> Result<()> {
-        self.restore_stream(spec, input, recovery)
-    }
-
-    fn verify(&self, input: &mut dyn std::io::Read, scratch: &Path) -> Result<String> {
-        self.verify_stream(input, scratch)
     }
 }

@@ -44,7 +44,7 @@ pub use sql::*;
 
 use super::os::{self, mkdir_owned, run, tail, write_owned, Account};
 use super::tls::{EngineTls, TlsFiles};
-use super::{BackupInfo, Driver, EngineSpec, Health, ProgressFn, Recovery, Secrets, Upstream};
+use super::{Driver, EngineSpec, Health, ProgressFn, Secrets, Upstream};
 use anyhow::{anyhow, bail, Context, Result};
 use corral_proto::pb;
 use std::path::{Path, PathBuf};
@@ -527,28 +527,6 @@ impl Driver for Postgres {
 
     fn log_path(&self) -> PathBuf {
         self.base.join("server.log")
-    }
-
-    fn backup(
-        &self,
-        spec: &EngineSpec,
-        out: &mut dyn std::io::Write,
-        progress: ProgressFn<'_>,
-    ) -> Result<BackupInfo> {
-        self.backup_stream(spec, out, progress)
-    }
-
-    fn restore(
-        &self,
-        spec: &EngineSpec,
-        input: &mut dyn std::io::Read,
-        recovery: Option<&Recovery>,
-    ) -> Result<()> {
-        self.restore_stream(spec, input, recovery)
-    }
-
-    fn verify(&self, input: &mut dyn std::io::Read, scratch: &Path) -> Result<String> {
-        self.verify_stream(input, scratch)
     }
 
     fn wal_spool(&self) -> Option<PathBuf> {

@@ -45,7 +45,7 @@
 
 use super::super::os::{self, log_tail, mkdir_owned, remove_dir, remove_file, TAIL_LINES};
 use super::{account, conf_quote, dir_size, Info, Redis, MAX_SOCKET_PATH, SERVER_USER};
-use crate::engine::{BackupInfo, Driver, ProgressFn, Recovery};
+use crate::engine::contract::{Backup, BackupInfo, Driver, EngineSpec, ProgressFn, Recovery};
 use anyhow::{anyhow, bail, Context, Result};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -487,9 +487,13 @@ impl Redis {
             q(dir)
         )
     }
+}
 
-    pub(super) fn backup_stream(
+/// Backups of Redis (see [`Backup`]): blocking, run on a blocking thread.
+impl Backup for Redis {
+    fn backup(
         &self,
+        _spec: &EngineSpec,
         out: &mut dyn Write,
         progress: ProgressFn<'_>,
     ) -> Result<BackupInfo> {
@@ -553,8 +557,9 @@ impl Redis {
         })
     }
 
-    pub(super) fn restore_stream(
+    fn restore(
         &self,
+        _spec: &EngineSpec,
         input: &mut dyn Read,
         recovery: Option<&Recovery>,
     ) -> Result<()> {
@@ -662,7 +667,7 @@ impl Redis {
         Ok(())
     }
 
-    pub(super) fn verify_stream(&self, input: &mut dyn Read, scratch: &Path) -> Result<String> {
+    fn verify(&self, input: &mut dyn Read, scratch: &Path) -> Result<String> {
         let acct = account()?;
         let ids = self.server_ids()?;
         mkdir_owned(scratch, 0o700, &acct)?;

@@ -95,7 +95,7 @@
 use super::os::{
     self, log_tail, mkdir_owned, remove_dir, remove_file, write_owned, Account, TAIL_LINES,
 };
-use super::{BackupInfo, Driver, EngineSpec, Health, ProgressFn, Recovery, Secrets, Upstream};
+use super::{Driver, EngineSpec, Health, ProgressFn, Secrets, Upstream};
 use ::redis::aio::MultiplexedConnection;
 use ::redis::{AsyncConnectionConfig, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo};
 use anyhow::{anyhow, bail, Context, Result};
@@ -581,28 +581,5 @@ impl Driver for Redis {
 
     fn log_path(&self) -> PathBuf {
         self.base.join("server.log")
-    }
-
-    /// An RDB snapshot streamed from the running server (see backup.rs).
-    fn backup(
-        &self,
-        _spec: &EngineSpec,
-        out: &mut dyn std::io::Write,
-        progress: ProgressFn<'_>,
-    ) -> Result<BackupInfo> {
-        self.backup_stream(out, progress)
-    }
-
-    fn restore(
-        &self,
-        _spec: &EngineSpec,
-        input: &mut dyn std::io::Read,
-        recovery: Option<&Recovery>,
-    ) -> Result<()> {
-        self.restore_stream(input, recovery)
-    }
-
-    fn verify(&self, input: &mut dyn std::io::Read, scratch: &Path) -> Result<String> {
-        self.verify_stream(input, scratch)
     }
 }

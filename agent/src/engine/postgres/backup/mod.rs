@@ -24,7 +24,7 @@ use super::os::{
     self, failure_summary, mkdir_owned, pump, write_owned, Account, PumpError, Reaped,
 };
 use super::{account, Postgres};
-use crate::engine::{BackupInfo, Driver, EngineSpec, ProgressFn, Recovery};
+use crate::engine::contract::{Backup, BackupInfo, Driver, EngineSpec, ProgressFn, Recovery};
 use anyhow::{anyhow, bail, Context, Result};
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
@@ -326,98 +326,6 @@ impl Postgres {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
-    pub(super) fn backup_stream(
-        &self,
-        spec: &EngineSpec,
-        out: &mut dyn Write,
-        progress: ProgressFn<'_>,
-    ) -> Result<BackupInfo> {
-        let ids = ids()?;
-        if self.find_running().is_none() {
-            bail!(
-                "PostgreSQL is not running on this node; a backup is taken of the running server"
-            );
-        }
-        let port = self.running_port().unwrap_or(spec.port);
-        let facts = self
-            .local_query(
-                &ids,
-                port,
-                "SELECT split_part(current_setting('server_version'), ' ', 1), \
-                 (SELECT coalesce(sum(pg_database_size(oid)), 0) FROM pg_database)::bigint",
-            )
-            .context("reading the server's version and size")?;
-        let (version, size) = facts
-            .split_once('|')
-            .ok_or_else(|| anyhow!("unexpected answer from the server: {facts:?}"))?;
-        let version = version.to_string();
-        let total: u64 = size.trim().parse().unwrap_or(0);
-        let conninfo = format!(
-            "host={} port={port} user=postgres application_name={}",
-            conn_value(&self.socket_dir().to_string_lossy()),
-            conn_value(&format!("{}-backup", self.node_id))
-        );
-        let child = self
-            .std_command(&self.bin("pg_basebackup")?, &ids)
-            .args(["-D", "-", "-F", "t", "-X", "fetch", "-c", "fast"])
-            .args(["--verbose", "--no-password", "-d", &conninfo])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting pg_basebackup")?;
-        let mut tool = Reaped::new(child, "pg_basebackup");
-        let mut stderr = Collected::start(tool.child.stderr.take());
-        let mut stdout = tool
-            .child
-            .stdout
-            .take()
-            .ok_or_else(|| anyhow!("pg_basebackup has no stdout"))?;
-        let done = match pump(&mut stdout, out, |done| {
-            progress(done, if total > 0 { total.max(done) } else { 0 })
-        }) {
-            Ok(done) => done,
-            Err(PumpError::Read(e, done)) => {
-                tool.kill();
-                bail!(
-                    "reading pg_basebackup's output failed after {done} bytes: {e}\n{}",
-                    failure_summary(&stderr.text())
-                );
-            }
-            Err(PumpError::Write(e, done)) => {
-                tool.kill();
-                let _ = stderr.text();
-                return Err(anyhow::Error::new(e).context(format!(
-                    "writing the backup stream failed after {done} bytes; pg_basebackup was stopped"
-                )));
-            }
-        };
-        drop(stdout);
-        let status = tool.wait()?;
-        let text = stderr.text();
-        if !status.success() {
-            bail!(
-                "pg_basebackup failed ({status}):\n{}",
-                failure_summary(&text)
-            );
-        }
-        out.flush()
-            .context("writing the end of the backup stream failed")?;
-        let position = parse_end_point(&text).ok_or_else(|| {
-            anyhow!(
-                "pg_basebackup succeeded but printed no write-ahead log end point:\n{}",
-                failure_summary(&text)
-            )
-        })?;
-        progress(done, done);
-        Ok(BackupInfo {
-            version,
-            position,
-            position_time_ms: corral_proto::now_ms(),
-            start_wal: parse_start_segment(&text).unwrap_or_default(),
-        })
-    }
-
     /// Extracts the tar stream `input` into `dir` (which exists, is empty
     /// and is postgres'), with `tar` run as postgres.
     fn extract(&self, ids: &Ids, input: &mut dyn Read, dir: &Path) -> Result<u64> {
@@ -608,8 +516,103 @@ impl Postgres {
         server.wait_promoted(recovery)?;
         Ok(server)
     }
+}
 
-    pub(super) fn restore_stream(
+/// Backups of Postgres (see [`Backup`]): blocking, run on a blocking thread.
+impl Backup for Postgres {
+    fn backup(
+        &self,
+        spec: &EngineSpec,
+        out: &mut dyn Write,
+        progress: ProgressFn<'_>,
+    ) -> Result<BackupInfo> {
+        let ids = ids()?;
+        if self.find_running().is_none() {
+            bail!(
+                "PostgreSQL is not running on this node; a backup is taken of the running server"
+            );
+        }
+        let port = self.running_port().unwrap_or(spec.port);
+        let facts = self
+            .local_query(
+                &ids,
+                port,
+                "SELECT split_part(current_setting('server_version'), ' ', 1), \
+                 (SELECT coalesce(sum(pg_database_size(oid)), 0) FROM pg_database)::bigint",
+            )
+            .context("reading the server's version and size")?;
+        let (version, size) = facts
+            .split_once('|')
+            .ok_or_else(|| anyhow!("unexpected answer from the server: {facts:?}"))?;
+        let version = version.to_string();
+        let total: u64 = size.trim().parse().unwrap_or(0);
+        let conninfo = format!(
+            "host={} port={port} user=postgres application_name={}",
+            conn_value(&self.socket_dir().to_string_lossy()),
+            conn_value(&format!("{}-backup", self.node_id))
+        );
+        let child = self
+            .std_command(&self.bin("pg_basebackup")?, &ids)
+            .args(["-D", "-", "-F", "t", "-X", "fetch", "-c", "fast"])
+            .args(["--verbose", "--no-password", "-d", &conninfo])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting pg_basebackup")?;
+        let mut tool = Reaped::new(child, "pg_basebackup");
+        let mut stderr = Collected::start(tool.child.stderr.take());
+        let mut stdout = tool
+            .child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow!("pg_basebackup has no stdout"))?;
+        let done = match pump(&mut stdout, out, |done| {
+            progress(done, if total > 0 { total.max(done) } else { 0 })
+        }) {
+            Ok(done) => done,
+            Err(PumpError::Read(e, done)) => {
+                tool.kill();
+                bail!(
+                    "reading pg_basebackup's output failed after {done} bytes: {e}\n{}",
+                    failure_summary(&stderr.text())
+                );
+            }
+            Err(PumpError::Write(e, done)) => {
+                tool.kill();
+                let _ = stderr.text();
+                return Err(anyhow::Error::new(e).context(format!(
+                    "writing the backup stream failed after {done} bytes; pg_basebackup was stopped"
+                )));
+            }
+        };
+        drop(stdout);
+        let status = tool.wait()?;
+        let text = stderr.text();
+        if !status.success() {
+            bail!(
+                "pg_basebackup failed ({status}):\n{}",
+                failure_summary(&text)
+            );
+        }
+        out.flush()
+            .context("writing the end of the backup stream failed")?;
+        let position = parse_end_point(&text).ok_or_else(|| {
+            anyhow!(
+                "pg_basebackup succeeded but printed no write-ahead log end point:\n{}",
+                failure_summary(&text)
+            )
+        })?;
+        progress(done, done);
+        Ok(BackupInfo {
+            version,
+            position,
+            position_time_ms: corral_proto::now_ms(),
+            start_wal: parse_start_segment(&text).unwrap_or_default(),
+        })
+    }
+
+    fn restore(
         &self,
         _spec: &EngineSpec,
         input: &mut dyn Read,
@@ -656,7 +659,7 @@ impl Postgres {
         result
     }
 
-    pub(super) fn verify_stream(&self, input: &mut dyn Read, scratch: &Path) -> Result<String> {
+    fn verify(&self, input: &mut dyn Read, scratch: &Path) -> Result<String> {
         let ids = ids()?;
         mkdir_owned(scratch, 0o700, &ids.acct)?;
         let data = scratch.join("data");
