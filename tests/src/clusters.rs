@@ -17,6 +17,66 @@ impl Lab {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
+    /// `mariadb` from the client namespace to VM `vm` as the cluster's
+    /// admin user (`creds`: `cluster credentials --output json`); the rows,
+    /// tab-separated.
+    pub fn mariadb(&self, creds: &serde_json::Value, vm: usize, sql: &str) -> Result<String> {
+        let out = self.in_ns(
+            "cli",
+            "mariadb",
+            &[
+                "--batch",
+                "--skip-column-names",
+                "--connect-timeout=3",
+                "-h",
+                &self.vm_ip(vm),
+                "-P",
+                "3306",
+                "-u",
+                creds["user"].as_str().unwrap_or_default(),
+                &format!("-p{}", creds["password"].as_str().unwrap_or_default()),
+                creds["database"].as_str().unwrap_or_default(),
+                "-e",
+                sql,
+            ],
+        )?;
+        if !out.status.success() {
+            bail!(
+                "mariadb on vm{vm}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// `redis-cli ARGS` from the client namespace to VM `vm` as the
+    /// cluster's admin user; its output, trimmed. redis-cli exits 0 on a
+    /// server error, so an answer starting with an error code is an error.
+    pub fn redis_cli(&self, creds: &serde_json::Value, vm: usize, args: &[&str]) -> Result<String> {
+        let host = self.vm_ip(vm);
+        let mut all = vec![
+            "-h",
+            &host,
+            "-p",
+            "6379",
+            "--user",
+            creds["user"].as_str().unwrap_or_default(),
+            "--pass",
+            creds["password"].as_str().unwrap_or_default(),
+            "--no-auth-warning",
+        ];
+        all.extend_from_slice(args);
+        let out = self.in_ns("cli", "redis-cli", &all)?;
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if !out.status.success() || text.starts_with("READONLY") || text.starts_with("ERR") {
+            bail!(
+                "redis-cli on vm{vm}: {text} {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(text)
+    }
+
     /// Creates a PostgreSQL primary/replica cluster on `nodes` ("vm1,vm2",
     /// the first is the primary) with extra `cluster create` flags, waits
     /// for it, and returns `cluster credentials --output json`.

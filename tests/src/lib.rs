@@ -268,30 +268,13 @@ impl Lab {
             )?;
             sh("ip", &["link", "set", &veth, "master", &br, "up"])?;
             sh("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
+            // IPv6 without duplicate address detection: usable at once.
+            let v4 = format!("10.231.{k}.{host}/24");
+            let v6 = format!("fd31::{k:x}:{host}/112");
+            sh("ip", &["-n", &ns, "addr", "add", &v4, "dev", "eth0"])?;
             sh(
                 "ip",
-                &[
-                    "-n",
-                    &ns,
-                    "addr",
-                    "add",
-                    &format!("10.231.{k}.{host}/24"),
-                    "dev",
-                    "eth0",
-                ],
-            )?;
-            sh(
-                "ip",
-                &[
-                    "-n",
-                    &ns,
-                    "addr",
-                    "add",
-                    &format!("fd31::{k:x}:{host}/112"),
-                    "dev",
-                    "eth0",
-                    "nodad",
-                ],
+                &["-n", &ns, "addr", "add", &v6, "dev", "eth0", "nodad"],
             )?;
             sh("ip", &["-n", &ns, "link", "set", "eth0", "up"])?;
         }

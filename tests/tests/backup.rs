@@ -318,56 +318,11 @@ fn postgres_backup_to_s3_restores_into_new_clusters_and_to_a_point_in_time() {
 }
 
 fn mariadb(lab: &Lab, creds: &Value, vm: usize, q: &str) -> String {
-    let out = lab
-        .in_ns(
-            "cli",
-            "mariadb",
-            &[
-                "--batch",
-                "--skip-column-names",
-                "--connect-timeout=3",
-                "-h",
-                &lab.vm_ip(vm),
-                "-P",
-                "3306",
-                "-u",
-                creds["user"].as_str().unwrap(),
-                &format!("-p{}", creds["password"].as_str().unwrap()),
-                creds["database"].as_str().unwrap(),
-                "-e",
-                q,
-            ],
-        )
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "mariadb on vm{vm}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    lab.mariadb(creds, vm, q).unwrap()
 }
 
 fn redis(lab: &Lab, creds: &Value, vm: usize, args: &[&str]) -> String {
-    let host = lab.vm_ip(vm);
-    let mut all = vec![
-        "-h",
-        &host,
-        "-p",
-        "6379",
-        "--user",
-        creds["user"].as_str().unwrap(),
-        "--pass",
-        creds["password"].as_str().unwrap(),
-        "--no-auth-warning",
-    ];
-    all.extend_from_slice(args);
-    let out = lab.in_ns("cli", "redis-cli", &all).unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    assert!(
-        out.status.success() && !text.starts_with("ERR") && !text.starts_with("READONLY"),
-        "redis-cli on vm{vm}: {text}"
-    );
-    text
+    lab.redis_cli(creds, vm, args).unwrap()
 }
 
 #[test]

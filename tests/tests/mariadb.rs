@@ -10,35 +10,9 @@ use corral_tests::{wait_until, Lab};
 use serde_json::Value;
 use std::time::Duration;
 
-/// Runs `sql` with the `mariadb` client from the client namespace against
-/// VM `vm`, as the cluster's admin user; the rows, tab-separated.
+/// `mariadb -e SQL` on VM `vm` as the cluster's admin user.
 fn sql_on(lab: &Lab, creds: &Value, vm: usize, sql: &str) -> anyhow::Result<String> {
-    let out = lab.in_ns(
-        "cli",
-        "mariadb",
-        &[
-            "--batch",
-            "--skip-column-names",
-            "--connect-timeout=3",
-            "-h",
-            &lab.vm_ip(vm),
-            "-P",
-            "3306",
-            "-u",
-            creds["user"].as_str().unwrap(),
-            &format!("-p{}", creds["password"].as_str().unwrap()),
-            creds["database"].as_str().unwrap(),
-            "-e",
-            sql,
-        ],
-    )?;
-    if !out.status.success() {
-        anyhow::bail!(
-            "mariadb on vm{vm}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    lab.mariadb(creds, vm, sql)
 }
 
 fn create(lab: &Lab, name: &str, nodes: &str, extra: &[&str]) -> Value {

@@ -10,32 +10,9 @@ use corral_tests::{wait_until, Lab};
 use serde_json::Value;
 use std::time::Duration;
 
-/// `redis-cli` from the client namespace against VM `vm` as the admin
-/// user; its output, trimmed. redis-cli exits 0 on a server error, so an
-/// answer starting with an error code is returned as an error.
+/// `redis-cli ARGS` on VM `vm` as the cluster's admin user.
 fn cli(lab: &Lab, creds: &Value, vm: usize, args: &[&str]) -> anyhow::Result<String> {
-    let host = lab.vm_ip(vm);
-    let mut all = vec![
-        "-h",
-        &host,
-        "-p",
-        "6379",
-        "--user",
-        creds["user"].as_str().unwrap(),
-        "--pass",
-        creds["password"].as_str().unwrap(),
-        "--no-auth-warning",
-    ];
-    all.extend_from_slice(args);
-    let out = lab.in_ns("cli", "redis-cli", &all)?;
-    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    if !out.status.success() || text.starts_with("READONLY") || text.starts_with("ERR") {
-        anyhow::bail!(
-            "redis-cli on vm{vm}: {text} {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(text)
+    lab.redis_cli(creds, vm, args)
 }
 
 fn create(lab: &Lab, name: &str, extra: &[&str]) -> Value {

@@ -88,13 +88,7 @@ impl Archiver {
             );
             return Ok(());
         };
-        let key = key_of(&wal.key)?;
-        let target = Target::open(
-            wal.target
-                .as_ref()
-                .context("WAL archive without a target")?,
-            &local_default(state_dir),
-        )?;
+        let (key, target) = open_archive(&wal, state_dir)?;
         // History files first: a timeline's history must be in the archive
         // before its segments are of any use.
         names.sort_by_key(|n| (!n.ends_with(".history"), n.clone()));
@@ -173,19 +167,23 @@ impl Archiver {
 /// (decrypted, under their own names, readable by the postgres user), for
 /// a point-in-time restore: every timeline history file, and the segments
 /// from `from` on (every segment when `from` is empty).
+/// The archive's key and target.
+fn open_archive(wal: &pb::WalArchive, state_dir: &Path) -> Result<([u8; 32], Target)> {
+    let key = key_of(&wal.key)?;
+    let described = wal
+        .target
+        .as_ref()
+        .context("WAL archive without a target")?;
+    Ok((key, Target::open(described, &local_default(state_dir))?))
+}
+
 pub async fn fetch_all(
     wal: &pb::WalArchive,
     dir: &Path,
     state_dir: &Path,
     from: &str,
 ) -> Result<usize> {
-    let key = key_of(&wal.key)?;
-    let target = Target::open(
-        wal.target
-            .as_ref()
-            .context("WAL archive without a target")?,
-        &local_default(state_dir),
-    )?;
+    let (key, target) = open_archive(wal, state_dir)?;
     let pg = nix::unistd::User::from_name("postgres")
         .ok()
         .flatten()

@@ -213,15 +213,8 @@ fn sort(objects: &mut [NfListObject<'static>]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::firewall::tests::fenced;
     use serde_json::json;
-
-    fn fenced(port: u16) -> Rules {
-        Rules {
-            engine_port: Some(port),
-            fenced: true,
-            ..Rules::default()
-        }
-    }
 
     /// What nft 1.0.6 prints for the fenced table: handles, counter values
     /// and a metainfo object that `render` does not have.

@@ -401,10 +401,11 @@ impl Firewall {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn fenced(port: u16) -> Rules {
+    /// The rules of a fenced engine on `port`, and nothing else.
+    pub(crate) fn fenced(port: u16) -> Rules {
         Rules {
             engine_port: Some(port),
             fenced: true,

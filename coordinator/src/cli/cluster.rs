@@ -5,9 +5,9 @@
 use super::allowlist::{self, AllowlistCmd};
 use super::connection::Api;
 use super::node::print_nodes;
-use super::operation::{follow, wait_operation};
+use super::operation::{finished, follow};
 use super::output::{ago, print_json, table};
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, Result};
 use clap::Subcommand;
 use corral_proto::pb::{self};
 
@@ -174,25 +174,9 @@ pub(super) async fn run(api: &mut Api, cmd: ClusterCmd, json: bool) -> Result<()
                 })
                 .await?
                 .into_inner();
-            if no_wait {
-                if json {
-                    print_json(&op)?;
-                } else {
-                    println!(
-                        "operation {} accepted; follow it with `corralctl operation show {}`",
-                        op.id, op.id
-                    );
-                }
+            let what = format!("creating cluster {name}");
+            if finished(api, op, no_wait, json, &what).await?.is_none() {
                 return Ok(());
-            }
-            eprintln!("creating cluster {name} (operation {})", op.id);
-            let op = wait_operation(api, &op.id).await?;
-            if op.state != "succeeded" {
-                bail!(
-                    "creating cluster {name} failed: {} (see `corralctl operation show {}`)",
-                    op.error,
-                    op.id
-                );
             }
             let cluster = api
                 .get_cluster(pb::GetClusterRequest { name: name.clone() })

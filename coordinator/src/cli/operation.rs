@@ -145,14 +145,35 @@ pub(super) async fn wait_operation(api: &mut Api, id: &str) -> Result<pb::Operat
     }
 }
 
-/// Waits for an accepted operation (unless `no_wait`) and fails if it failed.
+/// Waits for an accepted operation (unless `no_wait`) and fails if it
+/// failed; says "WHAT: done" (or prints the operation with `--json`).
 pub(super) async fn follow(
     api: &mut Api,
     op: pb::Operation,
     no_wait: bool,
     json: bool,
     what: &str,
-) -> Result<pb::Operation> {
+) -> Result<()> {
+    let Some(op) = finished(api, op, no_wait, json, what).await? else {
+        return Ok(());
+    };
+    if json {
+        print_json(&op)?;
+    } else {
+        println!("{what}: done");
+    }
+    Ok(())
+}
+
+/// Waits for an accepted operation and fails if it failed. With
+/// `no_wait`, says how to follow it instead and returns None.
+pub(super) async fn finished(
+    api: &mut Api,
+    op: pb::Operation,
+    no_wait: bool,
+    json: bool,
+    what: &str,
+) -> Result<Option<pb::Operation>> {
     if no_wait {
         if json {
             print_json(&op)?;
@@ -162,7 +183,7 @@ pub(super) async fn follow(
                 op.id, op.id
             );
         }
-        return Ok(op);
+        return Ok(None);
     }
     eprintln!("{what} (operation {})", op.id);
     let op = wait_operation(api, &op.id).await?;
@@ -173,10 +194,5 @@ pub(super) async fn follow(
             op.id
         );
     }
-    if json {
-        print_json(&op)?;
-    } else {
-        println!("{what}: done");
-    }
-    Ok(op)
+    Ok(Some(op))
 }

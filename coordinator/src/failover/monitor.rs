@@ -254,31 +254,12 @@ fn start_repromotion(
     c: &store::ClusterRow,
     primary: &str,
 ) -> anyhow::Result<()> {
-    let id = ops::new_id();
     let why = format!(
         "detected: primary {primary} of record runs as a standby (its promotion did not \
          complete); promoting it again"
     );
-    let started = coord.store.tx(|tx| {
-        if store::holding_operation_of(tx, &c.name)?.is_some() {
-            return Ok(false);
-        }
-        let t = now_ms();
-        store::insert_operation(
-            tx,
-            &store::OperationRow {
-                id: id.clone(),
-                cluster: c.name.clone(),
-                kind: ops::PROMOTE.into(),
-                state: store::op_state::PENDING.into(),
-                params: serde_json::json!({ "node": primary, "force": false }).to_string(),
-                requested_by: ops::AUTO_FAILOVER.into(),
-                created_at_ms: t,
-                updated_at_ms: t,
-                error: String::new(),
-            },
-        )?;
-        store::log_operation(tx, &id, &why)?;
+    let params = serde_json::json!({ "node": primary, "force": false });
+    let started = start_unless_busy(coord, &c.name, ops::PROMOTE, params, &why, |tx, t| {
         store::insert_event(tx, t, primary, &c.name, "promotion_retried", &why, None)?;
         store::insert_audit(
             tx,
@@ -286,14 +267,54 @@ fn start_repromotion(
             "cluster.failover",
             &format!("cluster {} promote {primary} again", c.name),
             "started",
-        )?;
-        Ok(true)
+        )
     })?;
-    if started {
+    if let Some(id) = started {
         tracing::warn!(cluster = %c.name, op = %id, "{why}");
-        ops::spawn(coord.clone(), id);
     }
     Ok(())
+}
+
+/// Records a `kind` operation the monitor starts on `cluster` (`why` its
+/// first log line, `also` what else the same transaction writes) and runs
+/// it, unless an operation already holds the cluster. Its id when started.
+fn start_unless_busy(
+    coord: &Arc<Coordinator>,
+    cluster: &str,
+    kind: &str,
+    params: serde_json::Value,
+    why: &str,
+    also: impl FnOnce(&rusqlite::Transaction, i64) -> anyhow::Result<()>,
+) -> anyhow::Result<Option<String>> {
+    let id = ops::new_id();
+    let started = coord.store.tx(|tx| {
+        if store::holding_operation_of(tx, cluster)?.is_some() {
+            return Ok(false);
+        }
+        let t = now_ms();
+        store::insert_operation(
+            tx,
+            &store::OperationRow {
+                id: id.clone(),
+                cluster: cluster.into(),
+                kind: kind.into(),
+                state: store::op_state::PENDING.into(),
+                params: params.to_string(),
+                requested_by: ops::AUTO_FAILOVER.into(),
+                created_at_ms: t,
+                updated_at_ms: t,
+                error: String::new(),
+            },
+        )?;
+        store::log_operation(tx, &id, why)?;
+        also(tx, t)?;
+        Ok(true)
+    })?;
+    if !started {
+        return Ok(None);
+    }
+    ops::spawn(coord.clone(), id.clone());
+    Ok(Some(id))
 }
 
 /// What the coordinator knows of `c` at `now`; None without a primary of
@@ -517,32 +538,11 @@ fn rejoin_strays(
                 n.id, engine.upstream
             )
         };
-        let id = ops::new_id();
-        let started = coord.store.tx(|tx| {
-            if store::holding_operation_of(tx, &c.name)?.is_some() {
-                return Ok(false);
-            }
-            let t = now_ms();
-            store::insert_operation(
-                tx,
-                &store::OperationRow {
-                    id: id.clone(),
-                    cluster: c.name.clone(),
-                    kind: ops::REJOIN.into(),
-                    state: store::op_state::PENDING.into(),
-                    params: serde_json::json!({ "node": n.id }).to_string(),
-                    requested_by: ops::AUTO_FAILOVER.into(),
-                    created_at_ms: t,
-                    updated_at_ms: t,
-                    error: String::new(),
-                },
-            )?;
-            store::log_operation(tx, &id, &format!("detected: {why}"))?;
-            Ok(true)
-        })?;
-        if started {
+        let params = serde_json::json!({ "node": n.id });
+        let log = format!("detected: {why}");
+        let started = start_unless_busy(coord, &c.name, ops::REJOIN, params, &log, |_, _| Ok(()))?;
+        if let Some(id) = started {
             tracing::info!(cluster = %c.name, op = %id, "rejoin: {why}");
-            ops::spawn(coord.clone(), id);
         }
         return Ok(());
     }

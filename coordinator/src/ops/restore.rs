@@ -17,17 +17,21 @@ use crate::backups::*;
 
 impl Ctx<'_> {
     /// For a cluster created from a backup: what its first node restores.
+    /// The backup `id` of the store.
+    fn backup_row(&self, id: &str) -> Result<BackupRow> {
+        self.coord
+            .store
+            .read(|c| get(c, id))?
+            .ok_or_else(|| anyhow!("backup {id} no longer exists"))
+    }
+
     pub(crate) async fn restore_source(&self) -> Result<Option<pb::RestoreSource>> {
         let id = match self.param("restore")? {
             serde_json::Value::String(s) if !s.is_empty() => s,
             _ => return Ok(None),
         };
         let to_time_ms = self.param("to_time_ms")?.as_i64().unwrap_or(0);
-        let row = self
-            .coord
-            .store
-            .read(|c| get(c, &id))?
-            .ok_or_else(|| anyhow!("backup {id} no longer exists"))?;
+        let row = self.backup_row(&id)?;
         let wal = if to_time_ms > 0 {
             if row.wal_prefix.is_empty() {
                 bail!(
@@ -125,11 +129,7 @@ impl Ctx<'_> {
     pub(crate) async fn restore_in_place(&self) -> Result<()> {
         let id = self.param_str("restore")?;
         let to_time_ms = self.param("to_time_ms")?.as_i64().unwrap_or(0);
-        let row = self
-            .coord
-            .store
-            .read(|c| get(c, &id))?
-            .ok_or_else(|| anyhow!("backup {id} no longer exists"))?;
+        let row = self.backup_row(&id)?;
         let cluster = self.cluster()?;
         let m = self.members()?;
         let target = self.coord.backups.target_for(&row.target, &row.cluster)?;

@@ -119,6 +119,14 @@ impl Redis {
 
     /// Makes the running server follow `up` (credentials first).
     pub(super) async fn follow(&self, up: &Upstream, secrets: &StoredSecrets) -> Result<()> {
+        self.set_masterauth(secrets).await?;
+        self.run::<()>(cmd("REPLICAOF").arg(&up.host).arg(up.port))
+            .await
+            .with_context(|| format!("REPLICAOF {} {}", up.host, up.port))
+    }
+
+    /// The credentials the server uses to replicate from a primary.
+    async fn set_masterauth(&self, secrets: &StoredSecrets) -> Result<()> {
         self.run::<()>(
             cmd("CONFIG")
                 .arg("SET")
@@ -128,10 +136,7 @@ impl Redis {
                 .arg(&secrets.replication_password),
         )
         .await
-        .context("CONFIG SET masterauth")?;
-        self.run::<()>(cmd("REPLICAOF").arg(&up.host).arg(up.port))
-            .await
-            .with_context(|| format!("REPLICAOF {} {}", up.host, up.port))
+        .context("CONFIG SET masterauth")
     }
 
     /// Brings the running server to what redis.conf says: users, write
@@ -149,16 +154,7 @@ impl Redis {
                 self.follow(&up, &secrets).await?;
             }
         } else {
-            self.run::<()>(
-                cmd("CONFIG")
-                    .arg("SET")
-                    .arg("masteruser")
-                    .arg(REPLICATION_USER)
-                    .arg("masterauth")
-                    .arg(&secrets.replication_password),
-            )
-            .await
-            .context("CONFIG SET masterauth")?;
+            self.set_masterauth(&secrets).await?;
         }
         Ok(())
     }
