@@ -348,16 +348,11 @@ mod tests {
 
     #[test]
     fn a_renewed_identity_replaces_the_enrolled_one_on_disk() {
-        let dir = std::env::temp_dir().join(format!(
-            "corral-enroll-{}-{}",
-            std::process::id(),
-            corral_proto::now_ms()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = tempfile::tempdir().unwrap();
         let ca = pki::CertAuthority::generate("t").unwrap();
         let node = Identity::Node("vm1".into());
         let first = ca.issue(&node, &[]).unwrap();
-        let p = paths(&dir);
+        let p = paths(dir.path());
         pki::write_private(&p.key, &first.key_pem).unwrap();
         pki::write_private(&p.cert, &first.cert_pem).unwrap();
         pki::write_private(&p.ca, ca.cert_pem()).unwrap();
@@ -369,19 +364,22 @@ mod tests {
             key_file: None,
         };
         pki::write_private(&p.info, &serde_json::to_string(&info).unwrap()).unwrap();
-        assert_eq!(load(&dir).unwrap().unwrap().cert.cert_pem, first.cert_pem);
+        assert_eq!(
+            load(dir.path()).unwrap().unwrap().cert.cert_pem,
+            first.cert_pem
+        );
 
         for _ in 0..2 {
             let next = ca.issue(&node, &[]).unwrap();
-            store_renewed(&dir, &next).unwrap();
-            let loaded = load(&dir).unwrap().unwrap();
+            store_renewed(dir.path(), &next).unwrap();
+            let loaded = load(dir.path()).unwrap().unwrap();
             assert_eq!(loaded.cert.cert_pem, next.cert_pem);
             assert_eq!(loaded.cert.key_pem, next.key_pem);
             assert_eq!(loaded.info.enrolled_at_ms, 1);
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
         // Only the identity in use is left: one certificate and one key.
-        let mut names: Vec<String> = std::fs::read_dir(&dir)
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -389,7 +387,6 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names.len(), 3, "{names:?}"); // ca.crt, node.N.crt, node.N.key
-        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

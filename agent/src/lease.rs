@@ -293,17 +293,15 @@ mod tests {
 
     #[test]
     fn a_saved_lease_survives_an_agent_restart_in_the_same_boot() {
-        let dir = std::env::temp_dir().join(format!("corral-lease-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        assert_eq!(load(&dir), Lease::default());
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(load(dir.path()), Lease::default());
         let mut l = Lease::default();
         l.grant(BootTime::now(), S2, Source::Coordinator);
-        save(&dir, &l).unwrap();
-        assert_eq!(load(&dir), l);
+        save(dir.path(), &l).unwrap();
+        assert_eq!(load(dir.path()), l);
         // From another boot: ignored.
         let other = serde_json::json!({"boot_id": "another-boot", "lease": l});
-        std::fs::write(path(&dir), other.to_string()).unwrap();
-        assert_eq!(load(&dir), Lease::default());
-        std::fs::remove_dir_all(dir).unwrap();
+        std::fs::write(path(dir.path()), other.to_string()).unwrap();
+        assert_eq!(load(dir.path()), Lease::default());
     }
 }

@@ -169,18 +169,12 @@ mod tests {
 
     #[test]
     fn the_list_survives_a_restart() {
-        let dir = std::env::temp_dir().join(format!(
-            "corral-members-{}-{}",
-            std::process::id(),
-            corral_proto::now_ms()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let m = Members::load(&dir);
+        let dir = tempfile::tempdir().unwrap();
+        let m = Members::load(dir.path());
         assert!(m.check("vm1", "aaaa").is_err());
         m.learn(Some(&assignment(&[("vm1", &["aaaa"])])));
-        assert!(Members::load(&dir).check("vm1", "aaaa").is_ok());
+        assert!(Members::load(dir.path()).check("vm1", "aaaa").is_ok());
         m.learn(None);
-        assert!(Members::load(&dir).check("vm1", "aaaa").is_err());
-        let _ = std::fs::remove_dir_all(dir);
+        assert!(Members::load(dir.path()).check("vm1", "aaaa").is_err());
     }
 }

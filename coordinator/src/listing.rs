@@ -146,13 +146,8 @@ mod tests {
 
     #[test]
     fn pages_go_back_from_the_newest_and_end() {
-        let dir = std::env::temp_dir().join(format!(
-            "corral-listing-{}-{}",
-            std::process::id(),
-            corral_proto::now_ms()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let s = store::Store::open(&dir.join("corral.db")).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let s = store::Store::open(&dir.path().join("corral.db")).unwrap();
         s.tx(|c| {
             for i in 0..25 {
                 store::insert_audit(c, "w", "a", &format!("t{i}"), "ok")?;
@@ -194,6 +189,5 @@ mod tests {
         assert_eq!((ops[0].id.as_str(), ops[9].id.as_str()), ("op-05", "op-14"));
         let e = s.read(|c| operations(c, None, 10, "op-nope")).unwrap_err();
         assert!(e.to_string().contains("no operation \"op-nope\""), "{e}");
-        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -69,9 +69,8 @@ mod tests {
 
     #[test]
     fn seal_open_and_key_persistence() {
-        let dir = std::env::temp_dir().join(format!("corral-secrets-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("secret.key");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret.key");
         let a = SecretBox::load_or_create(&path).unwrap();
         let sealed = a.seal("hunter2").unwrap();
         assert!(!sealed.windows(7).any(|w| w == b"hunter2"));
@@ -80,6 +79,5 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         let c = SecretBox::load_or_create(&path).unwrap();
         assert!(c.open(&sealed).is_err());
-        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -70,20 +70,14 @@ mod tests {
 
     #[test]
     fn a_second_holder_is_refused_with_the_directory_and_the_pid() {
-        let dir = std::env::temp_dir().join(format!(
-            "corral-statelock-{}-{}",
-            std::process::id(),
-            corral_proto::now_ms()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let first = StateLock::take(&dir).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let first = StateLock::take(dir.path()).unwrap();
         // A second open file description conflicts like a second process.
-        let e = StateLock::take(&dir).unwrap_err().to_string();
-        assert!(e.contains(&dir.display().to_string()), "{e}");
+        let e = StateLock::take(dir.path()).unwrap_err().to_string();
+        assert!(e.contains(&dir.path().display().to_string()), "{e}");
         assert!(e.contains(&format!("pid {}", std::process::id())), "{e}");
         drop(first);
-        let again = StateLock::take(&dir).expect("the lock is free once released");
+        let again = StateLock::take(dir.path()).expect("the lock is free once released");
         drop(again);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

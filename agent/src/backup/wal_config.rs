@@ -56,9 +56,8 @@ mod tests {
 
     #[test]
     fn the_config_round_trips_and_is_private() {
-        let dir = std::env::temp_dir().join(format!("corral-wal-cfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        assert!(load(&dir).unwrap().is_none());
+        let dir = tempfile::tempdir().unwrap();
+        assert!(load(dir.path()).unwrap().is_none());
         let w = pb::WalArchive {
             target: Some(pb::BackupTarget {
                 name: "t".into(),
@@ -68,21 +67,20 @@ mod tests {
             key: vec![5; 32],
             prefix: "wal/c/1/".into(),
         };
-        save(&dir, Some(&w)).unwrap();
-        assert_eq!(load(&dir).unwrap(), Some(w));
+        save(dir.path(), Some(&w)).unwrap();
+        assert_eq!(load(dir.path()).unwrap(), Some(w));
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(config_path(&dir))
+        let mode = std::fs::metadata(config_path(dir.path()))
             .unwrap()
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
-        save(&dir, None).unwrap();
-        assert!(load(&dir).unwrap().is_none());
+        save(dir.path(), None).unwrap();
+        assert!(load(dir.path()).unwrap().is_none());
         let bad = pb::WalArchive {
             key: vec![1; 5],
             ..Default::default()
         };
-        assert!(save(&dir, Some(&bad)).is_err());
-        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(save(dir.path(), Some(&bad)).is_err());
     }
 }

@@ -72,13 +72,12 @@ mod tests {
     /// alone: not from its environment, not from its arguments.
     #[test]
     fn a_dump_has_no_password_in_its_environment_or_arguments() {
-        let dir = std::env::temp_dir().join(format!("corral-client-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = tempfile::tempdir().unwrap();
         // Any unprivileged account will do: nothing runs.
         let acct = Account::lookup("nobody", "").unwrap();
         let password = "s3cret-for-the-dump";
-        let options = OptionFile::create(&dir, password, &acct).unwrap();
-        let m = super::super::Mariadb::new(&dir, "vm1");
+        let options = OptionFile::create(dir.path(), password, &acct).unwrap();
+        let m = super::super::Mariadb::new(dir.path(), "vm1");
         let up = crate::engine::Upstream {
             node: "vm2".into(),
             host: "10.0.0.2".into(),
@@ -112,7 +111,6 @@ mod tests {
         let path = options.path().to_path_buf();
         drop(options);
         assert!(!path.exists(), "removed after use");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
