@@ -147,14 +147,7 @@ async fn replicate_switch_over_and_refuse_errant_transactions() {
     b.wait_row(6).await;
 
     // Replica C, also from A.
-    c3.driver.save_secrets(&secrets).unwrap();
-    let c_spec = c3.replica_spec(&a);
-    c3.driver
-        .clone_data(&c_spec, &a.upstream(), &|_, _| {})
-        .await
-        .unwrap();
-    c3.driver.prepare(&c_spec).await.unwrap();
-    c3.start(&c_spec).await;
+    let c_spec = c3.new_replica(&a).await;
     c3.wait(&c_spec, "stream from A", |r| r.streaming).await;
     c3.wait_row(6).await;
 

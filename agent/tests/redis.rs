@@ -737,13 +737,7 @@ async fn replica_backup_restores_as_a_primary() {
     write_data(&a).await;
     let mut b = Node::new("node-b", d[1].0.clone(), d[1].1);
     let b_spec = b.replica_of(&a);
-    b.driver.save_secrets(&Node::secrets()).unwrap();
-    b.driver
-        .clone_data(&b_spec, &a.upstream(), &|_, _| {})
-        .await
-        .unwrap();
-    b.driver.prepare(&b_spec).await.unwrap();
-    b.start(&b_spec).await;
+    b.clone_and_start(&b_spec, &a).await;
     let mut ca = a.admin().await;
     set(&mut ca, "streamed", "after the clone").await.unwrap();
     wait_for_key(&b, "streamed", "after the clone").await;

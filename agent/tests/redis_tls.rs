@@ -54,13 +54,7 @@ async fn a_tls_only_port_serves_clients_and_replicas_over_tls() {
     // A replica cloned and streaming over TLS.
     let mut spec_b = b.replica_of(&a);
     spec_b.require_client_tls = true;
-    b.driver.save_secrets(&Node::secrets()).unwrap();
-    b.driver
-        .clone_data(&spec_b, &a.upstream(), &|_, _| {})
-        .await
-        .unwrap();
-    b.driver.prepare(&spec_b).await.unwrap();
-    b.start(&spec_b).await;
+    b.clone_and_start(&spec_b, &a).await;
     eventually!("B streaming from A", 20, {
         let h = b.health(&spec_b).await?;
         if h.replication.streaming {

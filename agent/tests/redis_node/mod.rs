@@ -166,6 +166,18 @@ impl Node {
         }
     }
 
+    /// Clones `spec` (a replica's) from `up` as the agent does, writes
+    /// its configuration and starts it.
+    pub async fn clone_and_start(&mut self, spec: &EngineSpec, up: &Node) {
+        self.driver.save_secrets(&Node::secrets()).unwrap();
+        self.driver
+            .clone_data(spec, &up.upstream(), &|_, _| {})
+            .await
+            .unwrap();
+        self.driver.prepare(spec).await.unwrap();
+        self.start(spec).await;
+    }
+
     pub fn secrets() -> Secrets {
         Secrets {
             admin_password: ADMIN_PASSWORD.into(),

@@ -2,7 +2,7 @@
 //! audit trail and of what was observed on nodes.
 
 use super::connection::Api;
-use super::output::{ago, more_before, print_json, table};
+use super::output::{ago, print_page};
 use anyhow::Result;
 use clap::Subcommand;
 use corral_proto::pb::{self};
@@ -44,22 +44,23 @@ pub(super) async fn audit(api: &mut Api, cmd: AuditCmd, json: bool) -> Result<()
                 .list_audit(pb::ListAuditRequest { limit, before })
                 .await?
                 .into_inner();
-            if json {
-                return print_json(&r);
-            }
-            let mut t = table(&["ID", "WHEN", "WHO", "ACTION", "TARGET", "RESULT"]);
-            for a in &r.entries {
-                t.add_row(vec![
+            let rows = r.entries.iter().map(|a| {
+                vec![
                     a.id.to_string(),
                     ago(a.at_ms),
                     a.who.clone(),
                     a.action.clone(),
                     a.target.clone(),
                     a.result.clone(),
-                ]);
-            }
-            println!("{t}");
-            more_before(&r.next_before);
+                ]
+            });
+            print_page(
+                json,
+                &r,
+                &["ID", "WHEN", "WHO", "ACTION", "TARGET", "RESULT"],
+                rows,
+                &r.next_before,
+            )?;
         }
     }
     Ok(())
@@ -83,21 +84,22 @@ pub(super) async fn events(api: &mut Api, cmd: EventCmd, json: bool) -> Result<(
                 })
                 .await?
                 .into_inner();
-            if json {
-                return print_json(&r);
-            }
-            let mut t = table(&["WHEN", "NODE", "CLUSTER", "KIND", "MESSAGE"]);
-            for e in &r.events {
-                t.add_row(vec![
+            let rows = r.events.iter().map(|e| {
+                vec![
                     ago(e.at_ms),
                     e.node.clone(),
                     e.cluster.clone(),
                     e.kind.clone(),
                     e.message.clone(),
-                ]);
-            }
-            println!("{t}");
-            more_before(&r.next_before);
+                ]
+            });
+            print_page(
+                json,
+                &r,
+                &["WHEN", "NODE", "CLUSTER", "KIND", "MESSAGE"],
+                rows,
+                &r.next_before,
+            )?;
         }
     }
     Ok(())

@@ -2,7 +2,7 @@
 //! one until it ends, which every command that starts an operation does.
 
 use super::connection::Api;
-use super::output::{ago, fmt_time, more_before, print_json, table};
+use super::output::{ago, fmt_time, print_json, print_page};
 use anyhow::{bail, Result};
 use clap::Subcommand;
 use corral_proto::pb::{self};
@@ -41,20 +41,8 @@ pub(super) async fn run(api: &mut Api, cmd: OperationCmd, json: bool) -> Result<
                 })
                 .await?
                 .into_inner();
-            if json {
-                return print_json(&r);
-            }
-            let mut t = table(&[
-                "OPERATION",
-                "CLUSTER",
-                "KIND",
-                "STATE",
-                "BY",
-                "UPDATED",
-                "ERROR",
-            ]);
-            for o in &r.operations {
-                t.add_row(vec![
+            let rows = r.operations.iter().map(|o| {
+                vec![
                     o.id.clone(),
                     o.cluster.clone(),
                     o.kind.clone(),
@@ -62,10 +50,23 @@ pub(super) async fn run(api: &mut Api, cmd: OperationCmd, json: bool) -> Result<
                     o.requested_by.clone(),
                     ago(o.updated_at_ms),
                     o.error.clone(),
-                ]);
-            }
-            println!("{t}");
-            more_before(&r.next_before);
+                ]
+            });
+            print_page(
+                json,
+                &r,
+                &[
+                    "OPERATION",
+                    "CLUSTER",
+                    "KIND",
+                    "STATE",
+                    "BY",
+                    "UPDATED",
+                    "ERROR",
+                ],
+                rows,
+                &r.next_before,
+            )?;
         }
         OperationCmd::Show { id } => {
             let o = api

@@ -18,6 +18,27 @@ pub(crate) fn table(header: &[&str]) -> Table {
     t
 }
 
+/// A page of a list: `page` as JSON, or `rows` as a table under `header`
+/// and how to see the older entries.
+pub(super) fn print_page<T: serde::Serialize>(
+    json: bool,
+    page: &T,
+    header: &[&str],
+    rows: impl Iterator<Item = Vec<String>>,
+    next_before: &dyn std::fmt::Display,
+) -> Result<()> {
+    if json {
+        return print_json(page);
+    }
+    let mut t = table(header);
+    for row in rows {
+        t.add_row(row);
+    }
+    println!("{t}");
+    more_before(next_before);
+    Ok(())
+}
+
 /// After a page of a list: how to see the older entries, if any remain.
 pub(super) fn more_before(next: &dyn std::fmt::Display) {
     let next = next.to_string();
