@@ -12,12 +12,7 @@ use std::time::{Duration, Instant};
 
 fn main() {
     // `cargo bench` passes --bench; nothing else to parse.
-    let window = Duration::from_secs(
-        std::env::var("CORRAL_BENCH_SECONDS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(30),
-    );
+    let window = Duration::from_secs(corral_tests::env_num("CORRAL_BENCH_SECONDS", 30));
     println!(
         "binaries: {}",
         bin("corral-agent").parent().unwrap().display()

@@ -9,7 +9,7 @@
 //! with `make bench` (release binaries).
 
 use corral_tests::procstat::{clock_ticks, cpu_ticks_with_children, status_kib};
-use corral_tests::{wait_until, Lab};
+use corral_tests::{env_num, wait_until, Lab};
 use std::time::{Duration, Instant};
 
 /// The agent's CPU (% of one core, children included) and RSS (MiB) over
@@ -22,13 +22,6 @@ fn agent_footprint(pid: i32, window: Duration) -> (f64, f64) {
     let cpu = (cpu_ticks_with_children(pid) - c0) as f64 / hz;
     let rss = status_kib(pid, "VmRSS:") as f64 / 1024.0;
     (100.0 * cpu / began.elapsed().as_secs_f64(), rss)
-}
-
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 /// Latencies (ms) of `n` fresh connections + `SELECT 1` to `uri`.

@@ -29,20 +29,13 @@
 //! Run with `make bench` (release binaries).
 
 use corral_tests::s3::S3Server;
-use corral_tests::{sh, Lab};
+use corral_tests::{env_num, sh, Lab};
 use serde_json::Value;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 const CLUSTER: &str = "src";
 const RESTORED: &str = "r1";
-
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));

@@ -19,15 +19,8 @@
 
 use corral_tests::ha::{self, events, vm_index, wait_acks};
 use corral_tests::writer::Writer;
-use corral_tests::Lab;
+use corral_tests::{env_num, Lab};
 use std::time::Duration;
-
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// min, median, p95, max.
 fn stats(mut v: Vec<f64>) -> [f64; 4] {

@@ -32,7 +32,7 @@ use corral_proto::pb::agent_upcalls_client::AgentUpcallsClient;
 use corral_proto::pki::{self, CertAuthority, CertKey};
 use corral_proto::{pb, tls};
 use corral_tests::procstat::{clock_ticks, cpu_ticks, status_kib};
-use corral_tests::{bin, sh};
+use corral_tests::{bin, env_num, sh};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -56,13 +56,6 @@ const LEASE_MS: u32 = 4000;
 /// An agent gives up on a heartbeat after four intervals.
 const GIVE_UP: Duration = Duration::from_secs(4);
 const GIB: u64 = 1 << 30;
-
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn main() -> ExitCode {
     // `cargo bench` passes --bench; nothing else to parse.

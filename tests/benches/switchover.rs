@@ -23,15 +23,8 @@
 
 use corral_tests::ha;
 use corral_tests::writer::Writer;
-use corral_tests::{wait_until, Lab};
+use corral_tests::{env_num, wait_until, Lab};
 use std::time::{Duration, Instant};
-
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
     v.sort_by(|a, b| a.total_cmp(b));

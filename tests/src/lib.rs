@@ -70,6 +70,24 @@ pub const HEALTH_PORT: u16 = 7402;
 /// the lab.
 pub const COORDINATOR_HTTP_PORT: u16 = 7403;
 
+/// The number in environment variable `name` (a benchmark's or a long
+/// test's knob), or `default` when it is unset or not a number.
+pub fn env_num<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The (`a`, `b`) string fields of each object in the JSON array `list`,
+/// in its order: e.g. the (id, role) of a cluster's `nodes`.
+pub fn field_pairs(list: &serde_json::Value, a: &str, b: &str) -> Vec<(String, String)> {
+    let field = |n: &serde_json::Value, k: &str| n[k].as_str().unwrap_or_default().to_string();
+    list.as_array()
+        .map(|l| l.iter().map(|n| (field(n, a), field(n, b))).collect())
+        .unwrap_or_default()
+}
+
 /// The scheme of a cluster's connection URI (`postgresql`, `mysql`), from
 /// `corralctl --output json cluster credentials`.
 pub fn uri_scheme(creds: &serde_json::Value) -> &str {

@@ -11,10 +11,7 @@ use std::time::{Duration, Instant};
 
 #[test]
 fn both_cores_loaded_for_five_minutes_cause_no_failover() {
-    let secs: u64 = std::env::var("CORRAL_BUSY_SECONDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300);
+    let secs: u64 = corral_tests::env_num("CORRAL_BUSY_SECONDS", 300);
     let mut lab = Lab::start(3).unwrap();
     let creds = ha::cluster(&mut lab, "busy", &[]).unwrap();
     let c = lab.ctl_json(&["cluster", "show", "busy"]).unwrap();

@@ -33,10 +33,7 @@ const SETTLE: Duration = Duration::from_secs(90);
 
 #[test]
 fn twenty_random_faults_lose_no_acknowledged_write() {
-    let faults: usize = std::env::var("CORRAL_CHAOS_FAULTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+    let faults: usize = corral_tests::env_num("CORRAL_CHAOS_FAULTS", 20);
     let seed: u64 = std::env::var("CORRAL_CHAOS_SEED")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -3,7 +3,7 @@
 
 use corral_proto::pb;
 use corral_proto::pki::{self, CertKey, COORDINATOR_DNS};
-use corral_tests::{bin, sh, Lab};
+use corral_tests::{bin, field_pairs, sh, Lab};
 use serde_json::Value;
 use std::path::Path;
 use std::time::Duration;
@@ -58,17 +58,7 @@ fn heartbeat() -> pb::HeartbeatRequest {
 /// Enrolled node ids, sorted, with their addresses.
 fn nodes(lab: &Lab) -> Vec<(String, String)> {
     let v = lab.ctl_json(&["node", "list"]).unwrap();
-    let mut out: Vec<(String, String)> = v["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| {
-            (
-                n["id"].as_str().unwrap().to_string(),
-                n["address"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
+    let mut out = field_pairs(&v["nodes"], "id", "address");
     out.sort();
     out
 }
@@ -378,23 +368,7 @@ fn every_api_checks_whose_certificate_it_is() {
 #[test]
 fn roles_limit_what_an_operator_may_do() {
     let lab = Lab::unenrolled(1).unwrap();
-    let prefix = lab.dir().join("viewer");
-    sh(
-        &bin("corralctl").to_string_lossy(),
-        &[
-            "pki",
-            "issue-operator",
-            "--dir",
-            &lab.pki_dir().to_string_lossy(),
-            "--name",
-            "val",
-            "--role",
-            "viewer",
-            "--out",
-            &prefix.to_string_lossy(),
-        ],
-    )
-    .unwrap();
+    let prefix = lab.issue_operator("val", "viewer").unwrap();
     let env = [
         ("CORRAL_CERT", format!("{}.crt", prefix.display())),
         ("CORRAL_KEY", format!("{}.key", prefix.display())),

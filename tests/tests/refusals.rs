@@ -6,7 +6,7 @@
 //! naming the running one.
 
 use corral_tests::client::with_client;
-use corral_tests::{wait_until, Lab};
+use corral_tests::{field_pairs, wait_until, Lab};
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -33,17 +33,7 @@ fn snapshot(lab: &Lab) -> Snapshot {
             for flag in ["sync", "termination_protection"] {
                 assert!(c[flag].is_boolean(), "{flag} missing from {c}");
             }
-            let mut members: Vec<(String, String)> = c["nodes"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|n| {
-                    (
-                        n["id"].as_str().unwrap().to_string(),
-                        n["role"].as_str().unwrap().to_string(),
-                    )
-                })
-                .collect();
+            let mut members = field_pairs(&c["nodes"], "id", "role");
             members.sort();
             json!({
                 "name": c["name"],

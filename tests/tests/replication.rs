@@ -2,7 +2,7 @@
 //! with replicas, adding a node, streaming, lag reporting and sync mode.
 
 use corral_tests::writer::Writer;
-use corral_tests::{wait_until, Lab};
+use corral_tests::{field_pairs, wait_until, Lab};
 use serde_json::Value;
 use std::time::Duration;
 
@@ -13,17 +13,7 @@ fn three_node_cluster_streams_rows_to_both_replicas() {
     let c = lab.ctl_json(&["cluster", "show", "orders"]).unwrap();
     assert_eq!(c["state"], "running", "{c}");
     assert_eq!(c["mode"], "primary-replica", "{c}");
-    let roles: Vec<(String, String)> = c["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| {
-            (
-                n["id"].as_str().unwrap().into(),
-                n["role"].as_str().unwrap().into(),
-            )
-        })
-        .collect();
+    let roles = field_pairs(&c["nodes"], "id", "role");
     assert_eq!(
         roles,
         [("vm1", "primary"), ("vm2", "replica"), ("vm3", "replica")]

@@ -49,8 +49,5 @@ pub fn flood(lab: &Lab, count: usize, workers: usize) -> (usize, Vec<tonic::Code
 
 /// How many bad enrollments: `CORRAL_FLOOD_COUNT`, or `default`.
 pub fn flood_count(default: usize) -> usize {
-    std::env::var("CORRAL_FLOOD_COUNT")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    corral_tests::env_num("CORRAL_FLOOD_COUNT", default)
 }
