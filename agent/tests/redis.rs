@@ -409,21 +409,11 @@ fn dirs(n: usize) -> (Dirs, Vec<(PathBuf, u16)>) {
 
 /// A session on database `db` with `password` (as `admin`).
 async fn session(port: u16, db: i64, password: &str) -> redis::RedisResult<MultiplexedConnection> {
-    let info = ConnectionAddr::Tcp("127.0.0.1".into(), port)
-        .into_connection_info()?
-        .set_redis_settings(
-            RedisConnectionInfo::default()
-                .set_username("admin")
-                .set_password(password)
-                .set_db(db),
-        );
-    redis::Client::open(info)?
-        .get_multiplexed_async_connection_with_config(
-            &AsyncConnectionConfig::new()
-                .set_connection_timeout(Some(Duration::from_secs(5)))
-                .set_response_timeout(Some(Duration::from_secs(5))),
-        )
-        .await
+    let settings = RedisConnectionInfo::default()
+        .set_username("admin")
+        .set_password(password)
+        .set_db(db);
+    redis_node::connect_with(port, settings).await
 }
 
 /// A new cluster's first node, running as a primary.

@@ -208,11 +208,7 @@ fn bootstrap(lab: &Lab, mb: u64) {
             )
             .unwrap();
         let secs = began.elapsed().as_secs_f64();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        corral_tests::assert_success(&out);
         let du = corral_tests::sh("du", &["-sb", &target]).unwrap();
         let bytes: f64 = du.split_whitespace().next().unwrap().parse().unwrap();
         let _ = std::fs::remove_dir_all(&target);

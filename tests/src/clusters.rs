@@ -77,6 +77,14 @@ impl Lab {
         Ok(text)
     }
 
+    /// The connection URI of `cluster` (`corralctl cluster credentials`).
+    pub fn uri(&self, cluster: &str) -> Result<String> {
+        Ok(self
+            .ctl_ok(&["cluster", "credentials", cluster])?
+            .trim()
+            .to_string())
+    }
+
     /// Creates a PostgreSQL primary/replica cluster on `nodes` ("vm1,vm2",
     /// the first is the primary) with extra `cluster create` flags, waits
     /// for it, and returns `cluster credentials --output json`.

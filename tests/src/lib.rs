@@ -79,6 +79,22 @@ pub fn env_num<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// Fails the test with the command's stderr unless it exited 0.
+#[track_caller]
+pub fn assert_success(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// How many objects of the JSON array `list` have `key` equal to `value`.
+pub fn count_where(list: &serde_json::Value, key: &str, value: &str) -> usize {
+    list.as_array()
+        .map_or(0, |l| l.iter().filter(|e| e[key] == value).count())
+}
+
 /// The (`a`, `b`) string fields of each object in the JSON array `list`,
 /// in its order: e.g. the (id, role) of a cluster's `nodes`.
 pub fn field_pairs(list: &serde_json::Value, a: &str, b: &str) -> Vec<(String, String)> {

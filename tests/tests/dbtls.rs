@@ -58,11 +58,7 @@ fn a_cluster_that_requires_tls_refuses_plaintext_clients() {
         "--require-tls",
     ])
     .unwrap();
-    let uri = lab
-        .ctl_ok(&["cluster", "credentials", "strict"])
-        .unwrap()
-        .trim()
-        .to_string();
+    let uri = lab.uri("strict").unwrap();
     let q = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
     assert_eq!(lab.psql(&uri, q).unwrap(), "t");
     let start = uri.find("sslmode=").unwrap() + "sslmode=".len();

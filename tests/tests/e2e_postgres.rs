@@ -11,10 +11,7 @@ fn create_cluster(lab: &Lab, name: &str, node: &str) -> String {
         "cluster", "create", "--name", name, "--engine", "postgres", "--node", node,
     ])
     .unwrap();
-    lab.ctl_ok(&["cluster", "credentials", name])
-        .unwrap()
-        .trim()
-        .to_string()
+    lab.uri(name).unwrap()
 }
 
 fn events(lab: &Lab, node: &str) -> Vec<Value> {

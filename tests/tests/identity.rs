@@ -199,11 +199,7 @@ fn a_revoked_operator_is_refused_on_its_next_call_even_on_an_open_connection() {
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let old = read(&carol);
     let out = lab.ctl_env(&["pki", "renew"], &env).unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    corral_tests::assert_success(&out);
     let out = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.contains("renewed: operator carol (operator)"), "{out}");
     assert_ne!(read(&carol).cert_pem, old.cert_pem);

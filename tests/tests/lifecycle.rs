@@ -2,7 +2,7 @@
 //! resync of a diverged replica, reboot, remove and re-add, delete; sync
 //! mode; and a coordinator restart in the middle of adding a node.
 
-use corral_tests::{wait_until, Lab};
+use corral_tests::{count_where, wait_until, Lab};
 use serde_json::Value;
 use std::time::Duration;
 
@@ -142,11 +142,7 @@ fn resync_reboot_remove_readd_and_delete() {
     let out = lab
         .ctl(&["node", "reboot", "life", "vm1", "--force"])
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    corral_tests::assert_success(&out);
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("writes to life pause"),
         "{}",
@@ -346,12 +342,7 @@ fn coordinator_restart_during_add_node_neither_doubles_nor_abandons_it() {
     );
     // The clone ran once: the resumed operation waited for it.
     let events = lab.ctl_json(&["event", "list", "--node", "vm2"]).unwrap();
-    let clones = events["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["kind"] == "clone_started")
-        .count();
+    let clones = count_where(&events["events"], "kind", "clone_started");
     assert_eq!(clones, 1, "{events}");
     lab.wait_streaming("big", "vm2").unwrap();
     assert_eq!(

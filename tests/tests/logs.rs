@@ -1,7 +1,7 @@
 //! `corralctl logs`: a node's engine and agent logs, streamed from its VM
 //! through the coordinator.
 
-use corral_tests::{bin, wait_until, Lab};
+use corral_tests::{bin, count_where, wait_until, Lab};
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -57,11 +57,7 @@ fn logs_of_engines_and_agents_stream_through_the_coordinator() {
         "cluster", "create", "--name", "c1", "--engine", "postgres", "--node", "vm1",
     ])
     .unwrap();
-    let uri = lab
-        .ctl_ok(&["cluster", "credentials", "c1"])
-        .unwrap()
-        .trim()
-        .to_string();
+    let uri = lab.uri("c1").unwrap();
 
     // The engine's log by default, its start-up line included, stamped.
     let text = lab.ctl_ok(&["logs", "c1", "vm1"]).unwrap();
@@ -222,12 +218,7 @@ fn logs_of_engines_and_agents_stream_through_the_coordinator() {
 
     // Every read was audited.
     let audit = lab.ctl_json(&["audit", "list"]).unwrap();
-    let reads = audit["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["action"] == "node.logs")
-        .count();
+    let reads = count_where(&audit["entries"], "action", "node.logs");
     assert!(reads >= 10, "{audit}");
 }
 

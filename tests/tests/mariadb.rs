@@ -167,11 +167,7 @@ fn a_replica_with_an_errant_transaction_is_resynced_to_the_primarys_data() {
             ],
         )
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    corral_tests::assert_success(&out);
     assert_eq!(
         sql_on(&lab, &creds, 2, "SELECT count(*) FROM t").unwrap(),
         "101"

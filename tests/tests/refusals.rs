@@ -114,10 +114,7 @@ fn create_engine(lab: &Lab, name: &str, engine: &str, mode: &str, nodes: &str) {
 }
 
 fn uri(lab: &Lab, cluster: &str) -> String {
-    lab.ctl_ok(&["cluster", "credentials", cluster])
-        .unwrap()
-        .trim()
-        .to_string()
+    lab.uri(cluster).unwrap()
 }
 
 /// The value of `field` of `cluster` as `cluster show` reports it.

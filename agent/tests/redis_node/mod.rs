@@ -257,6 +257,15 @@ pub async fn connect(
     if let Some(p) = password {
         settings = settings.set_password(p);
     }
+    connect_with(port, settings).await
+}
+
+/// A connection to the server on `port` with `settings` (user, password,
+/// database), with 5 s connection and response timeouts.
+pub async fn connect_with(
+    port: u16,
+    settings: RedisConnectionInfo,
+) -> redis::RedisResult<MultiplexedConnection> {
     let info = ConnectionAddr::Tcp("127.0.0.1".into(), port)
         .into_connection_info()?
         .set_redis_settings(settings);

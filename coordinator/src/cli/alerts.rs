@@ -2,7 +2,7 @@
 //! channels' state, and the history of alerts and notices.
 
 use super::connection::Api;
-use super::output::{ago, print_json, table};
+use super::output::{ago, print_json, table, table_of};
 use anyhow::Result;
 use clap::Subcommand;
 use comfy_table::Table;
@@ -39,18 +39,8 @@ pub(super) async fn run(api: &mut Api, cmd: AlertsCmd, json: bool) -> Result<()>
             if r.channels.is_empty() {
                 println!("no notification channels configured ([notify] in the coordinator's configuration file)");
             } else {
-                let mut t = table(&[
-                    "CHANNEL",
-                    "KIND",
-                    "DELIVERED",
-                    "FAILED ATTEMPTS",
-                    "DROPPED",
-                    "QUEUED",
-                    "LAST SUCCESS",
-                    "LAST ERROR",
-                ]);
-                for c in &r.channels {
-                    t.add_row(vec![
+                let rows = r.channels.iter().map(|c| {
+                    vec![
                         c.name.clone(),
                         c.kind.clone(),
                         c.delivered.to_string(),
@@ -59,9 +49,24 @@ pub(super) async fn run(api: &mut Api, cmd: AlertsCmd, json: bool) -> Result<()>
                         c.queued.to_string(),
                         ago(c.last_success_ms),
                         c.last_error.clone(),
-                    ]);
-                }
-                println!("{t}");
+                    ]
+                });
+                println!(
+                    "{}",
+                    table_of(
+                        &[
+                            "CHANNEL",
+                            "KIND",
+                            "DELIVERED",
+                            "FAILED ATTEMPTS",
+                            "DROPPED",
+                            "QUEUED",
+                            "LAST SUCCESS",
+                            "LAST ERROR",
+                        ],
+                        rows
+                    )
+                );
             }
         }
         AlertsCmd::History { cluster, limit } => {

@@ -3,7 +3,7 @@
 //! and `pki issue-operator` stay offline (see [`crate::cli`]).
 
 use super::connection::ConnConfig;
-use super::output::{print_json, table};
+use super::output::{print_json, table_of};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
 use corral_proto::identity::Identity;
@@ -145,17 +145,8 @@ pub(crate) async fn pki(
             if json {
                 return print_json(&r);
             }
-            let mut t = table(&[
-                "FINGERPRINT",
-                "SUBJECT",
-                "STATE",
-                "EXPIRES",
-                "REVOKED",
-                "BY",
-                "REASON",
-            ]);
-            for c in &r.certificates {
-                t.add_row(vec![
+            let rows = r.certificates.iter().map(|c| {
+                vec![
                     c.fingerprint.clone(),
                     c.subject.clone(),
                     c.state.clone(),
@@ -163,9 +154,23 @@ pub(crate) async fn pki(
                     when(c.revoked_at_ms),
                     c.revoked_by.clone(),
                     c.reason.clone(),
-                ]);
-            }
-            println!("{t}");
+                ]
+            });
+            println!(
+                "{}",
+                table_of(
+                    &[
+                        "FINGERPRINT",
+                        "SUBJECT",
+                        "STATE",
+                        "EXPIRES",
+                        "REVOKED",
+                        "BY",
+                        "REASON",
+                    ],
+                    rows
+                )
+            );
             Ok(())
         }
     }

@@ -30,13 +30,18 @@ pub(super) fn print_page<T: serde::Serialize>(
     if json {
         return print_json(page);
     }
+    println!("{}", table_of(header, rows));
+    more_before(next_before);
+    Ok(())
+}
+
+/// A table of `rows` under `header`.
+pub(super) fn table_of(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) -> Table {
     let mut t = table(header);
     for row in rows {
         t.add_row(row);
     }
-    println!("{t}");
-    more_before(next_before);
-    Ok(())
+    t
 }
 
 /// After a page of a list: how to see the older entries, if any remain.
