@@ -117,7 +117,14 @@ impl Engine {
         let last_resync = current.map(|c| c.last_resync.clone()).unwrap_or_default();
         let resync = !req.resync_id.is_empty() && req.resync_id != last_resync;
         let step = Step::BeReplica { resync };
-        let action = transitions::plan(self.holds()?, step);
+        let holds = match self.holds() {
+            Ok(h) => h,
+            // A resync erases the data whatever it is: data the driver
+            // cannot read (what a resync may be repairing) is no obstacle.
+            Err(_) if resync && self.driver().has_data() => Holds::PrimaryData,
+            Err(e) => return Err(e),
+        };
+        let action = transitions::plan(holds, step);
         if action == Action::EraseAndClone {
             self.events.push(
                 "resync_started",
