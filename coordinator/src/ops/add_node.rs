@@ -7,7 +7,8 @@
 //! are idempotent (an existing slot is kept, a clone in place is not
 //! redone), so the resumed operation simply sends them again.
 
-use super::*;
+use super::{slot_label, Ctx};
+use anyhow::Result;
 
 impl Ctx<'_> {
     pub(crate) async fn add_node(&self) -> Result<()> {

@@ -8,10 +8,14 @@
 //! duplicated). A backup that fails is recorded `failed` with its reason
 //! and raises `backup_failed`.
 
-use super::*;
+use super::Ctx;
 use crate::backups::keys;
 use crate::backups::*;
 use crate::config::LOCAL_TARGET;
+use crate::store;
+use crate::store::ClusterRow;
+use anyhow::{anyhow, Result};
+use corral_proto::pb;
 
 impl Ctx<'_> {
     /// The `backup` operation: takes backup `params.backup` (its record

@@ -4,8 +4,9 @@
 //! If the coordinator dies: the resumed operation tells them again
 //! (idempotent).
 
-use super::*;
+use super::Ctx;
 use crate::backups::*;
+use anyhow::Result;
 
 impl Ctx<'_> {
     /// The `configure_backups` operation: tells every node of the cluster

@@ -8,7 +8,9 @@
 //! what was left. The cluster stays `creating` until the last step; a
 //! create that fails leaves it `failed` ([`super::runner`]).
 
-use super::*;
+use super::{slot_label, Ctx};
+use crate::store;
+use anyhow::{bail, Result};
 
 impl Ctx<'_> {
     pub(crate) async fn create_cluster(&self) -> Result<()> {

@@ -3,7 +3,16 @@
 //! is unreachable, up to a give-up time), progress of the long step, and
 //! waiting for a replica to stream.
 
-use super::*;
+use super::{mb, Ctx, Members, AGENT_UNREACHABLE_GIVE_UP, STREAMING_TIMEOUT};
+use crate::fleet::host_of;
+use crate::store;
+use crate::store::{ClusterRow, NodeRow};
+use anyhow::{anyhow, bail, Context, Result};
+use corral_proto::pb;
+use corral_proto::pb::agent_client::AgentClient;
+use std::future::Future;
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
 
 impl Ctx<'_> {
     pub(crate) fn log(&self, message: &str) {

@@ -7,7 +7,10 @@
 //! take another; decommissioning an erased node is a no-op. The cluster
 //! is `deleting` (refusing other requests) until its rows are gone.
 
-use super::*;
+use super::Ctx;
+use crate::store;
+use crate::store::NodeRow;
+use anyhow::Result;
 
 impl Ctx<'_> {
     pub(crate) async fn delete_cluster(&self) -> Result<()> {

@@ -9,7 +9,12 @@
 //! and repoints. A replica left unrepointed follows when it next reports
 //! (the monitor starts a rejoin).
 
-use super::*;
+use super::{failpoint, fmt_ms, Ctx, REPOINT_GIVE_UP};
+use crate::fleet::Liveness;
+use crate::model::AUTO_FAILOVER;
+use crate::store;
+use anyhow::{bail, Result};
+use std::time::Instant;
 
 impl Ctx<'_> {
     /// Automatic failover, decided by [`crate::failover::decide`] and

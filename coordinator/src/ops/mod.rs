@@ -37,17 +37,14 @@ mod verify_backup;
 
 pub use runner::{new_id, resume_unfinished, spawn};
 
-use crate::fleet::host_of;
-use crate::fleet::Liveness;
-use crate::store::{self, op_state, ClusterRow, NodeRow, OperationRow};
+use crate::store::{NodeRow, OperationRow};
 use crate::Coordinator;
-use anyhow::{anyhow, bail, Context, Result};
-use corral_proto::pb::{self, agent_client::AgentClient};
+use anyhow::{anyhow, Result};
+use corral_proto::pb::{self};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-use tonic::transport::Channel;
+use std::time::Duration;
 
 pub use crate::model::{
     ADD_NODE, AUTO_FAILOVER, BACKGROUND, BACKUP, CONFIGURE_BACKUPS, CREATE_CLUSTER, DELETE_CLUSTER,

@@ -11,7 +11,13 @@
 //! may hold to run out, then promotes (idempotent). No two nodes hold a
 //! lease in the same term.
 
-use super::*;
+use super::{failpoint_once, lsn, Ctx, Members, AGENT_UNREACHABLE_GIVE_UP, CATCH_UP_TIMEOUT};
+use crate::fleet::Liveness;
+use crate::store;
+use crate::store::{ClusterRow, NodeRow};
+use anyhow::{bail, Context, Result};
+use corral_proto::pb;
+use std::time::{Duration, Instant};
 
 impl Ctx<'_> {
     pub(crate) async fn promote(&self) -> Result<()> {

@@ -5,7 +5,10 @@
 //! operation restarts the engine once more. The outcome is the same; the
 //! cost is a second short pause (of writes, on the primary).
 
-use super::*;
+use super::Ctx;
+use anyhow::Result;
+use corral_proto::pb;
+use std::time::Instant;
 
 impl Ctx<'_> {
     pub(crate) async fn reboot(&self) -> Result<()> {

@@ -6,7 +6,8 @@
 //! configure is idempotent. A failover preempts a rejoin
 //! ([`super::Runner::abort`]).
 
-use super::*;
+use super::Ctx;
+use anyhow::{bail, Result};
 
 impl Ctx<'_> {
     /// Brings a replica of record back into line with the primary: a

@@ -7,7 +7,9 @@
 //! (idempotent) and decommissions it (a no-op once erased): a node is never
 //! free while it still holds data or a slot on the primary.
 
-use super::*;
+use super::Ctx;
+use crate::store;
+use anyhow::Result;
 
 impl Ctx<'_> {
     pub(crate) async fn remove_node(&self) -> Result<()> {

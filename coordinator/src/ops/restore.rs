@@ -12,8 +12,12 @@
 //! failure from that point marks the cluster failed
 //! ([`crate::backups::DATA_ERASED`]), since it holds no data.
 
-use super::*;
+use super::Ctx;
 use crate::backups::*;
+use crate::store;
+use anyhow::{anyhow, bail, Result};
+use corral_proto::pb;
+use std::time::Duration;
 
 impl Ctx<'_> {
     /// For a cluster created from a backup: what its first node restores.

@@ -5,7 +5,8 @@
 //! it already re-cloned under this id; the resumed operation goes on with
 //! the next. The primary is never resynced (the service refuses it).
 
-use super::*;
+use super::Ctx;
+use anyhow::{bail, Result};
 
 impl Ctx<'_> {
     pub(crate) async fn resync(&self) -> Result<()> {

@@ -6,7 +6,15 @@
 //! that finds no other holding the cluster
 //! ([`crate::service::rules`], `begin_operation`).
 
-use super::*;
+use super::{within_deadline, Ctx};
+use crate::model::{
+    ADD_NODE, BACKGROUND, BACKUP, CONFIGURE_BACKUPS, CREATE_CLUSTER, DELETE_CLUSTER, FAILOVER,
+    PROMOTE, REBOOT, REJOIN, REMOVE_NODE, RESTORE, RESYNC, SET_SYNC, VERIFY_BACKUP,
+};
+use crate::store::{op_state, OperationRow};
+use crate::{store, Coordinator};
+use anyhow::{anyhow, Result};
+use std::sync::{Arc, Mutex};
 
 /// A time-ordered, unique operation id: `op-<ms>-<random>`.
 pub fn new_id() -> String {

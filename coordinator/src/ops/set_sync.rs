@@ -4,7 +4,8 @@
 //! If the coordinator dies: the resumed operation sends it again
 //! (idempotent).
 
-use super::*;
+use super::Ctx;
+use anyhow::Result;
 
 impl Ctx<'_> {
     pub(crate) async fn set_sync(&self) -> Result<()> {

@@ -5,8 +5,11 @@
 //! If the coordinator dies: the resumed operation verifies again; nothing
 //! but the verdict is written.
 
-use super::*;
+use super::Ctx;
 use crate::backups::*;
+use crate::store;
+use anyhow::{anyhow, Result};
+use corral_proto::pb;
 
 impl Ctx<'_> {
     /// The `verify_backup` operation.

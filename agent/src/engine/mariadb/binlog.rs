@@ -1,6 +1,11 @@
 //! Reading the binary log of a stopped server (where its history ends).
 
-use super::*;
+use super::gtid::Gtid;
+use super::settings::BINLOG;
+use anyhow::{Context, Result};
+use std::collections::BTreeMap;
+use std::io::{Read, Seek};
+use std::path::Path;
 
 // ---------------------------------------------------------------------------
 // The binary log of a stopped server.

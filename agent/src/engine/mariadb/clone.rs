@@ -1,7 +1,20 @@
 //! Cloning data: installing an empty data directory, the temporary server,
 //! and the logical dump streamed from an upstream and loaded.
 
-use super::*;
+use super::config::{render_config, ServerConfig};
+use super::connection::{connect_upstream, TempServer};
+use super::gtid::{parse_gtid_list, server_id};
+use super::settings::{QUERY_TIMEOUT, REPLICATION_USER, STOP_TIMEOUT};
+use super::{client, Mariadb};
+use crate::engine::os::{
+    log_tail, mkdir_owned, remove_dir, run, tail, write_readable, Account, TAIL_LINES,
+};
+use crate::engine::{os, Driver, EngineSpec, ProgressFn, Upstream};
+use anyhow::{bail, Context, Result};
+use mysql_async::prelude::*;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
 
 impl Mariadb {
     /// mariadb-install-db into `dir` (removed first), as the mysql user.

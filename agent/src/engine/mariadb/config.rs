@@ -1,6 +1,8 @@
 //! The server's configuration file, rendered from the spec.
 
-use super::*;
+use super::settings::{BINLOG, SEMI_SYNC_TIMEOUT_MS};
+use crate::engine::EngineSpec;
+use std::path::Path;
 
 // ---------------------------------------------------------------------------
 // The configuration file.
@@ -109,6 +111,7 @@ pub(super) fn wants_semi_sync(spec: &EngineSpec) -> bool {
 mod tests {
     use super::super::replication::tests::spec;
     use super::*;
+    use crate::engine::mariadb::settings::check_cnf_path;
 
     #[test]
     fn config_by_role() {

@@ -1,7 +1,14 @@
 //! Administrative connections: over the socket, to an upstream, and to a
 //! temporary server started for one step.
 
-use super::*;
+use super::settings::{AGENT_SQL_MODE, QUERY_TIMEOUT, REPLICATION_USER, STOP_TIMEOUT};
+use super::statements::Flavour;
+use super::{tls, Admin};
+use crate::engine::os::{log_tail, TAIL_LINES};
+use crate::engine::Upstream;
+use anyhow::{anyhow, bail, Context, Result};
+use mysql_async::prelude::*;
+use std::path::{Path, PathBuf};
 
 pub(super) async fn connect_socket(socket: &Path) -> Result<Admin> {
     let opts = mysql_async::OptsBuilder::default()

@@ -1,6 +1,8 @@
 //! Fencing a running server: ending its client sessions.
 
-use super::*;
+use super::{Admin, Mariadb};
+use anyhow::{Context, Result};
+use mysql_async::prelude::*;
 
 impl Mariadb {
     /// Ends every client session but ours (replication and system threads

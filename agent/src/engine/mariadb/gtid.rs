@@ -1,6 +1,6 @@
 //! MariaDB GTIDs: parsing, formatting, counting and comparing positions.
 
-use super::*;
+use anyhow::Result;
 
 /// One MariaDB GTID: replication domain, originating server, sequence number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

@@ -1,7 +1,16 @@
 //! The driver's construction, its files and directories, its config file
 //! and its cached administrative session.
 
-use super::*;
+use super::config::{render_config, wants_semi_sync, ServerConfig};
+use super::connection::connect_socket;
+use super::gtid::server_id;
+use super::settings::{binary, check_cnf_path, REPLICATION_USER, REPLICA_MARKER};
+use super::statements::Flavour;
+use super::{tls, Admin, Mariadb};
+use crate::engine::os::{mkdir_owned, write_readable, Account};
+use crate::engine::{os, EngineSpec, Upstream};
+use anyhow::{anyhow, bail, Context, Result};
+use std::path::{Path, PathBuf};
 
 impl Mariadb {
     /// A driver keeping its files under `<state_dir>/mariadb/`.

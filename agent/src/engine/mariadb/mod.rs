@@ -84,18 +84,12 @@
 //! process handling, the clone and the rejoin are MariaDB's, and only the
 //! MariaDB path runs end to end.
 
-use super::os::{
-    self, log_tail, mkdir_owned, remove_dir, remove_file, run, tail, write_owned, write_readable,
-    Account, TAIL_LINES,
-};
+use super::os::{self, log_tail, remove_dir, remove_file, write_owned, write_readable, TAIL_LINES};
 use super::{Driver, EngineSpec, Health, ProgressFn, Secrets, Upstream};
 use anyhow::{anyhow, bail, Context, Result};
-use corral_proto::pb;
 use mysql_async::prelude::*;
-use std::collections::BTreeMap;
-use std::io::{Read, Seek};
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 mod backup;

@@ -1,7 +1,16 @@
 //! Replication: the report of an observation, the plan that brings a server
 //! to its spec, converging to it, and probing an upstream before a rejoin.
 
-use super::*;
+use super::config::wants_semi_sync;
+use super::settings::{REPLICATION_USER, RESTART_REPLICATION_EVERY, SEMI_SYNC_TIMEOUT_MS};
+use super::statements::{sql_string, SemiSync};
+use super::status::{observe, replica_status, Observed};
+use super::{Admin, Mariadb};
+use crate::engine::{EngineSpec, Upstream};
+use anyhow::{anyhow, Context, Result};
+use corral_proto::pb;
+use mysql_async::prelude::*;
+use std::time::{Duration, Instant};
 
 /// The replication report of one observation; `standby`: the data is
 /// marked a replica's.
@@ -263,6 +272,7 @@ impl Mariadb {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
+    use crate::engine::mariadb::status::{engine_stats, ReplicaStatus};
 
     pub(in crate::engine::mariadb) fn spec(role: &str) -> EngineSpec {
         EngineSpec {

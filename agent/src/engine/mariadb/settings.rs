@@ -1,7 +1,11 @@
 //! The driver's constants and small shared helpers: the server's OS
 //! account, its binaries, the config-file path check.
 
-use super::*;
+use crate::engine::os;
+use crate::engine::os::Account;
+use anyhow::{bail, Result};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// The account replicas stream as (and clone with).
 pub const REPLICATION_USER: &str = "corral_replication";

@@ -1,7 +1,8 @@
 //! SQL text: quoting, and the statements that differ between MariaDB and
 //! MySQL 8 ([`Flavour`]).
 
-use super::*;
+use super::gtid::{domain0_seq, gtid_set_count};
+use std::path::Path;
 
 // ---------------------------------------------------------------------------
 // SQL text: quoting, GTIDs, and the statements that differ by flavour.
@@ -343,6 +344,7 @@ impl Flavour {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::mariadb::settings::REPLICATION_USER;
 
     #[test]
     fn quoting() {

@@ -1,7 +1,11 @@
 //! What a running server reports: its replica status and one observation
 //! of it, read over an administrative session.
 
-use super::*;
+use super::statements::{Column, Flavour, SemiSync};
+use super::Admin;
+use anyhow::{Context, Result};
+use mysql_async::prelude::*;
+use std::collections::BTreeMap;
 
 // ---------------------------------------------------------------------------
 // What a running server reports, and what to change: pure.

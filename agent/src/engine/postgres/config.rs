@@ -1,7 +1,11 @@
 //! The configuration: postgresql settings, the connection string to an
 //! upstream and pg_hba.conf.
 
-use super::*;
+use super::fencing::FENCE_CONF;
+use super::settings::{conf_quote, REPLICATION_USER, SLOT_WAL_KEEP};
+use super::sql::{slot_name, synchronous_standby_names};
+use super::{backup, tls, Postgres};
+use crate::engine::{EngineSpec, Upstream};
 
 impl Postgres {
     pub(super) fn config(&self, spec: &EngineSpec) -> String {

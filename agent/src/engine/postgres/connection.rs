@@ -1,6 +1,11 @@
 //! Connecting to the server over its socket and reading pg_controldata.
 
-use super::*;
+use super::settings::account;
+use super::Postgres;
+use crate::engine::EngineSpec;
+use anyhow::{bail, Context, Result};
+use std::process::Stdio;
+use std::time::Duration;
 
 impl Postgres {
     pub(super) async fn connect(&self, spec: &EngineSpec) -> Result<tokio_postgres::Client> {

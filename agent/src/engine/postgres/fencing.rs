@@ -1,7 +1,9 @@
 //! Fencing: the read-only include file, the running port, ending client
 //! sessions.
 
-use super::*;
+use super::Postgres;
+use anyhow::{anyhow, Context, Result};
+use std::time::Duration;
 
 /// The file (in the data directory, included by corral.conf) that makes a
 /// fenced primary read-only.

@@ -1,6 +1,8 @@
 //! The health check of a running server.
 
-use super::*;
+use crate::engine::Health;
+use anyhow::Result;
+use corral_proto::pb;
 
 /// One health check: version and replication state.
 pub(super) async fn health(client: &tokio_postgres::Client) -> Result<Health> {

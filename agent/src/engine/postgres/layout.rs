@@ -1,7 +1,12 @@
 //! The driver's construction, its files and directories, its binaries and
 //! initdb.
 
-use super::*;
+use super::Postgres;
+use crate::engine::os;
+use crate::engine::os::{mkdir_owned, run, Account};
+use crate::engine::tls::{EngineTls, TlsFiles};
+use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
 
 impl Postgres {
     pub fn new(bin_dir: PathBuf, state_dir: &Path, node_id: &str) -> Postgres {

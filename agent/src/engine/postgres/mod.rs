@@ -42,12 +42,11 @@ use roles::*;
 pub use settings::*;
 pub use sql::*;
 
-use super::os::{self, mkdir_owned, run, tail, write_owned, Account};
-use super::tls::{EngineTls, TlsFiles};
+use super::os::{self, mkdir_owned, run, tail, write_owned};
+use super::tls::EngineTls;
 use super::{Driver, EngineSpec, Health, ProgressFn, Secrets, Upstream};
 use anyhow::{anyhow, bail, Context, Result};
-use corral_proto::pb;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 

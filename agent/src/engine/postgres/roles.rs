@@ -1,6 +1,7 @@
 //! Creating or updating a role from its SCRAM verifier.
 
-use super::*;
+use super::sql::{quote_ident, quote_literal};
+use anyhow::{Context, Result};
 
 /// Creates or updates a role; only its SCRAM verifier reaches the server.
 pub(super) async fn upsert_role(

@@ -1,7 +1,8 @@
 //! The driver's constants and small shared helpers: the server's OS account
 //! and quoting a configuration value.
 
-use super::*;
+use crate::engine::os::Account;
+use anyhow::Result;
 
 /// The OS account the server runs as: `postgres`.
 pub(super) fn account() -> Result<Account> {

@@ -1,7 +1,7 @@
 //! Names, quoting and parsing: replication slot names,
 //! synchronous_standby_names, LSNs, pg_basebackup progress, SQL quoting.
 
-use super::*;
+use crate::engine::EngineSpec;
 
 /// The replication slot that serves replica `node`.
 pub fn slot_name(node: &str) -> String {
@@ -64,6 +64,7 @@ pub(super) fn pgpass_escape(v: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::postgres::settings::conf_quote;
 
     #[test]
     fn quoting() {

@@ -1,7 +1,16 @@
 //! Cloning: the temporary server that syncs from an upstream, and waiting
 //! for its copy.
 
-use super::*;
+use super::acl::AGENT_USER;
+use super::connection::{cmd, connect};
+use super::info::Info;
+use super::settings::{CLONE_STALL, COMMAND_TIMEOUT};
+use super::Redis;
+use crate::engine::os::{log_tail, TAIL_LINES};
+use crate::engine::{Driver, ProgressFn, Upstream};
+use ::redis::aio::MultiplexedConnection;
+use anyhow::{bail, Result};
+use std::time::{Duration, Instant};
 
 impl Redis {
     /// Ends a temporary clone server left by an interrupted clone.

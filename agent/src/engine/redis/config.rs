@@ -1,7 +1,11 @@
 //! The configuration file and the credentials it carries: quoting, the
 //! ACL users, the fencing minimums, rendering and reading it back.
 
-use super::*;
+use super::acl;
+use super::settings::{FENCE_MIN_REPLICAS, REPLICATION_USER, SYNC_MAX_LAG};
+use crate::engine::{EngineSpec, Upstream};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
 
 /// A redis.conf argument in double quotes, with the escapes Redis's
 /// argument splitter (sdssplitargs) reads back byte for byte.

@@ -1,6 +1,10 @@
 //! Connecting to a server over its socket and building commands.
 
-use super::*;
+use super::settings::COMMAND_TIMEOUT;
+use ::redis::aio::MultiplexedConnection;
+use anyhow::{Context, Result};
+use redis::{AsyncConnectionConfig, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo};
+use std::path::Path;
 
 /// Whether an error means the connection itself is unusable.
 pub(super) fn broken(e: &::redis::RedisError) -> bool {

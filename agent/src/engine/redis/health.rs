@@ -1,6 +1,11 @@
 //! The health check of a running server.
 
-use super::*;
+use super::connection::broken;
+use super::info::{replication_from_info, stats_from_info, Info};
+use super::settings::COMMAND_TIMEOUT;
+use super::Redis;
+use crate::engine::Health;
+use anyhow::{bail, Context, Result};
 
 impl Redis {
     /// One health check: INFO and the running write settings.

@@ -1,7 +1,8 @@
 //! What `INFO` reports: parsing it into standbys, statistics and the
 //! replication report.
 
-use super::*;
+use crate::engine::Upstream;
+use corral_proto::pb;
 
 /// `INFO` output: its `key:value` lines, in order.
 pub(super) struct Info(pub(super) Vec<(String, String)>);

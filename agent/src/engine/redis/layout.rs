@@ -1,7 +1,13 @@
 //! The driver's construction, its files and directories, its stored
 //! secrets and upstream, and its config file.
 
-use super::*;
+use super::config::{min_replicas, render_conf, ConfInput, StoredSecrets};
+use super::settings::{BIN_DIRS, MAX_SOCKET_PATH, SERVER_BIN};
+use super::{acl, tls, Redis};
+use crate::engine::os::{mkdir_owned, write_owned, Account};
+use crate::engine::{os, Driver, EngineSpec, Upstream};
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
 
 impl Redis {
     /// A driver keeping its files under `<state_dir>/redis/`.

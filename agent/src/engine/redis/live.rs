@@ -1,7 +1,15 @@
 //! The administrative connection and the changes made to a running server:
 //! fencing minimums, TLS, users, following an upstream, converging.
 
-use super::*;
+use super::acl::AGENT_USER;
+use super::config::{acl_users, conf_min_replicas, min_replicas, StoredSecrets};
+use super::connection::{broken, cmd, connect};
+use super::info::Info;
+use super::settings::{COMMAND_TIMEOUT, REPLICATION_USER};
+use super::Redis;
+use crate::engine::{EngineSpec, Upstream};
+use ::redis::aio::MultiplexedConnection;
+use anyhow::{anyhow, bail, Context, Result};
 
 impl Redis {
     /// The cached administrative connection, opened when there is none.

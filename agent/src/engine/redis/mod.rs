@@ -92,16 +92,11 @@
 //! (and a restarted primary's replicas resync fully): correct, but a copy of
 //! the data set each time.
 
-use super::os::{
-    self, log_tail, mkdir_owned, remove_dir, remove_file, write_owned, Account, TAIL_LINES,
-};
+use super::os::{log_tail, mkdir_owned, remove_dir, remove_file, write_owned, TAIL_LINES};
 use super::{Driver, EngineSpec, Health, ProgressFn, Secrets, Upstream};
 use ::redis::aio::MultiplexedConnection;
-use ::redis::{AsyncConnectionConfig, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo};
-use anyhow::{anyhow, bail, Context, Result};
-use corral_proto::pb;
-use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use anyhow::{bail, Context, Result};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 mod acl;

@@ -1,7 +1,10 @@
 //! The driver's constants and small shared helpers: the server's binary,
 //! OS account and limits, and the size of a directory.
 
-use super::*;
+use crate::engine::os::Account;
+use anyhow::Result;
+use std::path::Path;
+use std::time::Duration;
 
 /// The server binary. Valkey and KeyDB ship `valkey-server` and
 /// `keydb-server`, which take the same configuration and commands.

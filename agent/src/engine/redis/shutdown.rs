@@ -1,7 +1,17 @@
 //! Stopping a server: quiescing it, recording where it stopped, asking it
 //! to shut down and waiting for the process.
 
-use super::*;
+use super::config::conf_min_replicas;
+use super::connection::cmd;
+use super::settings::{
+    COMMAND_TIMEOUT, FENCE_MIN_REPLICAS, STOP_CHANNEL, STOP_TIMEOUT, WAIT_REPLICAS_MS,
+};
+use super::Redis;
+use crate::engine::os::{log_tail, TAIL_LINES};
+use crate::engine::{os, Driver};
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 impl Redis {
     /// Before a stop: ends writes, records the replication offset (every

@@ -1,7 +1,9 @@
 //! The text backups read and write: pg_basebackup's output, recovery
 //! times, the archive_command and configuration stripped of recovery settings.
 
-use super::*;
+use super::RECOVERY_SETTINGS;
+use anyhow::{anyhow, Result};
+use std::path::Path;
 
 /// "pg_basebackup: write-ahead log end point: 0/2000100" -> "0/2000100".
 pub(crate) fn parse_end_point(stderr: &str) -> Option<String> {
