@@ -1,5 +1,6 @@
-//! A primary's confirmation rounds: every heartbeat interval it asks each of
-//! its replicas' agents to confirm it (mutual TLS with its node
+//! A primary's confirmation rounds: every heartbeat interval (up to every
+//! other one while the coordinator renews the lease, see [`pace`]) it asks
+//! each of its replicas' agents to confirm it (mutual TLS with its node
 //! certificate). A round in which every replica confirmed renews the lease
 //! from the moment the round began, which keeps writes going while the
 //! coordinator is unreachable (DESIGN.md: a coordinator outage must not
@@ -97,7 +98,7 @@ impl Peers {
                 Some(Err(replica)) => Some(Outcome::NotConfirmed(format!(
                     "the coordinator has not told this primary where replica {replica}'s agent is"
                 ))),
-                Some(Ok(round)) => Some(self.round(&engine, &round, interval).await),
+                Some(Ok(round)) => Some(self.round(&engine, &round).await),
             };
             if let Some(outcome) = outcome {
                 if outcome != last {
@@ -110,12 +111,16 @@ impl Peers {
                     last = outcome;
                 }
             }
-            tokio::time::sleep_until(began + interval).await;
+            tokio::time::sleep_until(began + pace(&engine, interval)).await;
         }
     }
 
-    async fn round(&self, engine: &Arc<Engine>, round: &Round, interval: Duration) -> Outcome {
+    async fn round(&self, engine: &Arc<Engine>, round: &Round) -> Outcome {
         let asked_at = BootTime::now();
+        // An answer renews the lease from `asked_at`: it is of use until the
+        // fence would go up, however slow the link (a round trip of a few
+        // hundred ms on a distant or lossy one is longer than an interval).
+        let patience = round.lease - corral_proto::lease::fence_ahead(round.lease);
         let mut calls = tokio::task::JoinSet::new();
         for (node, address) in &round.peers {
             let client = self.client(node, address, false);
@@ -127,14 +132,14 @@ impl Peers {
             };
             let node = node.clone();
             calls.spawn(async move {
-                let mut answer = ask(client, req.clone(), interval).await;
+                let mut answer = ask(client, req.clone(), patience).await;
                 // Just after a renewal, a replica may not know the new
                 // certificate yet (the coordinator names it in the replica's
                 // next heartbeat answer, which an outage may delay): it
                 // still knows the previous one.
                 if matches!(&answer, Err(f) if f.permission_denied) {
                     if let Some(previous) = fallback {
-                        answer = ask(Some(previous), req, interval).await;
+                        answer = ask(Some(previous), req, patience).await;
                     }
                 }
                 (node, answer.map_err(|f| f.message))
@@ -166,11 +171,32 @@ impl Peers {
     }
 }
 
+/// The time between two rounds: one heartbeat interval, or up to two while
+/// the coordinator renews the lease itself, as long as the next round
+/// still comes before half of the coordinator's last lease has run. The
+/// rounds then only keep the replicas' confirmations current (each holds
+/// for the lease plus the margin); should the coordinator's renewals stop,
+/// the next round is due with half a lease left to renew it before the
+/// fence. Half the rounds, on the primary's busiest path, when nothing is
+/// wrong.
+fn pace(engine: &Engine, interval: Duration) -> Duration {
+    let Some(lease) = engine.cluster_state().map(|c| c.lease()) else {
+        return interval;
+    };
+    let status = engine.lease_status();
+    if status.source != crate::lease::Source::Coordinator.as_str() {
+        return interval;
+    }
+    Duration::from_millis(u64::from(status.remaining_ms))
+        .saturating_sub(lease / 2)
+        .clamp(interval, interval * 2)
+}
+
 /// One confirmation request.
 async fn ask(
     client: Option<anyhow::Result<PeerClient<Channel>>>,
     req: pb::ConfirmPrimaryRequest,
-    interval: Duration,
+    patience: Duration,
 ) -> Result<pb::ConfirmPrimaryResponse, Failed> {
     let failed = |permission_denied, message| Failed {
         permission_denied,
@@ -179,10 +205,10 @@ async fn ask(
     match client {
         None => Err(failed(false, "no certificate".into())),
         Some(Err(e)) => Err(failed(false, format!("{e:#}"))),
-        Some(Ok(mut c)) => match tokio::time::timeout(interval, c.confirm_primary(req)).await {
+        Some(Ok(mut c)) => match tokio::time::timeout(patience, c.confirm_primary(req)).await {
             Err(_) => Err(failed(
                 false,
-                format!("no answer within {} ms", interval.as_millis()),
+                format!("no answer within {} ms", patience.as_millis()),
             )),
             Ok(Err(s)) => Err(failed(
                 s.code() == tonic::Code::PermissionDenied,

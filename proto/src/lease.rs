@@ -15,16 +15,50 @@
 //! - a replica that confirmed the primary refuses promotion for the lease
 //!   length plus the same margin after it confirmed.
 //!
-//! The defaults were chosen from measurement on a 2-core machine under
-//! `stress-ng --cpu 2` (docs/failover.md): a heartbeat every 500 ms and a
-//! 2 s lease never lapsed under load, and give writes back in under 3 s.
+//! The defaults (the `lan` profile) were chosen from measurement on a
+//! 2-core machine (docs/failover.md): a heartbeat every 250 ms and a 1 s
+//! lease never lapsed under `stress-ng --cpu 2`, nor with 100 ms ± 50 ms of
+//! delay and 1 % packet loss on every link, and give writes back in about
+//! 1.3 s. The `wan` profile is for links slower or lossier than that.
 
 use std::time::Duration;
 
-/// Default lease length.
-pub const DEFAULT_LEASE_MS: u32 = 2000;
-/// Default heartbeat period of a cluster's agents.
-pub const DEFAULT_HEARTBEAT_MS: u32 = 500;
+/// Default lease length (the `lan` profile).
+pub const DEFAULT_LEASE_MS: u32 = 1000;
+/// Default heartbeat period of a cluster's agents (the `lan` profile).
+pub const DEFAULT_HEARTBEAT_MS: u32 = 250;
+
+/// Named timings: `lan` (the defaults) and `wan`, for nodes far apart or
+/// on slow, lossy links: a lease that survives a few seconds of a stalled
+/// link, at the price of a failover about four times slower.
+pub const PROFILES: &[(&str, u32, u32)] = &[
+    ("lan", DEFAULT_LEASE_MS, DEFAULT_HEARTBEAT_MS),
+    ("wan", 4000, 1000),
+];
+
+/// The lease and heartbeat (ms) of profile `name`; the error names the
+/// profiles there are.
+pub fn profile(name: &str) -> Result<(u32, u32), String> {
+    PROFILES
+        .iter()
+        .find(|p| p.0 == name)
+        .map(|p| (p.1, p.2))
+        .ok_or_else(|| {
+            let names: Vec<&str> = PROFILES.iter().map(|p| p.0).collect();
+            format!(
+                "unknown profile {name:?}: use {} (or set lease=DURATION heartbeat=DURATION)",
+                names.join(" or ")
+            )
+        })
+}
+
+/// The profile a cluster's timing is, or "custom".
+pub fn profile_of(lease_ms: u32, heartbeat_ms: u32) -> &'static str {
+    PROFILES
+        .iter()
+        .find(|p| (p.1, p.2) == (lease_ms, heartbeat_ms))
+        .map_or("custom", |p| p.0)
+}
 
 /// Bounds an operator may set.
 pub const MIN_LEASE_MS: u32 = 1000;
@@ -84,6 +118,14 @@ mod tests {
         assert!(validate(2000, 1000)
             .unwrap_err()
             .contains("at least 3 heartbeats"));
+        for (name, lease, heartbeat) in PROFILES {
+            validate(*lease, *heartbeat).unwrap();
+            assert_eq!(profile(name), Ok((*lease, *heartbeat)));
+            assert_eq!(profile_of(*lease, *heartbeat), *name);
+        }
+        assert_eq!(profile("lan"), Ok((DEFAULT_LEASE_MS, DEFAULT_HEARTBEAT_MS)));
+        assert!(profile("fast").unwrap_err().contains("use lan or wan"));
+        assert_eq!(profile_of(3000, 500), "custom");
         assert_eq!(margin(Duration::from_secs(2)), Duration::from_millis(500));
         assert_eq!(
             fence_ahead(Duration::from_secs(2)),

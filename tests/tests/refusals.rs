@@ -381,7 +381,20 @@ fn lifecycle_refusals(engine: &str) {
     refused(
         &lab,
         &["cluster", "set", "c1", "heartbeat=1s"],
-        &["a lease of 2000 ms must span at least 3 heartbeats of 1000 ms"],
+        &["a lease of 1000 ms must span at least 3 heartbeats of 1000 ms"],
+    );
+    refused(
+        &lab,
+        &["cluster", "set", "c1", "profile=fast"],
+        &[
+            "unknown profile \"fast\": use lan or wan",
+            "nothing was changed",
+        ],
+    );
+    refused(
+        &lab,
+        &["cluster", "set", "c1", "profile=wan", "lease=2s"],
+        &["give either the profile or lease=DURATION heartbeat=DURATION, not both"],
     );
     refused(
         &lab,

@@ -44,8 +44,9 @@ pub(super) enum ClusterCmd {
         name: String,
     },
     /// Change settings: sync=on|off, termination-protection=on|off,
-    /// auto-failover=on|off, lease=DURATION (e.g. 2s), heartbeat=DURATION
-    /// (e.g. 500ms).
+    /// auto-failover=on|off, profile=lan|wan (failover timing: lan, the
+    /// default, is a 1s lease and a 250ms heartbeat; wan 4s and 1s), or
+    /// lease=DURATION (e.g. 1s) and heartbeat=DURATION (e.g. 250ms).
     Set {
         name: String,
         #[arg(required = true, value_parser = parse_setting)]
@@ -89,10 +90,12 @@ pub(super) enum ClusterCmd {
 }
 
 /// The value of a `cluster set` setting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Setting {
     Flag(bool),
     Millis(u32),
+    /// A profile's name, checked by the coordinator.
+    Name(String),
 }
 
 pub(super) fn parse_setting(s: &str) -> Result<(String, Setting), String> {
@@ -106,10 +109,11 @@ pub(super) fn parse_setting(s: &str) -> Result<(String, Setting), String> {
             _ => return Err(format!("invalid value {v:?} for {k}: use on or off")),
         }),
         "lease" | "heartbeat" => Setting::Millis(parse_millis(v).map_err(|e| format!("{k}: {e}"))?),
+        "profile" => Setting::Name(v.to_string()),
         _ => {
             return Err(format!(
                 "unknown setting {k:?}: settable are sync, termination-protection, auto-failover, \
-                 lease and heartbeat"
+                 profile, lease and heartbeat"
             ))
         }
     };
@@ -133,12 +137,14 @@ pub(super) fn parse_millis(s: &str) -> Result<u32, String> {
 /// A cluster's settings as `cluster set` takes them.
 pub(super) fn settings_line(c: &pb::Cluster) -> String {
     format!(
-        "sync={} termination-protection={} auto-failover={} lease={}ms heartbeat={}ms",
+        "sync={} termination-protection={} auto-failover={} lease={}ms heartbeat={}ms \
+         (profile {})",
         on_off(c.sync),
         on_off(c.termination_protection),
         on_off(c.auto_failover),
         c.lease_ms,
-        c.heartbeat_interval_ms
+        c.heartbeat_interval_ms,
+        c.profile
     )
 }
 
@@ -300,7 +306,7 @@ pub(super) async fn set(
             .iter()
             .rev()
             .find(|(key, _)| key == k)
-            .map(|(_, v)| *v)
+            .map(|(_, v)| v.clone())
     };
     let flag = |k: &str| match get(k) {
         Some(Setting::Flag(v)) => Some(v),
@@ -318,6 +324,10 @@ pub(super) async fn set(
             auto_failover: flag("auto-failover"),
             lease_ms: millis("lease"),
             heartbeat_interval_ms: millis("heartbeat"),
+            profile: match get("profile") {
+                Some(Setting::Name(v)) => Some(v),
+                _ => None,
+            },
         })
         .await?
         .into_inner();

@@ -55,6 +55,19 @@ pub fn decide(view: &ClusterView, now: Instant) -> Decision {
     promote_unless_lagging(view, c)
 }
 
+/// The next moment `decide` may answer differently without anything new
+/// being heard: the end (plus the margin) of the primary's lease or of
+/// another node's, or of a replica's confirmation. The monitor judges the
+/// cluster again then, not only at its next pass, so a failover starts the
+/// moment the lease has provably ended.
+pub fn next_change(view: &ClusterView, now: Instant) -> Option<Instant> {
+    let leases = std::iter::once(&view.primary)
+        .chain(&view.replicas)
+        .map(|n| n.lease_until + view.margin);
+    let confirmations = view.replicas.iter().filter_map(|r| confirmation(view, r));
+    leases.chain(confirmations).filter(|t| *t > now).min()
+}
+
 /// Until when replica `r` confirms the primary of record, if it does.
 fn confirmation(view: &ClusterView, r: &NodeView) -> Option<Instant> {
     match &r.confirms {

@@ -30,7 +30,7 @@
 mod decide;
 pub mod monitor;
 
-pub use decide::decide;
+pub use decide::{decide, next_change};
 use std::fmt;
 use std::time::{Duration, Instant};
 

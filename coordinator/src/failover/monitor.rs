@@ -100,7 +100,8 @@ const REJOIN_RETRY: Duration = Duration::from_secs(30);
 /// this often (writes are down meanwhile: retry soon, but not in a loop).
 const REPROMOTE_RETRY: Duration = Duration::from_secs(5);
 
-/// The failover monitor: every 100 ms, judges each replicated cluster with
+/// The failover monitor: every 100 ms, and at the moment a lease (plus the
+/// margin) or a confirmation ends, judges each replicated cluster with
 /// [`failover::decide`] and acts on the outcome: a failover operation, an
 /// alarm event when the primary is lost and nothing may (or, with
 /// auto-failover off, will) be promoted, and a rejoin operation for a
@@ -108,14 +109,13 @@ const REPROMOTE_RETRY: Duration = Duration::from_secs(5);
 /// Each change of judgement is logged once.
 pub async fn run_failover(coord: Arc<Coordinator>) {
     let mut memory = Memory::default();
-    let mut tick = tokio::time::interval(FAILOVER_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        let mut next = tokio::time::Instant::now() + FAILOVER_EVERY;
         let clusters = match coord.store.read(store::list_clusters) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %format!("{e:#}"), "failover monitor: listing clusters");
+                tokio::time::sleep_until(next).await;
                 continue;
             }
         };
@@ -123,10 +123,16 @@ pub async fn run_failover(coord: Arc<Coordinator>) {
             .iter()
             .filter(|c| c.mode == "primary-replica" && c.state == "running")
         {
-            if let Err(e) = judge(&coord, c, &mut memory) {
-                tracing::error!(cluster = %c.name, error = %format!("{e:#}"), "failover monitor");
+            match judge(&coord, c, &mut memory) {
+                // Just after the moment, so the lease has ended by then.
+                Ok(Some(due)) => next = next.min((due + Duration::from_millis(1)).into()),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(cluster = %c.name, error = %format!("{e:#}"), "failover monitor")
+                }
             }
         }
+        tokio::time::sleep_until(next).await;
     }
 }
 
@@ -145,11 +151,13 @@ struct Memory {
     repromotions: HashMap<String, Instant>,
 }
 
+/// Judges `c` and acts; answers when the judgement may next change by
+/// itself ([`failover::next_change`]).
 fn judge(
     coord: &Arc<Coordinator>,
     c: &store::ClusterRow,
     memory: &mut Memory,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<Instant>> {
     let Memory {
         last,
         unreachable,
@@ -168,9 +176,10 @@ fn judge(
         .filter(|o| o.kind != ops::REJOIN)
         .map(|o| o.kind.clone());
     let Some(view) = view_of(coord, c, &nodes, holding, now) else {
-        return Ok(());
+        return Ok(None);
     };
     let decision = failover::decide(&view, now);
+    let due = failover::next_change(&view, now);
     coord.judgements.set(&c.name, decision.to_string());
     let kind = decision.kind();
     if last.get(&c.name) != Some(&kind) {
@@ -221,7 +230,7 @@ fn judge(
             )
         })?;
     }
-    match decision {
+    let acted = match decision {
         Decision::Failover {
             old,
             candidate,
@@ -237,13 +246,14 @@ fn judge(
                 .get(&c.name)
                 .is_some_and(|t| t.elapsed() < REPROMOTE_RETRY)
             {
-                return Ok(());
+                return Ok(due);
             }
             repromotions.insert(c.name.clone(), now);
             start_repromotion(coord, c, &primary)
         }
         _ => Ok(()),
-    }
+    };
+    acted.map(|()| due)
 }
 
 /// Starts promoting `primary`, the primary of record running as a standby,

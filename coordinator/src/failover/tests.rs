@@ -390,3 +390,22 @@ fn sentences_say_what_happens() {
         .to_string()
         .contains("its replicas (vm2, vm3) confirm it"));
 }
+
+#[test]
+fn the_next_change_is_the_earliest_lease_or_confirmation_end_still_ahead() {
+    let t0 = Instant::now();
+    // The primary's lease ends at t0 + 1000 + LEASE; the replicas' own
+    // (former) leases at t0, so with the margin at t0 + MARGIN.
+    let mut v = view(t0, 1000);
+    let primary_end = t0 + ms(1000) + LEASE + MARGIN;
+    assert_eq!(next_change(&v, t0 + ms(100)), Some(t0 + MARGIN));
+    let now = t0 + MARGIN + ms(100);
+    assert_eq!(next_change(&v, now), Some(primary_end));
+    v.replicas[0].confirms = Some(("vm1".into(), t0 + ms(2000)));
+    assert_eq!(next_change(&v, now), Some(t0 + ms(2000)));
+    // A confirmation of another primary is not one of this primary.
+    v.replicas[0].confirms = Some(("vm9".into(), t0 + ms(2000)));
+    assert_eq!(next_change(&v, now), Some(primary_end));
+    // Everything over: nothing to wait for.
+    assert_eq!(next_change(&v, primary_end), None);
+}

@@ -74,15 +74,20 @@ impl Service {
         if let Some(v) = r.heartbeat_interval_ms {
             changes.push(format!("heartbeat={v}ms"));
         }
+        if let Some(v) = &r.profile {
+            changes.push(format!("profile={v}"));
+        }
         let target = format!("cluster {} {}", r.name, changes.join(" "));
         let who = self.authorize_audited(caller, Role::Operator, "cluster.set", &target)?;
         let outcome = self.audited(&who, "cluster.set", &target, || {
             if changes.is_empty() {
                 return Err(Error::invalid_argument(
                     "nothing to set: give sync=on|off, termination-protection=on|off, \
-                     auto-failover=on|off, lease=DURATION and/or heartbeat=DURATION",
+                     auto-failover=on|off, profile=lan|wan, lease=DURATION and/or \
+                     heartbeat=DURATION",
                 ));
             }
+            let timing = timing_of(&r)?;
             let current = self.get_cluster_row(&r.name)?;
             // Settings the store holds and agents pick up from their next
             // heartbeat's answer: no operation needed.
@@ -93,8 +98,8 @@ impl Service {
                 if let Some(v) = r.auto_failover {
                     row.auto_failover = v;
                 }
-                let lease = r.lease_ms.unwrap_or(row.lease_ms);
-                let heartbeat = r.heartbeat_interval_ms.unwrap_or(row.heartbeat_ms);
+                let lease = timing.0.unwrap_or(row.lease_ms);
+                let heartbeat = timing.1.unwrap_or(row.heartbeat_ms);
                 corral_proto::lease::validate(lease, heartbeat)
                     .map_err(|e| Error::invalid_argument(format!("{e}; nothing was changed")))?;
                 row.set_lease(lease, now_ms());
@@ -389,4 +394,21 @@ fn validate_create(req: &pb::CreateClusterRequest) -> Result<&str, Error> {
         ));
     }
     Ok(mode)
+}
+
+/// The lease and heartbeat a `cluster set` asks for: a profile's, or those
+/// given one by one (each None when left as it is).
+fn timing_of(r: &pb::SetClusterRequest) -> Result<(Option<u32>, Option<u32>), Error> {
+    let Some(name) = &r.profile else {
+        return Ok((r.lease_ms, r.heartbeat_interval_ms));
+    };
+    if r.lease_ms.is_some() || r.heartbeat_interval_ms.is_some() {
+        return Err(Error::invalid_argument(format!(
+            "profile={name} sets the lease and the heartbeat: give either the profile or \
+             lease=DURATION heartbeat=DURATION, not both; nothing was changed"
+        )));
+    }
+    let (lease, heartbeat) = corral_proto::lease::profile(name)
+        .map_err(|e| Error::invalid_argument(format!("{e}; nothing was changed")))?;
+    Ok((Some(lease), Some(heartbeat)))
 }

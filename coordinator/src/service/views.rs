@@ -91,6 +91,7 @@ impl Service {
             auto_failover: row.auto_failover,
             lease_ms: row.lease_ms,
             heartbeat_interval_ms: row.heartbeat_ms,
+            profile: corral_proto::lease::profile_of(row.lease_ms, row.heartbeat_ms).into(),
             failover_status: self.0.judgements.get(&row.name).unwrap_or_default(),
         })
     }
