@@ -1,8 +1,10 @@
 //! The periodic report to the coordinator, and its answer.
 //!
-//! Every interval: a metrics sample, the engine's status from a fresh health
-//! check (so a replica's position is current when the coordinator weighs a
-//! failover), and every event not yet acknowledged. The answer carries the
+//! Every interval: the engine's status from a fresh health check (so a
+//! replica's position is current when the coordinator weighs a failover),
+//! every event not yet acknowledged, and once a second a metrics sample
+//! (the history's resolution: heartbeats come faster than the figures are
+//! worth reading, and sampling costs more than the rest of a heartbeat). The answer carries the
 //! node's assignment: the cluster's term and timing, the primary's lease and
 //! the addresses of its replicas ([`crate::engine::Engine::on_assignment`]).
 //!
@@ -39,6 +41,9 @@ pub struct Heartbeat {
 
 /// Longest wait for the health check that precedes a heartbeat.
 const REFRESH_TIMEOUT: Duration = Duration::from_millis(200);
+/// How often a heartbeat carries a metrics sample (a slower heartbeat
+/// carries one each time).
+const METRICS_EVERY: Duration = Duration::from_secs(1);
 
 impl Heartbeat {
     fn interval(&self) -> Duration {
@@ -52,6 +57,7 @@ impl Heartbeat {
     pub async fn run(mut self) {
         let failing_since: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
         let mut next = tokio::time::Instant::now();
+        let mut sampled: Option<Instant> = None;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(next) => {}
@@ -61,12 +67,19 @@ impl Heartbeat {
             next = tokio::time::Instant::now() + interval;
             let asked_at = BootTime::now();
             let _ = tokio::time::timeout(REFRESH_TIMEOUT, self.engine.refresh()).await;
-            let sample = self.sampler.sample();
-            self.telemetry.sampled(sample);
+            // Due a little early, so a 250 ms heartbeat samples every 4th
+            // time and not every 5th.
+            let due = sampled.is_none_or(|t| t.elapsed() + interval / 2 >= METRICS_EVERY);
+            let sample = due.then(|| {
+                sampled = Some(Instant::now());
+                let sample = self.sampler.sample();
+                self.telemetry.sampled(sample);
+                sample
+            });
             let request = pb::HeartbeatRequest {
                 agent_address: self.address.clone(),
                 interval_ms: interval.as_millis() as u32,
-                metrics: Some(sample),
+                metrics: sample,
                 engine: Some(self.engine.status()),
                 events: self.events.pending(),
                 agent_version: env!("CARGO_PKG_VERSION").to_string(),

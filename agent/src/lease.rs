@@ -147,33 +147,71 @@ fn path(state_dir: &Path) -> PathBuf {
     state_dir.join("lease.json")
 }
 
-/// This boot's id (a new one at every boot of the machine).
+/// This boot's id (a new one at every boot of the machine), read once.
 pub fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    })
+    .clone()
 }
 
-/// Saves `lease` for an agent restarted within this boot. No fsync: the
-/// file only matters within this boot (after a crash of the machine it is
-/// ignored), and a write that waited for the disk could delay the fence.
-/// A temporary file of its own per write, renamed into place, so
-/// concurrent saves never mix.
+/// The size `lease.json` is written in: a record padded with spaces to it
+/// (JSON ignores them), so a shorter record always covers a longer one.
+const RECORD: usize = 1024;
+
+/// Saves `lease` for an agent restarted within this boot. It happens at
+/// every renewal (several times a second), so it costs one system call:
+/// the record is written in place over the previous one with a single
+/// `pwrite` of a fixed size, into a file kept open. No temporary file and
+/// no rename (which ext4 follows with a flush of the file's data), and no
+/// fsync: the file only matters within this boot (after a crash of the
+/// machine it is ignored), and a write that waited for the disk could
+/// delay the fence. A process cannot die halfway through one write, and
+/// the next agent reads the file only once this one is gone, so it never
+/// sees half a record; saves are serialised, so two never mix.
 pub fn save(state_dir: &Path, lease: &Lease) -> anyhow::Result<()> {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
+    use std::os::unix::fs::FileExt;
+    static OPEN: std::sync::Mutex<Vec<(PathBuf, std::fs::File)>> =
+        std::sync::Mutex::new(Vec::new());
     let p = Persisted {
         boot_id: boot_id(),
         lease: lease.clone(),
     };
-    let tmp = state_dir.join(format!(
-        "lease.json.{}.tmp",
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::write(&tmp, serde_json::to_string(&p)?)
-        .map_err(|e| anyhow::anyhow!("writing {}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path(state_dir))
-        .map_err(|e| anyhow::anyhow!("renaming {} into place: {e}", tmp.display()))
+    let mut record = serde_json::to_string(&p)?.into_bytes();
+    record.resize(record.len().next_multiple_of(RECORD), b' ');
+    let path = path(state_dir);
+    let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+    // A file deleted under us (its directory erased) is opened anew.
+    open.retain(|(p, f)| {
+        use std::os::unix::fs::MetadataExt;
+        *p != path || f.metadata().is_ok_and(|m| m.nlink() > 0)
+    });
+    let fresh = !open.iter().any(|(p, _)| *p == path);
+    if fresh {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| anyhow::anyhow!("opening {}: {e}", path.display()))?;
+        open.push((path.clone(), file));
+    }
+    let file = open
+        .iter()
+        .find(|(p, _)| *p == path)
+        .map(|(_, f)| f)
+        .ok_or_else(|| anyhow::anyhow!("{} is not open", path.display()))?;
+    file.write_all_at(&record, 0)
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+    if fresh {
+        // Whatever an earlier agent left beyond this record goes.
+        file.set_len(record.len() as u64)
+            .map_err(|e| anyhow::anyhow!("sizing {}: {e}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// The lease saved by an earlier agent of this boot, if any.
@@ -297,6 +335,12 @@ mod tests {
         assert_eq!(load(dir.path()), Lease::default());
         let mut l = Lease::default();
         l.grant(BootTime::now(), S2, Source::Coordinator);
+        save(dir.path(), &l).unwrap();
+        assert_eq!(load(dir.path()), l);
+        // A later, shorter record replaces it whole.
+        let shorter = Lease::default();
+        save(dir.path(), &shorter).unwrap();
+        assert_eq!(load(dir.path()), shorter);
         save(dir.path(), &l).unwrap();
         assert_eq!(load(dir.path()), l);
         // From another boot: ignored.

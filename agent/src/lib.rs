@@ -10,7 +10,8 @@
 //! - [`renew`]: renewal of the node certificate before it expires.
 //! - [`members`]: the members of the node's cluster the coordinator named,
 //!   the only callers the peer API accepts.
-//! - [`metrics`]: CPU, memory, disk, network and load samples (sysinfo).
+//! - [`metrics`]: CPU, memory, disk, network and load samples (sysinfo,
+//!   /proc/net/dev).
 //! - [`events`]: events waiting to be acknowledged by the coordinator.
 //! - [`heartbeat`]: the periodic report to the coordinator.
 //! - [`engine`]: the engine spec, the supervisor and the engine drivers

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
 use std::time::Instant;
-use sysinfo::{Networks, System};
+use sysinfo::System;
 
 /// What the agent's `/metrics` shows besides the engine's status: the last
 /// sample sent with a heartbeat, and how heartbeats fare.
@@ -29,7 +29,9 @@ impl Telemetry {
 /// Keeps what rates need between samples: CPU times and network counters.
 pub struct Sampler {
     system: System,
-    networks: Option<Networks>,
+    /// Bytes received and sent on every interface but `lo` at the last
+    /// sample (None where /proc/net/dev cannot be read).
+    network: Option<(u64, u64)>,
     last: Instant,
     /// The filesystem reported as "disk" is the one holding this directory.
     data_dir: PathBuf,
@@ -41,7 +43,7 @@ impl Sampler {
             System::new().map_err(|e| anyhow::anyhow!("reading system information: {e}"))?;
         system.refresh_cpu_usage();
         system.refresh_memory();
-        let networks = match Networks::new_with_refreshed_list() {
+        let network = match network_totals() {
             Ok(n) => Some(n),
             Err(e) => {
                 tracing::warn!("network counters unavailable: {e}");
@@ -50,7 +52,7 @@ impl Sampler {
         };
         Ok(Sampler {
             system,
-            networks,
+            network,
             last: Instant::now(),
             data_dir,
         })
@@ -63,14 +65,11 @@ impl Sampler {
         let elapsed = self.last.elapsed().as_secs_f64().max(0.001);
         self.last = Instant::now();
         let (mut rx, mut tx) = (0u64, 0u64);
-        if let Some(networks) = &mut self.networks {
-            networks.refresh(true);
-            for (name, data) in networks.iter() {
-                if name != "lo" {
-                    rx += data.received();
-                    tx += data.transmitted();
-                }
-            }
+        if let (Some(last), Ok(now)) = (self.network, network_totals()) {
+            // A counter that went back (an interface gone) counts as 0.
+            rx = now.0.saturating_sub(last.0);
+            tx = now.1.saturating_sub(last.1);
+            self.network = Some(now);
         }
         let (disk_used, disk_total) = disk_usage(&self.data_dir);
         let load = System::load_average().unwrap_or_default();
@@ -87,6 +86,33 @@ impl Sampler {
             load15: load.fifteen,
         }
     }
+}
+
+/// Bytes received and sent so far on every interface but `lo`, from one
+/// read of /proc/net/dev (sysinfo reads two files per interface for the
+/// same figures, a cost at every sample).
+fn network_totals() -> std::io::Result<(u64, u64)> {
+    Ok(parse_net_dev(&std::fs::read_to_string("/proc/net/dev")?))
+}
+
+/// /proc/net/dev: two header lines, then `name: rx_bytes rx_packets ...
+/// (8 receive fields) tx_bytes ...`.
+fn parse_net_dev(text: &str) -> (u64, u64) {
+    text.lines()
+        .skip(2)
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(name, _)| name.trim() != "lo")
+        .map(|(_, fields)| {
+            let f: Vec<u64> = fields
+                .split_whitespace()
+                .map(|v| v.parse().unwrap_or(0))
+                .collect();
+            (
+                f.first().copied().unwrap_or(0),
+                f.get(8).copied().unwrap_or(0),
+            )
+        })
+        .fold((0, 0), |(rx, tx), (r, t)| (rx + r, tx + t))
 }
 
 /// Used and total bytes of the filesystem holding `dir` (or its nearest
@@ -127,5 +153,16 @@ mod tests {
         );
         assert!((0.0..=100.0).contains(&m.cpu_percent), "{m:?}");
         assert!(m.load1 >= 0.0);
+    }
+
+    #[test]
+    fn network_totals_leave_out_the_loopback() {
+        let text = "Inter-|   Receive                            |  Transmit\n \
+             face |bytes    packets errs drop fifo frame compressed multicast|bytes ...\n    \
+             lo:  999 9 0 0 0 0 0 0  999 9 0 0 0 0 0 0\n  \
+             eth0: 1000 10 0 0 0 0 0 0 2000 20 0 0 0 0 0 0\n  \
+             eth1: 5 1 0 0 0 0 0 0 7 1 0 0 0 0 0 0\n";
+        assert_eq!(parse_net_dev(text), (1005, 2007));
+        assert!(network_totals().is_ok());
     }
 }

@@ -239,6 +239,11 @@ impl Fleet {
         self.lock().get(node).cloned()
     }
 
+    /// A node's last metrics sample, without copying the rest.
+    pub fn metrics_of(&self, node: &str) -> Option<pb::Metrics> {
+        self.lock().get(node).map(|l| l.metrics)
+    }
+
     /// A node's agent address and the address its heartbeats come from,
     /// without copying the rest of what it reported (every heartbeat asks
     /// this of every member of its cluster).

@@ -93,6 +93,8 @@ pub struct Engine {
     health_port: Option<u16>,
     /// When the last successful health check ran.
     last_check: Mutex<Option<Instant>>,
+    /// The lease as `lease.json` last got it, and when.
+    lease_saved: Mutex<Option<(Instant, crate::lease::Lease)>>,
     /// The allowlist version the firewall holds.
     allowlist_applied: std::sync::atomic::AtomicU64,
     /// The coordinator's addresses: always allowed to reach the engine.
@@ -148,6 +150,7 @@ impl Engine {
             health_port,
             fenced_now: std::sync::atomic::AtomicBool::new(false),
             last_check: Mutex::new(None),
+            lease_saved: Mutex::new(None),
             allowlist_applied: std::sync::atomic::AtomicU64::new(0),
             coordinator_ips: Mutex::new(Vec::new()),
             allow_parsed: Mutex::new(Default::default()),

@@ -50,7 +50,7 @@ impl Engine {
     }
 
     /// The lease part of the status, as of now.
-    pub(super) fn lease_status(&self) -> pb::LeaseStatus {
+    pub(crate) fn lease_status(&self) -> pb::LeaseStatus {
         let now = BootTime::now();
         let l = self.lock_lease();
         let (confirmed_primary, confirmation_remaining_ms) = l
@@ -117,10 +117,33 @@ impl Engine {
     }
 
     /// Records the lease as it is now (for an agent restarted in this boot).
+    /// A renewal that only extends the lease saved less than a quarter of a
+    /// lease ago is not written: the file then holds an earlier end, which
+    /// a restarted agent takes for the end (it fences sooner, never later).
     fn save_lease(&self) {
         let l = self.lock_lease().clone();
-        if let Err(e) = lease::save(&self.state_dir, &l) {
-            tracing::warn!("saving lease.json: {e:#}");
+        let quarter = self
+            .stored()
+            .map_or(Duration::ZERO, |s| s.cluster.lease() / 4);
+        let mut saved = self.lease_saved.lock().unwrap_or_else(|p| p.into_inner());
+        let extends = saved.as_ref().is_some_and(|(at, s)| {
+            at.elapsed() < quarter
+                && s.source == l.source
+                && s.until <= l.until
+                // A confirmation of the same primary, extended: a restarted
+                // replica assumes a fresh one anyway.
+                && match (&s.confirmed, &l.confirmed) {
+                    (None, None) => true,
+                    (Some((p, a)), Some((q, b))) => p == q && a <= b,
+                    _ => false,
+                }
+        });
+        if extends {
+            return;
+        }
+        match lease::save(&self.state_dir, &l) {
+            Ok(()) => *saved = Some((Instant::now(), l)),
+            Err(e) => tracing::warn!("saving lease.json: {e:#}"),
         }
     }
 

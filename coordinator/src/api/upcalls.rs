@@ -217,10 +217,17 @@ fn heartbeat(
         .map_err(|e| Status::internal(format!("reading the node's assignment: {e:#}")))?;
     let acked = record_events(coord, &node, &hb.events);
     let at_ms = now_ms();
-    let metrics = hb.metrics.unwrap_or_default();
-    coord
-        .history
-        .record(&node, crate::history::Sample::of(at_ms, &metrics, &engine));
+    // A sample comes about once a second: the history takes each one, the
+    // live view keeps the last until the next.
+    let metrics = match hb.metrics {
+        Some(m) => {
+            coord
+                .history
+                .record(&node, crate::history::Sample::of(at_ms, &m, &engine));
+            m
+        }
+        None => coord.fleet.metrics_of(&node).unwrap_or_default(),
+    };
     coord.fleet.record(
         &node,
         Live {

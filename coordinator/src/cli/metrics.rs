@@ -12,13 +12,13 @@ pub fn render_metrics(m: &pb::NodeMetrics, width: usize) -> String {
     let Some((first, last)) = m.points.first().zip(m.points.last()) else {
         let _ = writeln!(
             out,
-            "no figures recorded for node {} in this window (nodes report with every heartbeat)",
+            "no figures recorded for node {} in this window (nodes report every second)",
             m.node
         );
         return out;
     };
     let res = if m.resolution_ms == 0 {
-        "every heartbeat".to_string()
+        "every second".to_string()
     } else {
         format!("{}-minute averages", m.resolution_ms / 60_000)
     };

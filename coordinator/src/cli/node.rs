@@ -57,7 +57,7 @@ pub(super) enum NodeCmd {
         no_wait: bool,
     },
     /// A node's CPU, memory, disk, network and engine figures over time:
-    /// every heartbeat for the last hour, 5-minute buckets up to 7 days.
+    /// one sample a second for the last hour, 5-minute buckets up to 7 days.
     Metrics {
         cluster: String,
         node: String,
