@@ -13,6 +13,7 @@ PACKAGES=(
     redis-server redis-tools        # the Redis engine
     haproxy                         # failover tests route clients through it
     stress-ng                       # failover tests under CPU load
+    iptables                        # slow-link tests queue packets to the test (NFQUEUE)
     prometheus-alertmanager         # alert tests deliver to a real Alertmanager
     python3-aiosmtpd                # alert tests deliver email to a real SMTP server
     python3-prometheus-client       # tests parse /metrics with an independent parser

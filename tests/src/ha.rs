@@ -207,3 +207,71 @@ pub fn missing_on(lab: &Lab, creds: &Value, i: usize, acked: &[i64]) -> Result<V
         .copied()
         .collect())
 }
+
+/// What [`hold_steady`] saw.
+pub struct Steady {
+    pub writes: usize,
+    /// The writer's longest pause between two acknowledged writes.
+    pub longest_pause: Duration,
+}
+
+/// Keeps `cluster` (primary vm1, replicas vm2 and vm3, the default timing)
+/// under a writer for `secs` while `condition` (a load, slow links) lasts,
+/// checking every 10 s that the term has not moved; then asserts no
+/// failover, no fence and no lease revocation happened, vm1 is still the
+/// primary, and nothing acknowledged is missing from it. `what` names the
+/// condition in messages.
+pub fn hold_steady(lab: &Lab, creds: &Value, cluster: &str, secs: u64, what: &str) -> Steady {
+    let c = lab.ctl_json(&["cluster", "show", cluster]).unwrap();
+    assert_eq!(c["profile"], "lan", "not the default timing: {c}");
+    let writer = writer(lab, creds);
+    wait_acks(&writer, 20, Duration::from_secs(30)).unwrap();
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let began = std::time::Instant::now();
+    writer.take_longest_gap();
+    while began.elapsed() < Duration::from_secs(secs) {
+        std::thread::sleep(Duration::from_secs(10));
+        let c = lab.ctl_json(&["cluster", "show", cluster]).unwrap();
+        assert_eq!(
+            c["term"],
+            1,
+            "a failover with {what} after {:?}: {c}",
+            began.elapsed()
+        );
+    }
+    let longest_pause = writer.take_longest_gap();
+    let report = writer.finish();
+    let fences: Vec<_> = events(lab, cluster)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.2 > started && matches!(e.0.as_str(), "fenced" | "lease_revoked"))
+        .collect();
+    eprintln!(
+        "{secs} s of {what}: {} writes acknowledged, the writer's longest pause {} ms, {} fences, \
+         {} failovers",
+        report.acked.len(),
+        longest_pause.as_millis(),
+        fences.len(),
+        operations(lab, cluster, "failover").unwrap().len()
+    );
+    assert!(operations(lab, cluster, "failover").unwrap().is_empty());
+    assert!(
+        fences.is_empty(),
+        "the primary lost its lease with {what}: {fences:?}"
+    );
+    assert_eq!(
+        wait_settled(lab, cluster, 3, Duration::from_secs(60)).unwrap(),
+        "vm1"
+    );
+    let missing = missing_on(lab, creds, 1, &report.acked).unwrap();
+    assert!(
+        missing.is_empty(),
+        "acknowledged writes missing: {missing:?}"
+    );
+    Steady {
+        writes: report.acked.len(),
+        longest_pause,
+    }
+}

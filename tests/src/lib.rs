@@ -31,6 +31,7 @@
 //! - [`checker`]: a split-brain detector writing to every node at once;
 //! - [`writer`]: a client writing through the multi-host connection string;
 //! - [`stress`]: CPU load with stress-ng;
+//! - [`slowlinks`]: delay and loss on members' links ([`Lab::slow_links`]);
 //! - [`alerting`]: Alertmanager, a webhook receiver, a hung endpoint and an
 //!   OpenMetrics parser, for the alert tests.
 
@@ -42,6 +43,7 @@ pub mod ha;
 pub mod haproxy;
 pub mod procstat;
 pub mod s3;
+pub mod slowlinks;
 pub mod stress;
 pub mod writer;
 

@@ -258,7 +258,7 @@ fn alerts_reach_alertmanager_and_webhooks_and_metrics_parse() {
         "{mail}"
     );
     assert_eq!(mail["rcpt_tos"][0], "oncall@example.net");
-    // The history: every heartbeat of the last minutes, the disk's climb
+    // The history: a sample a second over the last minutes, the disk's climb
     // included; kept across a restart of the coordinator, which neither
     // forgets the firing alert nor fires it again.
     let before = lab

@@ -5,7 +5,7 @@
 //! settling. At the end: no acknowledged write lost, never two writable
 //! primaries, every node streaming.
 //!
-//! `CORRAL_CHAOS_FAULTS` (default 20) sets the number of faults and
+//! `CORRAL_CHAOS_FAULTS` (default 50) sets the number of faults and
 //! `CORRAL_CHAOS_SEED` replays a run (the seed is printed).
 
 use corral_tests::checker::CheckReport;
@@ -32,8 +32,8 @@ impl Rng {
 const SETTLE: Duration = Duration::from_secs(90);
 
 #[test]
-fn twenty_random_faults_lose_no_acknowledged_write() {
-    let faults: usize = corral_tests::env_num("CORRAL_CHAOS_FAULTS", 20);
+fn fifty_random_faults_lose_no_acknowledged_write() {
+    let faults: usize = corral_tests::env_num("CORRAL_CHAOS_FAULTS", 50);
     let seed: u64 = std::env::var("CORRAL_CHAOS_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
