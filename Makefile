@@ -13,7 +13,7 @@ help:
 	@echo "make demo       install what is missing, build, start a coordinator and 3 namespace VMs with a PostgreSQL cluster"
 	@echo "make demo-stop  remove the demo"
 	@echo "make test       install what is missing, fmt --check, clippy -D warnings, every test"
-	@echo "make bench      agent footprint, switchover, bootstrap, failover (PostgreSQL, MariaDB, Redis), allowlist, fleet (1,000 simulated nodes), backup throughput and enrollment-flood benchmarks (release build)"
+	@echo "make bench      agent footprint, switchover, bootstrap, failover (PostgreSQL, MariaDB, Redis; lan and wan profiles), no false failover (5 min busy, 5 min slow links), allowlist, fleet (1,000 simulated nodes), backup throughput and enrollment-flood benchmarks (release build)"
 	@echo "make sweep      remove namespaces left by killed test runs"
 	@echo "make package    Debian packages (cargo-deb)"
 
@@ -49,8 +49,13 @@ bench: deps
 	CORRAL_BIN_DIR=$(RELEASE_BIN) $(CARGO) bench -p corral-tests --bench backup
 	CORRAL_BIN_DIR=$(RELEASE_BIN) CORRAL_FLOOD_COUNT=10000 $(CARGO) bench -p corral-tests --bench enroll_flood
 	CORRAL_BIN_DIR=$(RELEASE_BIN) CORRAL_BENCH_ENGINE=mariadb CORRAL_BENCH_SYNC=1 $(CARGO) bench -p corral-tests --bench switchover
-	CORRAL_BIN_DIR=$(RELEASE_BIN) CORRAL_BENCH_ENGINE=mariadb CORRAL_BENCH_SYNC=1 CORRAL_BENCH_FAILOVERS=10 $(CARGO) bench -p corral-tests --bench failover
-	CORRAL_BIN_DIR=$(RELEASE_BIN) CORRAL_BENCH_ENGINE=redis CORRAL_BENCH_FAILOVERS=10 $(CARGO) bench -p corral-tests --bench failover
+	CORRAL_BIN_DIR=$(RELEASE_BIN) CORRAL_BENCH_SYNC=1 CORRAL_BENCH_VIA=uri $(CARGO) bench -p corral-tests --bench failover
+	CORRAL_BIN_DIR=$(RELEASE_BIN) CORRAL_BENCH_ENGINE=mariadb CORRAL_BENCH_SYNC=1 $(CARGO) bench -p corral-tests --bench failover
+	CORRAL_BIN_DIR=$(RELEASE_BIN) CORRAL_BENCH_ENGINE=redis CORRAL_BENCH_WAIT=1 $(CARGO) bench -p corral-tests --bench failover
+	CORRAL_BIN_DIR=$(RELEASE_BIN) CORRAL_BENCH_PROFILE=wan CORRAL_BENCH_FAILOVERS=10 $(CARGO) bench -p corral-tests --bench failover
+	# No false failover: the two 90 s tests of `make test` at full length.
+	CORRAL_BIN_DIR=$(RELEASE_BIN) CORRAL_BUSY_SECONDS=300 $(CARGO) test --release -p corral-tests --test busy -- --nocapture
+	CORRAL_BIN_DIR=$(RELEASE_BIN) CORRAL_SLOW_SECONDS=300 $(CARGO) test --release -p corral-tests --test slow_links -- --nocapture
 
 sweep:
 	@scripts/sweep-labs.sh

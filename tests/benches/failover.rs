@@ -8,6 +8,10 @@
 //! `CORRAL_BENCH_ENGINE` picks the engine (postgres, the default, or
 //! redis; for Redis the writer pushes onto a list, and
 //! `CORRAL_BENCH_WAIT=1` counts a write only once a replica has it).
+//! `CORRAL_BENCH_VIA=uri` writes through the cluster's multi-host
+//! connection string instead of HAProxy (PostgreSQL's: libpq-style
+//! `target_session_attrs=read-write`); `CORRAL_BENCH_PROFILE=wan` runs
+//! with that timing profile (`cluster set C profile=wan`).
 //! Afterwards it counts the acknowledged writes missing on the last
 //! primary.
 //!
@@ -39,10 +43,28 @@ fn main() {
     let sync = env_num("CORRAL_BENCH_SYNC", 0) == 1;
     let wait = env_num("CORRAL_BENCH_WAIT", 0) == 1;
     let engine = std::env::var("CORRAL_BENCH_ENGINE").unwrap_or_else(|_| "postgres".into());
+    let via_uri = std::env::var("CORRAL_BENCH_VIA").is_ok_and(|v| v == "uri");
+    let profile = std::env::var("CORRAL_BENCH_PROFILE").unwrap_or_else(|_| "lan".into());
     let mut lab = Lab::start(3).unwrap();
     let flags: &[&str] = if sync { &["--sync"] } else { &[] };
     let creds = ha::cluster_of(&mut lab, "bench", &engine, flags).unwrap();
-    let mut through = lab.haproxy_uri(&creds);
+    // A profile's name, or settings of its own: "lease=2s,heartbeat=500ms".
+    let settings: Vec<String> = if profile.contains('=') {
+        profile.split(',').map(str::to_string).collect()
+    } else {
+        vec![format!("profile={profile}")]
+    };
+    let mut set = vec!["cluster", "set", "bench"];
+    set.extend(settings.iter().map(String::as_str));
+    lab.ctl_ok(&set).unwrap();
+    let mut through = if via_uri {
+        creds["uri"]
+            .as_str()
+            .expect("a connection string")
+            .to_string()
+    } else {
+        lab.haproxy_uri(&creds)
+    };
     if wait {
         through.push_str("?wait=1");
     }
@@ -86,14 +108,18 @@ fn main() {
     }
     let _ = primary;
     let report = writer.finish();
+    let c = lab.ctl_json(&["cluster", "show", "bench"]).unwrap();
     println!(
         "\n{engine}: failover write unavailability over {runs} kills of the primary's VM \
-         (writer every 10 ms through HAProxy, {}{}):",
-        if sync {
-            "sync mode, default lease and heartbeat"
+         (writer every 10 ms through {}, profile {profile}: lease {} ms, heartbeat {} ms, {}{}):",
+        if via_uri {
+            "the multi-host connection string"
         } else {
-            "default settings"
+            "HAProxy"
         },
+        c["lease_ms"],
+        c["heartbeat_interval_ms"],
+        if sync { "sync mode" } else { "async mode" },
         if wait {
             ", each write waiting for a replica"
         } else {

@@ -24,6 +24,10 @@ pub enum Failure {
     Broken(String),
 }
 
+/// How long a PostgreSQL connection waits for one host's TCP handshake
+/// (docs/haproxy.cfg: what a client of the multi-host string should set).
+pub const PER_HOST_CONNECT: Duration = Duration::from_millis(250);
+
 impl Client {
     /// Connects (TCP and authentication) within `timeout`.
     pub async fn connect(uri: &str, timeout: Duration) -> Result<Client> {
@@ -46,7 +50,10 @@ impl Client {
             return Ok(Client::Mysql(conn));
         }
         let mut config: tokio_postgres::Config = without_libpq_tls(uri).parse()?;
-        config.connect_timeout(timeout);
+        // Per host of a multi-host string: a dead host (its packets
+        // dropped, as a fenced or lost VM's are) costs this much before
+        // the next is tried, at every reconnection.
+        config.connect_timeout(timeout.min(PER_HOST_CONNECT));
         // connect_timeout bounds each TCP connect; this bounds
         // authentication too (a node that accepts but never answers).
         let (client, conn) = tokio::time::timeout(timeout, config.connect(tokio_postgres::NoTls))
