@@ -4,9 +4,10 @@
 //! replica's position is current when the coordinator weighs a failover),
 //! every event not yet acknowledged, and once a second a metrics sample
 //! (the history's resolution: heartbeats come faster than the figures are
-//! worth reading, and sampling costs more than the rest of a heartbeat). The answer carries the
-//! node's assignment: the cluster's term and timing, the primary's lease and
-//! the addresses of its replicas ([`crate::engine::Engine::on_assignment`]).
+//! worth reading, and sampling costs more than the rest of a heartbeat).
+//! The answer carries the node's assignment: the cluster's term and
+//! timing, the primary's lease and the addresses of its replicas
+//! ([`crate::engine::Engine::on_assignment`]).
 //!
 //! Each heartbeat is sent in a task of its own, so one stuck on an
 //! unreachable coordinator never delays the next (the lease is renewed only

@@ -552,7 +552,11 @@ fn a_busy_cluster_and_down_nodes_refuse_operations() {
     refused(&lab, &["node", "add", "c1", "vm4"], &["node vm4 is not up"]);
 
     // With the primary down: no planned switchover (it cannot be stopped
-    // first), no new replica (nothing to clone from), no restart.
+    // first), no new replica (nothing to clone from), no restart. Without
+    // auto-failover, so the coordinator does not promote vm2 (about a
+    // second after the kill) while these are refused.
+    lab.ctl_ok(&["cluster", "set", "c1", "auto-failover=off"])
+        .unwrap();
     lab.kill_vm(1);
     lab.wait_node_state("vm1", "down", Duration::from_secs(15))
         .unwrap();
