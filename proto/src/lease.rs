@@ -18,8 +18,9 @@
 //! The defaults (the `lan` profile) were chosen from measurement on a
 //! 2-core machine (docs/failover.md): a heartbeat every 250 ms and a 1 s
 //! lease never lapsed under `stress-ng --cpu 2`, nor with 100 ms ± 50 ms of
-//! delay and 1 % packet loss on every link, and give writes back in about
-//! 1.3 s. The `wan` profile is for links slower or lossier than that.
+//! delay and 1 % packet loss on the links between the nodes, and give
+//! writes back in about 1.3 s. The `wan` profile is for a coordinator far
+//! from its nodes, or links slower or lossier than that.
 
 use std::time::Duration;
 

@@ -190,7 +190,11 @@ fn a_primary_whose_firewall_cannot_be_applied_stops_its_engine() {
     );
     lab.signal_agent(1, "TERM").unwrap();
     lab.start_agent_env(1, &[("PATH", &path)]).unwrap();
-    corral_tests::wait_until(Duration::from_secs(30), "vm1's postgres to stop", || {
+    // A fast shutdown waits for each walsender to send what remains; one
+    // whose replica's packets the closing lease gate now drops waits up to
+    // wal_sender_timeout (60 s). No write gets in meanwhile (a shutting
+    // down server refuses sessions, and the gate closes).
+    corral_tests::wait_until(Duration::from_secs(90), "vm1's postgres to stop", || {
         Ok(lab.pids_in_vm(1, "postgres").is_empty())
     })
     .unwrap();
