@@ -396,6 +396,30 @@ fn lifecycle_refusals(engine: &str) {
         &["cluster", "set", "c1", "profile=wan", "lease=2s"],
         &["give either the profile or lease=DURATION heartbeat=DURATION, not both"],
     );
+    // A profile sets both timings, and `cluster show` names it.
+    let timing = |c: &Value| {
+        (
+            c["lease_ms"].as_u64(),
+            c["heartbeat_interval_ms"].as_u64(),
+            c["profile"].as_str().map(str::to_string),
+        )
+    };
+    lab.ctl_ok(&["cluster", "set", "c1", "profile=wan"])
+        .unwrap();
+    let c = lab.ctl_json(&["cluster", "show", "c1"]).unwrap();
+    assert_eq!(
+        timing(&c),
+        (Some(4000), Some(1000), Some("wan".into())),
+        "{c}"
+    );
+    lab.ctl_ok(&["cluster", "set", "c1", "profile=lan"])
+        .unwrap();
+    let c = lab.ctl_json(&["cluster", "show", "c1"]).unwrap();
+    assert_eq!(
+        timing(&c),
+        (Some(1000), Some(250), Some("lan".into())),
+        "{c}"
+    );
     refused(
         &lab,
         &["cluster", "set", "c1", "lease=soon"],
